@@ -1,0 +1,50 @@
+// Run-time selection of the micro-kernel variant. The micro-kernels are the only ISA-specific
+// code; each variant lives in its own translation unit compiled with its own target flags.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace convfast {
+
+// C[MR x NR] (+)= sum_k A[k][0..MR) * B[k][0..NR); A and B are packed panels, C row-major with
+// leading dimension ldc (a multiple of the vector width, 64-byte aligned rows).
+template <typename T>
+using GemmUkernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int accumulate);
+
+template <typename T>
+struct UkernelInfo {
+  GemmUkernel<T> fn = nullptr;
+  int mr = 0, nr = 0;
+};
+
+struct UkernelSet {
+  const char* isa = "";
+  UkernelInfo<float> f32;
+  UkernelInfo<double> f64;
+};
+
+// Per-variant tables, defined in cpp/ukernels/ukernel_<isa>.cpp.
+const UkernelSet& ukernels_baseline();
+#if defined(CONVFAST_X86_VARIANTS)
+const UkernelSet& ukernels_avx2();
+const UkernelSet& ukernels_avx512();
+#endif
+
+// Names of the variants this CPU can run, best first ("avx512", "avx2", "baseline").
+std::string supported_isas();
+// Select a variant by name ("auto" = best supported). Returns false if it cannot run here.
+bool select_isa(const std::string& name);
+const UkernelSet& active_ukernels();
+
+template <typename T>
+const UkernelInfo<T>& active_ukernel();
+template <>
+inline const UkernelInfo<float>& active_ukernel<float>() { return active_ukernels().f32; }
+template <>
+inline const UkernelInfo<double>& active_ukernel<double>() { return active_ukernels().f64; }
+
+// Threads used by the kernels (defaults to omp_get_max_threads(), i.e. OMP_NUM_THREADS).
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace convfast

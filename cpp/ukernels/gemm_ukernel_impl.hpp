@@ -1,0 +1,40 @@
+// The register-blocked GEMM micro-kernel, written once with GCC/Clang vector extensions and
+// compiled by each ukernel_<isa>.cpp with that ISA's target flags and vector width (the NumPy
+// dispatch-source idea). This is the only code that knows about SIMD.
+//
+// Include it only inside an anonymous namespace: each variant must keep internal linkage, or the
+// linker could merge the AVX-512 and baseline instantiations and run the wrong one.
+//
+// C[MR x NR] (+)= A * B with A packed as kc rows of MR scalars and B as kc rows of NR scalars.
+// The MR*NR/L accumulators stay in registers; per k the kernel issues NR/L vector loads, MR
+// broadcasts and MR*NR/L FMAs.
+
+template <typename T, int MR, int VECTOR_BYTES, int NV>
+void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c,
+                  int64_t ldc, int accumulate) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  // Unaligned-safe alias for loads/stores of caller memory.
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  constexpr int NR = NV * L;
+  vec acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+  for (int64_t k = 0; k < kc; ++k) {
+    vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vec_u*>(b + k * NR + v * L);
+    for (int r = 0; r < MR; ++r) {
+      const T ar = a[k * MR + r];
+      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      vec_u* dst = reinterpret_cast<vec_u*>(c + r * ldc + v * L);
+      if (accumulate)
+        *dst = *dst + acc[r][v];
+      else
+        *dst = acc[r][v];
+    }
+  }
+}

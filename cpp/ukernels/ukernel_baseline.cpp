@@ -1,0 +1,19 @@
+// Portable baseline: 16-byte vectors (SSE2 on x86-64, NEON on aarch64), no FMA assumed.
+#include <cstdint>
+
+#include "convfast/dispatch.hpp"
+
+namespace {
+#include "gemm_ukernel_impl.hpp"
+}  // namespace
+
+namespace convfast {
+const UkernelSet& ukernels_baseline() {
+  static const UkernelSet set = {
+      "baseline",
+      {&gemm_ukernel<float, 4, 16, 2>, 4, 8},
+      {&gemm_ukernel<double, 4, 16, 2>, 4, 4},
+  };
+  return set;
+}
+}  // namespace convfast

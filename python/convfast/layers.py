@@ -1,0 +1,170 @@
+"""Layer objects: parameters validated once at construction, weights held, ``y = layer(x)``.
+
+Constructor signatures follow torch.nn.Conv{1,2,3}d / ConvTranspose{1,2,3}d, plus convfast's
+extras (strided "same", "same_lower", every padding mode, channels_last, dtype).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._spec import (as_array, as_int, conv_spec, conv_transpose_spec, normalize_data_format, normalize_padding,
+                    normalize_padding_mode, per_axis)
+from .functional import run_spec
+
+
+class _ConvLayer:
+    _rank = 0
+    _transposed = False
+
+    def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+               padding_mode, output_padding, data_format, dtype, seed):
+        name = type(self).__name__
+        r = self._rank
+        self.in_channels = as_int(name, "in_channels", in_channels, minimum=1)
+        self.out_channels = as_int(name, "out_channels", out_channels, minimum=1)
+        self.kernel_size = per_axis(name, "kernel_size", kernel_size, r, minimum=1)
+        self.stride = per_axis(name, "stride", stride, r, minimum=1)
+        self.dilation = per_axis(name, "dilation", dilation, r, minimum=1)
+        self.output_padding = per_axis(name, "output_padding", output_padding, r, minimum=0)
+        self.groups = as_int(name, "groups", groups, minimum=1)
+        self.padding = normalize_padding(name, padding, r)
+        self.padding_mode = normalize_padding_mode(name, padding_mode)
+        if self._transposed and self.padding_mode != "zeros":
+            raise ValueError(f"{name}: padding_mode must be 'zeros' for a transposed convolution, got {padding_mode!r}")
+        self.data_format = normalize_data_format(name, data_format)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name}: dtype must be float32 or float64, got {self.dtype}")
+        for label, c in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+            if c % self.groups:
+                raise ValueError(f"{name}: {label}={c} is not divisible by groups={self.groups}")
+        if self._transposed:
+            shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
+        else:
+            shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        # PyTorch's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(shape[1] * math.prod(self.kernel_size))
+        self._weight = rng.uniform(-bound, bound, shape).astype(self.dtype)
+        self._bias = rng.uniform(-bound, bound, self.out_channels).astype(self.dtype) if bias else None
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value):
+        value = as_array(type(self).__name__, "weight", value)
+        if value.shape != self._weight.shape:
+            raise ValueError(f"{type(self).__name__}: weight must have shape {self._weight.shape}, got {value.shape}")
+        self._weight = np.array(value, dtype=self.dtype)
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @bias.setter
+    def bias(self, value):
+        if value is None:
+            self._bias = None
+            return
+        value = as_array(type(self).__name__, "bias", value)
+        if value.shape != (self.out_channels,):
+            raise ValueError(f"{type(self).__name__}: bias must have shape ({self.out_channels},), got {value.shape}")
+        self._bias = np.array(value, dtype=self.dtype)
+
+    @classmethod
+    def from_weights(cls, weight, bias=None, **params):
+        """Build a layer around existing weights (layout as the functional op's)."""
+        weight = as_array(cls.__name__, "weight", weight)
+        if weight.ndim != cls._rank + 2:
+            raise ValueError(f"{cls.__name__}: weight must be {cls._rank + 2}-D, got shape {weight.shape}")
+        groups = params.get("groups", 1)
+        if cls._transposed:
+            cin, cout = weight.shape[0], weight.shape[1] * as_int(cls.__name__, "groups", groups, minimum=1)
+        else:
+            cin, cout = weight.shape[1] * as_int(cls.__name__, "groups", groups, minimum=1), weight.shape[0]
+        params.setdefault("dtype", np.float64 if weight.dtype == np.float64 else np.float32)
+        layer = cls(cin, cout, weight.shape[2:], bias=bias is not None, **params)
+        layer.weight = weight
+        if bias is not None:
+            layer.bias = bias
+        return layer
+
+    def spec(self, x):
+        name = type(self).__name__
+        if self._transposed:
+            return conv_transpose_spec(name, self._rank, x, self._weight, self._bias, self.stride, self.padding,
+                                       self.output_padding, self.groups, self.dilation, None, self.data_format)
+        return conv_spec(name, self._rank, x, self._weight, self._bias, self.stride, self.padding, self.dilation,
+                         self.groups, self.padding_mode, self.data_format)
+
+    def __call__(self, x, *, out=None):
+        x = as_array(type(self).__name__, "x", x)
+        return run_spec(self.spec(x), x, self._weight, self._bias, out)
+
+    forward = __call__
+
+    def __repr__(self):
+        extra = f", output_padding={self.output_padding}" if self._transposed else f", padding_mode={self.padding_mode!r}"
+        return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self._bias is not None}{extra}, data_format={self.data_format!r}, dtype={self.dtype})")
+
+
+class _Conv(_ConvLayer):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", *, data_format="channels_first", dtype=np.float32, seed=None):
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, 0,
+                    data_format, dtype, seed)
+
+
+class _ConvTranspose(_ConvLayer):
+    _transposed = True
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
+                 bias=True, dilation=1, padding_mode="zeros", *, data_format="channels_first", dtype=np.float32,
+                 seed=None):
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                    output_padding, data_format, dtype, seed)
+
+    def __call__(self, x, *, output_size=None, out=None):
+        x = as_array(type(self).__name__, "x", x)
+        spec = conv_transpose_spec(type(self).__name__, self._rank, x, self._weight, self._bias, self.stride,
+                                   self.padding, 0 if output_size is not None else self.output_padding, self.groups,
+                                   self.dilation, output_size, self.data_format)
+        return run_spec(spec, x, self._weight, self._bias, out)
+
+    forward = __call__
+
+
+class Conv1d(_Conv):
+    """1-D convolution layer (torch.nn.Conv1d signature)."""
+    _rank = 1
+
+
+class Conv2d(_Conv):
+    """2-D convolution layer (torch.nn.Conv2d signature)."""
+    _rank = 2
+
+
+class Conv3d(_Conv):
+    """3-D convolution layer (torch.nn.Conv3d signature)."""
+    _rank = 3
+
+
+class ConvTranspose1d(_ConvTranspose):
+    """1-D transposed convolution layer (torch.nn.ConvTranspose1d signature)."""
+    _rank = 1
+
+
+class ConvTranspose2d(_ConvTranspose):
+    """2-D transposed convolution layer (torch.nn.ConvTranspose2d signature)."""
+    _rank = 2
+
+
+class ConvTranspose3d(_ConvTranspose):
+    """3-D transposed convolution layer (torch.nn.ConvTranspose3d signature)."""
+    _rank = 3

@@ -1,0 +1,156 @@
+// pybind11 binding layer: array checks, dtype dispatch, GIL release, C++ errors -> Python.
+// Parameters arrive already normalised by python/convfast/_spec.py; the checks here are the cheap
+// re-checks that keep a wrong call from touching memory it should not.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include <array>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "convfast/dispatch.hpp"
+#include "convfast/engine.hpp"
+
+namespace py = pybind11;
+using namespace convfast;
+
+namespace {
+
+using Triple = std::array<int64_t, kSpatialRank>;
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("convfast._core: " + msg);
+}
+
+std::vector<int64_t> element_strides(const py::array& a, const char* name) {
+  std::vector<int64_t> s(a.ndim());
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    require(a.strides(i) % a.itemsize() == 0, std::string(name) + " strides must be whole elements");
+    s[i] = a.strides(i) / a.itemsize();
+  }
+  return s;
+}
+
+template <typename T>
+void conv_typed(const py::array& x, const py::array& w, const py::object& bias, py::array& y, int kind,
+                const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
+  ConvProblem<T> p;
+  p.kind = kind == 0 ? ConvKind::Forward : ConvKind::Transposed;
+  p.mode = static_cast<PadMode>(mode);
+  auto xs = element_strides(x, "x"), ws = element_strides(w, "weight"), ys = element_strides(y, "y");
+  p.batch = x.shape(0);
+  p.groups = w.shape(0);
+  p.cout_per_group = w.shape(1);
+  p.cin_per_group = w.shape(2);
+  require(x.shape(1) == p.groups * p.cin_per_group, "x channels do not match the weight");
+  require(y.shape(0) == p.batch && y.shape(1) == p.groups * p.cout_per_group, "y shape does not match");
+  for (int a = 0; a < kSpatialRank; ++a) {
+    p.in_size[a] = x.shape(2 + a);
+    p.out_size[a] = y.shape(2 + a);
+    p.kernel[a] = w.shape(3 + a);
+    p.stride[a] = stride[a];
+    p.dilation[a] = dilation[a];
+    p.pad_before[a] = pad_before[a];
+    p.x_stride[a] = xs[2 + a];
+    p.w_stride[a] = ws[3 + a];
+    p.y_stride[a] = ys[2 + a];
+  }
+  p.x = static_cast<const T*>(x.data());
+  p.x_stride_n = xs[0];
+  p.x_stride_c = xs[1];
+  p.w = static_cast<const T*>(w.data());
+  p.w_stride_g = ws[0];
+  p.w_stride_co = ws[1];
+  p.w_stride_ci = ws[2];
+  p.y = static_cast<T*>(y.mutable_data());
+  p.y_stride_n = ys[0];
+  p.y_stride_c = ys[1];
+  if (!bias.is_none()) {
+    py::array b = bias.cast<py::array>();
+    require(b.ndim() == 1 && b.shape(0) == y.shape(1) && b.dtype().is(y.dtype()), "bias must be (C_out,) of y's dtype");
+    p.bias = static_cast<const T*>(b.data());
+    p.bias_stride = element_strides(b, "bias")[0];
+  }
+  py::gil_scoped_release release;
+  run_convolution(p);
+}
+
+void conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
+          const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
+  require(x.ndim() == 5 && w.ndim() == 6 && y.ndim() == 5, "x, weight, y must be 5-D, 6-D, 5-D views");
+  require(kind == 0 || kind == 1, "kind must be 0 (forward) or 1 (transposed)");
+  require(mode >= 0 && mode <= 4, "bad padding mode");
+  require(x.dtype().is(w.dtype()) && x.dtype().is(y.dtype()), "x, weight and y must share a dtype");
+  require(y.writeable(), "y must be writeable");
+  if (x.dtype().is(py::dtype::of<float>()))
+    conv_typed<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+  else if (x.dtype().is(py::dtype::of<double>()))
+    conv_typed<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+  else
+    throw py::type_error("convfast._core: only float32 and float64 are computed natively");
+}
+
+void pad(const py::array& src, py::array dst, const std::vector<int64_t>& before, const std::vector<int64_t>& after,
+         bool constant, int mode, const py::bytes& fill) {
+  PadRequest r;
+  r.ndim = static_cast<int>(src.ndim());
+  r.itemsize = src.itemsize();
+  require(r.itemsize == 1 || r.itemsize == 2 || r.itemsize == 4 || r.itemsize == 8 || r.itemsize == 16,
+          "pad supports item sizes 1, 2, 4, 8, 16");
+  require((int)before.size() == r.ndim && (int)after.size() == r.ndim, "pad widths must match ndim");
+  require(dst.ndim() == src.ndim() && dst.itemsize() == src.itemsize() && dst.writeable(), "bad pad output");
+  require(mode >= 0 && mode <= 4, "bad padding mode");
+  const std::string fill_bytes = fill;
+  if (constant) require((int64_t)fill_bytes.size() == 2 * r.ndim * r.itemsize, "fill must hold 2*ndim items");
+  int64_t expect = r.itemsize;
+  for (int a = r.ndim - 1; a >= 0; --a) {
+    require(before[a] >= 0 && after[a] >= 0, "pad widths must be non-negative");
+    require(dst.shape(a) == src.shape(a) + before[a] + after[a], "bad pad output shape");
+    require(dst.shape(a) <= 1 || dst.strides(a) == expect, "pad output must be C-contiguous");
+    expect *= dst.shape(a);
+  }
+  r.src = static_cast<const char*>(src.data());
+  r.dst = static_cast<char*>(dst.mutable_data());
+  for (int a = 0; a < r.ndim; ++a) {
+    r.shape.push_back(src.shape(a));
+    r.src_stride_bytes.push_back(src.strides(a));
+  }
+  r.pad_before = before;
+  r.pad_after = after;
+  r.constant = constant;
+  r.mode = static_cast<PadMode>(mode);
+  r.fill = fill_bytes.data();
+  py::gil_scoped_release release;
+  run_pad(r);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "convfast compiled kernels (use the convfast package, not this module directly)";
+  py::register_exception_translator([](std::exception_ptr e) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const std::length_error& err) {
+      PyErr_SetString(PyExc_MemoryError, err.what());
+    }
+  });
+  m.def("conv", &conv, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("kind"),
+        py::arg("stride"), py::arg("dilation"), py::arg("pad_before"), py::arg("mode"));
+  m.def("pad", &pad);
+  m.def("set_num_threads", &set_num_threads);
+  m.def("get_num_threads", &get_num_threads);
+  m.def("supported_isas", &supported_isas);
+  m.def("select_isa", &select_isa);
+  m.def("active_isa", []() { return std::string(active_ukernels().isa); });
+  m.def("ukernel_tiles", []() {
+    const UkernelSet& s = active_ukernels();
+    return py::make_tuple(py::make_tuple(s.f32.mr, s.f32.nr), py::make_tuple(s.f64.mr, s.f64.nr));
+  });
+  m.def("last_algorithm", &last_algorithm);
+  m.attr("openmp_version") = py::int_(_OPENMP);
+}
