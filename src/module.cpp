@@ -36,8 +36,13 @@ std::vector<int64_t> element_strides(const py::array& a, const char* name) {
 }
 
 template <typename T>
-void conv_typed(const py::array& x, const py::array& w, const py::object& bias, py::array& y, int kind,
-                const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
+ConvProblem<T> make_problem(const py::array& x, const py::array& w, const py::object& bias, py::array& y, int kind,
+                            const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
+  require(x.ndim() == 5 && w.ndim() == 6 && y.ndim() == 5, "x, weight, y must be 5-D, 6-D, 5-D views");
+  require(kind == 0 || kind == 1, "kind must be 0 (forward) or 1 (transposed)");
+  require(mode >= 0 && mode <= 4, "bad padding mode");
+  require(x.dtype().is(w.dtype()) && x.dtype().is(y.dtype()), "x, weight and y must share a dtype");
+  require(y.writeable(), "y must be writeable");
   ConvProblem<T> p;
   p.kind = kind == 0 ? ConvKind::Forward : ConvKind::Transposed;
   p.mode = static_cast<PadMode>(mode);
@@ -75,24 +80,73 @@ void conv_typed(const py::array& x, const py::array& w, const py::object& bias, 
     p.bias = static_cast<const T*>(b.data());
     p.bias_stride = element_strides(b, "bias")[0];
   }
-  py::gil_scoped_release release;
-  run_convolution(p);
+  return p;
 }
+
+bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+bool is_f64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
 
 void conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
           const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
-  require(x.ndim() == 5 && w.ndim() == 6 && y.ndim() == 5, "x, weight, y must be 5-D, 6-D, 5-D views");
-  require(kind == 0 || kind == 1, "kind must be 0 (forward) or 1 (transposed)");
-  require(mode >= 0 && mode <= 4, "bad padding mode");
-  require(x.dtype().is(w.dtype()) && x.dtype().is(y.dtype()), "x, weight and y must share a dtype");
-  require(y.writeable(), "y must be writeable");
-  if (x.dtype().is(py::dtype::of<float>()))
-    conv_typed<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
-  else if (x.dtype().is(py::dtype::of<double>()))
-    conv_typed<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
-  else
+  if (is_f32(x)) {
+    auto p = make_problem<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+    py::gil_scoped_release release;
+    run_convolution(p);
+  } else if (is_f64(x)) {
+    auto p = make_problem<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+    py::gil_scoped_release release;
+    run_convolution(p);
+  } else {
     throw py::type_error("convfast._core: only float32 and float64 are computed natively");
+  }
 }
+
+// A planned convolution with its weights packed once (used by the layer objects).
+class Plan {
+ public:
+  Plan(const py::array& x, const py::array& w, py::array y, int kind, const Triple& stride, const Triple& dilation,
+       const Triple& pad_before, int mode)
+      : kind_(kind), stride_(stride), dilation_(dilation), pad_before_(pad_before), mode_(mode),
+        w_shape_(w.shape(), w.shape() + w.ndim()) {
+    if (is_f32(x)) {
+      auto p = make_problem<float>(x, w, py::none(), y, kind, stride, dilation, pad_before, mode);
+      py::gil_scoped_release release;
+      f32_ = std::make_shared<ConvPlan<float>>(p);
+    } else if (is_f64(x)) {
+      auto p = make_problem<double>(x, w, py::none(), y, kind, stride, dilation, pad_before, mode);
+      py::gil_scoped_release release;
+      f64_ = std::make_shared<ConvPlan<double>>(p);
+    } else {
+      throw py::type_error("convfast._core: only float32 and float64 are computed natively");
+    }
+  }
+
+  // w only describes the weight's shape here: its values were packed when the plan was made.
+  void execute(const py::array& x, const py::array& w, const py::object& bias, py::array y) const {
+    require(std::vector<py::ssize_t>(w.shape(), w.shape() + w.ndim()) == w_shape_, "weight shape differs from the plan");
+    if (f32_) {
+      require(is_f32(x), "this plan is float32");
+      auto p = make_problem<float>(x, w, bias, y, kind_, stride_, dilation_, pad_before_, mode_);
+      py::gil_scoped_release release;
+      f32_->execute(p);
+    } else {
+      require(is_f64(x), "this plan is float64");
+      auto p = make_problem<double>(x, w, bias, y, kind_, stride_, dilation_, pad_before_, mode_);
+      py::gil_scoped_release release;
+      f64_->execute(p);
+    }
+  }
+
+  std::string describe() const { return f32_ ? f32_->describe() : f64_->describe(); }
+
+ private:
+  int kind_;
+  Triple stride_, dilation_, pad_before_;
+  int mode_;
+  std::vector<py::ssize_t> w_shape_;
+  std::shared_ptr<ConvPlan<float>> f32_;
+  std::shared_ptr<ConvPlan<double>> f64_;
+};
 
 void pad(const py::array& src, py::array dst, const std::vector<int64_t>& before, const std::vector<int64_t>& after,
          bool constant, int mode, const py::bytes& fill) {
@@ -141,6 +195,13 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("conv", &conv, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"), py::arg("kind"),
         py::arg("stride"), py::arg("dilation"), py::arg("pad_before"), py::arg("mode"));
+  py::class_<Plan>(m, "Plan")
+      .def(py::init<const py::array&, const py::array&, py::array, int, const Triple&, const Triple&, const Triple&,
+                    int>(),
+           py::arg("x"), py::arg("w"), py::arg("y"), py::arg("kind"), py::arg("stride"), py::arg("dilation"),
+           py::arg("pad_before"), py::arg("mode"))
+      .def("execute", &Plan::execute, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"))
+      .def("describe", &Plan::describe);
   m.def("pad", &pad);
   m.def("set_num_threads", &set_num_threads);
   m.def("get_num_threads", &get_num_threads);

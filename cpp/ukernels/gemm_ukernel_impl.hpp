@@ -38,3 +38,41 @@ void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
     }
   }
 }
+
+// The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][PW], PW = NV * L.
+// With one output channel the k loop is split over two accumulator banks so that the FMA latency
+// is hidden even with only NV independent chains.
+template <typename T, int MRO, int VECTOR_BYTES, int NV>
+void direct_ukernel(int64_t kc, const T* const* __restrict src, const T* __restrict w, T* __restrict out) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  constexpr int BANKS = MRO == 1 ? 2 : 1;
+  vec acc[BANKS][MRO][NV];
+  for (int b = 0; b < BANKS; ++b)
+    for (int r = 0; r < MRO; ++r)
+      for (int v = 0; v < NV; ++v) acc[b][r][v] = vec{};
+  int64_t k = 0;
+  for (; k + BANKS <= kc; k += BANKS) {
+    for (int b = 0; b < BANKS; ++b) {
+      vec xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k + b] + v * L);
+      for (int r = 0; r < MRO; ++r) {
+        const T wr = w[(k + b) * MRO + r];
+        for (int v = 0; v < NV; ++v) acc[b][r][v] += xv[v] * wr;
+      }
+    }
+  }
+  for (; k < kc; ++k) {
+    for (int v = 0; v < NV; ++v) {
+      const vec xv = *reinterpret_cast<const vec_u*>(src[k] + v * L);
+      for (int r = 0; r < MRO; ++r) acc[0][r][v] += xv * w[k * MRO + r];
+    }
+  }
+  for (int r = 0; r < MRO; ++r)
+    for (int v = 0; v < NV; ++v) {
+      vec sum = acc[0][r][v];
+      for (int b = 1; b < BANKS; ++b) sum += acc[b][r][v];
+      *reinterpret_cast<vec_u*>(out + r * NV * L + v * L) = sum;
+    }
+}

@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -7,7 +8,22 @@
 
 namespace convfast {
 
-// Runs a forward or transposed convolution. Throws std::invalid_argument on an inconsistent
+// A convolution planned once for fixed shapes and weights (axis plans, stride phases, blocking,
+// packed weights) and executed on any inputs of those shapes. Immutable after construction, so one
+// plan may be executed from several threads at once.
+template <typename T>
+class ConvPlan {
+ public:
+  explicit ConvPlan(const ConvProblem<T>& p);  // uses p's sizes and weights; p.x / p.y unused
+  void execute(const ConvProblem<T>& p) const;  // p must have the plan's sizes
+  std::string describe() const;
+
+ private:
+  struct Impl;
+  std::shared_ptr<const Impl> impl_;
+};
+
+// Runs a forward or transposed convolution (plan + execute). Throws std::invalid_argument on an inconsistent
 // problem and std::bad_alloc when working memory cannot be had (before any output is written).
 template <typename T>
 void run_convolution(const ConvProblem<T>& p);
