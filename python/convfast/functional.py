@@ -49,20 +49,9 @@ def _check_out(spec: ConvSpec, out) -> None:
         raise ValueError(f"{spec.func}: out is read-only")
 
 
-def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
-             out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Compute a validated spec with the compiled engine (also used by the layer objects)."""
-    if out is not None:
-        _check_out(spec, out)
-        inputs = [a for a in (x, weight, bias) if a is not None]
-        if any(np.may_share_memory(out, a) for a in inputs):
-            out[...] = run_spec(spec, x, weight, bias)
-            return out
-        y = out
-    else:
-        y = np.empty(spec.output_shape(), dtype=spec.dtype)
-    if y.size == 0:
-        return y
+def _kernel_views(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, y: np.ndarray):
+    """x, weight and y as the kernels' rank-3 views: x (N, C, D, H, W), w (G, C_out/G, C_in/G, kD, kH, kW),
+    y (N, C_out, oD, oH, oW). No copies except a dtype/byte-order/alignment conversion."""
     dt = spec.dtype
     x5 = _with_unit_axes(spec.canonical_input(_native(x, dt)), spec.rank, 2)
     y5 = _with_unit_axes(spec.canonical_output(y), spec.rank, 2)
@@ -72,13 +61,46 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
         w6 = w.reshape((g, w.shape[0] // g) + w.shape[1:]).swapaxes(1, 2)
     else:
         w6 = w.reshape((g, w.shape[0] // g) + w.shape[1:])
-    w6 = _with_unit_axes(w6, spec.rank, 3)
-    b = None if bias is None else _native(bias, dt)
-    _core.conv(x5, w6, b, y5, 1 if spec.transposed else 0,
-               _padded3(spec.stride, spec.rank, 1), _padded3(spec.dilation, spec.rank, 1),
-               _padded3(spec.pad_before, spec.rank, 0), PADDING_MODES[spec.padding_mode])
+    return x5, _with_unit_axes(w6, spec.rank, 3), y5
+
+
+def _kernel_params(spec: ConvSpec):
+    return (1 if spec.transposed else 0, _padded3(spec.stride, spec.rank, 1), _padded3(spec.dilation, spec.rank, 1),
+            _padded3(spec.pad_before, spec.rank, 0), PADDING_MODES[spec.padding_mode])
+
+
+def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
+             out: Optional[np.ndarray] = None, plans: Optional[dict] = None) -> np.ndarray:
+    """Compute a validated spec with the compiled engine.
+
+    ``plans`` (used by the layer objects) caches one compiled plan, holding the packed weights, per
+    input geometry, so repeated calls skip weight packing.
+    """
+    if out is not None:
+        _check_out(spec, out)
+        inputs = [a for a in (x, weight, bias) if a is not None]
+        if any(np.may_share_memory(out, a) for a in inputs):
+            out[...] = run_spec(spec, x, weight, bias, plans=plans)
+            return out
+        y = out
+    else:
+        y = np.empty(spec.output_shape(), dtype=spec.dtype)
+    if y.size == 0:
+        return y
+    x5, w6, y5 = _kernel_views(spec, x, weight, y)
+    b = None if bias is None else _native(bias, spec.dtype)
+    if plans is None:
+        _core.conv(x5, w6, b, y5, *_kernel_params(spec))
+        algorithm = _core.last_algorithm
+    else:
+        key = (spec.dtype, spec.in_spatial, spec.out_spatial, spec.pads, _core.active_isa())
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _core.Plan(x5, w6, y5, *_kernel_params(spec))
+        plan.execute(x5, w6, b, y5)
+        algorithm = plan.describe
     if _VERBOSE:
-        print(f"convfast: {spec.func} {_core.last_algorithm()}", file=sys.stderr)
+        print(f"convfast: {spec.func} {algorithm()}", file=sys.stderr)
     return y
 
 

@@ -14,6 +14,14 @@ from ._spec import (as_array, as_int, conv_spec, conv_transpose_spec, normalize_
 from .functional import run_spec
 
 
+def _frozen(value, dtype) -> np.ndarray:
+    """The layer's own read-only copy: the compiled plans pack the weights once, so they must only
+    change through the ``weight`` / ``bias`` setters (``layer.weight = new``), never in place."""
+    a = np.array(value, dtype=dtype)
+    a.flags.writeable = False
+    return a
+
+
 class _ConvLayer:
     _rank = 0
     _transposed = False
@@ -47,8 +55,9 @@ class _ConvLayer:
         # PyTorch's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(shape[1] * math.prod(self.kernel_size))
-        self._weight = rng.uniform(-bound, bound, shape).astype(self.dtype)
-        self._bias = rng.uniform(-bound, bound, self.out_channels).astype(self.dtype) if bias else None
+        self._plans = {}
+        self._weight = _frozen(rng.uniform(-bound, bound, shape), self.dtype)
+        self._bias = _frozen(rng.uniform(-bound, bound, self.out_channels), self.dtype) if bias else None
 
     @property
     def weight(self) -> np.ndarray:
@@ -59,7 +68,8 @@ class _ConvLayer:
         value = as_array(type(self).__name__, "weight", value)
         if value.shape != self._weight.shape:
             raise ValueError(f"{type(self).__name__}: weight must have shape {self._weight.shape}, got {value.shape}")
-        self._weight = np.array(value, dtype=self.dtype)
+        self._weight = _frozen(value, self.dtype)
+        self._plans = {}  # the cached plans hold the old weights, packed
 
     @property
     def bias(self):
@@ -73,7 +83,7 @@ class _ConvLayer:
         value = as_array(type(self).__name__, "bias", value)
         if value.shape != (self.out_channels,):
             raise ValueError(f"{type(self).__name__}: bias must have shape ({self.out_channels},), got {value.shape}")
-        self._bias = np.array(value, dtype=self.dtype)
+        self._bias = _frozen(value, self.dtype)
 
     @classmethod
     def from_weights(cls, weight, bias=None, **params):
@@ -103,7 +113,7 @@ class _ConvLayer:
 
     def __call__(self, x, *, out=None):
         x = as_array(type(self).__name__, "x", x)
-        return run_spec(self.spec(x), x, self._weight, self._bias, out)
+        return run_spec(self.spec(x), x, self._weight, self._bias, out, plans=self._plans)
 
     forward = __call__
 
@@ -135,7 +145,7 @@ class _ConvTranspose(_ConvLayer):
         spec = conv_transpose_spec(type(self).__name__, self._rank, x, self._weight, self._bias, self.stride,
                                    self.padding, 0 if output_size is not None else self.output_padding, self.groups,
                                    self.dilation, output_size, self.data_format)
-        return run_spec(spec, x, self._weight, self._bias, out)
+        return run_spec(spec, x, self._weight, self._bias, out, plans=self._plans)
 
     forward = __call__
 
