@@ -232,25 +232,32 @@ template <typename T>
 void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& shape, int64_t m0, int64_t mcount,
                    int64_t* xoff, int64_t* yoff) {
   const int64_t T_ = shape.num_taps;
+  // Pixel m of the phase is (j0, j1, j2) in row-major order; step it incrementally.
+  int64_t j2 = m0 % shape.count[2];
+  int64_t j1 = (m0 / shape.count[2]) % shape.count[1];
+  int64_t j0 = m0 / (shape.count[2] * shape.count[1]);
   for (int64_t mi = 0; mi < mcount; ++mi) {
-    const int64_t m = m0 + mi;
-    const int64_t j2 = m % shape.count[2];
-    const int64_t j1 = (m / shape.count[2]) % shape.count[1];
-    const int64_t j0 = m / (shape.count[2] * shape.count[1]);
-    const int64_t j[3] = {j0, j1, j2};
-    int64_t yo = 0;
-    for (int a = 0; a < kSpatialRank; ++a) yo += (ph[a]->out_start + j[a] * ph[a]->out_step) * p.y_stride[a];
-    yoff[mi] = yo;
+    yoff[mi] = (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
+               (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
+               (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
     const int64_t* i0 = ph[0]->in_index.data() + j0 * shape.taps[0];
     const int64_t* i1 = ph[1]->in_index.data() + j1 * shape.taps[1];
     const int64_t* i2 = ph[2]->in_index.data() + j2 * shape.taps[2];
     int64_t* row = xoff + mi * T_;
     for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
-      for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
-        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2) {
-          const bool inside = i0[t0] >= 0 && i1[t1] >= 0 && i2[t2] >= 0;
-          *row++ = inside ? i0[t0] * p.x_stride[0] + i1[t1] * p.x_stride[1] + i2[t2] * p.x_stride[2] : -1;
-        }
+      for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1) {
+        const bool outer_inside = i0[t0] >= 0 && i1[t1] >= 0;
+        const int64_t outer = i0[t0] * p.x_stride[0] + i1[t1] * p.x_stride[1];
+        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
+          *row++ = outer_inside && i2[t2] >= 0 ? outer + i2[t2] * p.x_stride[2] : -1;
+      }
+    if (++j2 == shape.count[2]) {
+      j2 = 0;
+      if (++j1 == shape.count[1]) {
+        j1 = 0;
+        ++j0;
+      }
+    }
   }
 }
 
