@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -31,6 +32,10 @@ namespace convfast {
 namespace {
 
 thread_local std::string t_last_algorithm;
+
+// Marks a tap that reads the zero padding in the per-pixel offset tables. Offsets themselves can be
+// negative (negative-stride views), so -1 cannot serve.
+constexpr int64_t kOutside = INT64_MIN;
 
 int64_t checked_mul(int64_t a, int64_t b) {
   int64_t r;
@@ -169,7 +174,7 @@ void copy_runs(const T* src, int64_t src_stride, int64_t n, T* dst) {
 }
 
 // pack_input_patches: A[k][MR] for m-tile mt and k in [k0, k0 + kc), k = tap * cin + channel,
-// straight from the unpadded input (xoff holds each pixel's spatial offset per tap, -1 = zero).
+// straight from the unpadded input (xoff holds each pixel's spatial offset per tap, kOutside = zero).
 // When all MR pixels of the tile read inside the input at a constant step (the common interior
 // case) the rows are copied as runs instead of gathered one element at a time.
 template <typename T>
@@ -182,13 +187,11 @@ void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t ta
     T* d = dst + (k - k0) * mr;
     bool regular = m_first + mr <= mcount;
     int64_t base = 0, step = 0;
+    for (int r = 0; r < mr && regular; ++r) regular = xoff[(m_first + r) * taps + t] != kOutside;
     if (regular) {
       base = xoff[m_first * taps + t];
       step = mr > 1 ? xoff[(m_first + 1) * taps + t] - base : 0;
-      for (int r = 0; r < mr && regular; ++r) {
-        const int64_t o = xoff[(m_first + r) * taps + t];
-        regular = o >= 0 && o == base + r * step;
-      }
+      for (int r = 2; r < mr && regular; ++r) regular = xoff[(m_first + r) * taps + t] == base + r * step;
     }
     if (regular && step == 1 && (mr == 4 || mr == 6 || mr == 12)) {
       const T* src = xg + base + ci * cs;
@@ -198,8 +201,8 @@ void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t ta
     } else {
       for (int r = 0; r < mr; ++r) {
         const int64_t mi = m_first + r;
-        const int64_t o = regular ? base + r * step : (mi < mcount ? xoff[mi * taps + t] : -1);
-        if (o < 0) {
+        const int64_t o = regular ? base + r * step : (mi < mcount ? xoff[mi * taps + t] : kOutside);
+        if (o == kOutside) {
           for (int64_t q = 0; q < n; ++q) d[q * mr + r] = T(0);
         } else {
           const T* src = xg + o + ci * cs;
@@ -226,7 +229,7 @@ struct ThreadScratch {
   }
 };
 
-// Where each pixel of the block reads for each tap (spatial offset into x, or -1 for a zero), and
+// Where each pixel of the block reads for each tap (spatial offset into x, or kOutside for a zero), and
 // where it writes.
 template <typename T>
 void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& shape, int64_t m0, int64_t mcount,
@@ -249,7 +252,7 @@ void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& s
         const bool outer_inside = i0[t0] >= 0 && i1[t1] >= 0;
         const int64_t outer = i0[t0] * p.x_stride[0] + i1[t1] * p.x_stride[1];
         for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
-          *row++ = outer_inside && i2[t2] >= 0 ? outer + i2[t2] * p.x_stride[2] : -1;
+          *row++ = outer_inside && i2[t2] >= 0 ? outer + i2[t2] * p.x_stride[2] : kOutside;
       }
     if (++j2 == shape.count[2]) {
       j2 = 0;
