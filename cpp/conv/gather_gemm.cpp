@@ -140,29 +140,40 @@ void validate(const ConvProblem<T>& p) {
   if (!p.x || !p.w || !p.y) bad("null tensor");
 }
 
-// Packs B for one (group, phase): [n_tile][K][NR], K ordered tap-major then input channel.
+// Packs one n-tile of B for one (group, phase): panel[K][NR], K ordered tap-major then input
+// channel. Walked in chunks of k so that the NR source rows are read along their length while the
+// chunk of the panel being written stays in L1.
 template <typename T>
-void pack_weights(const ConvProblem<T>& p, const Phase& ph, int64_t g, int nr, T* dst) {
+void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int nr, int64_t nt, T* panel) {
   const PhaseShape shape(ph);
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
   const int64_t K = shape.num_taps * cin;
-  const int64_t n_tiles = ceil_div(cout, nr);
+  std::vector<int64_t> tap_offset;
+  for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
+    for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
+      for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
+        tap_offset.push_back(ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
+                             ph[2]->taps[t2] * p.w_stride[2]);
   const T* wg = p.w + g * p.w_stride_g;
-  for (int64_t nt = 0; nt < n_tiles; ++nt) {
-    T* panel = dst + nt * K * nr;
-    int64_t k = 0;
-    for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
-      for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
-        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2) {
-          const T* wt = wg + ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
-                        ph[2]->taps[t2] * p.w_stride[2];
-          for (int64_t ci = 0; ci < cin; ++ci, ++k) {
-            for (int c = 0; c < nr; ++c) {
-              const int64_t co = nt * nr + c;
-              panel[k * nr + c] = co < cout ? wt[co * p.w_stride_co + ci * p.w_stride_ci] : T(0);
-            }
-          }
+  constexpr int64_t kChunk = 64;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    for (int c = 0; c < nr; ++c) {
+      const int64_t co = nt * nr + c;
+      if (co >= cout) {
+        for (int64_t k = k0; k < k1; ++k) panel[k * nr + c] = T(0);
+        continue;
+      }
+      const T* row = wg + co * p.w_stride_co;
+      int64_t t = k0 / cin, ci = k0 % cin;
+      for (int64_t k = k0; k < k1; ++k) {
+        panel[k * nr + c] = row[tap_offset[t] + ci * p.w_stride_ci];
+        if (++ci == cin) {
+          ci = 0;
+          ++t;
         }
+      }
+    }
   }
 }
 
@@ -349,11 +360,15 @@ struct ConvPlan<T>::Impl {
         ++idx;
       }
     wpack.reset(new AlignedBuffer<T>(wpack_offset.back()));
-    const int64_t n_phases = (int64_t)phases.size();
-    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), G * n_phases)));
+    const int64_t n_phases = (int64_t)phases.size(), n_panels = G * n_phases * n_tiles;
+    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), n_panels)));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t gp = 0; gp < G * n_phases; ++gp)
-      pack_weights(p, phases[gp % n_phases], gp / n_phases, tile_n, wpack->get() + wpack_offset[gp]);
+    for (int64_t i = 0; i < n_panels; ++i) {
+      const int64_t gp = i / n_tiles, nt = i % n_tiles;
+      const int64_t K = PhaseShape(phases[gp % n_phases]).num_taps * cin;
+      pack_weight_tile(p, phases[gp % n_phases], gp / n_phases, tile_n, nt,
+                       wpack->get() + wpack_offset[gp] + nt * K * tile_n);
+    }
   }
 
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
