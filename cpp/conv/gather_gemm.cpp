@@ -47,7 +47,7 @@ int64_t checked_add(int64_t a, int64_t b) {
   if (__builtin_add_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
   return r;
 }
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0; no overflow
 
 // 64-byte aligned scratch memory, zero-initialised lazily by its users.
 template <typename T>
@@ -78,6 +78,7 @@ struct AxisPlan {
 AxisPlan forward_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, int64_t pb, PadMode mode) {
   AxisPlan a;
   a.count = out;
+  a.taps.reserve(static_cast<size_t>(k));  // a huge (broadcast) kernel fails here, before any work
   for (int64_t t = 0; t < k; ++t) a.taps.push_back(t);
   a.in_index.resize(static_cast<size_t>(checked_mul(out, k)));
   for (int64_t j = 0; j < out; ++j)

@@ -6,6 +6,8 @@ copy) and runs the C++ engine with the GIL released.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 import sys
 from typing import Optional
@@ -64,8 +66,20 @@ def _kernel_views(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, y: np.ndarr
     return x5, _with_unit_axes(w6, spec.rank, 3), y5
 
 
+_INT64_SAFE = 2 ** 62  # leaves headroom for the kernels' index arithmetic
+
+
 def _kernel_params(spec: ConvSpec):
-    return (1 if spec.transposed else 0, _padded3(spec.stride, spec.rank, 1), _padded3(spec.dilation, spec.rank, 1),
+    """stride / dilation / padding for the kernels. A stride that can never step (one output, or one
+    input of a transposed convolution) and a dilation that never spreads (kernel size 1) are
+    replaced by 1, so that astronomically large but irrelevant values stay valid calls."""
+    steps = spec.in_spatial if spec.transposed else spec.out_spatial
+    stride = tuple(1 if n == 1 else s for n, s in zip(steps, spec.stride))
+    dilation = tuple(1 if k == 1 else d for k, d in zip(spec.kernel, spec.dilation))
+    for name, values in (("stride", stride), ("dilation", dilation), ("padding", spec.pad_before)):
+        if any(abs(v) > _INT64_SAFE for v in values):
+            raise ValueError(f"{spec.func}: {name} {values} is too large for 64-bit index arithmetic")
+    return (1 if spec.transposed else 0, _padded3(stride, spec.rank, 1), _padded3(dilation, spec.rank, 1),
             _padded3(spec.pad_before, spec.rank, 0), PADDING_MODES[spec.padding_mode])
 
 
@@ -215,15 +229,19 @@ _PAD_MODES = {"constant": None, "reflect": "reflect", "edge": "replicate", "wrap
               "symmetric": "symmetric"}
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def normalize_pad_width(func: str, pad_width, ndim: int):
     """np.pad's argument forms: an int, (before, after), ((b, a),) * ndim, a per-axis sequence, or a
     dict {axis: int or (before, after)}; returns ndim (before, after) pairs of non-negative ints."""
     if isinstance(pad_width, dict):
         seq = [(0, 0)] * ndim
         for axis, width in pad_width.items():
-            if not isinstance(axis, int) or not -ndim <= axis < ndim:
+            if not _is_integer(axis) or not -ndim <= axis < ndim:
                 raise ValueError(f"{func}: pad_width axis {axis!r} is out of range for {ndim} dimensions")
-            seq[axis] = (width, width) if np.ndim(width) == 0 else width
+            seq[operator.index(axis)] = (width, width) if np.ndim(width) == 0 else width
         pad_width = seq
     widths = np.asarray(pad_width)
     if widths.dtype.kind not in "iu":
@@ -271,13 +289,25 @@ def pad(array, pad_width, mode="constant", constant_values=0, **kwargs):
         if n == 0 and (b or a) and key != "constant":
             raise ValueError(f"{func}: can't extend empty axis {axis} using mode {mode!r}")
     out = np.empty(tuple(n + b + a for n, (b, a) in zip(arr.shape, widths)), dtype=arr.dtype)
+    if out.size == 0:
+        return out
     if key == "constant":
         fill = np.empty((arr.ndim, 2), dtype=arr.dtype)
+        # The same (axis, side) broadcasting and the same scalar assignment as np.pad, so that
+        # out-of-range or NaN constants raise exactly where np.pad raises.
+        values = np.array(constant_values)
         try:
-            fill[...] = np.broadcast_to(np.asarray(constant_values), (arr.ndim, 2))
-        except ValueError as exc:
-            raise ValueError(f"{func}: constant_values {constant_values!r} do not fit ({arr.ndim}, 2) pairs "
-                             f"of {arr.dtype}: {exc}") from None
+            if values.size == 1:
+                pairs = [(values.ravel()[0],) * 2] * arr.ndim
+            elif values.size == 2 and values.shape != (2, 1):
+                pairs = [tuple(values.ravel())] * arr.ndim
+            else:
+                pairs = np.broadcast_to(values, (arr.ndim, 2)).tolist()
+        except ValueError:
+            raise ValueError(f"{func}: constant_values {constant_values!r} cannot be broadcast to ({arr.ndim}, 2)") from None
+        for axis, (before_value, after_value) in enumerate(pairs):
+            fill[axis, 0] = before_value
+            fill[axis, 1] = after_value
         _core.pad(arr, out, before, after, True, 0, fill.tobytes())
     else:
         _core.pad(arr, out, before, after, False, PADDING_MODES[_PAD_MODES[key]], b"")

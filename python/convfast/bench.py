@@ -1,0 +1,372 @@
+"""``python -m convfast bench``: the layer suite against PyTorch (and NumPy), with a table and a chart.
+
+Importable without asv, matplotlib or PyTorch: PyTorch is used when it is installed (and asked
+for), matplotlib only for ``--plot``.
+
+Every case is first checked against PyTorch (or, without it, against convfast.reference for small
+cases); then convfast and the comparators are timed interleaved in this process at the same thread
+count (median of the rounds after warm-up). The "% peak" column divides convfast's GFLOP/s by an
+*assumed* FMA peak: a constant per ISA and dtype measured on the development machine (AMD EPYC
+Zen 3: 150 GFLOP/s float32 and 75 float64 per thread with AVX2+FMA), scaled by the thread count.
+Give the real figure of another machine with ``--peak`` (GFLOP/s at the benchmark's thread count,
+float32; float64 is taken as half) or ``CONVFAST_PEAK_GFLOPS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import convfast
+from . import _bench_suite as suite
+
+# Assumed FMA peak per thread in GFLOP/s (float32, float64). avx2: measured on the development
+# machine with a 12-accumulator FMA loop. baseline: 4-wide SSE2 with separate multiply and add
+# (half the avx2 rate on cores with two FP pipes). avx512: twice avx2 (two 512-bit FMA units);
+# cores that split 512-bit operations (e.g. Zen 4) reach only the avx2 figure.
+PEAK_PER_THREAD = {
+    "avx2": (150.0, 75.0),
+    "avx512": (300.0, 150.0),
+    "baseline": (75.0, 37.5),
+}
+
+
+def assumed_peak(dtype: str, threads: int, isa: Optional[str] = None, override: Optional[float] = None) -> float:
+    """FMA peak in GFLOP/s for dtype at this thread count (override = the float32 figure)."""
+    f64 = dtype == "float64"
+    if override is None and os.environ.get("CONVFAST_PEAK_GFLOPS"):
+        override = float(os.environ["CONVFAST_PEAK_GFLOPS"])
+    if override is not None:
+        return override / 2 if f64 else override
+    f32_peak, f64_peak = PEAK_PER_THREAD.get(isa or convfast.get_isa(), PEAK_PER_THREAD["baseline"])
+    return (f64_peak if f64 else f32_peak) * threads
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS if set, else every core this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+_OPENMP_VERSIONS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0",
+                    202011: "5.1", 202111: "5.2", 202411: "6.0"}
+
+
+def openmp_runtime() -> str:
+    """The OpenMP runtime library loaded into this process (Linux: from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.rsplit("/", 1)[-1].strip() for line in f if "omp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return "unknown"
+    return ", ".join(sorted(libs)) or "unknown"
+
+
+def machine_info() -> dict:
+    info = dict(convfast.config())
+    info["supported_isas"] = list(info.get("supported_isas", ()))
+    info.update(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(),
+                python=platform.python_version())
+    try:
+        import torch
+        info["torch"] = torch.__version__
+    except Exception:
+        info["torch"] = None
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), threads: Optional[int] = None,
+              compare: Sequence[str] = ("torch",), layout: str = "channels_first", budget_s: float = 2.0,
+              peak: Optional[float] = None, progress=_progress) -> dict:
+    """Runs the suite and returns a JSON-serialisable report (see ``format_table``)."""
+    cases = suite.get_suite(suite_name)
+    threads = threads or default_threads()
+    compare = [c for c in compare if c]
+    notes = []
+    if "torch" in compare and not suite.torch_available():
+        compare = [c for c in compare if c != "torch"]
+        notes.append("PyTorch is not importable: no comparison with it (pip install torch)")
+    if "numpy" in compare:
+        notes.append("numpy = convfast.reference (pure NumPy, float64 accumulation), timed only for cases of "
+                      "at most 2e8 FLOP")
+    if "torch" in compare:
+        import torch  # noqa: F401  (imported now so that set_threads reaches it)
+    previous = convfast.get_num_threads()
+    previous_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    suite.set_threads(threads)
+    report = {"suite": suite_name, "layout": layout, "threads": threads, "compare": list(compare),
+              "machine": machine_info(), "peak_source": "assumed" if peak is None else "given",
+              "peak_gflops": {dt: assumed_peak(dt, threads, override=peak) for dt in dtypes},
+              "notes": notes, "results": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    report["load_average_at_start"] = load
+    if load is not None and load > 0.5:
+        notes.append(f"the 1-minute load average was {load:.2f} at the start: other processes compete for the "
+                     f"cores, so absolute timings are noisy (the interleaved ratios less so)")
+    jobs = [(case, dt) for dt in dtypes for case in cases]
+    t_start = time.perf_counter()
+    try:
+        for i, (case, dt) in enumerate(jobs, 1):
+            if progress:
+                progress(f"[{i:>2}/{len(jobs)}] {case.name} {dt} ...")
+            r = suite.compare_case(case, dt, layout, threads=None, against=compare, budget_s=budget_s)
+            r["peak_gflops"] = report["peak_gflops"][dt]
+            if "convfast_gflops" in r:
+                r["percent_of_peak"] = 100.0 * r["convfast_gflops"] / r["peak_gflops"]
+            report["results"].append(r)
+            if progress:
+                if r["ok"] is False:
+                    progress(f"        MISMATCH against {r['checked_against']}: relative error {r['error']:.3g}")
+                else:
+                    line = f"        convfast {r['convfast_ms']:.2f} ms"
+                    if "torch_ms" in r:
+                        line += f", torch {r['torch_ms']:.2f} ms, speedup {r['speedup_vs_torch']:.2f}"
+                    progress(line)
+    finally:
+        convfast.set_num_threads(previous)
+        if previous_torch is not None:
+            sys.modules["torch"].set_num_threads(previous_torch)
+    unchecked = [f"{r['case']} {r['dtype']}" for r in report["results"] if r["checked_against"] is None]
+    if unchecked:
+        notes.append("not checked (no PyTorch, and too large for the NumPy reference): " + ", ".join(unchecked))
+    report["seconds"] = time.perf_counter() - t_start
+    report["summary"] = summarise(report["results"], dtypes)
+    return report
+
+
+def summarise(results: List[dict], dtypes: Sequence[str]) -> dict:
+    summary = {}
+    for name in ("torch", "numpy"):
+        key = f"speedup_vs_{name}"
+        per_dtype = {}
+        for dt in list(dtypes) + ["all"]:
+            values = [r[key] for r in results if key in r and (dt == "all" or r["dtype"] == dt)]
+            if values:
+                per_dtype[dt] = {"geomean": suite.geometric_mean(values), "min": min(values), "count": len(values)}
+        if per_dtype:
+            summary[key] = per_dtype
+    summary["mismatches"] = [f"{r['case']} {r['dtype']}" for r in results if r["ok"] is False]
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_table(report: dict) -> str:
+    results = report["results"]
+    has_torch = any("torch_ms" in r for r in results)
+    has_numpy = any("numpy_ms" in r for r in results) or "numpy" in report["compare"]
+    header = ["case", "dtype", "ms convfast"]
+    if has_torch:
+        header.append("ms torch")
+    if has_numpy:
+        header.append("ms numpy")
+    header += ["GFLOP/s", "% peak"]
+    if has_torch:
+        header.append("speedup")
+    if has_numpy:
+        header.append("vs numpy")
+    rows = []
+    for r in results:
+        if r["ok"] is False:
+            row = [r["case"], r["dtype"], f"MISMATCH vs {r['checked_against']} (rel. error {r['error']:.2g})"]
+            rows.append(row + [""] * (len(header) - len(row)))
+            continue
+        row = [r["case"], r["dtype"], _fmt(r.get("convfast_ms"), ".2f")]
+        if has_torch:
+            row.append(_fmt(r.get("torch_ms"), ".2f"))
+        if has_numpy:
+            row.append(_fmt(r.get("numpy_ms"), ".1f") if "numpy_ms" in r else "skip")
+        row += [_fmt(r.get("convfast_gflops"), ".1f"), _fmt(r.get("percent_of_peak"), ".0f")]
+        if has_torch:
+            row.append(_fmt(r.get("speedup_vs_torch"), ".2f"))
+        if has_numpy:
+            row.append(_fmt(r.get("speedup_vs_numpy"), ".1f"))
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    left = {0, 1}
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    out.append("")
+    m = report["machine"]
+    peaks = ", ".join(f"{dt} {p:.0f}" for dt, p in report["peak_gflops"].items())
+    with_torch = "torch" in report["compare"]
+    out.append(f"machine: {m['cpu']} ({m['cores']} logical cores), ISA {m['isa']}, {report['threads']} threads"
+               + (" for convfast and torch alike" if with_torch else "") + f", layout {report['layout']}, "
+               f"convfast {m['version']}" + (f", torch {m['torch']}" if with_torch else ""))
+    out.append(f"peak {report['peak_source']}: {peaks} GFLOP/s "
+               + ("(per-ISA constant x threads; --peak to override)" if report["peak_source"] == "assumed" else ""))
+    for key, label in (("speedup_vs_torch", "torch_ms / convfast_ms"), ("speedup_vs_numpy", "numpy_ms / convfast_ms")):
+        if key in report["summary"]:
+            parts = [f"{dt} {v['geomean']:.2f} (min {v['min']:.2f}, {v['count']} cases)"
+                     for dt, v in report["summary"][key].items() if dt != "all" or len(report["summary"][key]) > 2]
+            out.append(f"geometric-mean speedup ({label}): " + "; ".join(parts))
+    if report["summary"]["mismatches"]:
+        out.append("MISMATCHES (not timed): " + ", ".join(report["summary"]["mismatches"]))
+    for note in report["notes"]:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def write_plot(report: dict, path: str) -> Optional[str]:
+    """A PNG bar chart of the speedups over PyTorch (or NumPy); returns an error message or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return "matplotlib is not importable: no chart written (pip install matplotlib)"
+    key = next((k for k in ("speedup_vs_torch", "speedup_vs_numpy") if any(k in r for r in report["results"])), None)
+    if key is None:
+        return "nothing to plot: no comparison was timed"
+    rows = [r for r in report["results"] if key in r]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    height = 0.8 / len(dtypes)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(cases) * len(dtypes) + 1.8))
+    for j, dt in enumerate(dtypes):
+        values = {r["case"]: r[key] for r in rows if r["dtype"] == dt}
+        ys = [i + j * height for i, c in enumerate(cases) if c in values]
+        ax.barh(ys, [values[c] for c in cases if c in values], height=height, label=dt)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([i + height * (len(dtypes) - 1) / 2 for i in range(len(cases))])
+    ax.set_yticklabels(cases, fontsize=8)
+    ax.invert_yaxis()
+    other = key.rsplit("_", 1)[1]
+    ax.set_xlabel(f"speedup of convfast over {other} (higher is better)")
+    m = report["machine"]
+    ax.set_title(f"convfast {m['version']} vs {other}: {m['cpu']}, {report['threads']} threads, {report['layout']}",
+                 fontsize=9)
+    for patch in ax.patches:
+        ax.annotate(f"{patch.get_width():.2f}", (patch.get_width(), patch.get_y() + patch.get_height() / 2),
+                    xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="small",
+                        help="'small' (default, about a minute), 'full', or comma-separated case names (see --list)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "both"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for convfast and torch alike (default: OMP_NUM_THREADS, else all cores)")
+    parser.add_argument("--compare", default=None,
+                        help="comma-separated: torch, numpy, or none (default: torch if importable)")
+    parser.add_argument("--layout", default="channels_first", choices=list(suite.LAYOUTS))
+    parser.add_argument("--json", metavar="FILE", help="write the full report (machine, timings, samples) as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups (needs matplotlib)")
+    parser.add_argument("--budget", type=float, default=2.0,
+                        help="seconds of timed rounds per case and dtype, all libraries together (default 2)")
+    parser.add_argument("--peak", type=float, default=None,
+                        help="float32 FMA peak in GFLOP/s at this thread count (default: assumed per ISA)")
+    parser.add_argument("--list", action="store_true", help="list the cases and suites, then exit")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        for case in suite.get_suite("full"):
+            tags = [s for s, names in suite.SUITES.items() if case.name in names]
+            print(f"{case.name:<28} {case.describe():<60} {suite.flops(case) / 1e9:6.2f} GFLOP  "
+                  f"[{', '.join(tags)}]  {case.note}")
+        return 0
+    try:
+        suite.get_suite(args.suite)
+    except ValueError as exc:
+        print(f"convfast bench: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print("convfast bench: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.compare is None:
+        compare = ["torch"] if suite.torch_available() else []
+    else:
+        compare = [c.strip().lower() for c in args.compare.split(",") if c.strip() and c.strip().lower() != "none"]
+        bad = [c for c in compare if c not in ("torch", "numpy")]
+        if bad:
+            print(f"convfast bench: --compare takes torch, numpy or none, got {', '.join(bad)}", file=sys.stderr)
+            return 2
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    report = run_bench(args.suite, dtypes, args.threads, compare, args.layout, args.budget, args.peak)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {args.json}")
+    if args.plot:
+        problem = write_plot(report, args.plot)
+        print(problem if problem else f"chart written to {args.plot}")
+    return 1 if report["summary"]["mismatches"] else 0
+
+
+def info() -> int:
+    """``python -m convfast info``."""
+    cfg = machine_info()
+    rows = [
+        ("convfast", cfg["version"]),
+        ("isa (active)", cfg["isa"]),
+        ("isa (supported)", ", ".join(cfg["supported_isas"])),
+        ("micro-kernel tiles", ", ".join(f"{k} {v}" for k, v in cfg["ukernel_tiles"].items()) + " (MR x NR)"),
+        ("threads", f"{cfg['threads']} (convfast.set_num_threads / OMP_NUM_THREADS)"),
+        ("OpenMP", f"{_OPENMP_VERSIONS.get(cfg['openmp'], '?')} (_OPENMP {cfg['openmp']}), runtime {openmp_runtime()}"),
+        ("algorithm", cfg.get("algorithm", "")),
+        ("CUDA", cfg["cuda"]),
+        ("CPU", f"{cfg['cpu']} ({cfg['cores']} logical cores)"),
+        ("numpy", cfg["numpy"]),
+        ("torch", cfg["torch"] or "not installed (only needed for the benchmark comparison)"),
+        ("python", f"{cfg['python']} on {cfg['platform']}"),
+        ("CONVFAST_ISA", os.environ.get("CONVFAST_ISA", "(unset: best supported)")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:>{width}}: {value}")
+    return 0
