@@ -76,3 +76,18 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, const T* __restr
       *reinterpret_cast<vec_u*>(out + r * NV * L + v * L) = sum;
     }
 }
+
+// The table of one variant: GEMM tiles MR x (2 vectors), direct tiles of 2 vectors of pixels.
+template <int VECTOR_BYTES, int MR>
+convfast::UkernelSet make_ukernel_set(const char* isa) {
+  constexpr int L32 = VECTOR_BYTES / 4, L64 = VECTOR_BYTES / 8;
+  return {isa,
+          {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>, MR, 2 * L32,
+           {&direct_ukernel<float, 1, VECTOR_BYTES, 2>, &direct_ukernel<float, 2, VECTOR_BYTES, 2>,
+            &direct_ukernel<float, 4, VECTOR_BYTES, 2>},
+           2 * L32},
+          {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>, MR, 2 * L64,
+           {&direct_ukernel<double, 1, VECTOR_BYTES, 2>, &direct_ukernel<double, 2, VECTOR_BYTES, 2>,
+            &direct_ukernel<double, 4, VECTOR_BYTES, 2>},
+           2 * L64}};
+}

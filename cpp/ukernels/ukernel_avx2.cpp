@@ -10,15 +10,7 @@ namespace {
 
 namespace convfast {
 const UkernelSet& ukernels_avx2() {
-  static const UkernelSet set = {
-      "avx2",
-      {&gemm_ukernel<float, 6, 32, 2>, 6, 16,
-       {&direct_ukernel<float, 1, 32, 2>, &direct_ukernel<float, 2, 32, 2>, &direct_ukernel<float, 4, 32, 2>},
-       16},
-      {&gemm_ukernel<double, 6, 32, 2>, 6, 8,
-       {&direct_ukernel<double, 1, 32, 2>, &direct_ukernel<double, 2, 32, 2>, &direct_ukernel<double, 4, 32, 2>},
-       8},
-  };
+  static const UkernelSet set = make_ukernel_set<32, 6>("avx2");
   return set;
 }
 }  // namespace convfast

@@ -10,15 +10,7 @@ namespace {
 
 namespace convfast {
 const UkernelSet& ukernels_avx512() {
-  static const UkernelSet set = {
-      "avx512",
-      {&gemm_ukernel<float, 12, 64, 2>, 12, 32,
-       {&direct_ukernel<float, 1, 64, 2>, &direct_ukernel<float, 2, 64, 2>, &direct_ukernel<float, 4, 64, 2>},
-       32},
-      {&gemm_ukernel<double, 12, 64, 2>, 12, 16,
-       {&direct_ukernel<double, 1, 64, 2>, &direct_ukernel<double, 2, 64, 2>, &direct_ukernel<double, 4, 64, 2>},
-       16},
-  };
+  static const UkernelSet set = make_ukernel_set<64, 12>("avx512");
   return set;
 }
 }  // namespace convfast

@@ -9,15 +9,7 @@ namespace {
 
 namespace convfast {
 const UkernelSet& ukernels_baseline() {
-  static const UkernelSet set = {
-      "baseline",
-      {&gemm_ukernel<float, 4, 16, 2>, 4, 8,
-       {&direct_ukernel<float, 1, 16, 2>, &direct_ukernel<float, 2, 16, 2>, &direct_ukernel<float, 4, 16, 2>},
-       8},
-      {&gemm_ukernel<double, 4, 16, 2>, 4, 4,
-       {&direct_ukernel<double, 1, 16, 2>, &direct_ukernel<double, 2, 16, 2>, &direct_ukernel<double, 4, 16, 2>},
-       4},
-  };
+  static const UkernelSet set = make_ukernel_set<16, 4>("baseline");
   return set;
 }
 }  // namespace convfast

@@ -145,6 +145,34 @@ def normalize_padding(func: str, padding, rank: int):
     return tuple(pairs)
 
 
+def resolve_conv_pads(func: str, padding, spatial, kernel, stride, dilation) -> Pairs:
+    """Explicit (before, after) pairs for a forward convolution's padding argument."""
+    padding = normalize_padding(func, padding, len(spatial))
+    if padding == "valid":
+        return ((0, 0),) * len(spatial)
+    if padding in ("same", "same_lower"):
+        return same_pads(spatial, kernel, stride, dilation, lower=padding == "same_lower")
+    return padding
+
+
+def resolve_transposed_pads(func: str, padding, kernel, stride, dilation):
+    """(pads cropped, output_padding implied by the padding style) for a transposed convolution."""
+    rank = len(kernel)
+    padding = normalize_padding(func, padding, rank)
+    if padding == "valid":
+        return ((0, 0),) * rank, (0,) * rank
+    if padding in ("same", "same_lower"):
+        return transposed_same(kernel, stride, dilation, lower=padding == "same_lower")
+    return padding, (0,) * rank
+
+
+def check_output_padding(func: str, output_padding, stride, dilation) -> None:
+    for axis, (o, s, d) in enumerate(zip(output_padding, stride, dilation)):
+        if o >= max(s, d):
+            raise ValueError(f"{func}: output_padding {tuple(output_padding)} must be smaller than stride or dilation "
+                             f"on every axis (axis {axis}: stride {s}, dilation {d})")
+
+
 def normalize_padding_mode(func: str, padding_mode) -> str:
     if not isinstance(padding_mode, str):
         raise TypeError(f"{func}: padding_mode must be a string, got {padding_mode!r}")
@@ -285,15 +313,20 @@ def _check_bias(func, bias, out_channels):
         raise ValueError(f"{func}: bias must have shape ({out_channels},), got {bias.shape}")
 
 
-def conv_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], stride, padding,
-              dilation, groups, padding_mode, data_format) -> ConvSpec:
-    layout = normalize_data_format(func, data_format)
-    channels_last = layout == "channels_last"
-    mode = normalize_padding_mode(func, padding_mode)
+def _common_params(func, rank, stride, dilation, groups, padding, data_format):
+    channels_last = normalize_data_format(func, data_format) == "channels_last"
     stride = per_axis(func, "stride", stride, rank, minimum=1)
     dilation = per_axis(func, "dilation", dilation, rank, minimum=1)
     groups = as_int(func, "groups", groups, minimum=1)
-    padding = normalize_padding(func, padding, rank)
+    normalize_padding(func, padding, rank)  # reject a malformed padding before looking at shapes
+    return channels_last, stride, dilation, groups
+
+
+def conv_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], stride, padding,
+              dilation, groups, padding_mode, data_format) -> ConvSpec:
+    channels_last, stride, dilation, groups = _common_params(func, rank, stride, dilation, groups, padding,
+                                                             data_format)
+    mode = normalize_padding_mode(func, padding_mode)
     batched, batch, cin, spatial = _split_input(func, x, rank, channels_last)
     kernel = _check_weight(func, w, rank, transposed=False)
     cout = w.shape[0]
@@ -303,12 +336,7 @@ def conv_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias: Optional
     if cout % groups:
         raise ValueError(f"{func}: weight has {cout} output channels, not divisible by groups={groups}")
     _check_bias(func, bias, cout)
-    if padding == "valid":
-        pads = ((0, 0),) * rank
-    elif padding in ("same", "same_lower"):
-        pads = same_pads(spatial, kernel, stride, dilation, lower=padding == "same_lower")
-    else:
-        pads = padding
+    pads = resolve_conv_pads(func, padding, spatial, kernel, stride, dilation)
     if mode == "reflect":
         for axis, (n, (pb, pa)) in enumerate(zip(spatial, pads)):
             if max(pb, pa) >= n:
@@ -327,13 +355,9 @@ def conv_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias: Optional
 
 def conv_transpose_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias: Optional[np.ndarray], stride,
                         padding, output_padding, groups, dilation, output_size, data_format) -> ConvSpec:
-    layout = normalize_data_format(func, data_format)
-    channels_last = layout == "channels_last"
-    stride = per_axis(func, "stride", stride, rank, minimum=1)
-    dilation = per_axis(func, "dilation", dilation, rank, minimum=1)
+    channels_last, stride, dilation, groups = _common_params(func, rank, stride, dilation, groups, padding,
+                                                             data_format)
     user_output_padding = per_axis(func, "output_padding", output_padding, rank, minimum=0)
-    groups = as_int(func, "groups", groups, minimum=1)
-    padding = normalize_padding(func, padding, rank)
     batched, batch, cin, spatial = _split_input(func, x, rank, channels_last)
     kernel = _check_weight(func, w, rank, transposed=True)
     if cin != w.shape[0]:
@@ -344,12 +368,7 @@ def conv_transpose_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias
     cout = w.shape[1] * groups
     _check_bias(func, bias, cout)
 
-    if padding == "valid":
-        pads, implied_op = ((0, 0),) * rank, (0,) * rank
-    elif padding in ("same", "same_lower"):
-        pads, implied_op = transposed_same(kernel, stride, dilation, lower=padding == "same_lower")
-    else:
-        pads, implied_op = padding, (0,) * rank
+    pads, implied_op = resolve_transposed_pads(func, padding, kernel, stride, dilation)
 
     if output_size is not None:
         sizes = _as_sequence(func, "output_size", output_size)
@@ -375,10 +394,7 @@ def conv_transpose_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias
             raise ValueError(f"{func}: output_padding={user_output_padding} cannot be combined with "
                              f"padding={padding!r} (it already fixes the output size)")
         op = tuple(a + b for a, b in zip(implied_op, user_output_padding))
-    for axis, (o, s, d) in enumerate(zip(op, stride, dilation)):
-        if o >= max(s, d):
-            raise ValueError(f"{func}: output_padding {op} must be smaller than stride or dilation on every axis "
-                             f"(axis {axis}: stride {s}, dilation {d})")
+    check_output_padding(func, op, stride, dilation)
     out = tuple(transposed_out_size(n, k, s, d, p, o)
                 for n, k, s, d, p, o in zip(spatial, kernel, stride, dilation, pads, op))
     if any(o < 1 for o in out):

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, NamedTuple, Tuple, Union
 
-from ._spec import (_as_sequence, _is_int, as_int, conv_out_size, effective_kernel, normalize_padding, per_axis,
-                    same_pads, transposed_out_size, transposed_same)
+from ._spec import (_as_sequence, _is_int, as_int, check_output_padding, conv_out_size, effective_kernel,
+                    normalize_padding, per_axis, resolve_conv_pads, resolve_transposed_pads, same_pads,
+                    transposed_out_size)
+
+
+def _geometry(func, spatial_shape, kernel_size, stride, dilation):
+    spatial = _spatial(func, spatial_shape)
+    r = len(spatial)
+    return (spatial, per_axis(func, "kernel_size", kernel_size, r, minimum=1),
+            per_axis(func, "stride", stride, r, minimum=1), per_axis(func, "dilation", dilation, r, minimum=1))
 
 
 def _spatial(func, spatial_shape):
@@ -32,12 +40,8 @@ def conv_output_shape(spatial_shape, kernel_size, stride=1, padding=0, dilation=
     (5,)
     """
     func = "conv_output_shape"
-    spatial = _spatial(func, spatial_shape)
-    r = len(spatial)
-    kernel = per_axis(func, "kernel_size", kernel_size, r, minimum=1)
-    stride = per_axis(func, "stride", stride, r, minimum=1)
-    dilation = per_axis(func, "dilation", dilation, r, minimum=1)
-    pads = _resolve_conv_padding(func, padding, spatial, kernel, stride, dilation)
+    spatial, kernel, stride, dilation = _geometry(func, spatial_shape, kernel_size, stride, dilation)
+    pads = resolve_conv_pads(func, padding, spatial, kernel, stride, dilation)
     out = tuple(conv_out_size(n, k, s, d, p) for n, k, s, d, p in zip(spatial, kernel, stride, dilation, pads))
     if any(o < 1 for o in out):
         raise ValueError(f"{func}: kernel {kernel} (dilation {dilation}) does not fit the padded input "
@@ -54,23 +58,11 @@ def conv_transpose_output_shape(spatial_shape, kernel_size, stride=1, padding=0,
     (8, 8)
     """
     func = "conv_transpose_output_shape"
-    spatial = _spatial(func, spatial_shape)
-    r = len(spatial)
-    kernel = per_axis(func, "kernel_size", kernel_size, r, minimum=1)
-    stride = per_axis(func, "stride", stride, r, minimum=1)
-    dilation = per_axis(func, "dilation", dilation, r, minimum=1)
-    op = per_axis(func, "output_padding", output_padding, r, minimum=0)
-    padding = normalize_padding(func, padding, r)
-    if padding == "valid":
-        pads = ((0, 0),) * r
-    elif padding in ("same", "same_lower"):
-        pads, implied = transposed_same(kernel, stride, dilation, lower=padding == "same_lower")
-        op = tuple(a + b for a, b in zip(op, implied))
-    else:
-        pads = padding
-    for o, s, d in zip(op, stride, dilation):
-        if o >= max(s, d):
-            raise ValueError(f"{func}: output_padding {op} must be smaller than stride or dilation")
+    spatial, kernel, stride, dilation = _geometry(func, spatial_shape, kernel_size, stride, dilation)
+    op = per_axis(func, "output_padding", output_padding, len(spatial), minimum=0)
+    pads, implied = resolve_transposed_pads(func, padding, kernel, stride, dilation)
+    op = tuple(a + b for a, b in zip(op, implied))
+    check_output_padding(func, op, stride, dilation)
     out = tuple(transposed_out_size(n, k, s, d, p, o)
                 for n, k, s, d, p, o in zip(spatial, kernel, stride, dilation, pads, op))
     if any(o < 1 for o in out):
@@ -87,22 +79,8 @@ def same_padding(spatial_shape, kernel_size, stride=1, dilation=1, *, lower=Fals
     >>> same_padding((224, 224), 7, stride=2)
     ((2, 3), (2, 3))
     """
-    func = "same_padding"
-    spatial = _spatial(func, spatial_shape)
-    r = len(spatial)
-    kernel = per_axis(func, "kernel_size", kernel_size, r, minimum=1)
-    stride = per_axis(func, "stride", stride, r, minimum=1)
-    dilation = per_axis(func, "dilation", dilation, r, minimum=1)
+    spatial, kernel, stride, dilation = _geometry("same_padding", spatial_shape, kernel_size, stride, dilation)
     return same_pads(spatial, kernel, stride, dilation, lower=lower)
-
-
-def _resolve_conv_padding(func, padding, spatial, kernel, stride, dilation):
-    padding = normalize_padding(func, padding, len(spatial))
-    if padding == "valid":
-        return ((0, 0),) * len(spatial)
-    if padding in ("same", "same_lower"):
-        return same_pads(spatial, kernel, stride, dilation, lower=padding == "same_lower")
-    return padding
 
 
 class ReceptiveField(NamedTuple):

@@ -83,6 +83,43 @@ def openmp_runtime() -> str:
     return ", ".join(sorted(libs)) or "unknown"
 
 
+class ContentionMeter:
+    """How much of the machine other processes (and the hypervisor: steal time) used between
+    start() and stop(), as a fraction of all cores: this process's CPU time is subtracted from the
+    busy time in /proc/stat. On a shared machine OpenMP threads that find their core taken wait for
+    each other, so timings taken under contention say little. None where /proc/stat is missing."""
+
+    def __init__(self):
+        self._start = None
+
+    @staticmethod
+    def _busy_seconds():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        guest = sum(fields[8:10]) if len(fields) > 9 else 0       # already counted in user/nice
+        return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        busy = self._busy_seconds()
+        t = os.times()
+        self._start = None if busy is None else (busy, t.user + t.system, time.perf_counter())
+
+    def stop(self) -> Optional[float]:
+        busy = self._busy_seconds()
+        if busy is None or self._start is None:
+            return None
+        t = os.times()
+        busy0, own0, wall0 = self._start
+        wall = time.perf_counter() - wall0
+        others = (busy - busy0) - (t.user + t.system - own0)
+        cores = os.cpu_count() or 1
+        return max(0.0, others / (wall * cores)) if wall > 0 else None
+
+
 def machine_info() -> dict:
     info = dict(convfast.config())
     info["supported_isas"] = list(info.get("supported_isas", ()))
@@ -99,6 +136,9 @@ def machine_info() -> dict:
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
+
+CONTENTION_LIMIT = 0.05  # share of the machine used by others above which a row is marked
+
 
 def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
@@ -132,16 +172,16 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
     except (AttributeError, OSError):
         load = None
     report["load_average_at_start"] = load
-    if load is not None and load > 0.5:
-        notes.append(f"the 1-minute load average was {load:.2f} at the start: other processes compete for the "
-                     f"cores, so absolute timings are noisy (the interleaved ratios less so)")
     jobs = [(case, dt) for dt in dtypes for case in cases]
     t_start = time.perf_counter()
+    meter = ContentionMeter()
     try:
         for i, (case, dt) in enumerate(jobs, 1):
             if progress:
                 progress(f"[{i:>2}/{len(jobs)}] {case.name} {dt} ...")
+            meter.start()
             r = suite.compare_case(case, dt, layout, threads=None, against=compare, budget_s=budget_s)
+            r["others_cpu_share"] = meter.stop()
             r["peak_gflops"] = report["peak_gflops"][dt]
             if "convfast_gflops" in r:
                 r["percent_of_peak"] = 100.0 * r["convfast_gflops"] / r["peak_gflops"]
@@ -153,11 +193,18 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
                     line = f"        convfast {r['convfast_ms']:.2f} ms"
                     if "torch_ms" in r:
                         line += f", torch {r['torch_ms']:.2f} ms, speedup {r['speedup_vs_torch']:.2f}"
+                    if r["others_cpu_share"] is not None:
+                        line += f"  (others used {r['others_cpu_share']:.0%} of the CPU)"
                     progress(line)
     finally:
         convfast.set_num_threads(previous)
         if previous_torch is not None:
             sys.modules["torch"].set_num_threads(previous_torch)
+    busy = [f"{r['case']} {r['dtype']}" for r in report["results"]
+            if (r.get("others_cpu_share") or 0) > CONTENTION_LIMIT]
+    if busy:
+        notes.append(f"* other processes used more than {CONTENTION_LIMIT:.0%} of the CPU while these were timed, "
+                     f"so their timings (and ratios) are unreliable; re-run them on a quiet machine: " + ", ".join(busy))
     unchecked = [f"{r['case']} {r['dtype']}" for r in report["results"] if r["checked_against"] is None]
     if unchecked:
         notes.append("not checked (no PyTorch, and too large for the NumPy reference): " + ", ".join(unchecked))
@@ -211,7 +258,8 @@ def format_table(report: dict) -> str:
             row = [r["case"], r["dtype"], f"MISMATCH vs {r['checked_against']} (rel. error {r['error']:.2g})"]
             rows.append(row + [""] * (len(header) - len(row)))
             continue
-        row = [r["case"], r["dtype"], _fmt(r.get("convfast_ms"), ".2f")]
+        busy = (r.get("others_cpu_share") or 0) > CONTENTION_LIMIT
+        row = [r["case"] + (" *" if busy else ""), r["dtype"], _fmt(r.get("convfast_ms"), ".2f")]
         if has_torch:
             row.append(_fmt(r.get("torch_ms"), ".2f"))
         if has_numpy:
