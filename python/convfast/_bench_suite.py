@@ -5,8 +5,8 @@ compare against it. It lives inside the package so that ``python -m convfast ben
 installed wheel; ``benchmarks/layers.py`` re-exports it for asv.
 
 A case is one convolution layer of a well-known network at a batch size that makes one call take
-roughly 5-100 ms on a 2-core AVX2 machine. ``SUITES["small"]`` (9 cases, about a minute with the
-PyTorch comparison) and ``SUITES["full"]`` (every case) name them.
+roughly 5-100 ms on a 2-core AVX2 machine (PyTorch 2.13 timings). ``SUITES["small"]`` (9 cases,
+about a minute with the PyTorch comparison) and ``SUITES["full"]`` (every case) name them.
 
 >>> from convfast import _bench_suite as suite
 >>> case = suite.CASES["resnet_3x3_64_56"]
@@ -129,10 +129,12 @@ _ALL: List[Case] = [
     _case("dilated_3x3d6_256_32", "conv", 2, 2, 256, 256, 32, 3, 1, 6, 6, family="dilated",
           note="DeepLab ASPP dilation 6"),
     # Depthwise and grouped.
-    _case("depthwise_3x3_128_112", "conv", 2, 8, 128, 128, 112, 3, 1, 1, groups=128, family="depthwise",
+    _case("depthwise_3x3_256_56", "conv", 2, 8, 256, 256, 56, 3, 1, 1, groups=256, family="depthwise",
           note="MobileNet depthwise 3x3"),
-    _case("depthwise_3x3s2_256_112", "conv", 2, 8, 256, 256, 112, 3, 2, 1, groups=256, family="depthwise",
+    _case("depthwise_3x3s2_256_56", "conv", 2, 8, 256, 256, 56, 3, 2, 1, groups=256, family="depthwise",
           note="MobileNet depthwise 3x3 stride 2"),
+    _case("depthwise_3x3_128_112", "conv", 2, 8, 128, 128, 112, 3, 1, 1, groups=128, family="depthwise",
+          note="MobileNet depthwise 3x3 at 112x112"),
     _case("grouped_3x3g32_128_56", "conv", 2, 8, 128, 128, 56, 3, 1, 1, groups=32, family="grouped",
           note="ResNeXt-50 32x4d 3x3"),
     # 1-D.
@@ -153,7 +155,7 @@ CASES: Dict[str, Case] = {c.name: c for c in _ALL}
 
 SUITES: Dict[str, List[str]] = {
     "small": ["resnet_3x3_64_56", "vgg_3x3_512_14", "stem_7x7s2_3_64_224", "pointwise_1x1_256_64_56",
-              "depthwise_3x3_128_112", "audio1d_k9_64_16000", "conv3d_s2_32_64_32", "convT_k4s2p1_256_128_16",
+              "depthwise_3x3_256_56", "audio1d_k9_64_16000", "conv3d_s2_32_64_32", "convT_k4s2p1_256_128_16",
               "convT3d_k2s2_64_32_16"],
     "full": [c.name for c in _ALL],
 }

@@ -322,6 +322,7 @@ def write_plot(report: dict, path: str) -> Optional[str]:
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks([i + height * (len(dtypes) - 1) / 2 for i in range(len(cases))])
     ax.set_yticklabels(cases, fontsize=8)
+    ax.margins(y=0.01)
     ax.invert_yaxis()
     other = key.rsplit("_", 1)[1]
     ax.set_xlabel(f"speedup of convfast over {other} (higher is better)")
