@@ -69,25 +69,45 @@ class AlignedBuffer {
 };
 
 // One spatial axis of one phase: which outputs it covers and where each tap reads.
+// Floor division and its remainder for a positive divisor.
+int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
+
+// One spatial axis of one phase: which outputs it covers and where each tap reads. Output j of the
+// phase (y coordinate out_start + j * out_step) reads, for tap t, input coordinate
+// map(j * in_step + tap_offset[t]) -- mapped by the padding mode, or -1 for a zero.
 struct AxisPlan {
   int64_t out_start = 0, out_step = 1, count = 0;
-  std::vector<int64_t> taps;      // kernel index of each tap
-  std::vector<int64_t> in_index;  // count x taps.size(): input coordinate, or -1 (reads zero)
+  int64_t in_size = 1, in_step = 1;
+  PadMode mode = PadMode::Zeros;
+  std::vector<int64_t> taps;        // kernel index of each tap
+  std::vector<int64_t> tap_offset;  // unmapped input coordinate of output 0, per tap
+  std::vector<int64_t> in_index;    // count x taps.size(): mapped input coordinate, or -1 (reads zero)
+
+  void build_index() {
+    const int64_t nt = static_cast<int64_t>(taps.size());
+    in_index.resize(static_cast<size_t>(checked_mul(count, nt)));
+    for (int64_t j = 0; j < count; ++j)
+      for (int64_t t = 0; t < nt; ++t) in_index[j * nt + t] = map_padded_index(j * in_step + tap_offset[t], in_size, mode);
+  }
 };
 
 AxisPlan forward_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, int64_t pb, PadMode mode) {
   AxisPlan a;
   a.count = out;
+  a.in_size = in;
+  a.in_step = s;
+  a.mode = mode;
   a.taps.reserve(static_cast<size_t>(k));  // a huge (broadcast) kernel fails here, before any work
-  for (int64_t t = 0; t < k; ++t) a.taps.push_back(t);
-  a.in_index.resize(static_cast<size_t>(checked_mul(out, k)));
-  for (int64_t j = 0; j < out; ++j)
-    for (int64_t t = 0; t < k; ++t) a.in_index[j * k + t] = map_padded_index(j * s - pb + t * d, in, mode);
+  for (int64_t t = 0; t < k; ++t) {
+    a.taps.push_back(t);
+    a.tap_offset.push_back(t * d - pb);
+  }
+  a.build_index();
   return a;
 }
 
 // Output o receives x[i] * w[t] where o + pb = i*s + t*d. Outputs with the same residue
-// r = o mod s share one set of taps.
+// r = o mod s share one set of taps, and within a residue class i = j + (r + pb - t*d) / s.
 std::vector<AxisPlan> transposed_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, int64_t pb) {
   std::vector<AxisPlan> phases;
   for (int64_t r = 0; r < std::min(s, out); ++r) {
@@ -95,20 +115,66 @@ std::vector<AxisPlan> transposed_axis(int64_t in, int64_t out, int64_t k, int64_
     a.out_start = r;
     a.out_step = s;
     a.count = ceil_div(out - r, s);
+    a.in_size = in;
     for (int64_t t = 0; t < k; ++t)
-      if ((r + pb - t * d) % s == 0) a.taps.push_back(t);
-    const int64_t nt = static_cast<int64_t>(a.taps.size());
-    a.in_index.resize(static_cast<size_t>(checked_mul(a.count, nt)));
-    for (int64_t j = 0; j < a.count; ++j) {
-      for (int64_t ti = 0; ti < nt; ++ti) {
-        const int64_t i = (r + pb - a.taps[ti] * d) / s + j;
-        a.in_index[j * nt + ti] = (i >= 0 && i < in) ? i : -1;
+      if ((r + pb - t * d) % s == 0) {
+        a.taps.push_back(t);
+        a.tap_offset.push_back((r + pb - t * d) / s);
       }
-    }
+    a.build_index();
     phases.push_back(std::move(a));
   }
   return phases;
 }
+
+// The direct path reads the last axis through per-row buffers in which every tap's inputs are
+// contiguous: inputs are split by residue modulo in_step (so a strided convolution reads
+// consecutive buffer entries) and padded (zeros, or the padding mode's values) at both ends.
+// Tap t reads buffer slot[t] from entry j + shift[t]; the buffer of slot r holds, at entry u,
+// input map((u + shift_min) * in_step + residue[r]).
+struct RowBufferPlan {
+  int64_t length = 0;                             // entries per buffer, PW-tile slack included
+  std::vector<int64_t> residue;                   // per slot
+  std::vector<std::vector<int64_t>> src_index;    // per slot: input coordinate per entry, or -1
+  std::vector<int64_t> run_begin, run_end;        // per slot: entries whose inputs are consecutive
+  std::vector<int64_t> slot, shift;               // per tap
+
+  bool usable = false;  // false when the buffers would be unreasonably long (huge dilation)
+
+  RowBufferPlan(const AxisPlan& a, int tile, int64_t max_length) {
+    const int64_t nt = static_cast<int64_t>(a.taps.size());
+    int64_t shift_min = 0, shift_max = 0;
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t q = floor_div(a.tap_offset[t], a.in_step), r = a.tap_offset[t] - q * a.in_step;
+      shift_min = t == 0 ? q : std::min(shift_min, q);
+      shift_max = t == 0 ? q : std::max(shift_max, q);
+      const auto it = std::find(residue.begin(), residue.end(), r);
+      slot.push_back(it - residue.begin());
+      if (it == residue.end()) residue.push_back(r);
+      shift.push_back(q);
+    }
+    for (int64_t& q : shift) q -= shift_min;
+    length = ceil_div(a.count, tile) * tile + (shift_max - shift_min);
+    usable = length <= max_length;
+    if (!usable) return;
+    for (const int64_t r : residue) {
+      std::vector<int64_t> src(static_cast<size_t>(length));
+      for (int64_t u = 0; u < length; ++u) src[u] = map_padded_index((u + shift_min) * a.in_step + r, a.in_size, a.mode);
+      // The longest run of entries reading consecutive inputs (the interior), copied as a block.
+      int64_t best_begin = 0, best_end = 0;
+      for (int64_t u = 0; u < length;) {
+        int64_t v = u + 1;
+        if (src[u] >= 0)
+          while (v < length && src[v] == src[v - 1] + 1) ++v;
+        if (src[u] >= 0 && v - u > best_end - best_begin) best_begin = u, best_end = v;
+        u = v;
+      }
+      run_begin.push_back(best_begin);
+      run_end.push_back(best_end);
+      src_index.push_back(std::move(src));
+    }
+  }
+};
 
 using Phase = std::array<const AxisPlan*, kSpatialRank>;
 
@@ -230,15 +296,14 @@ void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t ta
 // failure is an exception on the calling thread, never inside OpenMP).
 template <typename T>
 struct ThreadScratch {
-  AlignedBuffer<T> a_panel, c_block, out_tile, zero_row;
+  AlignedBuffer<T> a_panel, c_block, out_tile, row_buffers;
   AlignedBuffer<int64_t> x_offsets, y_offsets;
   std::vector<const T*> src_rows;
-  ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size)
-      : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), zero_row(out_tile_size),
+  ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
+                int64_t row_buffer_size)
+      : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), row_buffers(row_buffer_size),
         x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
-        src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))) {
-    std::memset(zero_row.get(), 0, sizeof(T) * static_cast<size_t>(std::max<int64_t>(out_tile_size, 1)));
-  }
+        src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))) {}
 };
 
 // Where each pixel of the block reads for each tap (spatial offset into x, or kOutside for a zero), and
@@ -296,7 +361,9 @@ struct ConvPlan<T>::Impl {
   std::vector<Phase> phases;
   std::vector<int64_t> wpack_offset;
   std::unique_ptr<AlignedBuffer<T>> wpack;
-  std::vector<std::vector<int64_t>> contiguous_runs;  // direct path: per axis-2 plan, [tile][tap]
+  std::vector<RowBufferPlan> row_plans;  // direct path: one per axis-2 plan
+  std::unique_ptr<AlignedBuffer<T>> zero_row;
+  int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
 
   explicit Impl(const ConvProblem<T>& p) : shape(p), uk(active_ukernel<T>()), isa(active_ukernels().isa) {
@@ -315,31 +382,12 @@ struct ConvPlan<T>::Impl {
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
     max_k = checked_mul(max_taps, cin);
 
-    // A GEMM over output channels wastes vector lanes when a group has few output channels
-    // (depthwise: one); then the pixels go in the vector lanes instead.
-    direct = uk.direct[0] && 2 * cout <= uk.nr && max_k <= 4096;
+    choose_algorithm(p);
     if (direct) {
-      direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : 2;
-      tile_n = kDirectChannelTiles[direct_variant];
       tile_m = uk.pw;
+      tile_n = kDirectChannelTiles[direct_variant];
       kc_max = std::max<int64_t>(max_k, 1);
       mc_max = tile_m;
-      // For each tile of PW outputs along the last axis and each tap: the first input index when
-      // the tile reads PW consecutive inputs, else -1.
-      for (const AxisPlan& a2 : axes[2]) {
-        const int64_t taps = (int64_t)a2.taps.size(), tiles = ceil_div(a2.count, tile_m);
-        std::vector<int64_t> runs(static_cast<size_t>(tiles * taps), -1);
-        for (int64_t tile = 0; tile < tiles; ++tile) {
-          if ((tile + 1) * tile_m > a2.count) continue;
-          for (int64_t t = 0; t < taps; ++t) {
-            const int64_t first = a2.in_index[tile * tile_m * taps + t];
-            bool ok = first >= 0;
-            for (int q = 1; q < tile_m && ok; ++q) ok = a2.in_index[(tile * tile_m + q) * taps + t] == first + q;
-            if (ok) runs[tile * taps + t] = first;
-          }
-        }
-        contiguous_runs.push_back(std::move(runs));
-      }
     } else {
       tile_m = uk.mr;
       tile_n = uk.nr;
@@ -372,6 +420,52 @@ struct ConvPlan<T>::Impl {
     }
   }
 
+  // GEMM (pixels x output channels, output channels in the vector lanes) or direct (output
+  // channels broadcast, pixels in the vector lanes, no input packing and channels-first rows
+  // written in place). Direct wins when a group has few output channels (depthwise: one; a GEMM
+  // would leave most lanes empty) and for channels-first outputs whose rows fill the pixel tiles;
+  // GEMM keeps channels-last outputs and short rows (7x7 maps), where it tiles across rows.
+  // CONVFAST_ALGO=gemm|direct forces one where it can run (tests use it).
+  void choose_algorithm(const ConvProblem<T>& p) {
+    const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
+    const int pw = uk.pw;
+    bool possible = uk.direct[0] != nullptr && max_k <= 16384;
+    double fill = 1.0;
+    for (const AxisPlan& a2 : axes[2]) {
+      if (!possible) break;
+      row_plans.emplace_back(a2, pw, int64_t(1) << 22);
+      possible = row_plans.back().usable;
+      fill = std::min(fill, double(a2.count) / double(ceil_div(std::max<int64_t>(a2.count, 1), pw) * pw));
+    }
+    if (possible) {
+      for (const Phase& ph : phases) {
+        const RowBufferPlan& rb = row_plans[ph[2] - axes[2].data()];
+        const int64_t size = checked_mul(checked_mul(ph[0]->taps.size() * ph[1]->taps.size(), cin),
+                                         checked_mul((int64_t)rb.residue.size(), rb.length));
+        row_buffer_size = std::max(row_buffer_size, size);
+      }
+      possible = row_buffer_size * (int64_t)sizeof(T) <= (int64_t(8) << 20);
+    }
+    const char* forced = std::getenv("CONVFAST_ALGO");
+    const std::string force = forced ? forced : "";
+    if (force == "gemm")
+      direct = false;
+    else if (force == "direct")
+      direct = possible;
+    else
+      direct = possible && (2 * cout <= uk.nr || (p.y_stride[2] == 1 && fill >= 0.75));
+    if (!direct) {
+      row_plans.clear();
+      row_buffer_size = 0;
+      return;
+    }
+    direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
+    int64_t longest = 0;
+    for (const RowBufferPlan& rb : row_plans) longest = std::max(longest, rb.length);
+    zero_row.reset(new AlignedBuffer<T>(longest + pw));
+    std::fill(zero_row->get(), zero_row->get() + longest + pw, T(0));
+  }
+
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
                   ThreadScratch<T>& s) const {
     const int mr = tile_m, nr = tile_n;
@@ -392,63 +486,56 @@ struct ConvPlan<T>::Impl {
     }
   }
 
-  // Pixel-vector path, one output row (all axes but the last fixed) at a time: for each tile of PW
-  // pixels along the last axis, one source row per (tap, input channel), pointing straight into x
-  // when the tile reads PW contiguous inputs (precomputed per tile and tap in contiguous_runs),
-  // at a zero row when the tap falls in the zero padding of an outer axis, else into a gathered
-  // panel. Results go straight to y with the bias.
+  // Direct path, one output row (all axes but the last fixed) at a time. The inputs each
+  // (outer tap, input channel) reads along the last axis are first copied into row buffers laid
+  // out by RowBufferPlan -- so every tap of every pixel tile reads PW contiguous values, whatever
+  // the stride, padding mode or input layout -- and one source pointer per (tap, input channel)
+  // serves all tiles of the row.
   void direct_rows(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
     const Phase& ph = phases[it.phase];
     const PhaseShape shape(ph);
     const AxisPlan &a0 = *ph[0], &a1 = *ph[1], &a2 = *ph[2];
+    const RowBufferPlan& rb = row_plans[ph[2] - axes[2].data()];
     const int64_t T0 = shape.taps[0], T1 = shape.taps[1], T2 = shape.taps[2];
-    const int64_t cin = p.cin_per_group, cout = p.cout_per_group, cs = p.x_stride_c;
+    const int64_t cin = p.cin_per_group, cout = p.cout_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
     const int64_t K = shape.num_taps * cin, cnt1 = shape.count[1], cnt2 = shape.count[2];
+    const int64_t n_slots = (int64_t)rb.residue.size(), L = rb.length;
     const int pw = tile_m, mro = tile_n;
-    const std::vector<int64_t>& contig = contiguous_runs[ph[2] - axes[2].data()];
-    const bool x_unit = p.x_stride[2] == 1;
     const bool y_unit = p.y_stride[2] == 1 && a2.out_step == 1;
     const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * cs;
     const T** rows = s.src_rows.data();
-    T* panel = s.a_panel.get();
+    T* buffers = s.row_buffers.get();
     T* out = s.out_tile.get();
-    const T* zero_row = s.zero_row.get();
+    const T* zeros = zero_row->get();
     const DirectUkernel<T> fn = uk.direct[direct_variant];
     for (int64_t row = it.m0; row < it.m1; ++row) {
       const int64_t j0 = row / cnt1, j1 = row % cnt1;
-      T* y_row = p.y + it.n * p.y_stride_n + (a0.out_start + j0 * a0.out_step) * p.y_stride[0] +
-                 (a1.out_start + j1 * a1.out_step) * p.y_stride[1];
-      for (int64_t tile = 0; tile * pw < cnt2; ++tile) {
-        const int64_t j2 = tile * pw, npix = std::min<int64_t>(pw, cnt2 - j2);
-        int64_t k = 0;
-        for (int64_t t0 = 0; t0 < T0; ++t0) {
-          const int64_t i0 = a0.in_index[j0 * T0 + t0];
-          for (int64_t t1 = 0; t1 < T1; ++t1) {
-            const int64_t i1 = a1.in_index[j1 * T1 + t1];
-            const T* x_row = xg + i0 * p.x_stride[0] + i1 * p.x_stride[1];
-            for (int64_t t2 = 0; t2 < T2; ++t2, k += cin) {
-              const int64_t first = contig[tile * T2 + t2];
-              if (i0 < 0 || i1 < 0) {
-                for (int64_t ci = 0; ci < cin; ++ci) rows[k + ci] = zero_row;
-              } else if (x_unit && first >= 0) {
-                for (int64_t ci = 0; ci < cin; ++ci) rows[k + ci] = x_row + first + ci * cs;
-              } else {
-                for (int64_t ci = 0; ci < cin; ++ci) {
-                  T* dst = panel + (k + ci) * pw;
-                  for (int q = 0; q < pw; ++q) {
-                    const int64_t i2 = q < npix ? a2.in_index[(j2 + q) * T2 + t2] : -1;
-                    dst[q] = i2 >= 0 ? x_row[i2 * p.x_stride[2] + ci * cs] : T(0);
-                  }
-                  rows[k + ci] = dst;
-                }
-              }
+      int64_t k = 0;
+      for (int64_t t0 = 0; t0 < T0; ++t0) {
+        const int64_t i0 = a0.in_index[j0 * T0 + t0];
+        for (int64_t t1 = 0; t1 < T1; ++t1) {
+          const int64_t i1 = a1.in_index[j1 * T1 + t1];
+          const bool outer_zero = i0 < 0 || i1 < 0;
+          T* slab = buffers + (t0 * T1 + t1) * cin * n_slots * L;
+          if (!outer_zero) {
+            for (int64_t ci = 0; ci < cin; ++ci) {
+              const T* x_row = xg + ci * cs + i0 * p.x_stride[0] + i1 * p.x_stride[1];
+              for (int64_t sl = 0; sl < n_slots; ++sl) fill_row_buffer(rb, sl, x_row, xs2, slab + (ci * n_slots + sl) * L);
             }
           }
+          for (int64_t t2 = 0; t2 < T2; ++t2)
+            for (int64_t ci = 0; ci < cin; ++ci)
+              rows[k++] = (outer_zero ? zeros : slab + (ci * n_slots + rb.slot[t2]) * L) + rb.shift[t2];
         }
+      }
+      T* y_row = p.y + it.n * p.y_stride_n + (a0.out_start + j0 * a0.out_step) * p.y_stride[0] +
+                 (a1.out_start + j1 * a1.out_step) * p.y_stride[1];
+      for (int64_t j2 = 0; j2 < cnt2; j2 += pw) {
+        const int64_t npix = std::min<int64_t>(pw, cnt2 - j2);
         for (int64_t nt = 0; nt < n_tiles; ++nt) {
           if (K > 0)
-            fn(K, rows, wp + nt * K * mro, out);
+            fn(K, rows, j2, wp + nt * K * mro, out);
           else
             std::memset(out, 0, sizeof(T) * static_cast<size_t>(mro * pw));
           for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
@@ -466,6 +553,20 @@ struct ConvPlan<T>::Impl {
         }
       }
     }
+  }
+
+  static void fill_row_buffer(const RowBufferPlan& rb, int64_t slot, const T* x_row, int64_t xs2, T* dst) {
+    const int64_t* src = rb.src_index[slot].data();
+    const int64_t begin = rb.run_begin[slot], end = rb.run_end[slot];
+    for (int64_t u = 0; u < begin; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
+    if (end > begin) {
+      const T* first = x_row + src[begin] * xs2;
+      if (xs2 == 1)
+        std::memcpy(dst + begin, first, sizeof(T) * static_cast<size_t>(end - begin));
+      else
+        for (int64_t u = begin; u < end; ++u) dst[u] = first[(u - begin) * xs2];
+    }
+    for (int64_t u = end; u < rb.length; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
   }
 
   void run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
@@ -507,18 +608,18 @@ struct ConvPlan<T>::Impl {
         }
     const int nthreads =
         static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (int64_t)items.size())));
-    const int64_t a_panel = direct ? checked_mul(max_k, tile_m) : checked_mul(mc_max, kc_max);
+    const int64_t a_panel = direct ? 1 : checked_mul(mc_max, kc_max);
     std::vector<std::unique_ptr<ThreadScratch<T>>> scratch;
     for (int t = 0; t < nthreads; ++t)
-      scratch.emplace_back(new ThreadScratch<T>(mc_max, a_panel, ldc, max_taps, direct ? max_k : 0,
-                                                (int64_t)tile_m * tile_n));
+      scratch.emplace_back(new ThreadScratch<T>(direct ? 1 : mc_max, a_panel, direct ? 1 : ldc, direct ? 0 : max_taps,
+                                                direct ? max_k : 0, (int64_t)tile_m * tile_n, row_buffer_size));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < (int64_t)items.size(); ++i) run_item(p, items[i], *scratch[omp_get_thread_num()]);
     t_last_algorithm = describe() + " threads=" + std::to_string(nthreads);
   }
 
   std::string describe() const {
-    return std::string(direct ? "direct_pixels" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
+    return std::string(direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size());
   }
 };

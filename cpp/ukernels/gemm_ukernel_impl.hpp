@@ -39,11 +39,12 @@ void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
   }
 }
 
-// The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][PW], PW = NV * L.
+// The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][offset + PW), PW = NV * L.
 // With one output channel the k loop is split over two accumulator banks so that the FMA latency
 // is hidden even with only NV independent chains.
 template <typename T, int MRO, int VECTOR_BYTES, int NV>
-void direct_ukernel(int64_t kc, const T* const* __restrict src, const T* __restrict w, T* __restrict out) {
+void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, const T* __restrict w,
+                    T* __restrict out) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
@@ -56,7 +57,7 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, const T* __restr
   for (; k + BANKS <= kc; k += BANKS) {
     for (int b = 0; b < BANKS; ++b) {
       vec xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k + b] + v * L);
+      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k + b] + offset + v * L);
       for (int r = 0; r < MRO; ++r) {
         const T wr = w[(k + b) * MRO + r];
         for (int v = 0; v < NV; ++v) acc[b][r][v] += xv[v] * wr;
@@ -65,7 +66,7 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, const T* __restr
   }
   for (; k < kc; ++k) {
     for (int v = 0; v < NV; ++v) {
-      const vec xv = *reinterpret_cast<const vec_u*>(src[k] + v * L);
+      const vec xv = *reinterpret_cast<const vec_u*>(src[k] + offset + v * L);
       for (int r = 0; r < MRO; ++r) acc[0][r][v] += xv * w[k * MRO + r];
     }
   }
@@ -84,10 +85,10 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
   return {isa,
           {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>, MR, 2 * L32,
            {&direct_ukernel<float, 1, VECTOR_BYTES, 2>, &direct_ukernel<float, 2, VECTOR_BYTES, 2>,
-            &direct_ukernel<float, 4, VECTOR_BYTES, 2>},
+            &direct_ukernel<float, 4, VECTOR_BYTES, 2>, &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
            2 * L32},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>, MR, 2 * L64,
            {&direct_ukernel<double, 1, VECTOR_BYTES, 2>, &direct_ukernel<double, 2, VECTOR_BYTES, 2>,
-            &direct_ukernel<double, 4, VECTOR_BYTES, 2>},
+            &direct_ukernel<double, 4, VECTOR_BYTES, 2>, &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
            2 * L64}};
 }

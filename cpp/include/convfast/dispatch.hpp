@@ -11,20 +11,20 @@ namespace convfast {
 template <typename T>
 using GemmUkernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int accumulate);
 
-// out[r][0..PW) = sum_k w[k][r] * src[k][0..PW) for r < MRO: PW pixels in vector registers, one
-// broadcast weight per output channel. Serves depthwise and small-group convolutions, where a GEMM
-// over output channels would leave most vector lanes empty. src[k] points at PW contiguous values
-// (straight into the input when the pixels are contiguous there, else into a gathered panel).
+// out[r][0..PW) = sum_k w[k][r] * src[k][offset + 0..PW) for r < MRO: PW pixels in vector
+// registers, one broadcast weight per output channel (the "direct" orientation: no packing of the
+// input, results land as rows of the channels-first output). src[k] points into per-row buffers
+// in which each tap's inputs are contiguous.
 template <typename T>
-using DirectUkernel = void (*)(int64_t k, const T* const* src, const T* w, T* out);
+using DirectUkernel = void (*)(int64_t k, const T* const* src, int64_t offset, const T* w, T* out);
 
-constexpr int kDirectChannelTiles[] = {1, 2, 4};  // MRO variants, index 0..2
+constexpr int kDirectChannelTiles[] = {1, 2, 4, 6};  // MRO variants
 
 template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
   int mr = 0, nr = 0;
-  DirectUkernel<T> direct[3] = {nullptr, nullptr, nullptr};  // MRO = 1, 2, 4
+  DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw = 0;                                                // pixels per direct tile
 };
 
