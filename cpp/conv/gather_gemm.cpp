@@ -207,9 +207,10 @@ void validate(const ConvProblem<T>& p) {
   if (!p.x || !p.w || !p.y) bad("null tensor");
 }
 
-// Packs one n-tile of B for one (group, phase): panel[K][NR], K ordered tap-major then input
-// channel. Walked in chunks of k so that the NR source rows are read along their length while the
-// chunk of the panel being written stays in L1.
+// Packs one n-tile of B for one (group, phase): panel[K][NR], K ordered channel-major then tap
+// (k = ci * taps + t), the order of a contiguous (C_out, C_in, *k) weight row, so each of the NR
+// source rows is read along its length; walked in chunks of k so that the chunk of the panel being
+// written stays in L1.
 template <typename T>
 void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int nr, int64_t nt, T* panel) {
   const PhaseShape shape(ph);
@@ -232,63 +233,79 @@ void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int n
         continue;
       }
       const T* row = wg + co * p.w_stride_co;
-      int64_t t = k0 / cin, ci = k0 % cin;
+      const int64_t taps = shape.num_taps;
+      int64_t ci = k0 / taps, t = k0 % taps;
       for (int64_t k = k0; k < k1; ++k) {
-        panel[k * nr + c] = row[tap_offset[t] + ci * p.w_stride_ci];
-        if (++ci == cin) {
-          ci = 0;
-          ++t;
+        panel[k * nr + c] = row[ci * p.w_stride_ci + tap_offset[t]];
+        if (++t == taps) {
+          t = 0;
+          ++ci;
         }
       }
     }
   }
 }
 
-// Copies n contiguous runs of MR values (one per k) into the packed panel; a compile-time MR makes
-// each run a couple of vector moves.
+// How the MR pixels of an m-tile read one tap: one contiguous run (interior, stride 1: a copy per
+// k), a constant stride (strided convolutions: an unrolled gather), or anything else (tiles
+// crossing an output row or touching the padding: element by element, zeros for padding).
+enum class TapRead : int8_t { Run, Strided, Gather };
+
+// pack_input_patches: A[k][MR] for one m-tile (rows m_first .. m_first + MR, of which valid_rows
+// exist) and k in [k0, k0 + kc), k = ci * taps + t, straight from the unpadded input (xoff holds
+// each pixel's spatial offset per tap, kOutside = zero). The taps of one input channel read
+// neighbouring rows of the same plane, which keeps the packing's footprint (and TLB) small.
 template <int MR, typename T>
-void copy_runs(const T* src, int64_t src_stride, int64_t n, T* dst) {
-  for (int64_t q = 0; q < n; ++q) std::memcpy(dst + q * MR, src + q * src_stride, MR * sizeof(T));
+void pack_tile(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t valid_rows, int64_t m_first,
+               int64_t k0, int64_t kc, TapRead* kind, int64_t* base, int64_t* step, T* dst) {
+  for (int64_t t = 0; t < taps; ++t) {
+    int64_t off[MR];
+    bool inside = true;
+    for (int r = 0; r < MR; ++r) {
+      off[r] = r < valid_rows ? xoff[(m_first + r) * taps + t] : kOutside;
+      inside = inside && off[r] != kOutside;
+    }
+    const int64_t st = inside && MR > 1 ? off[1] - off[0] : 0;
+    bool constant = inside;
+    for (int r = 2; r < MR && constant; ++r) constant = off[r] == off[0] + r * st;
+    kind[t] = !constant ? TapRead::Gather : st == 1 ? TapRead::Run : TapRead::Strided;
+    base[t] = off[0];
+    step[t] = st;
+  }
+  int64_t ci = k0 / taps, t = k0 % taps;
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    T* d = dst + kk * MR;
+    const T* plane = xg + ci * cs;
+    switch (kind[t]) {
+      case TapRead::Run:
+        std::memcpy(d, plane + base[t], MR * sizeof(T));
+        break;
+      case TapRead::Strided:
+        for (int r = 0; r < MR; ++r) d[r] = plane[base[t] + r * step[t]];
+        break;
+      case TapRead::Gather:
+        for (int r = 0; r < MR; ++r) {
+          const int64_t o = r < valid_rows ? xoff[(m_first + r) * taps + t] : kOutside;
+          d[r] = o == kOutside ? T(0) : plane[o];
+        }
+        break;
+    }
+    if (++t == taps) {
+      t = 0;
+      ++ci;
+    }
+  }
 }
 
-// pack_input_patches: A[k][MR] for m-tile mt and k in [k0, k0 + kc), k = tap * cin + channel,
-// straight from the unpadded input (xoff holds each pixel's spatial offset per tap, kOutside = zero).
-// When all MR pixels of the tile read inside the input at a constant step (the common interior
-// case) the rows are copied as runs instead of gathered one element at a time.
 template <typename T>
-void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t cin,
-                        int64_t mcount, int mr, int64_t mt, int64_t k0, int64_t kc, T* dst) {
-  const int64_t m_first = mt * mr;
-  for (int64_t k = k0; k < k0 + kc;) {
-    const int64_t t = k / cin, ci = k % cin;
-    const int64_t n = std::min(cin - ci, k0 + kc - k);
-    T* d = dst + (k - k0) * mr;
-    bool regular = m_first + mr <= mcount;
-    int64_t base = 0, step = 0;
-    for (int r = 0; r < mr && regular; ++r) regular = xoff[(m_first + r) * taps + t] != kOutside;
-    if (regular) {
-      base = xoff[m_first * taps + t];
-      step = mr > 1 ? xoff[(m_first + 1) * taps + t] - base : 0;
-      for (int r = 2; r < mr && regular; ++r) regular = xoff[(m_first + r) * taps + t] == base + r * step;
-    }
-    if (regular && step == 1 && (mr == 4 || mr == 6 || mr == 12)) {
-      const T* src = xg + base + ci * cs;
-      if (mr == 4) copy_runs<4>(src, cs, n, d);
-      else if (mr == 6) copy_runs<6>(src, cs, n, d);
-      else copy_runs<12>(src, cs, n, d);
-    } else {
-      for (int r = 0; r < mr; ++r) {
-        const int64_t mi = m_first + r;
-        const int64_t o = regular ? base + r * step : (mi < mcount ? xoff[mi * taps + t] : kOutside);
-        if (o == kOutside) {
-          for (int64_t q = 0; q < n; ++q) d[q * mr + r] = T(0);
-        } else {
-          const T* src = xg + o + ci * cs;
-          for (int64_t q = 0; q < n; ++q) d[q * mr + r] = src[q * cs];
-        }
-      }
-    }
-    k += n;
+void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t mcount, int mr,
+                        int64_t mt, int64_t k0, int64_t kc, TapRead* kind, int64_t* base, int64_t* step, T* dst) {
+  const int64_t m_first = mt * mr, valid = std::min<int64_t>(mr, mcount - m_first);
+  switch (mr) {
+    case 4: return pack_tile<4>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+    case 6: return pack_tile<6>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+    case 12: return pack_tile<12>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+    default: throw std::logic_error("convfast: no packing routine for this micro-kernel height");
   }
 }
 
@@ -298,12 +315,23 @@ template <typename T>
 struct ThreadScratch {
   AlignedBuffer<T> a_panel, c_block, out_tile, row_buffers;
   AlignedBuffer<int64_t> x_offsets, y_offsets;
-  std::vector<const T*> src_rows;
+  std::vector<const T*> src_rows, panel_rows;
+  std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile
+  std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
                 int64_t row_buffer_size)
       : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), row_buffers(row_buffer_size),
         x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
-        src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))) {}
+        src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
+        tap_kind(static_cast<size_t>(std::max<int64_t>(max_taps, 1))),
+        tap_base(tap_kind.size()),
+        tap_step(tap_kind.size()) {}
+
+  // Direct path: the panel holds direct_k rows of pw values; panel_rows points at each.
+  void set_direct_panel(int64_t direct_k, int pw) {
+    panel_rows.resize(static_cast<size_t>(direct_k));
+    for (int64_t k = 0; k < direct_k; ++k) panel_rows[k] = a_panel.get() + k * pw;
+  }
 };
 
 // Where each pixel of the block reads for each tap (spatial offset into x, or kOutside for a zero), and
@@ -477,7 +505,8 @@ struct ConvPlan<T>::Impl {
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
       for (int64_t mt = 0; mt < m_tiles; ++mt)
-        pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, cin, mcount, mr, mt, k0, kc, A + mt * mr * kc);
+        pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, mr, mt, k0, kc, s.tap_kind.data(),
+                           s.tap_base.data(), s.tap_step.data(), A + mt * mr * kc);
       for (int64_t nt = 0; nt < it.nt1 - it.nt0; ++nt) {
         const T* B = wp + (it.nt0 + nt) * K * nr + k0 * nr;
         for (int64_t mt = 0; mt < m_tiles; ++mt)
@@ -505,37 +534,49 @@ struct ConvPlan<T>::Impl {
     const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * cs;
     const T** rows = s.src_rows.data();
+    T* panel = s.a_panel.get();
+    const T* const* panel_rows = s.panel_rows.data();
     T* buffers = s.row_buffers.get();
     T* out = s.out_tile.get();
     const T* zeros = zero_row->get();
     const DirectUkernel<T> fn = uk.direct[direct_variant];
     for (int64_t row = it.m0; row < it.m1; ++row) {
       const int64_t j0 = row / cnt1, j1 = row % cnt1;
-      int64_t k = 0;
+      const int64_t taps = shape.num_taps;
       for (int64_t t0 = 0; t0 < T0; ++t0) {
         const int64_t i0 = a0.in_index[j0 * T0 + t0];
         for (int64_t t1 = 0; t1 < T1; ++t1) {
           const int64_t i1 = a1.in_index[j1 * T1 + t1];
           const bool outer_zero = i0 < 0 || i1 < 0;
           T* slab = buffers + (t0 * T1 + t1) * cin * n_slots * L;
-          if (!outer_zero) {
-            for (int64_t ci = 0; ci < cin; ++ci) {
+          for (int64_t ci = 0; ci < cin; ++ci) {
+            if (!outer_zero) {
               const T* x_row = xg + ci * cs + i0 * p.x_stride[0] + i1 * p.x_stride[1];
               for (int64_t sl = 0; sl < n_slots; ++sl) fill_row_buffer(rb, sl, x_row, xs2, slab + (ci * n_slots + sl) * L);
             }
+            // k = ci * taps + t, t = (t0 * T1 + t1) * T2 + t2: the weight panels' order.
+            const T** r = rows + ci * taps + (t0 * T1 + t1) * T2;
+            for (int64_t t2 = 0; t2 < T2; ++t2)
+              r[t2] = (outer_zero ? zeros : slab + (ci * n_slots + rb.slot[t2]) * L) + rb.shift[t2];
           }
-          for (int64_t t2 = 0; t2 < T2; ++t2)
-            for (int64_t ci = 0; ci < cin; ++ci)
-              rows[k++] = (outer_zero ? zeros : slab + (ci * n_slots + rb.slot[t2]) * L) + rb.shift[t2];
         }
       }
       T* y_row = p.y + it.n * p.y_stride_n + (a0.out_start + j0 * a0.out_step) * p.y_stride[0] +
                  (a1.out_start + j1 * a1.out_step) * p.y_stride[1];
       for (int64_t j2 = 0; j2 < cnt2; j2 += pw) {
         const int64_t npix = std::min<int64_t>(pw, cnt2 - j2);
+        // With several output-channel tiles the tile's inputs are read once per tile: copy them
+        // into one sequential panel first, which the hardware prefetcher streams.
+        const T* const* src = rows;
+        int64_t src_offset = j2;
+        if (n_tiles > 1) {
+          for (int64_t kk = 0; kk < K; ++kk) std::memcpy(panel + kk * pw, rows[kk] + j2, sizeof(T) * pw);
+          src = panel_rows;
+          src_offset = 0;
+        }
         for (int64_t nt = 0; nt < n_tiles; ++nt) {
           if (K > 0)
-            fn(K, rows, j2, wp + nt * K * mro, out);
+            fn(K, src, src_offset, wp + nt * K * mro, out);
           else
             std::memset(out, 0, sizeof(T) * static_cast<size_t>(mro * pw));
           for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
@@ -608,11 +649,13 @@ struct ConvPlan<T>::Impl {
         }
     const int nthreads =
         static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (int64_t)items.size())));
-    const int64_t a_panel = direct ? 1 : checked_mul(mc_max, kc_max);
+    const int64_t a_panel = direct ? checked_mul(max_k, tile_m) : checked_mul(mc_max, kc_max);
     std::vector<std::unique_ptr<ThreadScratch<T>>> scratch;
     for (int t = 0; t < nthreads; ++t)
       scratch.emplace_back(new ThreadScratch<T>(direct ? 1 : mc_max, a_panel, direct ? 1 : ldc, direct ? 0 : max_taps,
                                                 direct ? max_k : 0, (int64_t)tile_m * tile_n, row_buffer_size));
+    if (direct)
+      for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < (int64_t)items.size(); ++i) run_item(p, items[i], *scratch[omp_get_thread_num()]);
     t_last_algorithm = describe() + " threads=" + std::to_string(nthreads);
