@@ -449,13 +449,18 @@ struct ConvPlan<T>::Impl {
   }
 
   // GEMM (pixels x output channels, output channels in the vector lanes) or direct (output
-  // channels broadcast, pixels in the vector lanes, no input packing and channels-first rows
-  // written in place). Direct wins when a group has few output channels (depthwise: one; a GEMM
-  // would leave most lanes empty) and for channels-first outputs whose rows fill the pixel tiles;
-  // GEMM keeps channels-last outputs and short rows (7x7 maps), where it tiles across rows.
+  // channels broadcast, pixels in the vector lanes, inputs copied row by row, channels-first rows
+  // written in place). Measured on the layer suite (AVX2, 2 threads), direct wins when a group has
+  // few output channels (depthwise: one; a GEMM would leave most lanes empty), for very few input
+  // channels (the 3 -> 64 stem, 3-D 1 -> 32: K too short to amortise packing) and for large
+  // channels-first planes (U-Net 128x128, 3-D 32^3: GEMM packing strides across planes of
+  // 64 KiB and more); GEMM wins for the usual 2-D layers, channels-last outputs and short rows
+  // (7x7 maps), where it tiles across rows.
   // CONVFAST_ALGO=gemm|direct forces one where it can run (tests use it).
   void choose_algorithm(const ConvProblem<T>& p) {
+    constexpr int64_t kLargePlane = 16384;  // input elements per channel
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
+    const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
     const int pw = uk.pw;
     bool possible = uk.direct[0] != nullptr && max_k <= 16384;
     double fill = 1.0;
@@ -481,7 +486,8 @@ struct ConvPlan<T>::Impl {
     else if (force == "direct")
       direct = possible;
     else
-      direct = possible && (2 * cout <= uk.nr || (p.y_stride[2] == 1 && fill >= 0.75));
+      direct = possible && (2 * cout <= uk.nr || (p.y_stride[2] == 1 && fill >= 0.75 &&
+                                                  (cin <= 4 || plane >= kLargePlane)));
     if (!direct) {
       row_plans.clear();
       row_buffer_size = 0;
