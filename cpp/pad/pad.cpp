@@ -27,7 +27,15 @@ void copy_row(const PadRequest& r, const char* src_row, char* dst_row, const std
     std::memcpy(&fill_after, r.fill + (2 * last + 1) * r.itemsize, sizeof(E));
     if (row_fill) std::memcpy(&fill_row, row_fill, sizeof(E));
   }
+  // The interior of a copied row is one block when the source row is contiguous.
+  const int64_t lo = r.pad_before[last], hi = lo + r.shape[last];
+  const bool block = !row_fill && stride == static_cast<int64_t>(sizeof(E)) && hi > lo;
   for (int64_t i = 0; i < n_out; ++i) {
+    if (block && i == lo) {
+      std::memcpy(dst + lo, src_row, static_cast<size_t>(hi - lo) * sizeof(E));
+      i = hi - 1;
+      continue;
+    }
     const int64_t src_i = last_map[i];
     if (src_i >= 0) {
       if (row_fill) {
