@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._interop import to_numpy
+
 Pairs = Tuple[Tuple[int, int], ...]
 
 # Canonical padding-mode names, their np.pad equivalents and the code the kernels use.
@@ -211,6 +213,9 @@ def compute_dtype(func: str, **arrays) -> np.dtype:
 
 
 def as_array(func: str, name: str, value) -> np.ndarray:
+    """value as a NumPy array: ndarrays as they are, torch tensors / DLPack / __array__ producers
+    as views where possible (see _interop), lists converted; non-numeric dtypes are TypeErrors."""
+    value = to_numpy(func, name, value)
     if isinstance(value, np.ndarray):
         return value
     try:

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from . import _core
+from ._interop import output_wrapper, to_numpy
 from ._spec import (ConvSpec, PADDING_MODES, as_array, conv_spec, conv_transpose_spec, normalize_padding_mode,
                     NUMPY_PAD_MODE)
 
@@ -130,9 +131,10 @@ def _make_conv(rank: int):
 
     def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
              data_format="channels_first", out=None):
+        wrap = output_wrapper(x)
         x, weight, bias = _arrays(name, x, weight, bias)
         spec = conv_spec(name, rank, x, weight, bias, stride, padding, dilation, groups, padding_mode, data_format)
-        return run_spec(spec, x, weight, bias, out)
+        return wrap(run_spec(spec, x, weight, bias, to_numpy(name, "out", out)))
 
     conv.__name__ = conv.__qualname__ = name
     conv.__doc__ = f"""{rank}-D convolution (cross-correlation, as torch.nn.functional.{name}).
@@ -175,10 +177,11 @@ def _make_conv_transpose(rank: int):
 
     def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        output_size=None, data_format="channels_first", out=None):
+        wrap = output_wrapper(x)
         x, weight, bias = _arrays(name, x, weight, bias)
         spec = conv_transpose_spec(name, rank, x, weight, bias, stride, padding, output_padding, groups,
                                    dilation, output_size, data_format)
-        return run_spec(spec, x, weight, bias, out)
+        return wrap(run_spec(spec, x, weight, bias, to_numpy(name, "out", out)))
 
     conv_transpose.__name__ = conv_transpose.__qualname__ = name
     conv_transpose.__doc__ = f"""{rank}-D transposed convolution (torch.nn.functional.{name}).

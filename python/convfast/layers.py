@@ -11,6 +11,7 @@ import numpy as np
 
 from ._spec import (as_array, as_int, conv_spec, conv_transpose_spec, normalize_data_format, normalize_padding,
                     normalize_padding_mode, per_axis)
+from ._interop import output_wrapper, to_numpy
 from .functional import run_spec
 
 
@@ -112,8 +113,10 @@ class _ConvLayer:
                          self.groups, self.padding_mode, self.data_format)
 
     def __call__(self, x, *, out=None):
-        x = as_array(type(self).__name__, "x", x)
-        return run_spec(self.spec(x), x, self._weight, self._bias, out, plans=self._plans)
+        name = type(self).__name__
+        wrap = output_wrapper(x)
+        x = as_array(name, "x", x)
+        return wrap(run_spec(self.spec(x), x, self._weight, self._bias, to_numpy(name, "out", out), plans=self._plans))
 
     forward = __call__
 
@@ -141,11 +144,13 @@ class _ConvTranspose(_ConvLayer):
                     output_padding, data_format, dtype, seed)
 
     def __call__(self, x, *, output_size=None, out=None):
-        x = as_array(type(self).__name__, "x", x)
-        spec = conv_transpose_spec(type(self).__name__, self._rank, x, self._weight, self._bias, self.stride,
-                                   self.padding, 0 if output_size is not None else self.output_padding, self.groups,
-                                   self.dilation, output_size, self.data_format)
-        return run_spec(spec, x, self._weight, self._bias, out, plans=self._plans)
+        name = type(self).__name__
+        wrap = output_wrapper(x)
+        x = as_array(name, "x", x)
+        spec = conv_transpose_spec(name, self._rank, x, self._weight, self._bias, self.stride, self.padding,
+                                   0 if output_size is not None else self.output_padding, self.groups, self.dilation,
+                                   output_size, self.data_format)
+        return wrap(run_spec(spec, x, self._weight, self._bias, to_numpy(name, "out", out), plans=self._plans))
 
     forward = __call__
 
