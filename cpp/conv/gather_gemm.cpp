@@ -136,7 +136,8 @@ struct RowBufferPlan {
   int64_t length = 0;                             // entries per buffer, PW-tile slack included
   std::vector<int64_t> residue;                   // per slot
   std::vector<std::vector<int64_t>> src_index;    // per slot: input coordinate per entry, or -1
-  std::vector<int64_t> run_begin, run_end;        // per slot: entries whose inputs are consecutive
+  std::vector<int64_t> run_begin, run_end;        // per slot: entries reading inputs in_step apart
+  int64_t in_step = 1;
   std::vector<int64_t> slot, shift;               // per tap
 
   bool usable = false;  // false when the buffers would be unreasonably long (huge dilation)
@@ -154,18 +155,20 @@ struct RowBufferPlan {
       shift.push_back(q);
     }
     for (int64_t& q : shift) q -= shift_min;
+    in_step = a.in_step;
     length = ceil_div(a.count, tile) * tile + (shift_max - shift_min);
     usable = length <= max_length;
     if (!usable) return;
     for (const int64_t r : residue) {
       std::vector<int64_t> src(static_cast<size_t>(length));
       for (int64_t u = 0; u < length; ++u) src[u] = map_padded_index((u + shift_min) * a.in_step + r, a.in_size, a.mode);
-      // The longest run of entries reading consecutive inputs (the interior), copied as a block.
+      // The longest run of entries reading inputs in_step apart (the interior), copied as a block
+      // (a strided copy for a strided convolution).
       int64_t best_begin = 0, best_end = 0;
       for (int64_t u = 0; u < length;) {
         int64_t v = u + 1;
         if (src[u] >= 0)
-          while (v < length && src[v] == src[v - 1] + 1) ++v;
+          while (v < length && src[v] == src[v - 1] + a.in_step) ++v;
         if (src[u] >= 0 && v - u > best_end - best_begin) best_begin = u, best_end = v;
         u = v;
       }
@@ -316,6 +319,7 @@ struct ThreadScratch {
   AlignedBuffer<T> a_panel, c_block, out_tile, row_buffers;
   AlignedBuffer<int64_t> x_offsets, y_offsets;
   std::vector<const T*> src_rows, panel_rows;
+  std::vector<int64_t> cache_key0, cache_key1, cache_stamp;  // direct path: row-buffer cache entries
   std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile
   std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
@@ -328,7 +332,10 @@ struct ThreadScratch {
         tap_step(tap_kind.size()) {}
 
   // Direct path: the panel holds direct_k rows of pw values; panel_rows points at each.
-  void set_direct_panel(int64_t direct_k, int pw) {
+  void set_direct_panel(int64_t direct_k, int pw, int64_t cache_entries) {
+    cache_key0.assign(static_cast<size_t>(cache_entries), 0);
+    cache_key1.assign(static_cast<size_t>(cache_entries), 0);
+    cache_stamp.assign(static_cast<size_t>(cache_entries), -1);
     panel_rows.resize(static_cast<size_t>(direct_k));
     for (int64_t k = 0; k < direct_k; ++k) panel_rows[k] = a_panel.get() + k * pw;
   }
@@ -392,6 +399,7 @@ struct ConvPlan<T>::Impl {
   std::vector<RowBufferPlan> row_plans;  // direct path: one per axis-2 plan
   std::unique_ptr<AlignedBuffer<T>> zero_row;
   int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
+  int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
 
   explicit Impl(const ConvProblem<T>& p) : shape(p), uk(active_ukernel<T>()), isa(active_ukernels().isa) {
@@ -473,9 +481,10 @@ struct ConvPlan<T>::Impl {
     if (possible) {
       for (const Phase& ph : phases) {
         const RowBufferPlan& rb = row_plans[ph[2] - axes[2].data()];
-        const int64_t size = checked_mul(checked_mul(ph[0]->taps.size() * ph[1]->taps.size(), cin),
+        const int64_t size = checked_mul(checked_mul(cache_entries(ph[0]->taps.size(), ph[1]->taps.size()), cin),
                                          checked_mul((int64_t)rb.residue.size(), rb.length));
         row_buffer_size = std::max(row_buffer_size, size);
+        max_cache_entries = std::max(max_cache_entries, cache_entries(ph[0]->taps.size(), ph[1]->taps.size()));
       }
       possible = row_buffer_size * (int64_t)sizeof(T) <= (int64_t(8) << 20);
     }
@@ -546,6 +555,14 @@ struct ConvPlan<T>::Impl {
     T* out = s.out_tile.get();
     const T* zeros = zero_row->get();
     const DirectUkernel<T> fn = uk.direct[direct_variant];
+    // Input rows are cached across output rows (a 3x3 stride-1 layer reads each input row for
+    // three output rows): entries are keyed by (i0, i1); an entry used by the current output row is
+    // never evicted, and there are twice as many entries as one row needs.
+    const int64_t entries = cache_entries(T0, T1), entry_size = cin * n_slots * L;
+    int64_t* key0 = s.cache_key0.data();
+    int64_t* key1 = s.cache_key1.data();
+    int64_t* stamp = s.cache_stamp.data();
+    std::fill(stamp, stamp + entries, int64_t(-1));
     for (int64_t row = it.m0; row < it.m1; ++row) {
       const int64_t j0 = row / cnt1, j1 = row % cnt1;
       const int64_t taps = shape.num_taps;
@@ -554,12 +571,27 @@ struct ConvPlan<T>::Impl {
         for (int64_t t1 = 0; t1 < T1; ++t1) {
           const int64_t i1 = a1.in_index[j1 * T1 + t1];
           const bool outer_zero = i0 < 0 || i1 < 0;
-          T* slab = buffers + (t0 * T1 + t1) * cin * n_slots * L;
-          for (int64_t ci = 0; ci < cin; ++ci) {
-            if (!outer_zero) {
-              const T* x_row = xg + ci * cs + i0 * p.x_stride[0] + i1 * p.x_stride[1];
-              for (int64_t sl = 0; sl < n_slots; ++sl) fill_row_buffer(rb, sl, x_row, xs2, slab + (ci * n_slots + sl) * L);
+          T* slab = nullptr;
+          if (!outer_zero) {
+            int64_t hit = -1, victim = -1;
+            for (int64_t e = 0; e < entries && hit < 0; ++e) {
+              if (stamp[e] >= 0 && key0[e] == i0 && key1[e] == i1) hit = e;
+              else if (stamp[e] < row && (victim < 0 || stamp[e] < stamp[victim])) victim = e;
             }
+            const int64_t e = hit >= 0 ? hit : victim;
+            slab = buffers + e * entry_size;
+            if (hit < 0) {
+              key0[e] = i0;
+              key1[e] = i1;
+              for (int64_t ci = 0; ci < cin; ++ci) {
+                const T* x_row = xg + ci * cs + i0 * p.x_stride[0] + i1 * p.x_stride[1];
+                for (int64_t sl = 0; sl < n_slots; ++sl)
+                  fill_row_buffer(rb, sl, x_row, xs2, slab + (ci * n_slots + sl) * L);
+              }
+            }
+            stamp[e] = row;
+          }
+          for (int64_t ci = 0; ci < cin; ++ci) {
             // k = ci * taps + t, t = (t0 * T1 + t1) * T2 + t2: the weight panels' order.
             const T** r = rows + ci * taps + (t0 * T1 + t1) * T2;
             for (int64_t t2 = 0; t2 < T2; ++t2)
@@ -602,16 +634,19 @@ struct ConvPlan<T>::Impl {
     }
   }
 
+  static int64_t cache_entries(int64_t outer_taps0, int64_t outer_taps1) { return 2 * outer_taps0 * outer_taps1; }
+
   static void fill_row_buffer(const RowBufferPlan& rb, int64_t slot, const T* x_row, int64_t xs2, T* dst) {
     const int64_t* src = rb.src_index[slot].data();
     const int64_t begin = rb.run_begin[slot], end = rb.run_end[slot];
     for (int64_t u = 0; u < begin; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
     if (end > begin) {
       const T* first = x_row + src[begin] * xs2;
-      if (xs2 == 1)
+      const int64_t stride = rb.in_step * xs2;
+      if (stride == 1)
         std::memcpy(dst + begin, first, sizeof(T) * static_cast<size_t>(end - begin));
       else
-        for (int64_t u = begin; u < end; ++u) dst[u] = first[(u - begin) * xs2];
+        for (int64_t u = begin; u < end; ++u) dst[u] = first[(u - begin) * stride];
     }
     for (int64_t u = end; u < rb.length; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
   }
@@ -661,7 +696,7 @@ struct ConvPlan<T>::Impl {
       scratch.emplace_back(new ThreadScratch<T>(direct ? 1 : mc_max, a_panel, direct ? 1 : ldc, direct ? 0 : max_taps,
                                                 direct ? max_k : 0, (int64_t)tile_m * tile_n, row_buffer_size));
     if (direct)
-      for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m);
+      for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m, max_cache_entries);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < (int64_t)items.size(); ++i) run_item(p, items[i], *scratch[omp_get_thread_num()]);
     t_last_algorithm = describe() + " threads=" + std::to_string(nthreads);
