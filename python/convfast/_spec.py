@@ -168,6 +168,16 @@ def resolve_transposed_pads(func: str, padding, kernel, stride, dilation):
     return padding, (0,) * rank
 
 
+def transposed_out_shape(func: str, spatial, kernel, stride, dilation, pads, output_padding) -> Tuple[int, ...]:
+    """Checked output size of a transposed convolution, per axis."""
+    check_output_padding(func, output_padding, stride, dilation)
+    out = tuple(transposed_out_size(n, k, s, d, p, o)
+                for n, k, s, d, p, o in zip(spatial, kernel, stride, dilation, pads, output_padding))
+    if any(o < 1 for o in out):
+        raise ValueError(f"{func}: padding {tuple(pads)} crops more than the full output; output size would be {out}")
+    return out
+
+
 def check_output_padding(func: str, output_padding, stride, dilation) -> None:
     for axis, (o, s, d) in enumerate(zip(output_padding, stride, dilation)):
         if o >= max(s, d):
@@ -399,11 +409,7 @@ def conv_transpose_spec(func: str, rank: int, x: np.ndarray, w: np.ndarray, bias
             raise ValueError(f"{func}: output_padding={user_output_padding} cannot be combined with "
                              f"padding={padding!r} (it already fixes the output size)")
         op = tuple(a + b for a, b in zip(implied_op, user_output_padding))
-    check_output_padding(func, op, stride, dilation)
-    out = tuple(transposed_out_size(n, k, s, d, p, o)
-                for n, k, s, d, p, o in zip(spatial, kernel, stride, dilation, pads, op))
-    if any(o < 1 for o in out):
-        raise ValueError(f"{func}: padding {pads} crops more than the full output; output size would be {out}")
+    out = transposed_out_shape(func, spatial, kernel, stride, dilation, pads, op)
     return ConvSpec(func=func, rank=rank, transposed=True, batched=batched, channels_last=channels_last,
                     batch=batch, in_channels=cin, out_channels=cout, groups=groups, in_spatial=spatial,
                     kernel=kernel, stride=stride, dilation=dilation, pads=pads, output_padding=op,

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, NamedTuple, Tuple, Union
 
-from ._spec import (_as_sequence, _is_int, as_int, check_output_padding, conv_out_size, effective_kernel,
-                    normalize_padding, per_axis, resolve_conv_pads, resolve_transposed_pads, same_pads,
-                    transposed_out_size)
+from ._spec import (_as_sequence, _is_int, as_int, conv_out_size, effective_kernel, normalize_padding, per_axis,
+                    resolve_conv_pads, resolve_transposed_pads, same_pads, transposed_out_shape)
 
 
 def _geometry(func, spatial_shape, kernel_size, stride, dilation):
@@ -62,12 +61,7 @@ def conv_transpose_output_shape(spatial_shape, kernel_size, stride=1, padding=0,
     op = per_axis(func, "output_padding", output_padding, len(spatial), minimum=0)
     pads, implied = resolve_transposed_pads(func, padding, kernel, stride, dilation)
     op = tuple(a + b for a, b in zip(op, implied))
-    check_output_padding(func, op, stride, dilation)
-    out = tuple(transposed_out_size(n, k, s, d, p, o)
-                for n, k, s, d, p, o in zip(spatial, kernel, stride, dilation, pads, op))
-    if any(o < 1 for o in out):
-        raise ValueError(f"{func}: padding {pads} crops the whole output; output would be {out}")
-    return out
+    return transposed_out_shape(func, spatial, kernel, stride, dilation, pads, op)
 
 
 def same_padding(spatial_shape, kernel_size, stride=1, dilation=1, *, lower=False) -> Tuple[Tuple[int, int], ...]:
