@@ -1,0 +1,51 @@
+"""Run every script in examples/ as a user would, headless: it must exit cleanly and write a PNG.
+
+The scripts are started together (one process each, one OpenMP thread each, so that they share the
+cores instead of oversubscribing them) and each test waits for its own: most of a script's time is
+Python and matplotlib start-up, which overlaps well.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    started = {}
+    for script in SCRIPTS:
+        out = tmp_path_factory.mktemp(Path(script).stem)
+        proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), "--out", str(out)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[script] = (proc, out)
+    yield started
+    for proc, _ in started.values():  # only left running if a test failed before waiting
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_examples_are_found():
+    assert len(SCRIPTS) >= 7, SCRIPTS
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_runs(script, runs):
+    proc, out = runs[script]
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{script} ran longer than {TIMEOUT_S} s:\n{stdout}\n{stderr}")
+    assert proc.returncode == 0, f"{script} failed:\n{stdout}\n{stderr}"
+    assert list(out.glob("*.png")), f"{script} wrote no PNG:\n{stdout}"
