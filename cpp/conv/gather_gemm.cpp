@@ -461,14 +461,15 @@ struct ConvPlan<T>::Impl {
   // written in place). Measured on the layer suite (AVX2, 2 threads), direct wins when a group has
   // few output channels (depthwise: one; a GEMM would leave most lanes empty), for very few input
   // channels (the 3 -> 64 stem, 3-D 1 -> 32: K too short to amortise packing) and for large
-  // channels-first planes (U-Net 128x128, 3-D 32^3: GEMM packing strides across planes of
-  // 64 KiB and more); GEMM wins for the usual 2-D layers, channels-last outputs and short rows
-  // (7x7 maps), where it tiles across rows.
+  // channels-first planes at stride 1 (U-Net 128x128, 3-D 32^3: GEMM packing strides across
+  // planes of 64 KiB and more); GEMM wins for the usual 2-D layers, strided 3-D layers,
+  // transposed layers, channels-last outputs and short rows (7x7 maps), where it tiles across rows.
   // CONVFAST_ALGO=gemm|direct forces one where it can run (tests use it).
   void choose_algorithm(const ConvProblem<T>& p) {
     constexpr int64_t kLargePlane = 16384;  // input elements per channel
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
     const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
+    const bool unit_stride = p.kind == ConvKind::Forward && p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
     const int pw = uk.pw;
     bool possible = uk.direct[0] != nullptr && max_k <= 16384;
     double fill = 1.0;
@@ -496,7 +497,7 @@ struct ConvPlan<T>::Impl {
       direct = possible;
     else
       direct = possible && (2 * cout <= uk.nr || (p.y_stride[2] == 1 && fill >= 0.75 &&
-                                                  (cin <= 4 || plane >= kLargePlane)));
+                                                  (cin <= 4 || (plane >= kLargePlane && unit_stride))));
     if (!direct) {
       row_plans.clear();
       row_buffer_size = 0;
