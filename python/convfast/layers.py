@@ -1,7 +1,10 @@
 """Layer objects: parameters validated once at construction, weights held, ``y = layer(x)``.
 
 Constructor signatures follow torch.nn.Conv{1,2,3}d / ConvTranspose{1,2,3}d, plus convfast's
-extras (strided "same", "same_lower", every padding mode, channels_last, dtype).
+extras (strided "same", "same_lower", every padding mode, channels_last, dtype) and ``seed`` (an int
+or a ``numpy.random.Generator``) for PyTorch's default initialisation U(-1/sqrt(fan_in),
+1/sqrt(fan_in)). The weights are read-only arrays: replace them with ``layer.weight = new`` (the
+compiled plans cache a packed copy), or build a layer around existing ones with ``from_weights``.
 """
 from __future__ import annotations
 
