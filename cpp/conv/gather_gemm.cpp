@@ -308,7 +308,7 @@ void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t ta
     case 4: return pack_tile<4>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
     case 6: return pack_tile<6>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
     case 12: return pack_tile<12>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    default: throw std::logic_error("convfast: no packing routine for this micro-kernel height");
+    default: return;  // unreachable: the plan refuses other heights (no exception inside OpenMP)
   }
 }
 
@@ -427,6 +427,8 @@ struct ConvPlan<T>::Impl {
     } else {
       tile_m = uk.mr;
       tile_n = uk.nr;
+      if (tile_m != 4 && tile_m != 6 && tile_m != 12)
+        throw std::logic_error("convfast: no input packing routine for micro-kernel height " + std::to_string(tile_m));
       // Cache blocking: a KC x NR panel of B stays in L1 (~16 KiB) while MC x KC of A streams from L2.
       kc_max = std::max<int64_t>(64, std::min<int64_t>(512, 16384 / (tile_n * (int64_t)sizeof(T))));
       mc_max = std::max<int64_t>(tile_m, (131072 / (kc_max * (int64_t)sizeof(T))) / tile_m * tile_m);
