@@ -68,7 +68,8 @@ def config() -> dict:
         "openmp": _core.openmp_version,
         "numpy": np.__version__,
         "cuda": cuda,
-        "algorithm": "gather (implicit) GEMM over strided views; transposed by stride-phase split",
+        "algorithm": ("per layer: gather (implicit) GEMM or direct rows over strided views; transposed "
+                      "convolution by stride-phase split (CONVFAST_ALGO=gemm|direct forces one)"),
     }
 
 

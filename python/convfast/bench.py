@@ -178,7 +178,8 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
     try:
         for i, (case, dt) in enumerate(jobs, 1):
             if progress:
-                progress(f"[{i:>2}/{len(jobs)}] {case.name} {dt} ...")
+                done = (i - 1) * 20 // len(jobs)
+                progress(f"[{'#' * done}{'.' * (20 - done)}] {i:>2}/{len(jobs)} {case.name} {dt} ...")
             meter.start()
             r = suite.compare_case(case, dt, layout, threads=None, against=compare, budget_s=budget_s)
             r["others_cpu_share"] = meter.stop()
