@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The slow tests with more than 2**31 output elements (tests/test_large.py): 64-bit indexing in conv1d
-# (channel offsets), conv_transpose1d (output coordinates) and pad. Not run by CI: the tests skip
+# (channel offsets), conv_transpose2d (row offsets within one plane) and pad. Not run by CI: the tests skip
 # themselves unless CONVFAST_RUN_SLOW=1 (set here) and >= 20 GiB of memory is available.
 #
 #   bash scripts/run_large.sh                 # PYTHON=/path/to/venv/bin/python to test another install

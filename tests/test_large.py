@@ -1,6 +1,6 @@
 """Large problems: more than 2**31 output elements, so that every offset computation must be 64-bit.
 
-Slow (about a minute per test and ~9-11 GiB of memory each, one at a time), so not part of CI:
+Slow (up to a few minutes per test and ~9-11 GiB of memory each, one at a time), so not part of CI:
 every test here is marked ``slow`` and skipped unless ``CONVFAST_RUN_SLOW=1`` is set and at least
 20 GiB of memory is available (``MemAvailable`` in /proc/meminfo). ``scripts/run_large.sh`` runs them.
 
@@ -74,11 +74,8 @@ def test_conv1d_channel_offsets_beyond_int32():
         assert_close(y[0, c], channel(c), dtype=np.float32, reduction_size=3)
 
     flat = y.reshape(-1)
-    expected_flat = channel(boundary_channel)[INT32_LIMIT - boundary_channel * L - 4:][:8]
-    assert_close(flat[INT32_LIMIT - 4:INT32_LIMIT + 4], expected_flat, dtype=np.float32, reduction_size=3)
-
-    # Samples over every channel, as explicit dot products.
-    idx = _samples(rng, 20000, y.size, must=[0, y.size - 1, INT32_LIMIT - 1, INT32_LIMIT, 2**32 % y.size])
+    # Samples over every channel (and flat indices 2**31 - 8 .. 2**31 + 7), as explicit dot products.
+    idx = _samples(rng, 20000, y.size, must=[0, y.size - 1, *range(INT32_LIMIT - 8, INT32_LIMIT + 8)])
     c, t = np.divmod(idx, L)
     expected = b64[c] + (w64[c, 0, :] * np.stack([xp[t], xp[t + 1], xp[t + 2]], axis=1)).sum(axis=1)
     assert_close(flat[idx], expected, dtype=np.float32, reduction_size=3)
@@ -91,59 +88,73 @@ def test_conv1d_channel_offsets_beyond_int32():
         assert_close(y[:, :, t0:t1], ref, dtype=np.float32, reduction_size=3)
 
 
-def test_conv_transpose1d_spatial_coordinates_beyond_int32():
-    """conv_transpose1d with stride 64 and a 64-tap kernel: one output axis of 2.16e9 elements
-    (8.6 GB of float32), so output *coordinates* exceed int32, not only offsets."""
-    L = 2**25 + 2**17
-    s = k = 64
-    crop = 3
+def test_conv_transpose2d_row_offsets_beyond_int32():
+    """conv_transpose2d with stride 4 and a 4x4 kernel: a (32766, 67582) output plane of 2.21e9
+    elements (8.9 GB of float32), so row offsets exceed int32 inside a single plane.
+
+    (One *axis* longer than 2**31 is out of reach on a 24 GiB machine: the engine's per-axis index
+    tables hold 8 bytes per output position and tap of an axis, several times the output itself.)"""
+    H, W = 2**13, 2**14 + 2**9
+    s = k = 4
+    crop = 1
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((1, 2, L), dtype=np.float32)
-    w = rng.standard_normal((2, 1, k), dtype=np.float32)
+    x = rng.standard_normal((1, 1, H, W), dtype=np.float32)
+    w = rng.standard_normal((1, 1, k, k), dtype=np.float32)
     b = np.array([0.25], dtype=np.float32)
-    y = convfast.conv_transpose1d(x, w, b, stride=s, padding=crop)
-    n_out = (L - 1) * s - 2 * crop + k
-    assert y.shape == (1, 1, n_out) and n_out > INT32_LIMIT
+    y = convfast.conv_transpose2d(x, w, b, stride=s, padding=crop)
+    oh, ow = (H - 1) * s - 2 * crop + k, (W - 1) * s - 2 * crop + k
+    assert y.shape == (1, 1, oh, ow) and y.size > INT32_LIMIT and y.dtype == np.float32
 
-    # With k == stride, full-output position f = o + crop gets exactly tap f % s of input f // s
-    # from each input channel: y[o] = b + sum_ci x[ci, f // s] * w[ci, 0, f % s].
-    x64, w64 = x[0].astype(np.float64), w[:, 0, :].astype(np.float64)
+    # With k == stride, full-output position f = o + crop gets exactly tap f % s of input f // s:
+    # y[oh, ow] = b + x[fh // s, fw // s] * w[fh % s, fw % s].
+    x64, w64 = x[0, 0].astype(np.float64), w[0, 0].astype(np.float64)
+    iw, tw = np.divmod(np.arange(ow) + crop, s)
 
-    def expected(o):
-        f = o + crop
-        i, t = np.divmod(f, s)
-        return 0.25 + x64[0, i] * w64[0, t] + x64[1, i] * w64[1, t]
+    def expected_rows(r0, r1):
+        ih, th = np.divmod(np.arange(r0, r1) + crop, s)
+        return 0.25 + x64[ih][:, iw] * w64[th][:, tw]
 
-    row = y[0, 0]
-    chunk = 2**25
-    starts = [0, INT32_LIMIT - chunk // 2, n_out - chunk]     # both ends and the 2**31 crossing
-    for start in starts:
-        o = np.arange(start, start + chunk, dtype=np.int64)
-        assert_close(row[start:start + chunk], expected(o), dtype=np.float32, reduction_size=2)
-    idx = _samples(rng, 50000, n_out, must=[0, n_out - 1, INT32_LIMIT - 1, INT32_LIMIT, INT32_LIMIT + 1])
-    assert_close(row[idx], expected(idx), dtype=np.float32, reduction_size=2)
+    plane = y[0, 0]
+    boundary_row = INT32_LIMIT // ow                          # the row holding flat index 2**31
+    assert boundary_row * ow < INT32_LIMIT < (boundary_row + 1) * ow
+    for r0 in (0, boundary_row - 256, oh - 512):              # both ends and the 2**31 crossing
+        assert_close(plane[r0:r0 + 512], expected_rows(r0, r0 + 512), dtype=np.float32, reduction_size=1)
+    flat = y.reshape(-1)
+    idx = _samples(rng, 50000, y.size, must=[0, y.size - 1, INT32_LIMIT - 1, INT32_LIMIT, INT32_LIMIT + 1])
+    rr, cc = np.divmod(idx, ow)
+    fh, fw = rr + crop, cc + crop
+    assert_close(flat[idx], 0.25 + x64[fh // s, fw // s] * w64[fh % s, fw % s], dtype=np.float32, reduction_size=1)
 
-    # convfast.reference on a slice of the input around the crossing: inputs i0..i1 produce the full
-    # outputs i0*s .. (i1+1)*s - 1 exactly (k == s), i.e. outputs o = f - crop.
-    i0 = (INT32_LIMIT + crop) // s - 8
-    i1 = i0 + 16
-    ref = reference.conv_transpose1d(x[:, :, i0:i1], w, b, stride=s)      # full outputs of the slice
-    o0 = i0 * s - crop
-    assert_close(row[o0:o0 + (i1 - i0) * s], ref[0, 0], dtype=np.float32, reduction_size=2)
+    # convfast.reference on a slice of the input around the crossing: inputs rows i0..i1, columns
+    # j0..j1 produce exactly the full outputs [i0*s, i1*s) x [j0*s, j1*s) (k == s), i.e. o = f - crop.
+    i0, j0 = (boundary_row + crop) // s - 4, W // 2
+    i1, j1 = i0 + 8, j0 + 8
+    ref = reference.conv_transpose2d(x[:, :, i0:i1, j0:j1], w, b, stride=s)
+    o_h, o_w = i0 * s - crop, j0 * s - crop
+    assert_close(plane[o_h:o_h + (i1 - i0) * s, o_w:o_w + (j1 - j0) * s], ref[0, 0], dtype=np.float32)
 
 
 def test_pad_beyond_int32_elements():
-    """convfast.pad of a 2**31 + 2**20 byte array (reflect) and a 2-D array whose padded rows start
-    beyond byte offset 2**31 (constant): ~4.3 GB each."""
-    n = INT32_LIMIT + 2**20
+    """convfast.pad past 2**31 elements: a 3-D uint8 array in reflect mode and a 2-D one in constant
+    mode, ~2.2 GB in and out each, whose padded rows start beyond byte offset 2**31.
+
+    (A 1-D pad of that size is out of reach on a 24 GiB machine: the kernel's per-axis index maps
+    hold 8 bytes per output position of an axis, 8x a uint8 output.)"""
     pattern = (np.arange(251 * 4096) % 251).astype(np.uint8)
-    src = np.resize(pattern, n)
-    before, after = 1000, 777
-    out = convfast.pad(src, (before, after), mode="reflect")
-    assert out.shape == (n + before + after,) and out.dtype == np.uint8
-    assert np.array_equal(out[before:before + n], src)
-    assert np.array_equal(out[:before], src[before:0:-1])
-    assert np.array_equal(out[before + n:], src[n - 2:n - 2 - after:-1])
+    shape = (2**11, 2**10, 2**10 + 5)
+    src = np.resize(pattern, shape)
+    widths = ((3, 2), (1, 4), (6, 5))
+    out = convfast.pad(src, widths, mode="reflect")
+    assert out.shape == tuple(n + b + a for n, (b, a) in zip(shape, widths)) and out.size > INT32_LIMIT
+    (b0, a0), (b1, a1), (b2, a2) = widths
+    assert np.array_equal(out[b0:-a0, b1:-a1, b2:-a2], src)
+    # reflect per axis, checked on the outermost slabs against np.pad of the same slab of src
+    assert np.array_equal(out[:b0], np.pad(src[b0:0:-1], ((0, 0),) + widths[1:], mode="reflect"))
+    assert np.array_equal(out[-a0:], np.pad(src[-2:-2 - a0:-1], ((0, 0),) + widths[1:], mode="reflect"))
+    rows = np.random.default_rng(3).integers(0, out.shape[0], 64)
+    for i in rows:
+        src_i = np.pad(np.arange(shape[0]), widths[0], mode="reflect")[i]
+        assert np.array_equal(out[i], np.pad(src[src_i], widths[1:], mode="reflect"))
     del out
 
     rows, cols = 2**15, 2**16 + 3
