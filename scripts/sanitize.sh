@@ -95,8 +95,9 @@ for san in "${sans[@]}"; do
       -Ccmake.define.CONVFAST_SANITIZE="$san" -Ccmake.build-type=RelWithDebInfo -Cbuild-dir="$bdir" .
   build_s=$((SECONDS - tb))
   core="$(ls "$venv"/lib/python*/site-packages/convfast/_core*.so)"
+  # (grep without -q: with pipefail, grep -q quitting early can SIGPIPE ldd and fail the check)
   if [[ "$san" == address ]]; then
-    ldd "$core" | grep -q libasan || die "$core is not linked against libasan"
+    ldd "$core" | grep libasan >/dev/null || die "$core is not linked against libasan"
     runtime="$(gcc -print-file-name=libasan.so)"
     [[ -f "$runtime" ]] || die "gcc has no libasan.so"
     # allocator_may_return_null: a failed malloc is NumPy's MemoryError, as without ASan.
@@ -107,7 +108,7 @@ for san in "${sans[@]}"; do
     run_env=(env LD_PRELOAD="$runtime $stdcxx" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1")
     deselect=("${ASAN_DESELECT[@]}")
   else
-    ldd "$core" | grep -q libubsan || die "$core is not linked against libubsan"
+    ldd "$core" | grep libubsan >/dev/null || die "$core is not linked against libubsan"
     run_env=(env UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
     deselect=()
   fi
