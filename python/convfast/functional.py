@@ -27,7 +27,8 @@ def _native(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """a in the compute dtype, native byte order and aligned; a view whenever that is possible."""
     a = np.asarray(a, dtype=dtype)
     if not a.flags.aligned:
-        a = np.ascontiguousarray(a)
+        # np.ascontiguousarray returns a contiguous but misaligned array unchanged; a copy is aligned.
+        a = a.copy()
     return a
 
 
@@ -94,7 +95,9 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
     if out is not None:
         _check_out(spec, out)
         inputs = [a for a in (x, weight, bias) if a is not None]
-        if any(np.may_share_memory(out, a) for a in inputs):
+        # out that overlaps an operand, or is misaligned (the kernels need aligned elements), is
+        # written through a temporary.
+        if not out.flags.aligned or any(np.may_share_memory(out, a) for a in inputs):
             out[...] = run_spec(spec, x, weight, bias, plans=plans)
             return out
         y = out
