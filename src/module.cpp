@@ -163,7 +163,10 @@ void pad(const py::array& src, py::array dst, const std::vector<int64_t>& before
   int64_t expect = r.itemsize;
   for (int a = r.ndim - 1; a >= 0; --a) {
     require(before[a] >= 0 && after[a] >= 0, "pad widths must be non-negative");
-    require(dst.shape(a) == src.shape(a) + before[a] + after[a], "bad pad output shape");
+    int64_t padded;
+    require(!__builtin_add_overflow((int64_t)src.shape(a), before[a], &padded) &&
+                !__builtin_add_overflow(padded, after[a], &padded) && dst.shape(a) == padded,
+            "bad pad output shape");
     require(dst.shape(a) <= 1 || dst.strides(a) == expect, "pad output must be C-contiguous");
     expect *= dst.shape(a);
   }

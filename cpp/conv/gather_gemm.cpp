@@ -2,8 +2,8 @@
 //
 //   M = output pixels, N = output channels of one group, K = taps x input channels of one group.
 //
-// Padding, stride, dilation and every padding mode are resolved per axis into small index tables
-// (AxisPlan::in_index), so the packing step reads patches straight from the unpadded input and no
+// Padding, stride, dilation and every padding mode are resolved per axis (AxisPlan::index), so the
+// packing step reads patches straight from the unpadded input and no
 // padded copy or whole-input im2col buffer ever exists. Transposed convolution is split by output
 // residue modulo the stride ("phases"): within a phase the contributing kernel taps are fixed, so
 // each phase is an ordinary gather-convolution with no multiplications by inserted zeros and no
@@ -74,20 +74,20 @@ int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 
 
 // One spatial axis of one phase: which outputs it covers and where each tap reads. Output j of the
 // phase (y coordinate out_start + j * out_step) reads, for tap t, input coordinate
-// map(j * in_step + tap_offset[t]) -- mapped by the padding mode, or -1 for a zero.
+// index(j, t) = map(j * in_step + tap_offset[t]) -- mapped by the padding mode, or -1 for a zero.
+// It is computed when needed rather than tabulated: a table would cost 8 bytes per output position
+// and tap, several times the output itself along a long axis. validate() bounds the sizes so that
+// the arithmetic cannot overflow.
 struct AxisPlan {
   int64_t out_start = 0, out_step = 1, count = 0;
   int64_t in_size = 1, in_step = 1;
   PadMode mode = PadMode::Zeros;
   std::vector<int64_t> taps;        // kernel index of each tap
   std::vector<int64_t> tap_offset;  // unmapped input coordinate of output 0, per tap
-  std::vector<int64_t> in_index;    // count x taps.size(): mapped input coordinate, or -1 (reads zero)
 
-  void build_index() {
-    const int64_t nt = static_cast<int64_t>(taps.size());
-    in_index.resize(static_cast<size_t>(checked_mul(count, nt)));
-    for (int64_t j = 0; j < count; ++j)
-      for (int64_t t = 0; t < nt; ++t) in_index[j * nt + t] = map_padded_index(j * in_step + tap_offset[t], in_size, mode);
+  int64_t index(int64_t j, int64_t t) const {
+    const int64_t v = j * in_step + tap_offset[t];
+    return v >= 0 && v < in_size ? v : map_padded_index(v, in_size, mode);
   }
 };
 
@@ -98,32 +98,50 @@ AxisPlan forward_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, 
   a.in_step = s;
   a.mode = mode;
   a.taps.reserve(static_cast<size_t>(k));  // a huge (broadcast) kernel fails here, before any work
+  a.tap_offset.reserve(static_cast<size_t>(k));
   for (int64_t t = 0; t < k; ++t) {
     a.taps.push_back(t);
     a.tap_offset.push_back(t * d - pb);
   }
-  a.build_index();
   return a;
 }
 
 // Output o receives x[i] * w[t] where o + pb = i*s + t*d. Outputs with the same residue
 // r = o mod s share one set of taps, and within a residue class i = j + (r + pb - t*d) / s.
+// Only residues that some tap reaches become phases (at most k of them, however large the stride);
+// the outputs of the others receive no product and are set to the bias by execute().
 std::vector<AxisPlan> transposed_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, int64_t pb) {
   std::vector<AxisPlan> phases;
-  for (int64_t r = 0; r < std::min(s, out); ++r) {
-    AxisPlan a;
-    a.out_start = r;
-    a.out_step = s;
-    a.count = ceil_div(out - r, s);
-    a.in_size = in;
-    for (int64_t t = 0; t < k; ++t)
-      if ((r + pb - t * d) % s == 0) {
-        a.taps.push_back(t);
-        a.tap_offset.push_back((r + pb - t * d) / s);
-      }
-    a.build_index();
-    phases.push_back(std::move(a));
+  std::vector<int64_t> phase_of_residue;  // small strides: residue -> index in phases, or -1
+  const bool dense = s <= 4096;
+  if (dense) phase_of_residue.assign(static_cast<size_t>(s), -1);
+  phases.reserve(static_cast<size_t>(std::min({k, s, out})));
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t o = t * d - pb;            // output coordinate of input 0 through tap t
+    const int64_t r = o - floor_div(o, s) * s;  // its residue, in [0, s)
+    if (r >= out) continue;                  // every output it would reach is cropped
+    int64_t idx = -1;
+    if (dense) {
+      idx = phase_of_residue[r];
+    } else {
+      for (size_t q = 0; q < phases.size() && idx < 0; ++q)
+        if (phases[q].out_start == r) idx = static_cast<int64_t>(q);
+    }
+    if (idx < 0) {
+      AxisPlan a;
+      a.out_start = r;
+      a.out_step = s;
+      a.count = ceil_div(out - r, s);
+      a.in_size = in;
+      idx = static_cast<int64_t>(phases.size());
+      if (dense) phase_of_residue[r] = idx;
+      phases.push_back(std::move(a));
+    }
+    phases[idx].taps.push_back(t);
+    phases[idx].tap_offset.push_back((r + pb - t * d) / s);  // exact: r + pb - t*d is a multiple of s
   }
+  // Phases in output order, so that the work items walk y forwards.
+  std::sort(phases.begin(), phases.end(), [](const AxisPlan& a, const AxisPlan& b) { return a.out_start < b.out_start; });
   return phases;
 }
 
@@ -206,6 +224,15 @@ void validate(const ConvProblem<T>& p) {
   for (int a = 0; a < kSpatialRank; ++a) {
     if (p.in_size[a] < 1 || p.out_size[a] < 0 || p.kernel[a] < 0) bad("bad spatial sizes");
     if (p.stride[a] < 1 || p.dilation[a] < 1) bad("stride and dilation must be positive");
+    // Bounds under which every coordinate the plans compute (j * stride + t * dilation - pad, and
+    // the transposed residue arithmetic) stays far from int64 overflow.
+    constexpr int64_t kLimit = int64_t(1) << 61;
+    int64_t span_out, span_kernel;
+    if (__builtin_mul_overflow(std::max<int64_t>(p.out_size[a], 1) - 1, p.stride[a], &span_out) ||
+        __builtin_mul_overflow(std::max<int64_t>(p.kernel[a], 1) - 1, p.dilation[a], &span_kernel) ||
+        span_out > kLimit || span_kernel > kLimit || p.in_size[a] > kLimit || p.out_size[a] > kLimit ||
+        p.pad_before[a] > kLimit || p.pad_before[a] < -kLimit)
+      bad("sizes, stride, dilation or padding too large for 64-bit index arithmetic");
   }
   if (!p.x || !p.w || !p.y) bad("null tensor");
 }
@@ -355,17 +382,19 @@ void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& s
     yoff[mi] = (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
                (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
                (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
-    const int64_t* i0 = ph[0]->in_index.data() + j0 * shape.taps[0];
-    const int64_t* i1 = ph[1]->in_index.data() + j1 * shape.taps[1];
-    const int64_t* i2 = ph[2]->in_index.data() + j2 * shape.taps[2];
     int64_t* row = xoff + mi * T_;
-    for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
+    for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0) {
+      const int64_t i0 = ph[0]->index(j0, t0);
       for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1) {
-        const bool outer_inside = i0[t0] >= 0 && i1[t1] >= 0;
-        const int64_t outer = i0[t0] * p.x_stride[0] + i1[t1] * p.x_stride[1];
-        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
-          *row++ = outer_inside && i2[t2] >= 0 ? outer + i2[t2] * p.x_stride[2] : kOutside;
+        const int64_t i1 = ph[1]->index(j1, t1);
+        const bool outer_inside = i0 >= 0 && i1 >= 0;
+        const int64_t outer = i0 * p.x_stride[0] + i1 * p.x_stride[1];
+        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2) {
+          const int64_t i2 = ph[2]->index(j2, t2);
+          *row++ = outer_inside && i2 >= 0 ? outer + i2 * p.x_stride[2] : kOutside;
+        }
       }
+    }
     if (++j2 == shape.count[2]) {
       j2 = 0;
       if (++j1 == shape.count[1]) {
@@ -389,6 +418,7 @@ struct ConvPlan<T>::Impl {
   UkernelInfo<T> uk;
   const char* isa = "";
   bool direct = false;   // pixel-vector kernel (depthwise / small groups) instead of GEMM
+  bool outputs_uncovered = false;  // transposed: some outputs receive no product (stride > kernel span)
   int tile_m = 0;        // pixels per micro-tile (GEMM: MR; direct: PW)
   int tile_n = 0;        // output channels per micro-tile (GEMM: NR; direct: MRO)
   int direct_variant = 0;
@@ -411,9 +441,15 @@ struct ConvPlan<T>::Impl {
         axes[a] = transposed_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
                                   p.pad_before[a]);
     }
+    for (int a = 0; a < kSpatialRank; ++a) {
+      int64_t covered = 0;
+      for (const AxisPlan& plan : axes[a]) covered += plan.count;
+      outputs_uncovered = outputs_uncovered || covered < p.out_size[a];
+    }
     for (const AxisPlan& a0 : axes[0])
       for (const AxisPlan& a1 : axes[1])
-        for (const AxisPlan& a2 : axes[2]) phases.push_back({&a0, &a1, &a2});
+        for (const AxisPlan& a2 : axes[2])
+          if (a0.count > 0 && a1.count > 0 && a2.count > 0) phases.push_back({&a0, &a1, &a2});
     for (const Phase& ph : phases) max_taps = std::max(max_taps, PhaseShape(ph).num_taps);
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
     max_k = checked_mul(max_taps, cin);
@@ -570,9 +606,9 @@ struct ConvPlan<T>::Impl {
       const int64_t j0 = row / cnt1, j1 = row % cnt1;
       const int64_t taps = shape.num_taps;
       for (int64_t t0 = 0; t0 < T0; ++t0) {
-        const int64_t i0 = a0.in_index[j0 * T0 + t0];
+        const int64_t i0 = a0.index(j0, t0);
         for (int64_t t1 = 0; t1 < T1; ++t1) {
-          const int64_t i1 = a1.in_index[j1 * T1 + t1];
+          const int64_t i1 = a1.index(j1, t1);
           const bool outer_zero = i0 < 0 || i1 < 0;
           T* slab = nullptr;
           if (!outer_zero) {
@@ -677,8 +713,27 @@ struct ConvPlan<T>::Impl {
     }
   }
 
+  // The outputs no phase writes are the bias (or zero). Filled first; the phases then overwrite theirs.
+  void fill_with_bias(const ConvProblem<T>& p) const {
+    const int64_t planes = p.batch * p.groups * p.cout_per_group;
+    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), planes)));
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      const int64_t n = plane / (p.groups * p.cout_per_group), c = plane % (p.groups * p.cout_per_group);
+      const T b = p.bias ? p.bias[c * p.bias_stride] : T(0);
+      T* yc = p.y + n * p.y_stride_n + c * p.y_stride_c;
+      for (int64_t i0 = 0; i0 < p.out_size[0]; ++i0)
+        for (int64_t i1 = 0; i1 < p.out_size[1]; ++i1)
+          for (int64_t i2 = 0; i2 < p.out_size[2]; ++i2)
+            yc[i0 * p.y_stride[0] + i1 * p.y_stride[1] + i2 * p.y_stride[2]] = b;
+    }
+  }
+
   void execute(const ConvProblem<T>& p) const {
     const int64_t G = p.groups;
+    for (int a = 0; a < kSpatialRank; ++a)
+      if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
+    if (outputs_uncovered) fill_with_bias(p);
     std::vector<WorkItem> items;
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t g = 0; g < G; ++g)

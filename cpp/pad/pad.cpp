@@ -14,12 +14,20 @@
 namespace convfast {
 namespace {
 
+// Source coordinate of output coordinate i along one axis, or -1 for the constant. Computed on the
+// fly rather than tabulated: a table costs 8 bytes per output position, several times the output
+// itself for a long axis of small items.
+inline int64_t source_index(const PadRequest& r, int a, int64_t i, PadMode mode) {
+  const int64_t v = i - r.pad_before[a];
+  if (v >= 0 && v < r.shape[a]) return v;
+  return r.shape[a] == 0 ? -1 : map_padded_index(v, r.shape[a], mode);
+}
+
 template <typename E>
-void copy_row(const PadRequest& r, const char* src_row, char* dst_row, const std::vector<int64_t>& last_map,
+void copy_row(const PadRequest& r, const char* src_row, char* dst_row, int64_t n_out, PadMode mode,
               const char* row_fill) {
   const int last = r.ndim - 1;
   const int64_t stride = r.src_stride_bytes[last];
-  const int64_t n_out = static_cast<int64_t>(last_map.size());
   E* dst = reinterpret_cast<E*>(dst_row);
   E fill_row, fill_before, fill_after;
   if (r.constant) {
@@ -36,7 +44,7 @@ void copy_row(const PadRequest& r, const char* src_row, char* dst_row, const std
       i = hi - 1;
       continue;
     }
-    const int64_t src_i = last_map[i];
+    const int64_t src_i = source_index(r, last, i, mode);
     if (src_i >= 0) {
       if (row_fill) {
         dst[i] = fill_row;
@@ -62,24 +70,21 @@ void run_pad(const PadRequest& r) {
   if (nd < 1) throw std::invalid_argument("convfast.pad: ndim must be >= 1");
   std::vector<int64_t> out_shape(nd);
   for (int a = 0; a < nd; ++a) {
-    out_shape[a] = r.shape[a] + r.pad_before[a] + r.pad_after[a];
-    if (r.shape[a] < 0 || out_shape[a] < 0) throw std::invalid_argument("convfast.pad: negative size");
+    if (r.shape[a] < 0 || r.pad_before[a] < 0 || r.pad_after[a] < 0 ||
+        __builtin_add_overflow(r.shape[a], r.pad_before[a], &out_shape[a]) ||
+        __builtin_add_overflow(out_shape[a], r.pad_after[a], &out_shape[a]))
+      throw std::invalid_argument("convfast.pad: sizes must be non-negative and their sum fit in 64 bits");
     if (!r.constant && r.shape[a] == 0 && out_shape[a] > 0)
       throw std::invalid_argument("convfast.pad: can't extend an empty axis in a non-constant mode");
   }
   const PadMode mode = r.constant ? PadMode::Zeros : r.mode;
-  // Index map per axis: source coordinate or -1 (constant).
-  std::vector<std::vector<int64_t>> maps(nd);
-  for (int a = 0; a < nd; ++a) {
-    maps[a].resize(out_shape[a]);
-    for (int64_t i = 0; i < out_shape[a]; ++i)
-      maps[a][i] = r.shape[a] == 0 ? -1 : map_padded_index(i - r.pad_before[a], r.shape[a], mode);
-  }
+  for (int a = 0; a < nd; ++a)
+    if (out_shape[a] == 0) return;
+  // The caller allocated the output, so its element and byte counts fit in 64 bits.
   int64_t rows = 1;
   for (int a = 0; a < nd - 1; ++a) rows *= out_shape[a];
   const int64_t row_bytes = out_shape[nd - 1] * r.itemsize;
-  if (rows == 0 || row_bytes == 0) return;
-  const int nthreads = rows * row_bytes > (1 << 16) ? get_num_threads() : 1;
+  const int nthreads = rows > 1 && rows * row_bytes > (1 << 16) ? get_num_threads() : 1;
 
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t row = 0; row < rows; ++row) {
@@ -91,7 +96,7 @@ void run_pad(const PadRequest& r) {
     for (int a = nd - 2; a >= 0; --a) {
       const int64_t i = rem % out_shape[a];
       rem /= out_shape[a];
-      const int64_t s = maps[a][i];
+      const int64_t s = source_index(r, a, i, mode);
       if (s < 0) {
         if (!row_fill) row_fill = r.fill + (2 * a + (i < r.pad_before[a] ? 0 : 1)) * r.itemsize;
       } else {
@@ -100,11 +105,11 @@ void run_pad(const PadRequest& r) {
     }
     char* dst = r.dst + row * row_bytes;
     switch (r.itemsize) {
-      case 1: copy_row<uint8_t>(r, src, dst, maps[nd - 1], row_fill); break;
-      case 2: copy_row<uint16_t>(r, src, dst, maps[nd - 1], row_fill); break;
-      case 4: copy_row<uint32_t>(r, src, dst, maps[nd - 1], row_fill); break;
-      case 8: copy_row<uint64_t>(r, src, dst, maps[nd - 1], row_fill); break;
-      case 16: copy_row<Bytes16>(r, src, dst, maps[nd - 1], row_fill); break;
+      case 1: copy_row<uint8_t>(r, src, dst, out_shape[nd - 1], mode, row_fill); break;
+      case 2: copy_row<uint16_t>(r, src, dst, out_shape[nd - 1], mode, row_fill); break;
+      case 4: copy_row<uint32_t>(r, src, dst, out_shape[nd - 1], mode, row_fill); break;
+      case 8: copy_row<uint64_t>(r, src, dst, out_shape[nd - 1], mode, row_fill); break;
+      case 16: copy_row<Bytes16>(r, src, dst, out_shape[nd - 1], mode, row_fill); break;
       default: break;  // the binding only passes the sizes above
     }
   }

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _core
+from . import _core, reference
 from ._interop import output_wrapper, to_numpy
 from ._spec import (ConvSpec, PADDING_MODES, as_array, conv_spec, conv_transpose_spec, normalize_padding_mode,
                     NUMPY_PAD_MODE)
@@ -68,7 +68,7 @@ def _kernel_views(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, y: np.ndarr
     return x5, _with_unit_axes(w6, spec.rank, 3), y5
 
 
-_INT64_SAFE = 2 ** 62  # leaves headroom for the kernels' index arithmetic
+_INT64_SAFE = 2 ** 61  # the kernels' bound (validate() in gather_gemm.cpp): headroom for index arithmetic
 
 
 def _kernel_params(spec: ConvSpec):
@@ -78,9 +78,11 @@ def _kernel_params(spec: ConvSpec):
     steps = spec.in_spatial if spec.transposed else spec.out_spatial
     stride = tuple(1 if n == 1 else s for n, s in zip(steps, spec.stride))
     dilation = tuple(1 if k == 1 else d for k, d in zip(spec.kernel, spec.dilation))
-    for name, values in (("stride", stride), ("dilation", dilation), ("padding", spec.pad_before)):
-        if any(abs(v) > _INT64_SAFE for v in values):
-            raise ValueError(f"{spec.func}: {name} {values} is too large for 64-bit index arithmetic")
+    spans = tuple((o - 1) * s for o, s in zip(spec.out_spatial, stride)) + \
+        tuple((k - 1) * d for k, d in zip(spec.kernel, dilation)) + tuple(abs(p) for p in spec.pad_before)
+    if max(spans) > _INT64_SAFE:
+        raise ValueError(f"{spec.func}: stride {spec.stride}, dilation {spec.dilation} and padding {spec.pads} "
+                         f"reach input coordinates too large for 64-bit index arithmetic (limit 2**61)")
     return (1 if spec.transposed else 0, _padded3(stride, spec.rank, 1), _padded3(dilation, spec.rank, 1),
             _padded3(spec.pad_before, spec.rank, 0), PADDING_MODES[spec.padding_mode])
 
@@ -104,6 +106,12 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
     else:
         y = np.empty(spec.output_shape(), dtype=spec.dtype)
     if y.size == 0:
+        return y
+    if spec.transposed and not np.isfinite(weight).all():
+        # The engine multiplies the implicit zeros beyond the input's edges by the weights, which a
+        # NaN or infinite weight turns into NaN; the true transposed convolution (PyTorch's too)
+        # only forms products with real inputs. This rare case takes the scatter form in NumPy.
+        y[...] = reference.conv_transpose_reference(spec, x, weight, bias)
         return y
     x5, w6, y5 = _kernel_views(spec, x, weight, y)
     b = None if bias is None else _native(bias, spec.dtype)
@@ -250,7 +258,7 @@ def normalize_pad_width(func: str, pad_width, ndim: int):
             seq[operator.index(axis)] = (width, width) if np.ndim(width) == 0 else width
         pad_width = seq
     widths = np.asarray(pad_width)
-    if widths.dtype.kind not in "iu":
+    if widths.dtype.kind != "i":  # as np.pad: unsigned, bool, float and object widths are TypeErrors
         raise TypeError(f"{func}: pad_width must be of integral type, got {pad_width!r}")
     if widths.size and widths.min() < 0:
         raise ValueError(f"{func}: pad_width must be non-negative, got {pad_width!r}")
@@ -295,8 +303,6 @@ def pad(array, pad_width, mode="constant", constant_values=0, **kwargs):
         if n == 0 and (b or a) and key != "constant":
             raise ValueError(f"{func}: can't extend empty axis {axis} using mode {mode!r}")
     out = np.empty(tuple(n + b + a for n, (b, a) in zip(arr.shape, widths)), dtype=arr.dtype)
-    if out.size == 0:
-        return out
     if key == "constant":
         fill = np.empty((arr.ndim, 2), dtype=arr.dtype)
         # The same (axis, side) broadcasting and the same scalar assignment as np.pad, so that
@@ -314,8 +320,9 @@ def pad(array, pad_width, mode="constant", constant_values=0, **kwargs):
         for axis, (before_value, after_value) in enumerate(pairs):
             fill[axis, 0] = before_value
             fill[axis, 1] = after_value
-        _core.pad(arr, out, before, after, True, 0, fill.tobytes())
-    else:
+        if out.size:  # constant_values are validated above even when the result is empty, as np.pad does
+            _core.pad(arr, out, before, after, True, 0, fill.tobytes())
+    elif out.size:
         _core.pad(arr, out, before, after, False, PADDING_MODES[_PAD_MODES[key]], b"")
     return out
 
