@@ -662,8 +662,7 @@ struct ConvPlan<T>::Impl {
             T* yc = y_row + cg * p.y_stride_c;
             const T* o = out + r * pw;
             if (y_unit) {
-              T* yd = yc + a2.out_start + j2;
-              for (int64_t q = 0; q < npix; ++q) yd[q] = o[q] + b;
+              store_with_bias(o, b, npix, yc + a2.out_start + j2);
             } else {
               for (int64_t q = 0; q < npix; ++q) yc[(a2.out_start + (j2 + q) * a2.out_step) * p.y_stride[2]] = o[q] + b;
             }
@@ -673,7 +672,17 @@ struct ConvPlan<T>::Impl {
     }
   }
 
+  // y[q] = tile[q] + bias; restrict (the tile is thread scratch, never y) lets it vectorise.
+  static void store_with_bias(const T* __restrict tile, T bias, int64_t n, T* __restrict y) {
+    for (int64_t q = 0; q < n; ++q) y[q] = tile[q] + bias;
+  }
+
   static int64_t cache_entries(int64_t outer_taps0, int64_t outer_taps1) { return 2 * outer_taps0 * outer_taps1; }
+
+  template <int STRIDE>
+  static void strided_copy(const T* __restrict src, int64_t n, T* __restrict dst) {
+    for (int64_t u = 0; u < n; ++u) dst[u] = src[u * STRIDE];
+  }
 
   static void fill_row_buffer(const RowBufferPlan& rb, int64_t slot, const T* x_row, int64_t xs2, T* dst) {
     const int64_t* src = rb.src_index[slot].data();
@@ -682,10 +691,15 @@ struct ConvPlan<T>::Impl {
     if (end > begin) {
       const T* first = x_row + src[begin] * xs2;
       const int64_t stride = rb.in_step * xs2;
-      if (stride == 1)
-        std::memcpy(dst + begin, first, sizeof(T) * static_cast<size_t>(end - begin));
-      else
-        for (int64_t u = begin; u < end; ++u) dst[u] = first[(u - begin) * stride];
+      const int64_t n = end - begin;
+      switch (stride) {  // compile-time strides for the common cases, so that the copy vectorises
+        case 1: std::memcpy(dst + begin, first, sizeof(T) * static_cast<size_t>(n)); break;
+        case 2: strided_copy<2>(first, n, dst + begin); break;
+        case 3: strided_copy<3>(first, n, dst + begin); break;
+        case 4: strided_copy<4>(first, n, dst + begin); break;
+        default:
+          for (int64_t u = 0; u < n; ++u) dst[begin + u] = first[u * stride];
+      }
     }
     for (int64_t u = end; u < rb.length; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
   }

@@ -15,6 +15,9 @@ from .arithmetic import (ReceptiveField, conv_output_shape, conv_transpose_outpu
 from .functional import (conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d,  # noqa: F401
                          conv_transpose3d, pad)
 from .layers import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d  # noqa: F401
+from .backward import (ConvGrads, conv1d_backward, conv2d_backward, conv3d_backward,  # noqa: F401
+                       conv_transpose1d_backward, conv_transpose2d_backward, conv_transpose3d_backward,
+                       pad_adjoint)
 
 __version__ = _version()
 _select_isa_from_environment()
@@ -25,4 +28,6 @@ __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "set_num_threads", "get_num_threads", "show_config", "config", "set_isa", "get_isa", "supported_isas",
     "reference", "__version__",
+    "conv1d_backward", "conv2d_backward", "conv3d_backward", "conv_transpose1d_backward",
+    "conv_transpose2d_backward", "conv_transpose3d_backward", "ConvGrads", "pad_adjoint",
 ]

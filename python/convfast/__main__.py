@@ -14,7 +14,8 @@ def main(argv=None) -> int:
     bench_parser = sub.add_parser(
         "bench", help="time the layer suite against PyTorch (and NumPy)",
         description="Check every case of the layer suite against PyTorch, then time convfast and PyTorch "
-                    "interleaved at the same thread count; print ms, GFLOP/s, %% of the FMA peak and the speedup.")
+                    "interleaved at the same thread count; print ms, GFLOP/s, %% of the FMA peak and the speedup. "
+                    "--pass backward times the gradients (grad_input + grad_weight) instead.")
     bench.add_arguments(bench_parser)
     args = parser.parse_args(argv)
     if args.command == "info":

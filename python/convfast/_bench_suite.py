@@ -173,12 +173,16 @@ def get_suite(name: str = "small") -> List[Case]:
     return [CASES[n] for n in names]
 
 
-def flops(case: Case) -> int:
+PASSES = ("forward", "backward")
+
+
+def flops(case: Case, pass_: str = "forward") -> int:
     """2 x multiply-accumulates. A transposed convolution counts the MACs of the convolution it is the
-    adjoint of: 2 N C_in C_out/groups prod(kernel) prod(input spatial)."""
+    adjoint of: 2 N C_in C_out/groups prod(kernel) prod(input spatial). The backward pass (grad_input
+    and grad_weight) is two such products."""
     per_position = case.in_channels * (case.out_channels // case.groups) * math.prod(case.kernel)
     positions = math.prod(case.spatial if case.transposed else case.output_spatial())
-    return 2 * case.batch * per_position * positions
+    return 2 * case.batch * per_position * positions * (2 if pass_ == "backward" else 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +266,42 @@ def run_reference(case: Case, inputs: Inputs) -> np.ndarray:
     return fn(inputs.x, inputs.weight, inputs.bias, data_format=inputs.layout, **_kwargs(case))
 
 
+# The backward pass timed: grad_input and grad_weight (PyTorch's output_mask), not grad_bias.
+BACKWARD_MASK = (True, True, False)
+
+
+def make_grad_output(case: Case, dtype="float32", layout: str = "channels_first", seed: int = 1) -> np.ndarray:
+    """A random output gradient of the case's output shape, in the layout."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1.0, 1.0, case.output_shape(layout)).astype(np.dtype(dtype))
+
+
+def run_convfast_backward(case: Case, inputs: Inputs, grad_output: np.ndarray):
+    """(grad_input, grad_weight) through convfast.{op}{rank}d_backward; grad_input in the inputs' layout."""
+    fn = getattr(convfast, f"{case.op}{case.rank}d_backward")
+    gx, gw, _ = fn(grad_output, inputs.x, inputs.weight, None, data_format=inputs.layout, needs=BACKWARD_MASK,
+                   **_kwargs(case))
+    return gx, gw
+
+
+def run_torch_backward(case: Case, inputs: Inputs, grad_output: np.ndarray):
+    """(grad_input, grad_weight) through torch.ops.aten.convolution_backward (what autograd calls for a
+    convolution), with the same output_mask; NumPy views in the inputs' layout."""
+    import torch
+    x, w, _ = inputs.torch_operands()
+    gy = torch.from_numpy(grad_output)
+    if inputs.layout == "channels_last":
+        gy = gy.movedim(-1, 1)
+    output_padding = list(case.output_padding) if case.transposed else [0] * case.rank
+    with torch.inference_mode():
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            gy, x, w, None, list(case.stride), list(case.padding), list(case.dilation), case.transposed,
+            output_padding, case.groups, list(BACKWARD_MASK))
+    if inputs.layout == "channels_last":
+        gx = gx.movedim(1, -1)
+    return gx.numpy(), gw.numpy()
+
+
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -331,27 +371,35 @@ def measure_interleaved(fns: Dict[str, Callable[[], object]], budget_s: float = 
             for name, s in samples.items()}
 
 
-def gflops(case: Case, ms: float) -> float:
-    return flops(case) / (ms * 1e6)
+def gflops(case: Case, ms: float, pass_: str = "forward") -> float:
+    return flops(case, pass_) / (ms * 1e6)
 
 
 def compare_case(case: Case, dtype="float32", layout: str = "channels_first", threads: Optional[int] = None,
                  against: Sequence[str] = ("torch",), budget_s: float = 2.0, seed: int = 0,
-                 reference_max_flops: float = 2e8) -> dict:
+                 reference_max_flops: float = 2e8, pass_: str = "forward") -> dict:
     """Checks convfast against each comparator, then times them interleaved.
 
     ``against`` may hold "torch" and "numpy" (convfast.reference, only for cases of at most
     ``reference_max_flops``). convfast's result is checked against PyTorch (or, without PyTorch,
     against the NumPy reference when the case is small enough) before anything is timed; a case that
     fails the check is not timed. Returns a dict of plain values (JSON-serialisable).
+
+    ``pass_="backward"`` times grad_input + grad_weight instead (convfast.*_backward against
+    torch.ops.aten.convolution_backward with output_mask (True, True, False)); both gradients are
+    checked against PyTorch first (the NumPy reference has no backward: "numpy" is ignored).
     """
+    if pass_ not in PASSES:
+        raise ValueError(f"pass_ must be one of {PASSES}, got {pass_!r}")
     dtype = np.dtype(dtype)
     if threads is not None:
         set_threads(threads)
     inputs = make_inputs(case, dtype, layout, seed)
     result = {"case": case.name, "description": case.describe(), "family": case.family, "dtype": dtype.name,
-              "layout": layout, "threads": convfast.get_num_threads(), "flops": flops(case), "checked_against": None,
-              "ok": None, "error": None}
+              "layout": layout, "threads": convfast.get_num_threads(), "flops": flops(case, pass_),
+              "pass": pass_, "checked_against": None, "ok": None, "error": None}
+    if pass_ == "backward":
+        return _compare_backward(case, inputs, result, against, budget_s)
     y = run_convfast(case, inputs)
     try:  # which engine path ran (private, informative only)
         result["algorithm"] = convfast._core.last_algorithm()
@@ -385,6 +433,30 @@ def compare_case(case: Case, dtype="float32", layout: str = "channels_first", th
     return result
 
 
+def _compare_backward(case: Case, inputs: Inputs, result: dict, against: Sequence[str], budget_s: float) -> dict:
+    gy = make_grad_output(case, inputs.dtype, inputs.layout)
+    gx, gw = run_convfast_backward(case, inputs, gy)
+    fns: Dict[str, Callable[[], object]] = {"convfast": lambda: run_convfast_backward(case, inputs, gy)}
+    if "torch" in against:
+        tgx, tgw = run_torch_backward(case, inputs, gy)
+        ok_x, err_x = check_close(gx, tgx, inputs.dtype)
+        ok_w, err_w = check_close(gw, tgw, inputs.dtype)
+        result.update(checked_against="torch", ok=ok_x and ok_w, error=max(err_x, err_w),
+                      error_grad_input=err_x, error_grad_weight=err_w)
+        fns["torch"] = lambda: run_torch_backward(case, inputs, gy)
+    if result["ok"] is False:
+        return result
+    timings = measure_interleaved(fns, budget_s=budget_s)
+    for name, t in timings.items():
+        result[f"{name}_ms"] = t["median_ms"]
+        result[f"{name}_min_ms"] = t["min_ms"]
+        result[f"{name}_gflops"] = gflops(case, t["median_ms"], "backward")
+        result["rounds"] = t["rounds"]
+    if "torch_ms" in result:
+        result["speedup_vs_torch"] = result["torch_ms"] / result["convfast_ms"]
+    return result
+
+
 def geometric_mean(values: Sequence[float]) -> float:
     values = [v for v in values if v and v > 0 and math.isfinite(v)]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
@@ -392,4 +464,5 @@ def geometric_mean(values: Sequence[float]) -> float:
 
 __all__ = ["Case", "CASES", "SUITES", "LAYOUTS", "DTYPES", "Inputs", "get_suite", "flops", "gflops", "make_inputs",
            "run_convfast", "run_torch", "run_reference", "torch_available", "check_close", "set_threads",
-           "measure_interleaved", "compare_case", "geometric_mean", "TOLERANCE"]
+           "measure_interleaved", "compare_case", "geometric_mean", "TOLERANCE", "PASSES", "BACKWARD_MASK",
+           "make_grad_output", "run_convfast_backward", "run_torch_backward"]

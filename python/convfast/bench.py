@@ -146,12 +146,19 @@ def _progress(text: str) -> None:
 
 def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), threads: Optional[int] = None,
               compare: Sequence[str] = ("torch",), layout: str = "channels_first", budget_s: float = 2.0,
-              peak: Optional[float] = None, progress=_progress) -> dict:
-    """Runs the suite and returns a JSON-serialisable report (see ``format_table``)."""
+              peak: Optional[float] = None, progress=_progress, pass_: str = "forward") -> dict:
+    """Runs the suite and returns a JSON-serialisable report (see ``format_table``). ``pass_`` is
+    "forward" (the convolution) or "backward" (grad_input + grad_weight, against PyTorch's
+    convolution_backward with the same output_mask)."""
+    if pass_ not in suite.PASSES:
+        raise ValueError(f"pass_ must be one of {suite.PASSES}, got {pass_!r}")
     cases = suite.get_suite(suite_name)
     threads = threads or default_threads()
     compare = [c for c in compare if c]
     notes = []
+    if pass_ == "backward" and "numpy" in compare:
+        compare = [c for c in compare if c != "numpy"]
+        notes.append("the NumPy reference has no backward pass: --compare numpy ignored for --pass backward")
     if "torch" in compare and not suite.torch_available():
         compare = [c for c in compare if c != "torch"]
         notes.append("PyTorch is not importable: no comparison with it (pip install torch)")
@@ -163,7 +170,7 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
     previous = convfast.get_num_threads()
     previous_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     suite.set_threads(threads)
-    report = {"suite": suite_name, "layout": layout, "threads": threads, "compare": list(compare),
+    report = {"suite": suite_name, "pass": pass_, "layout": layout, "threads": threads, "compare": list(compare),
               "machine": machine_info(), "peak_source": "assumed" if peak is None else "given",
               "peak_gflops": {dt: assumed_peak(dt, threads, override=peak) for dt in dtypes},
               "notes": notes, "results": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -181,7 +188,7 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
                 done = (i - 1) * 20 // len(jobs)
                 progress(f"[{'#' * done}{'.' * (20 - done)}] {i:>2}/{len(jobs)} {case.name} {dt} ...")
             meter.start()
-            r = suite.compare_case(case, dt, layout, threads=None, against=compare, budget_s=budget_s)
+            r = suite.compare_case(case, dt, layout, threads=None, against=compare, budget_s=budget_s, pass_=pass_)
             r["others_cpu_share"] = meter.stop()
             r["peak_gflops"] = report["peak_gflops"][dt]
             if "convfast_gflops" in r:
@@ -283,6 +290,9 @@ def format_table(report: dict) -> str:
     m = report["machine"]
     peaks = ", ".join(f"{dt} {p:.0f}" for dt, p in report["peak_gflops"].items())
     with_torch = "torch" in report["compare"]
+    if report.get("pass", "forward") == "backward":
+        out.append(f"pass: backward = grad_input + grad_weight (output_mask {list(suite.BACKWARD_MASK)}); "
+                   f"torch = torch.ops.aten.convolution_backward; GFLOP/s counts 2x the forward's FLOPs")
     out.append(f"machine: {m['cpu']} ({m['cores']} logical cores), ISA {m['isa']}, {report['threads']} threads"
                + (" for convfast and torch alike" if with_torch else "") + f", layout {report['layout']}, "
                f"convfast {m['version']}" + (f", torch {m['torch']}" if with_torch else ""))
@@ -359,6 +369,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of timed rounds per case and dtype, all libraries together (default 2)")
     parser.add_argument("--peak", type=float, default=None,
                         help="float32 FMA peak in GFLOP/s at this thread count (default: assumed per ISA)")
+    parser.add_argument("--pass", dest="pass_", default="forward", choices=list(suite.PASSES),
+                        help="forward (default) or backward: grad_input + grad_weight against PyTorch's "
+                             "convolution_backward with the same output_mask")
     parser.add_argument("--list", action="store_true", help="list the cases and suites, then exit")
 
 
@@ -386,7 +399,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"convfast bench: --compare takes torch, numpy or none, got {', '.join(bad)}", file=sys.stderr)
             return 2
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
-    report = run_bench(args.suite, dtypes, args.threads, compare, args.layout, args.budget, args.peak)
+    report = run_bench(args.suite, dtypes, args.threads, compare, args.layout, args.budget, args.peak,
+                       pass_=getattr(args, "pass_", "forward"))
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
