@@ -149,3 +149,17 @@ def test_core_rejects_overflowing_index_arithmetic(stride, dilation, pad):
     for kind in (0, 1):
         with pytest.raises(ValueError, match="64-bit"):
             _core.conv(x, w, None, y, kind, stride, dilation, pad, 0)
+
+
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+def test_core_huge_stride_on_a_single_output(algo, monkeypatch):
+    # One output along the axis: the stride never steps, but the direct path's row buffers extend
+    # to a whole tile and must not compute coordinates with it (UBSan finding of the fuzz harness).
+    from convfast import _core
+    if algo != "auto":
+        monkeypatch.setenv("CONVFAST_ALGO", algo)
+    x = np.arange(4.0).reshape(1, 1, 1, 1, 4)
+    w = np.ones((1, 1, 1, 1, 1, 3))
+    y = np.empty((1, 1, 1, 1, 1))
+    _core.Plan(x, w, y, 0, (1, 1, 2 ** 62), (1, 1, 1), (0, 0, 0), 4).execute(x, w, None, y)
+    assert y.ravel().tolist() == [3.0]

@@ -175,7 +175,12 @@ struct RowBufferPlan {
     for (int64_t& q : shift) q -= shift_min;
     in_step = a.in_step;
     length = ceil_div(a.count, tile) * tile + (shift_max - shift_min);
-    usable = length <= max_length;
+    // The buffers extend past the last output to whole tiles; their coordinates
+    // (u + shift_min) * in_step must stay far from overflow even for an enormous (irrelevant) step.
+    int64_t extent;
+    usable = length <= max_length &&
+             !__builtin_mul_overflow(std::max(std::abs(shift_min), std::abs(shift_min + length)), a.in_step, &extent) &&
+             extent <= (int64_t(1) << 61);
     if (!usable) return;
     for (const int64_t r : residue) {
       std::vector<int64_t> src(static_cast<size_t>(length));
