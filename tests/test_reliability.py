@@ -163,3 +163,40 @@ def test_core_huge_stride_on_a_single_output(algo, monkeypatch):
     y = np.empty((1, 1, 1, 1, 1))
     _core.Plan(x, w, y, 0, (1, 1, 2 ** 62), (1, 1, 1), (0, 0, 0), 4).execute(x, w, None, y)
     assert y.ravel().tolist() == [3.0]
+
+
+@pytest.mark.parametrize("direct_mode", ["rows", "planes"])
+@pytest.mark.parametrize("seed", range(12))
+def test_direct_row_and_plane_modes_agree_with_reference(direct_mode, seed, monkeypatch):
+    # The direct path buffers either single rows or 2-D slabs of rows (short rows); both layouts
+    # must give the reference's result for every stride / dilation / padding mode / transposition.
+    monkeypatch.setenv("CONVFAST_ALGO", "direct")
+    if direct_mode == "rows":
+        monkeypatch.setenv("CONVFAST_DIRECT", "rows")
+    rng = np.random.default_rng(seed)
+    rank = int(rng.integers(1, 4))
+    groups = int(rng.choice([1, 2]))
+    cin, cout = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 4))
+    spatial = tuple(int(v) for v in rng.integers(5, 12, rank))
+    kernel = tuple(int(v) for v in rng.integers(1, 4, rank))
+    stride = tuple(int(v) for v in rng.integers(1, 4, rank))
+    dilation = tuple(int(v) for v in rng.integers(1, 3, rank))
+    dtype = rng.choice([np.float32, np.float64])
+    x = rng.standard_normal((2, cin) + spatial).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    if seed % 2:
+        w = rng.standard_normal((cin, cout // groups) + kernel).astype(dtype)
+        kwargs = dict(stride=stride, padding=1 if min(kernel) > 1 else 0, dilation=dilation, groups=groups)
+        got = getattr(convfast, f"conv_transpose{rank}d")(x, w, b, **kwargs)
+        want = getattr(convfast.reference, f"conv_transpose{rank}d")(x, w, b, **kwargs)
+    else:
+        w = rng.standard_normal((cout, cin // groups) + kernel).astype(dtype)
+        mode = str(rng.choice(["zeros", "reflect", "replicate", "circular", "symmetric"]))
+        kwargs = dict(stride=stride, padding="same", dilation=dilation, groups=groups, padding_mode=mode)
+        try:
+            want = getattr(convfast.reference, f"conv{rank}d")(x, w, b, **kwargs)
+        except ValueError:  # reflect padding wider than the input
+            return
+        got = getattr(convfast, f"conv{rank}d")(x, w, b, **kwargs)
+    assert ("direct_planes" if direct_mode == "planes" else "direct_rows") in convfast._core.last_algorithm()
+    assert_close(got, want, dtype, reduction_size=cin * int(np.prod(kernel)))

@@ -432,6 +432,13 @@ struct ConvPlan<T>::Impl {
   std::vector<int64_t> wpack_offset;
   std::unique_ptr<AlignedBuffer<T>> wpack;
   std::vector<RowBufferPlan> row_plans;  // direct path: one per axis-2 plan
+  // Direct path, plane mode (short rows): the last two axes are buffered together as 2-D slabs of
+  // pitch col_plans[..].length, and pixel tiles run across output rows (the pitch's extra columns
+  // are computed and dropped), so the per-row costs of short rows are paid once per block of rows.
+  bool plane_mode = false;
+  std::vector<RowBufferPlan> col_plans;   // per axis-2 plan, untiled: the pitch
+  std::vector<RowBufferPlan> line_plans;  // per axis-1 plan: slots and shifts of the rows
+  int64_t plane_rows = 0;                 // output rows (axis 1) per plane-mode work item
   std::unique_ptr<AlignedBuffer<T>> zero_row;
   int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
   int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
@@ -547,10 +554,49 @@ struct ConvPlan<T>::Impl {
       return;
     }
     direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
+    choose_plane_mode(p);
     int64_t longest = 0;
     for (const RowBufferPlan& rb : row_plans) longest = std::max(longest, rb.length);
     zero_row.reset(new AlignedBuffer<T>(longest + pw));
     std::fill(zero_row->get(), zero_row->get() + longest + pw, T(0));
+  }
+
+  // Plane mode pays off for short output rows (under 8 tiles), when a useful block of rows of every
+  // (axis-0 tap, input channel, slot) fits a per-thread budget near the L2 size.
+  void choose_plane_mode(const ConvProblem<T>& p) {
+    constexpr int64_t kShortRow = 128, kBudgetBytes = 128 * 1024, kMinRows = 4;
+    if (const char* forced = std::getenv("CONVFAST_DIRECT")) {
+      if (std::string(forced) == "rows") return;
+    }
+    const int64_t cin = p.cin_per_group;
+    for (const AxisPlan& a2 : axes[2]) {
+      col_plans.emplace_back(a2, 1, int64_t(1) << 22);
+      if (!col_plans.back().usable || a2.count >= kShortRow) return col_plans.clear();
+    }
+    for (const AxisPlan& a1 : axes[1]) {
+      line_plans.emplace_back(a1, 1, int64_t(1) << 22);
+      if (!line_plans.back().usable) return col_plans.clear(), line_plans.clear();
+    }
+    int64_t rows = INT64_MAX, size = 0;
+    for (const Phase& ph : phases) {
+      const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
+      const int64_t span1 = lp.length - ph[1]->count;
+      const int64_t per_row = cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
+                              cp.length;
+      const int64_t fit = kBudgetBytes / (int64_t)sizeof(T) / std::max<int64_t>(per_row, 1) - span1;
+      rows = std::min(rows, std::min(fit, ph[1]->count));
+      if (fit < std::min(kMinRows, ph[1]->count)) return col_plans.clear(), line_plans.clear();
+    }
+    plane_rows = std::max<int64_t>(rows, 1);
+    for (const Phase& ph : phases) {
+      const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
+      const int64_t span1 = lp.length - ph[1]->count;
+      size = std::max(size, cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
+                                (plane_rows + span1) * cp.length + uk.pw);
+    }
+    plane_mode = true;
+    row_buffer_size = size;
+    max_cache_entries = 0;
   }
 
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
@@ -682,6 +728,103 @@ struct ConvPlan<T>::Impl {
     for (int64_t q = 0; q < n; ++q) y[q] = tile[q] + bias;
   }
 
+  // Plane mode: item rows are (output plane j0, block of plane_rows output rows along axis 1). The
+  // slabs hold, per (axis-0 tap, input channel, axis-1 slot, axis-2 slot), the rows the block reads,
+  // each a full pitch P wide; output (j1, j2) of the block is flat pixel q = (j1 - first) * P + j2
+  // and reads slab + shift1[t1] * P + shift2[t2] at offset q for tap (t1, t2).
+  void direct_planes(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
+    const Phase& ph = phases[it.phase];
+    const PhaseShape shape(ph);
+    const AxisPlan &a0 = *ph[0], &a1 = *ph[1], &a2 = *ph[2];
+    const RowBufferPlan& cp = col_plans[ph[2] - axes[2].data()];
+    const RowBufferPlan& lp = line_plans[ph[1] - axes[1].data()];
+    const int64_t T0 = shape.taps[0], T1 = shape.taps[1], T2 = shape.taps[2], taps = shape.num_taps;
+    const int64_t cin = p.cin_per_group, cout = p.cout_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
+    const int64_t K = taps * cin, cnt1 = shape.count[1], cnt2 = shape.count[2];
+    const int64_t P = cp.length, S1 = (int64_t)lp.residue.size(), S2 = (int64_t)cp.residue.size();
+    const int64_t span1 = lp.length - cnt1, blocks1 = ceil_div(cnt1, plane_rows);
+    const int pw = tile_m, mro = tile_n;
+    const bool y_unit = p.y_stride[2] == 1 && a2.out_step == 1;
+    const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
+    const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * cs;
+    const T** rows = s.src_rows.data();
+    T* panel = s.a_panel.get();
+    const T* const* panel_rows = s.panel_rows.data();
+    T* slabs = s.row_buffers.get();
+    T* out = s.out_tile.get();
+    const DirectUkernel<T> fn = uk.direct[direct_variant];
+    for (int64_t m = it.m0; m < it.m1; ++m) {
+      const int64_t j0 = m / blocks1, first = (m % blocks1) * plane_rows;
+      const int64_t rows_out = std::min(plane_rows, cnt1 - first), rows_in = rows_out + span1;
+      const int64_t slab_size = rows_in * P;
+      auto slab = [&](int64_t t0, int64_t ci, int64_t s1, int64_t s2) {
+        return slabs + (((t0 * cin + ci) * S1 + s1) * S2 + s2) * slab_size;
+      };
+      // Fill the slabs; the pw entries after the last slab are read only by dropped lanes.
+      std::fill(slabs + T0 * cin * S1 * S2 * slab_size, slabs + T0 * cin * S1 * S2 * slab_size + pw, T(0));
+      for (int64_t t0 = 0; t0 < T0; ++t0) {
+        const int64_t i0 = a0.index(j0, t0);
+        for (int64_t ci = 0; ci < cin; ++ci)
+          for (int64_t s1 = 0; s1 < S1; ++s1)
+            for (int64_t u = 0; u < rows_in; ++u) {
+              const int64_t i1 = lp.src_index[s1][first + u];
+              const T* x_row = xg + ci * cs + i0 * p.x_stride[0] + i1 * p.x_stride[1];
+              for (int64_t s2 = 0; s2 < S2; ++s2) {
+                T* dst = slab(t0, ci, s1, s2) + u * P;
+                if (i0 < 0 || i1 < 0)
+                  std::fill(dst, dst + P, T(0));
+                else
+                  fill_row_buffer(cp, s2, x_row, xs2, dst);
+              }
+            }
+        // k = ci * taps + t, t = (t0 * T1 + t1) * T2 + t2: the weight panels' order.
+        for (int64_t ci = 0; ci < cin; ++ci)
+          for (int64_t t1 = 0; t1 < T1; ++t1)
+            for (int64_t t2 = 0; t2 < T2; ++t2)
+              rows[ci * taps + (t0 * T1 + t1) * T2 + t2] =
+                  slab(t0, ci, lp.slot[t1], cp.slot[t2]) + lp.shift[t1] * P + cp.shift[t2];
+      }
+      T* y_plane = p.y + it.n * p.y_stride_n + (a0.out_start + j0 * a0.out_step) * p.y_stride[0];
+      const int64_t total = rows_out * P;
+      for (int64_t q0 = 0; q0 < total; q0 += pw) {
+        const int64_t npix = std::min<int64_t>(pw, total - q0);
+        const T* const* src = rows;
+        int64_t src_offset = q0;
+        if (n_tiles > 1) {
+          for (int64_t kk = 0; kk < K; ++kk) std::memcpy(panel + kk * pw, rows[kk] + q0, sizeof(T) * pw);
+          src = panel_rows;
+          src_offset = 0;
+        }
+        for (int64_t nt = 0; nt < n_tiles; ++nt) {
+          if (K > 0)
+            fn(K, src, src_offset, wp + nt * K * mro, out);
+          else
+            std::memset(out, 0, sizeof(T) * static_cast<size_t>(mro * pw));
+          for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
+            const int64_t cg = it.g * cout + nt * mro + r;
+            const T b = p.bias ? p.bias[cg * p.bias_stride] : T(0);
+            T* yc = y_plane + cg * p.y_stride_c;
+            const T* o = out + r * pw;
+            // The tile's lanes, split at the pitch: each piece is part of one output row.
+            for (int64_t lane = 0; lane < npix;) {
+              const int64_t q = q0 + lane, j1 = q / P, j2 = q % P, run = std::min(npix - lane, P - j2);
+              if (j2 < cnt2) {
+                const int64_t valid = std::min(run, cnt2 - j2);
+                T* y_row = yc + (a1.out_start + (first + j1) * a1.out_step) * p.y_stride[1];
+                if (y_unit)
+                  store_with_bias(o + lane, b, valid, y_row + a2.out_start + j2);
+                else
+                  for (int64_t v = 0; v < valid; ++v)
+                    y_row[(a2.out_start + (j2 + v) * a2.out_step) * p.y_stride[2]] = o[lane + v] + b;
+              }
+              lane += run;
+            }
+          }
+        }
+      }
+    }
+  }
+
   static int64_t cache_entries(int64_t outer_taps0, int64_t outer_taps1) { return 2 * outer_taps0 * outer_taps1; }
 
   template <int STRIDE>
@@ -710,6 +853,7 @@ struct ConvPlan<T>::Impl {
   }
 
   void run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
+    if (plane_mode) return direct_planes(p, it, s);
     if (direct) return direct_rows(p, it, s);
     const Phase& ph = phases[it.phase];
     const PhaseShape shape(ph);
@@ -758,9 +902,12 @@ struct ConvPlan<T>::Impl {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t ph = 0; ph < (int64_t)phases.size(); ++ph) {
           const PhaseShape shape(phases[ph]);
-          // GEMM items are blocks of pixels; direct items are blocks of output rows.
-          const int64_t M = direct ? shape.count[0] * shape.count[1] : shape.num_pixels;
-          const int64_t step = direct ? std::max<int64_t>(1, 256 / shape.count[2]) : mc_max;
+          // GEMM items are blocks of pixels; direct items are blocks of output rows; plane-mode
+          // items are blocks of plane_rows rows of one output plane.
+          const int64_t M = plane_mode ? shape.count[0] * ceil_div(shape.count[1], plane_rows)
+                            : direct   ? shape.count[0] * shape.count[1]
+                                       : shape.num_pixels;
+          const int64_t step = plane_mode ? 1 : direct ? std::max<int64_t>(1, 256 / shape.count[2]) : mc_max;
           for (int64_t m0 = 0; m0 < M; m0 += step)
             for (int64_t nt0 = 0; nt0 < n_tiles; nt0 += nt_per_block)
               items.push_back({n, g, ph, m0, std::min(M, m0 + step), nt0, std::min(n_tiles, nt0 + nt_per_block)});
@@ -780,7 +927,7 @@ struct ConvPlan<T>::Impl {
   }
 
   std::string describe() const {
-    return std::string(direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
+    return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size());
   }
 };
