@@ -200,3 +200,30 @@ def test_direct_row_and_plane_modes_agree_with_reference(direct_mode, seed, monk
         got = getattr(convfast, f"conv{rank}d")(x, w, b, **kwargs)
     assert ("direct_planes" if direct_mode == "planes" else "direct_rows") in convfast._core.last_algorithm()
     assert_close(got, want, dtype, reduction_size=cin * int(np.prod(kernel)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", range(8))
+def test_algorithms_and_blockings_give_identical_bits(dtype, seed, monkeypatch):
+    # Every output is one multiply-add chain over k = (input channel, tap) in the same order in the
+    # GEMM (whatever its K blocking) and in both direct modes, so the result does not depend on
+    # which algorithm the shape selects -- chunked callers (convfast.dask) rely on it.
+    rng = np.random.default_rng(100 + seed)
+    groups = int(rng.choice([1, 2, 4]))
+    cin = groups * int(rng.integers(1, 90 if groups == 1 else 20))  # K beyond one GEMM K block
+    cout = groups * int(rng.integers(1, 4))
+    x = rng.standard_normal((2, cin, 9, 11)).astype(dtype)
+    w = rng.standard_normal((cout, cin // groups, 3, 3)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    kwargs = dict(stride=int(rng.integers(1, 3)), padding=1, groups=groups)
+    results = {}
+    for algo, mode in (("gemm", None), ("direct", "rows"), ("direct", "planes")):
+        monkeypatch.setenv("CONVFAST_ALGO", algo)
+        if mode == "rows":
+            monkeypatch.setenv("CONVFAST_DIRECT", "rows")
+        else:
+            monkeypatch.delenv("CONVFAST_DIRECT", raising=False)
+        results[(algo, mode)] = convfast.conv2d(x, w, b, **kwargs)
+    first = results[("gemm", None)]
+    for key, y in results.items():
+        np.testing.assert_array_equal(y, first, err_msg=str(key))

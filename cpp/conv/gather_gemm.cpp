@@ -468,7 +468,7 @@ struct ConvPlan<T>::Impl {
 
     choose_algorithm(p);
     if (direct) {
-      tile_m = uk.pw;
+      tile_m = uk.pw[direct_variant];
       tile_n = kDirectChannelTiles[direct_variant];
       kc_max = std::max<int64_t>(max_k, 1);
       mc_max = tile_m;
@@ -520,7 +520,8 @@ struct ConvPlan<T>::Impl {
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
     const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
     const bool unit_stride = p.kind == ConvKind::Forward && p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
-    const int pw = uk.pw;
+    direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
+    const int pw = uk.pw[direct_variant];
     bool possible = uk.direct[0] != nullptr && max_k <= 16384;
     double fill = 1.0;
     for (const AxisPlan& a2 : axes[2]) {
@@ -553,7 +554,6 @@ struct ConvPlan<T>::Impl {
       row_buffer_size = 0;
       return;
     }
-    direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
     choose_plane_mode(p);
     int64_t longest = 0;
     for (const RowBufferPlan& rb : row_plans) longest = std::max(longest, rb.length);
@@ -592,7 +592,7 @@ struct ConvPlan<T>::Impl {
       const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
       const int64_t span1 = lp.length - ph[1]->count;
       size = std::max(size, cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
-                                (plane_rows + span1) * cp.length + uk.pw);
+                                (plane_rows + span1) * cp.length + uk.pw[direct_variant]);
     }
     plane_mode = true;
     row_buffer_size = size;

@@ -17,9 +17,13 @@ void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
   constexpr int NR = NV * L;
+  // Accumulating starts from C, so that a sum split into K blocks is the same single chain
+  // (bit for bit) as an unsplit one -- and as the direct kernel's, whatever algorithm or blocking
+  // a problem gets (chunked computations, e.g. convfast.dask, rely on it).
   vec acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = accumulate ? *reinterpret_cast<const vec_u*>(c + r * ldc + v * L) : vec{};
   for (int64_t k = 0; k < kc; ++k) {
     vec bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vec_u*>(b + k * NR + v * L);
@@ -28,67 +32,47 @@ void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
       for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      vec_u* dst = reinterpret_cast<vec_u*>(c + r * ldc + v * L);
-      if (accumulate)
-        *dst = *dst + acc[r][v];
-      else
-        *dst = acc[r][v];
-    }
-  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(c + r * ldc + v * L) = acc[r][v];
 }
 
 // The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][offset + PW), PW = NV * L.
-// With one output channel the k loop is split over two accumulator banks so that the FMA latency
-// is hidden even with only NV independent chains.
+// Each output is one chain over k in order, exactly as in the GEMM kernel, so both algorithms give
+// identical bits; the variants with few output channels take more pixel vectors (NV) instead of
+// split accumulator banks to keep enough independent chains in flight.
 template <typename T, int MRO, int VECTOR_BYTES, int NV>
 void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, const T* __restrict w,
                     T* __restrict out) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
-  constexpr int BANKS = MRO == 1 ? 2 : 1;
-  vec acc[BANKS][MRO][NV];
-  for (int b = 0; b < BANKS; ++b)
-    for (int r = 0; r < MRO; ++r)
-      for (int v = 0; v < NV; ++v) acc[b][r][v] = vec{};
-  int64_t k = 0;
-  for (; k + BANKS <= kc; k += BANKS) {
-    for (int b = 0; b < BANKS; ++b) {
-      vec xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k + b] + offset + v * L);
-      for (int r = 0; r < MRO; ++r) {
-        const T wr = w[(k + b) * MRO + r];
-        for (int v = 0; v < NV; ++v) acc[b][r][v] += xv[v] * wr;
-      }
-    }
-  }
-  for (; k < kc; ++k) {
-    for (int v = 0; v < NV; ++v) {
-      const vec xv = *reinterpret_cast<const vec_u*>(src[k] + offset + v * L);
-      for (int r = 0; r < MRO; ++r) acc[0][r][v] += xv * w[k * MRO + r];
+  vec acc[MRO][NV];
+  for (int r = 0; r < MRO; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+  for (int64_t k = 0; k < kc; ++k) {
+    vec xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k] + offset + v * L);
+    for (int r = 0; r < MRO; ++r) {
+      const T wr = w[k * MRO + r];
+      for (int v = 0; v < NV; ++v) acc[r][v] += xv[v] * wr;
     }
   }
   for (int r = 0; r < MRO; ++r)
-    for (int v = 0; v < NV; ++v) {
-      vec sum = acc[0][r][v];
-      for (int b = 1; b < BANKS; ++b) sum += acc[b][r][v];
-      *reinterpret_cast<vec_u*>(out + r * NV * L + v * L) = sum;
-    }
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(out + r * NV * L + v * L) = acc[r][v];
 }
 
-// The table of one variant: GEMM tiles MR x (2 vectors), direct tiles of 2 vectors of pixels.
+// The table of one variant: GEMM tiles MR x (2 vectors); direct tiles of 4 vectors of pixels for
+// 1 or 2 output channels (4 or 8 chains), 2 vectors for 4 or 6 (8 or 12 chains).
 template <int VECTOR_BYTES, int MR>
 convfast::UkernelSet make_ukernel_set(const char* isa) {
   constexpr int L32 = VECTOR_BYTES / 4, L64 = VECTOR_BYTES / 8;
   return {isa,
           {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>, MR, 2 * L32,
-           {&direct_ukernel<float, 1, VECTOR_BYTES, 2>, &direct_ukernel<float, 2, VECTOR_BYTES, 2>,
+           {&direct_ukernel<float, 1, VECTOR_BYTES, 4>, &direct_ukernel<float, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<float, 4, VECTOR_BYTES, 2>, &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
-           2 * L32},
+           {4 * L32, 4 * L32, 2 * L32, 2 * L32}},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>, MR, 2 * L64,
-           {&direct_ukernel<double, 1, VECTOR_BYTES, 2>, &direct_ukernel<double, 2, VECTOR_BYTES, 2>,
+           {&direct_ukernel<double, 1, VECTOR_BYTES, 4>, &direct_ukernel<double, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<double, 4, VECTOR_BYTES, 2>, &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
-           2 * L64}};
+           {4 * L64, 4 * L64, 2 * L64, 2 * L64}}};
 }

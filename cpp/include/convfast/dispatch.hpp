@@ -25,7 +25,7 @@ struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
-  int pw = 0;                                                // pixels per direct tile
+  int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
 };
 
 struct UkernelSet {
