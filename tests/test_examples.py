@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 TIMEOUT_S = 180
 # Optional dependencies of some scripts (module names); the others need only matplotlib.
-REQUIRES = {"dask_volume.py": ("dask", "distributed")}
+REQUIRES = {"dask_volume.py": ("dask", "distributed"), "train_mnist_cnn.py": ("torch",)}
 
 
 def _missing(script):

@@ -1,0 +1,296 @@
+"""PyTorch drop-ins computed by convfast: an ``autograd.Function``, functional ops and ``nn.Module`` layers.
+
+    import convfast.torch as cft
+    model = torch.nn.Sequential(cft.Conv2d(1, 8, 3, stride=2, padding="same"), torch.nn.ReLU(), ...)
+
+Imported only when the user imports it (``import convfast`` never imports torch).
+
+* ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d``: torch.nn's constructor signatures (in_channels,
+  out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype;
+  transposed: output_padding, and ``forward(input, output_size=None)``), the same parameters
+  (``weight``, ``bias``: ``nn.Parameter``; torch.nn's shapes, so ``state_dict`` keys and tensors are
+  interchangeable with ``torch.nn.Conv2d`` & co.), initialised exactly as torch.nn does
+  (``kaiming_uniform_(a=sqrt(5))``, bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), so that under
+  the same ``torch.manual_seed`` both draw identical weights. Plus convfast's extras: ``padding=``
+  "same" with any stride, "same_lower", (before, after) pairs, and ``padding_mode="symmetric"``;
+  transposed layers also accept "same" / "same_lower" / "valid".
+* ``conv1d`` ... ``conv_transpose3d``: the functional forms (torch.nn.functional's signatures,
+  plus ``padding_mode`` for the convolutions and ``output_size`` for the transposed ones).
+* ``ConvFunction``: the ``torch.autograd.Function`` underneath; forward with convfast.conv*,
+  backward with convfast.conv*_backward, asking only for the gradients autograd needs
+  (``ctx.needs_input_grad``, PyTorch's ``output_mask``).
+
+CPU tensors are handed to convfast as zero-copy NumPy views; results come back as tensors sharing
+convfast's output buffers. Tensors on another device go to convfast as they are, so they work
+wherever convfast's operators accept them (its GPU backend). float32 and float64 are supported;
+input, weight and bias must share dtype and device, as torch.nn requires. The backward pass is
+differentiable only once (``once_differentiable``): double backward (e.g. gradient penalties)
+raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import init
+
+from . import backward as _backward
+from . import functional as _functional
+from ._spec import as_int, normalize_padding, normalize_padding_mode, per_axis
+
+__all__ = ["ConvParams", "ConvFunction", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+           "conv_transpose3d", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+           "ConvTranspose3d"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+class ConvParams(NamedTuple):
+    """Everything but the tensors: the arguments of convfast.conv{rank}d / conv_transpose{rank}d."""
+
+    rank: int
+    transposed: bool
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    groups: int = 1
+    padding_mode: str = "zeros"        # convolution only
+    output_padding: object = 0         # transposed only
+    output_size: object = None         # transposed only
+
+    @property
+    def name(self) -> str:
+        return f"conv_transpose{self.rank}d" if self.transposed else f"conv{self.rank}d"
+
+    def forward(self, x, weight, bias):
+        fn = getattr(_functional, self.name)
+        if self.transposed:
+            return fn(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+                      output_size=self.output_size)
+        return fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                  padding_mode=self.padding_mode)
+
+    def backward(self, grad_output, x, weight, needs):
+        fn = getattr(_backward, f"{self.name}_backward")
+        if self.transposed:
+            return fn(grad_output, x, weight, None, self.stride, self.padding, self.output_padding, self.groups,
+                      self.dilation, output_size=self.output_size, needs=needs)
+        return fn(grad_output, x, weight, None, self.stride, self.padding, self.dilation, self.groups,
+                  padding_mode=self.padding_mode, needs=needs)
+
+
+def _check_tensors(func: str, x, weight, bias) -> None:
+    for label, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is None and label == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"convfast.torch.{func}: {label} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"convfast.torch.{func}: {label} has dtype {t.dtype}; convfast computes float32 and "
+                            f"float64 tensors")
+        if t.dtype != x.dtype:
+            raise TypeError(f"convfast.torch.{func}: input ({x.dtype}) and {label} ({t.dtype}) must have the same "
+                            f"dtype")
+        if t.device != x.device:
+            raise ValueError(f"convfast.torch.{func}: input is on {x.device} but {label} is on {t.device}")
+
+
+class ConvFunction(torch.autograd.Function):
+    """``ConvFunction.apply(input, weight, bias, params)``: y = convfast's convolution with
+    ``params`` (a :class:`ConvParams`); its backward computes only the gradients autograd needs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, params: ConvParams):
+        y = params.forward(x, weight, bias)
+        ctx.params = params
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        if not any(needs):
+            return None, None, None, None
+        gx, gw, gb = ctx.params.backward(grad_output, x, weight, needs)
+        return gx, gw, gb, None
+
+
+def _apply(params: ConvParams, x, weight, bias):
+    _check_tensors(params.name, x, weight, bias)
+    return ConvFunction.apply(x, weight, bias, params)
+
+
+def _make_conv(rank: int):
+    def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, padding_mode="zeros"):
+        return _apply(ConvParams(rank, False, stride, padding, dilation, groups, padding_mode), input, weight, bias)
+
+    conv.__name__ = conv.__qualname__ = f"conv{rank}d"
+    conv.__doc__ = (f"torch.nn.functional.conv{rank}d computed by convfast (differentiable), plus padding_mode "
+                    f"and convfast's padding forms (strided \"same\", \"same_lower\", (before, after) pairs).")
+    return conv
+
+
+def _make_conv_transpose(rank: int):
+    def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                       output_size=None):
+        params = ConvParams(rank, True, stride, padding, dilation, groups, "zeros", output_padding, output_size)
+        return _apply(params, input, weight, bias)
+
+    conv_transpose.__name__ = conv_transpose.__qualname__ = f"conv_transpose{rank}d"
+    conv_transpose.__doc__ = (f"torch.nn.functional.conv_transpose{rank}d computed by convfast (differentiable), "
+                              f"plus output_size and padding=\"same\" / \"same_lower\" / pairs.")
+    return conv_transpose
+
+
+conv1d, conv2d, conv3d = (_make_conv(r) for r in (1, 2, 3))
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (_make_conv_transpose(r) for r in (1, 2, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+def _padding_attribute(padding):
+    """torch.nn's form of a normalised padding: a string, a tuple of ints when symmetric, else
+    the (before, after) pairs."""
+    if isinstance(padding, str):
+        return padding
+    if all(a == b for a, b in padding):
+        return tuple(a for a, _ in padding)
+    return tuple(padding)
+
+
+class _ConvNd(nn.Module):
+    _rank = 0
+    _transposed = False
+    __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "output_padding", "in_channels",
+                     "out_channels", "kernel_size"]
+
+    def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+               output_padding, device, dtype):
+        name = type(self).__name__
+        r = self._rank
+        self.in_channels = as_int(name, "in_channels", in_channels, minimum=1)
+        self.out_channels = as_int(name, "out_channels", out_channels, minimum=1)
+        self.kernel_size = per_axis(name, "kernel_size", kernel_size, r, minimum=1)
+        self.stride = per_axis(name, "stride", stride, r, minimum=1)
+        self.dilation = per_axis(name, "dilation", dilation, r, minimum=1)
+        self.output_padding = per_axis(name, "output_padding", output_padding, r, minimum=0)
+        self.groups = as_int(name, "groups", groups, minimum=1)
+        self.padding = _padding_attribute(normalize_padding(name, padding, r))
+        self.padding_mode = normalize_padding_mode(name, padding_mode)
+        self.transposed = self._transposed
+        if self._transposed and self.padding_mode != "zeros":
+            raise ValueError(f"{name}: only 'zeros' padding_mode is supported for a transposed convolution, "
+                             f"got {padding_mode!r}")
+        for label, c in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
+            if c % self.groups:
+                raise ValueError(f"{name}: {label}={c} is not divisible by groups={self.groups}")
+        if dtype is not None and dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype must be torch.float32 or torch.float64, got {dtype}")
+        factory = {"device": device, "dtype": dtype}
+        if self._transposed:
+            shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
+        else:
+            shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch.nn.ConvNd's initialisation, draw for draw (so torch.manual_seed reproduces it)."""
+        with torch.no_grad():
+            init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if isinstance(self.padding, str) or any(p != 0 for p in self.padding):
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * self._rank:
+            s += f", dilation={self.dilation}"
+        if self.output_padding != (0,) * self._rank:
+            s += f", output_padding={self.output_padding}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+    def _params(self, output_size=None) -> ConvParams:
+        if self._transposed:
+            # As torch.nn: an output_size overrides the layer's output_padding.
+            return ConvParams(self._rank, True, self.stride, self.padding, self.dilation, self.groups, "zeros",
+                              0 if output_size is not None else self.output_padding, output_size)
+        return ConvParams(self._rank, False, self.stride, self.padding, self.dilation, self.groups, self.padding_mode)
+
+
+class _Conv(_ConvNd):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding: Union[str, int, tuple] = 0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, 0,
+                    device, dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _apply(self._params(), input, self.weight, self.bias)
+
+
+class _ConvTranspose(_ConvNd):
+    _transposed = True
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                    output_padding, device, dtype)
+
+    def forward(self, input: torch.Tensor, output_size: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+        if output_size is not None:
+            output_size = tuple(int(v) for v in output_size)
+        return _apply(self._params(output_size), input, self.weight, self.bias)
+
+
+class Conv1d(_Conv):
+    """torch.nn.Conv1d computed by convfast (same signature, parameters and initialisation)."""
+    _rank = 1
+
+
+class Conv2d(_Conv):
+    """torch.nn.Conv2d computed by convfast (same signature, parameters and initialisation)."""
+    _rank = 2
+
+
+class Conv3d(_Conv):
+    """torch.nn.Conv3d computed by convfast (same signature, parameters and initialisation)."""
+    _rank = 3
+
+
+class ConvTranspose1d(_ConvTranspose):
+    """torch.nn.ConvTranspose1d computed by convfast (same signature, parameters and initialisation)."""
+    _rank = 1
+
+
+class ConvTranspose2d(_ConvTranspose):
+    """torch.nn.ConvTranspose2d computed by convfast (same signature, parameters and initialisation)."""
+    _rank = 2
+
+
+class ConvTranspose3d(_ConvTranspose):
+    """torch.nn.ConvTranspose3d computed by convfast (same signature, parameters and initialisation)."""
+    _rank = 3

@@ -1,0 +1,628 @@
+"""Backward passes: convfast.conv*_backward / conv_transpose*_backward against PyTorch autograd, against
+finite differences and the NumPy reference (for what PyTorch cannot express: symmetric padding,
+strided "same", same_lower, pads wider than the input), and the adjoint of padding against np.pad.
+
+A convolution is linear in x and in the weight, so a difference quotient of the reference along a
+random direction v, ``<ref(x + v) - ref(x), gy>``, equals ``<grad_input, v>`` up to rounding: the
+finite-difference checks below are exact identities, checked to 1e-10 in float64.
+"""
+import itertools
+import math
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+import convfast
+from convfast import backward as bw_module
+from convfast._spec import conv_spec, conv_transpose_spec
+from conftest import requires_torch, tolerance
+
+try:
+    import torch
+    import torch.nn.functional as F
+except Exception:  # pragma: no cover
+    torch = F = None
+
+CONV = {r: getattr(convfast, f"conv{r}d") for r in (1, 2, 3)}
+CONVT = {r: getattr(convfast, f"conv_transpose{r}d") for r in (1, 2, 3)}
+BACK = {r: getattr(convfast, f"conv{r}d_backward") for r in (1, 2, 3)}
+BACKT = {r: getattr(convfast, f"conv_transpose{r}d_backward") for r in (1, 2, 3)}
+REF = {r: getattr(convfast.reference, f"conv{r}d") for r in (1, 2, 3)}
+REFT = {r: getattr(convfast.reference, f"conv_transpose{r}d") for r in (1, 2, 3)}
+MODES = ("zeros", "reflect", "replicate", "circular", "symmetric")
+TORCH_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _seed(obj):
+    return zlib.crc32(repr(obj).encode())
+
+
+def _close(actual, expected, dtype, reduction_size):
+    """Within twice convfast's documented bound (the oracle carries its own rounding), relative to
+    the expected result's scale."""
+    expected = expected.detach().numpy() if hasattr(expected, "detach") else np.asarray(expected)
+    actual = np.asarray(actual)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
+    bound = 2 * tolerance(dtype, reduction_size) * scale
+    assert err <= bound, f"max abs error {err} > {bound}"
+
+
+def _t(a, grad=False):
+    t = torch.from_numpy(np.ascontiguousarray(a)).clone()
+    return t.requires_grad_(grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch oracles (autograd through explicit padding / cropping, so any pads can be expressed)
+# ----------------------------------------------------------------------------------------------
+
+def _torch_conv_grads(r, x, w, b, stride, pads, dilation, groups, mode, gy):
+    tx, tw = _t(x, True), _t(w, True)
+    tb = None if b is None else _t(b, True)
+    flat = [p for pair in reversed(pads) for p in pair]  # F.pad: last axis first
+    xp = F.pad(tx, flat) if mode == "zeros" else F.pad(tx, flat, mode=mode)
+    y = getattr(F, f"conv{r}d")(xp, tw, tb, stride=stride, dilation=dilation, groups=groups)
+    y.backward(_t(gy))
+    return tx.grad, tw.grad, None if tb is None else tb.grad, y.detach()
+
+
+def _torch_conv_transpose_grads(r, x, w, b, stride, pads, out_spatial, dilation, groups, gy):
+    tx, tw = _t(x, True), _t(w, True)
+    tb = None if b is None else _t(b, True)
+    full = getattr(F, f"conv_transpose{r}d")(tx, tw, None, stride=stride, groups=groups, dilation=dilation)
+    # crop p_before, keep out_spatial pixels (zeros beyond the full output: the output_padding)
+    extend = [max(0, p[0] + o - n) for p, o, n in zip(pads, out_spatial, full.shape[2:])]
+    full = F.pad(full, [v for e in reversed(extend) for v in (0, e)])
+    y = full[(slice(None), slice(None)) + tuple(slice(p[0], p[0] + o) for p, o in zip(pads, out_spatial))]
+    if tb is not None:
+        y = y + tb.reshape((1, -1) + (1,) * r)
+    y.backward(_t(gy))
+    return tx.grad, tw.grad, None if tb is None else tb.grad, y.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution against PyTorch autograd
+# ----------------------------------------------------------------------------------------------
+
+def _conv_cases():
+    """A pairwise-style sweep: every (rank, mode, padding style, group kind) combination, with the
+    remaining parameters (stride, dilation, dtype, layout, batching, bias) drawn at random."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for r, mode, style, groups in itertools.product((1, 2, 3), TORCH_MODES,
+                                                    ("int", "per_axis", "pairs", "valid", "same", "same_lower"),
+                                                    ("1", "2", "depthwise")):
+        if (r == 3) and rng.random() < 0.5:  # keep 3-D to half the combinations (runtime)
+            continue
+        cases.append(dict(r=r, mode=mode, style=style, groups=groups, stride=int(rng.integers(1, 4)),
+                          dilation=int(rng.integers(1, 3)), dtype=str(rng.choice(["float32", "float64"])),
+                          layout=str(rng.choice(["channels_first", "channels_last"])),
+                          batched=bool(rng.random() < 0.8), bias=bool(rng.random() < 0.7),
+                          seed=int(rng.integers(1 << 30))))
+    return cases
+
+
+def _padding_arg(style, r, rng, sizes, mode):
+    limit = min(sizes) - 1 if mode == "reflect" else 3  # reflect pads must be smaller than the input
+    limit = max(0, min(limit, 3))
+    if style == "int":
+        return int(rng.integers(0, limit + 1))
+    if style == "per_axis":
+        return tuple(int(rng.integers(0, limit + 1)) for _ in range(r))
+    if style == "pairs":
+        return tuple((int(rng.integers(0, limit + 1)), int(rng.integers(0, limit + 1))) for _ in range(r))
+    return style
+
+
+@requires_torch
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", _conv_cases(), ids=lambda c: (
+    "{r}d-{mode}-{style}-g{groups}-s{stride}-d{dilation}-{dtype}-{layout}".format(**c)))
+def test_conv_backward_matches_torch_autograd(case):
+    r, mode, dtype = case["r"], case["mode"], np.dtype(case["dtype"])
+    rng = np.random.default_rng(case["seed"])
+    if case["groups"] == "1":
+        g, cin, cout = 1, int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    elif case["groups"] == "2":
+        g, cin, cout = 2, 2 * int(rng.integers(1, 4)), 2 * int(rng.integers(1, 3))
+    else:
+        g = cin = int(rng.integers(2, 5))
+        cout = cin * int(rng.integers(1, 3))
+    k = tuple(int(rng.integers(1, 4)) for _ in range(r))
+    sizes = tuple(int(rng.integers(max(3, (kk - 1) * case["dilation"] + 1), 9 if r < 3 else 7)) for kk in k)
+    padding = _padding_arg(case["style"], r, rng, sizes, mode)
+    stride, dilation = case["stride"], case["dilation"]
+    n = int(rng.integers(1, 3))
+    x = rng.standard_normal((n, cin) + sizes)
+    w = rng.standard_normal((cout, cin // g) + k)
+    b = rng.standard_normal(cout) if case["bias"] else None
+    spec = conv_spec("t", r, x, w, b, stride, padding, dilation, g, mode, "channels_first")
+    if mode == "reflect" and any(max(p) >= s for p, s in zip(spec.pads, sizes)):
+        pytest.skip("reflect pads as large as the input")  # rejected by convfast and torch alike
+    gy = rng.standard_normal(spec.output_shape())
+    if not case["batched"]:
+        x, gy, n = x[:1], gy[:1], 1
+    tgx, tgw, tgb, _ = _torch_conv_grads(r, x, w, b, (stride,) * r, spec.pads, (dilation,) * r, g, mode, gy)
+
+    # the caller's layout: channels_last and/or unbatched
+    cl = case["layout"] == "channels_last"
+    to_layout = (lambda a: np.moveaxis(a, 1, -1)) if cl else (lambda a: a)
+    xl, gyl, expected_gx = to_layout(x).astype(dtype), to_layout(gy).astype(dtype), to_layout(tgx.numpy())
+    if not case["batched"]:
+        xl, gyl, expected_gx = xl[0], gyl[0], expected_gx[0]
+    gx, gw, gb = BACK[r](gyl, xl, w.astype(dtype), None if b is None else b.astype(dtype), stride, padding, dilation,
+                         g, padding_mode=mode, data_format=case["layout"])
+    k_in = (cout // g) * math.prod(k)                                  # terms per grad_input element
+    k_w = n * math.prod(spec.out_spatial)                              # terms per grad_weight element
+    _close(gx, expected_gx, dtype, k_in * 4)
+    _close(gw, tgw, dtype, k_w)
+    if b is None:
+        assert gb is None
+    else:
+        _close(gb, tgb, dtype, k_w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transposed convolution against PyTorch autograd
+# ----------------------------------------------------------------------------------------------
+
+def _convt_cases():
+    rng = np.random.default_rng(11)
+    cases = []
+    for r, style, groups in itertools.product((1, 2, 3), ("int", "pairs", "valid", "same", "same_lower", "output_size"),
+                                              ("1", "2", "depthwise")):
+        cases.append(dict(r=r, style=style, groups=groups, stride=int(rng.integers(1, 4)),
+                          dilation=int(rng.integers(1, 3)), dtype=str(rng.choice(["float32", "float64"])),
+                          layout=str(rng.choice(["channels_first", "channels_last"])),
+                          batched=bool(rng.random() < 0.8), bias=bool(rng.random() < 0.7),
+                          seed=int(rng.integers(1 << 30))))
+    return cases
+
+
+@requires_torch
+@pytest.mark.parametrize("case", _convt_cases(),
+                         ids=lambda c: "{r}d-{style}-g{groups}-s{stride}-d{dilation}-{dtype}-{layout}".format(**c))
+def test_conv_transpose_backward_matches_torch_autograd(case):
+    r, dtype, style = case["r"], np.dtype(case["dtype"]), case["style"]
+    rng = np.random.default_rng(case["seed"])
+    if case["groups"] == "1":
+        g, cin, cout = 1, int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    elif case["groups"] == "2":
+        g, cin, cout = 2, 2 * int(rng.integers(1, 3)), 2 * int(rng.integers(1, 4))
+    else:
+        g = cin = int(rng.integers(2, 5))
+        cout = cin * int(rng.integers(1, 3))
+    stride, dilation = case["stride"], case["dilation"]
+    k = tuple(int(rng.integers(1, 4)) for _ in range(r))
+    sizes = tuple(int(rng.integers(1, 6 if r < 3 else 4)) for _ in range(r))
+    output_padding, output_size = 0, None
+    if style == "int":
+        padding = int(rng.integers(0, 3))
+        output_padding = int(rng.integers(0, max(stride, dilation)))
+    elif style == "pairs":
+        padding = tuple((int(rng.integers(0, 3)), int(rng.integers(0, 3))) for _ in range(r))
+        output_padding = tuple(int(rng.integers(0, max(stride, dilation))) for _ in range(r))
+    elif style == "output_size":
+        padding = 1
+        output_size = None  # chosen below from the reachable range
+    else:
+        padding = style
+    n = int(rng.integers(1, 3))
+    x = rng.standard_normal((n, cin) + sizes)
+    w = rng.standard_normal((cin, cout // g) + k)
+    b = rng.standard_normal(cout) if case["bias"] else None
+    if style == "output_size":
+        smallest = [(s_ - 1) * stride - 2 + (kk - 1) * dilation + 1 for s_, kk in zip(sizes, k)]
+        output_size = tuple(max(1, v) + int(rng.integers(0, max(stride, dilation))) for v in smallest)
+        if min(smallest) < 1:
+            pytest.skip("padding crops the whole output")
+    try:
+        spec = conv_transpose_spec("t", r, x, w, b, stride, padding, output_padding, g, dilation, output_size,
+                                   "channels_first")
+    except ValueError:
+        pytest.skip("padding crops more than the full output")
+    gy = rng.standard_normal(spec.output_shape())
+    cl = case["layout"] == "channels_last"
+    to_layout = (lambda a: np.moveaxis(a, 1, -1)) if cl else (lambda a: a)
+    if case["batched"]:
+        xs, gys = x, gy
+    else:
+        xs, gys = x[:1], gy[:1]
+    tgx, tgw, tgb, _ = _torch_conv_transpose_grads(r, xs, w, b, (stride,) * r, spec.pads, spec.out_spatial,
+                                                   (dilation,) * r, g, gys)
+    xl, gyl = to_layout(xs).astype(dtype), to_layout(gys).astype(dtype)
+    expected_gx = tgx.numpy()
+    if cl:
+        expected_gx = np.moveaxis(expected_gx, 1, -1)
+    if not case["batched"]:
+        xl, gyl, expected_gx = xl[0], gyl[0], expected_gx[0]
+    gx, gw, gb = BACKT[r](gyl, xl, w.astype(dtype), None if b is None else b.astype(dtype), stride, padding,
+                          output_padding, g, dilation, output_size=output_size, data_format=case["layout"])
+    k_in = (cout // g) * math.prod(k)
+    k_w = xs.shape[0] * math.prod(sizes)
+    _close(gx, expected_gx, dtype, k_in)
+    _close(gw, tgw, dtype, k_w * 4)
+    if b is None:
+        assert gb is None
+    else:
+        _close(gb, tgb, dtype, xs.shape[0] * math.prod(spec.out_spatial))
+
+
+@requires_torch
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_torch_convolution_backward_same_output_mask(r):
+    """PyTorch's own entry point (torch.ops.aten.convolution_backward), symmetric padding."""
+    rng = np.random.default_rng(r)
+    x = rng.standard_normal((2, 6) + (7,) * r).astype(np.float32)
+    w = rng.standard_normal((4, 3) + (3,) * r).astype(np.float32)
+    y = CONV[r](x, w, None, 2, 1, 1, 2)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    for mask in itertools.product((True, False), repeat=3):
+        tgx, tgw, tgb = torch.ops.aten.convolution_backward(_t(gy), _t(x), _t(w), [4], [2] * r, [1] * r, [1] * r,
+                                                            False, [0] * r, 2, list(mask))
+        gx, gw, gb = BACK[r](gy, x, w, None, 2, 1, 1, 2, needs=mask)
+        for ours, theirs, flag, size in ((gx, tgx, mask[0], 2 * 27), (gw, tgw, mask[1], 2 * 4 ** r),
+                                         (gb, tgb, mask[2], 2 * 4 ** r)):
+            if flag:
+                _close(ours, theirs, np.float32, size)
+            else:
+                assert ours is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite differences and the NumPy reference: every padding mode and form
+# ----------------------------------------------------------------------------------------------
+
+def _directional_errors(f, x, w, b, gy, gx, gw, gb, rng):
+    """|<f(x + v) - f(x), gy> - <gx, v>| / scale for random directions of x, w and b (exact for a
+    bilinear f), and the adjoint identity <f(x) - b, gy> = <x, gx> = <w, gw>."""
+    base = f(x, w, b)
+    errors = []
+    scale = float(np.abs(gy).sum() * max(1.0, np.abs(base).max()))
+    for _ in range(2):
+        v = rng.standard_normal(x.shape)
+        errors.append(abs(np.vdot(f(x + v, w, b) - base, gy) - np.vdot(gx, v)) / scale)
+        vw = rng.standard_normal(w.shape)
+        errors.append(abs(np.vdot(f(x, w + vw, b) - base, gy) - np.vdot(gw, vw)) / scale)
+    if b is not None:
+        vb = rng.standard_normal(b.shape)
+        errors.append(abs(np.vdot(f(x, w, b + vb) - base, gy) - np.vdot(gb, vb)) / scale)
+    unbiased = f(x, w, None)
+    errors.append(abs(np.vdot(unbiased, gy) - np.vdot(x, gx)) / scale)
+    errors.append(abs(np.vdot(unbiased, gy) - np.vdot(w, gw)) / scale)
+    return max(errors)
+
+
+@st.composite
+def conv_problems(draw):
+    r = draw(st.integers(1, 3))
+    mode = draw(st.sampled_from(MODES))
+    g = draw(st.sampled_from([1, 1, 2, 3]))
+    cin, cout = g * draw(st.integers(1, 3)), g * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(r))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(r))
+    dilation = tuple(draw(st.integers(1, 3)) for _ in range(r))
+    sizes = tuple(draw(st.integers(max(1, (kk - 1) * d + 1 - 3), 7 if r < 3 else 5)) for kk, d in zip(k, dilation))
+    style = draw(st.sampled_from(["same", "same_lower", "pairs", "wide_pairs", "valid"]))
+    if style == "pairs":
+        padding = tuple((draw(st.integers(0, 3)), draw(st.integers(0, 3))) for _ in range(r))
+    elif style == "wide_pairs":  # wider than the input: circular / symmetric fold several periods
+        padding = tuple((draw(st.integers(0, 12)), draw(st.integers(0, 12))) for _ in range(r))
+    else:
+        padding = style
+    layout = draw(st.sampled_from(["channels_first", "channels_last"]))
+    batched = draw(st.booleans())
+    bias = draw(st.booleans())
+    return dict(r=r, mode=mode, g=g, cin=cin, cout=cout, k=k, stride=stride, dilation=dilation, sizes=sizes,
+                padding=padding, layout=layout, batched=batched, bias=bias)
+
+
+@given(conv_problems(), st.integers(0, 2 ** 32 - 1))
+def test_conv_backward_against_reference_finite_differences(p, seed):
+    note(repr(p))
+    rng = np.random.default_rng(seed)
+    r = p["r"]
+    x_cf = rng.standard_normal((2, p["cin"]) + p["sizes"])
+    x = np.moveaxis(x_cf, 1, -1) if p["layout"] == "channels_last" else x_cf
+    if not p["batched"]:
+        x = x[0]
+    w = rng.standard_normal((p["cout"], p["cin"] // p["g"]) + p["k"])
+    b = rng.standard_normal(p["cout"]) if p["bias"] else None
+    kw = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["g"],
+              padding_mode=p["mode"], data_format=p["layout"])
+    try:
+        y = REF[r](x, w, b, **kw)
+    except ValueError:  # reflect pads too wide, kernel larger than the padded input
+        return
+    gy = rng.standard_normal(y.shape)
+    gx, gw, gb = BACK[r](gy, x, w, b, **kw)
+    assert gx.shape == x.shape and gw.shape == w.shape and (gb is None) == (b is None)
+
+    def f(x_, w_, b_):
+        return REF[r](x_, w_, b_, **kw)
+
+    assert _directional_errors(f, x, w, b, gy, gx, gw, gb, rng) < 1e-10
+
+
+@st.composite
+def conv_transpose_problems(draw):
+    r = draw(st.integers(1, 3))
+    g = draw(st.sampled_from([1, 1, 2, 3]))
+    cin, cout = g * draw(st.integers(1, 3)), g * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(r))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(r))
+    dilation = tuple(draw(st.integers(1, 3)) for _ in range(r))
+    sizes = tuple(draw(st.integers(1, 5 if r < 3 else 3)) for _ in range(r))
+    style = draw(st.sampled_from(["same", "same_lower", "pairs", "valid"]))
+    output_padding = 0
+    if style == "pairs":
+        padding = tuple((draw(st.integers(0, 4)), draw(st.integers(0, 4))) for _ in range(r))
+        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    else:
+        padding = style
+    return dict(r=r, g=g, cin=cin, cout=cout, k=k, stride=stride, dilation=dilation, sizes=sizes, padding=padding,
+                output_padding=output_padding, layout=draw(st.sampled_from(["channels_first", "channels_last"])),
+                bias=draw(st.booleans()))
+
+
+@given(conv_transpose_problems(), st.integers(0, 2 ** 32 - 1))
+def test_conv_transpose_backward_against_reference_finite_differences(p, seed):
+    note(repr(p))
+    rng = np.random.default_rng(seed)
+    r = p["r"]
+    x = rng.standard_normal((2, p["cin"]) + p["sizes"])
+    if p["layout"] == "channels_last":
+        x = np.moveaxis(x, 1, -1)
+    w = rng.standard_normal((p["cin"], p["cout"] // p["g"]) + p["k"])
+    b = rng.standard_normal(p["cout"]) if p["bias"] else None
+    kw = dict(stride=p["stride"], padding=p["padding"], output_padding=p["output_padding"], groups=p["g"],
+              dilation=p["dilation"], data_format=p["layout"])
+    try:
+        y = REFT[r](x, w, b, **kw)
+    except ValueError:  # crops more than the full output
+        return
+    gy = rng.standard_normal(y.shape)
+    gx, gw, gb = BACKT[r](gy, x, w, b, **kw)
+
+    def f(x_, w_, b_):
+        return REFT[r](x_, w_, b_, **kw)
+
+    assert _directional_errors(f, x, w, b, gy, gx, gw, gb, rng) < 1e-10
+
+
+@pytest.mark.parametrize("mode, transposed", [(m, False) for m in MODES] + [("zeros", True)])
+def test_elementwise_central_differences(mode, transposed):
+    """Every element of every gradient against a central difference of the loss <y, gy> (convfast's
+    own forward, float64): the textbook finite-difference check, on a tiny problem."""
+    rng = np.random.default_rng(_seed((mode, transposed)))
+    x = rng.standard_normal((2, 2, 5, 4))
+    if transposed:
+        w = rng.standard_normal((2, 3, 3, 2))
+        kw = dict(stride=(2, 1), padding="same_lower", dilation=(1, 2))
+        fwd, back = convfast.conv_transpose2d, convfast.conv_transpose2d_backward
+    else:
+        w = rng.standard_normal((3, 2, 3, 2))
+        kw = dict(stride=(2, 1), padding="same_lower" if mode != "reflect" else ((2, 1), (1, 0)), dilation=(1, 2),
+                  padding_mode=mode)
+        fwd, back = convfast.conv2d, convfast.conv2d_backward
+    b = rng.standard_normal(3)
+    gy = rng.standard_normal(fwd(x, w, b, **kw).shape)
+    grads = back(gy, x, w, b, **kw)
+    eps = 1e-3
+    for which, arr in enumerate((x, w, b)):
+        numeric = np.empty_like(arr)
+        for idx in np.ndindex(arr.shape):
+            args = [x.copy(), w.copy(), b.copy()]
+            args[which][idx] += eps
+            plus = np.vdot(fwd(*args, **kw), gy)
+            args[which][idx] -= 2 * eps
+            minus = np.vdot(fwd(*args, **kw), gy)
+            numeric[idx] = (plus - minus) / (2 * eps)
+        np.testing.assert_allclose(grads[which], numeric, rtol=1e-8, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The adjoint of padding
+# ----------------------------------------------------------------------------------------------
+
+@given(st.sampled_from(["constant", "reflect", "edge", "wrap", "symmetric", "replicate", "circular", "zeros"]),
+       st.lists(st.integers(1, 6), min_size=1, max_size=3), st.integers(0, 2 ** 32 - 1), st.booleans())
+def test_pad_adjoint_is_the_adjoint_of_np_pad(mode, shape, seed, wide):
+    rng = np.random.default_rng(seed)
+    limit = 14 if wide else 3
+    widths = []
+    for n in shape:
+        cap = n - 1 if mode == "reflect" else limit
+        widths.append((int(rng.integers(0, cap + 1)), int(rng.integers(0, cap + 1))))
+    x = rng.standard_normal(shape)
+    np_mode = {"zeros": "constant", "replicate": "edge", "circular": "wrap"}.get(mode, mode)
+    padded = np.pad(x, widths, mode=np_mode)
+    g = rng.standard_normal(padded.shape)
+    adj = convfast.pad_adjoint(g, widths, mode=mode)
+    assert adj.shape == x.shape
+    assert abs(np.vdot(padded, g) - np.vdot(x, adj)) <= 1e-12 * np.abs(g).sum() * np.abs(x).max()
+    # and element by element: the adjoint of a 0/1 matrix sums the entries copied from each pixel
+    basis = np.zeros(shape)
+    index = tuple(int(rng.integers(0, n)) for n in shape)
+    basis[index] = 1
+    np.testing.assert_allclose(adj[index], np.vdot(np.pad(basis, widths, mode=np_mode), g), rtol=1e-12, atol=1e-12)
+
+
+def test_pad_adjoint_errors():
+    with pytest.raises(ValueError, match="pad_adjoint.*mode"):
+        convfast.pad_adjoint(np.ones(5), 1, mode="mean")
+    with pytest.raises(ValueError, match="pad_adjoint.*too few"):
+        convfast.pad_adjoint(np.ones(4), (2, 2))
+    with pytest.raises(TypeError, match="pad_adjoint.*mode"):
+        convfast.pad_adjoint(np.ones(4), 1, mode=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes, layouts, the needs mask, edge cases
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_dtypes_and_promotion(r, transposed):
+    rng = np.random.default_rng(_seed((r, transposed)))
+    x = rng.standard_normal((2, 4) + (5,) * r)
+    w = rng.standard_normal((4, 2) + (3,) * r)
+    fwd = (CONVT if transposed else CONV)[r]
+    back = (BACKT if transposed else BACK)[r]
+    gy = rng.standard_normal(fwd(x, w, None, 2, 1, groups=2).shape)
+    ref = back(gy, x, w, np.zeros(4), 2, 1, groups=2)
+    f32 = back(gy.astype(np.float32), x.astype(np.float32), w.astype(np.float32), np.zeros(4, np.float32), 2, 1,
+               groups=2)
+    for a, e, size in zip(f32, ref, (2 * 3 ** r, 2 * 3 ** r * 8, 2 * 3 ** r * 8)):
+        assert a.dtype == np.float32
+        _close(a, e, np.float32, size)
+    # any float64 operand (here: the weight only) gives float64 gradients, computed in float64
+    mixed = back(gy.astype(np.float32), x.astype(np.float32), w, np.zeros(4, np.float32), 2, 1, groups=2)
+    for a, e in zip(mixed, ref):
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * np.abs(e).max())
+    # integers are computed as float64
+    ints = back(np.ones_like(gy, dtype=np.int32), np.ones(x.shape, np.int64), np.ones(w.shape, np.int16), None, 2, 1,
+                groups=2)
+    assert ints.grad_input.dtype == ints.grad_weight.dtype == np.float64
+
+
+def test_needs_mask_skips_work(monkeypatch):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    gy = rng.standard_normal((2, 4, 6, 6))
+    calls = []
+    real = bw_module._weight_grad
+    monkeypatch.setattr(bw_module, "_weight_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    full = convfast.conv2d_backward(gy, x, w, np.zeros(4))
+    assert calls and all(g is not None for g in full)
+    calls.clear()
+    only_x = convfast.conv2d_backward(gy, x, w, np.zeros(4), needs=(True, False, False))
+    assert not calls and only_x.grad_weight is None and only_x.grad_bias is None
+    np.testing.assert_array_equal(only_x.grad_input, full.grad_input)
+    only_b = convfast.conv2d_backward(gy, x, w, needs=[False, False, True])
+    np.testing.assert_allclose(only_b.grad_bias, gy.sum(axis=(0, 2, 3)))
+    assert convfast.conv2d_backward(gy, x, w).grad_bias is None  # no bias: no grad_bias by default
+    assert convfast.conv2d_backward(gy, x, w, needs=(False,) * 3) == (None, None, None)
+
+
+def test_degenerate_geometries():
+    # a convolution whose output reads only zero padding: y does not depend on x
+    x = np.arange(2.0).reshape(1, 1, 2)
+    w = np.ones((1, 1, 1))
+    y = convfast.conv1d(x, w, padding=((6, 0),), stride=10)
+    gx, gw, _ = convfast.conv1d_backward(np.ones_like(y), x, w, padding=((6, 0),), stride=10)
+    assert y.shape == (1, 1, 1) and not gx.any() and not gw.any()
+    # a transposed convolution whose every output pixel lies in the output_padding
+    x = np.ones((1, 1, 1))
+    y = convfast.conv_transpose1d(x, w, stride=2, padding=((1, 0),), output_padding=1)
+    gx, gw, gb = convfast.conv_transpose1d_backward(np.ones_like(y), x, w, np.zeros(1), stride=2, padding=((1, 0),),
+                                                    output_padding=1)
+    assert y.shape == (1, 1, 1) and not gx.any() and not gw.any() and gb[0] == 1
+    # an empty batch
+    x = np.ones((0, 2, 5))
+    w = np.ones((3, 2, 3))
+    gx, gw, gb = convfast.conv1d_backward(np.ones((0, 3, 3)), x, w, np.zeros(3))
+    assert gx.shape == (0, 2, 5) and gw.shape == (3, 2, 3) and not gw.any() and not gb.any()
+
+
+@pytest.mark.parametrize("layout", ["strided", "negative", "fortran"])
+def test_operand_memory_layouts(layout):
+    rng = np.random.default_rng(_seed(layout))
+    x = rng.standard_normal((2, 4, 7, 6))
+    w = rng.standard_normal((6, 2, 3, 3))
+    gy = rng.standard_normal((2, 6, 4, 3))
+    kw = dict(stride=2, padding="same", groups=2, padding_mode="reflect")
+    expected = convfast.conv2d_backward(gy, x, w, np.zeros(6), **kw)
+
+    def view(a):
+        if layout == "strided":
+            buf = np.zeros([2 * n for n in a.shape])
+            v = buf[tuple(slice(0, 2 * n, 2) for n in a.shape)]
+            v[...] = a
+            return v
+        if layout == "negative":
+            return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+        return np.asfortranarray(a)
+
+    got = convfast.conv2d_backward(view(gy), view(x), view(w), np.zeros(6), **kw)
+    for a, e in zip(got, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-13, atol=1e-13)
+
+
+@requires_torch
+def test_torch_tensors_come_back_as_tensors():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    gx, gw, gb = convfast.conv2d_backward(gy, x, w, needs=(True, True, True))
+    assert all(isinstance(g, torch.Tensor) for g in (gx, gw, gb))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input, and inputs never mutated
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: convfast.conv2d_backward(np.ones((1, 4, 6, 5)), np.ones((1, 3, 7, 7)), np.ones((4, 3, 3, 3))),
+     ValueError, ["conv2d_backward", "grad_output", "(1, 4, 6, 5)", "(1, 4, 5, 5)"]),
+    (lambda: convfast.conv2d_backward(np.ones((1, 4, 4, 5)), np.ones((1, 3, 7, 7)), np.ones((4, 3, 3, 3)),
+                                      stride=2, padding="same"),
+     ValueError, ["conv2d_backward", "grad_output", "(1, 4, 4, 4)"]),
+    (lambda: convfast.conv_transpose1d_backward(np.ones((1, 2, 3)), np.ones((1, 3, 4)), np.ones((3, 2, 3))),
+     ValueError, ["conv_transpose1d_backward", "grad_output", "(1, 2, 6)"]),
+    (lambda: convfast.conv1d_backward(np.array(["a"] * 3).reshape(1, 1, 3), np.ones((1, 1, 5)), np.ones((1, 1, 3))),
+     TypeError, ["conv1d_backward", "grad_output"]),
+    (lambda: convfast.conv1d_backward(np.ones((1, 1, 3)), np.ones((1, 1, 5)), np.ones((1, 1, 3)), needs=(True, 1, 0)),
+     TypeError, ["conv1d_backward", "needs"]),
+    (lambda: convfast.conv1d_backward(np.ones((1, 1, 3)), np.ones((1, 1, 5)), np.ones((1, 1, 3)), needs=(True,)),
+     ValueError, ["conv1d_backward", "needs"]),
+    (lambda: convfast.conv1d_backward(np.ones((1, 1, 3)), np.ones((1, 1, 5)), np.ones((1, 1, 3)), needs="all"),
+     TypeError, ["conv1d_backward", "needs"]),
+    (lambda: convfast.conv3d_backward(np.ones((1, 1, 3, 3, 3)), np.ones((5, 5)), np.ones((1, 1, 3, 3, 3))),
+     ValueError, ["conv3d_backward", "x"]),
+    (lambda: convfast.conv2d_backward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)), stride=0),
+     ValueError, ["conv2d_backward", "stride"]),
+    (lambda: convfast.conv2d_backward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)),
+                                      padding_mode="mirror"),
+     ValueError, ["conv2d_backward", "padding_mode"]),
+    (lambda: convfast.conv2d_backward(np.ones((1, 1, 3, 3)), np.ones((1, 1, 5, 5)), np.ones((1, 1, 3, 3)),
+                                      np.ones(2)),
+     ValueError, ["conv2d_backward", "bias"]),
+    (lambda: convfast.conv_transpose2d_backward(np.ones((1, 1, 9, 9)), np.ones((1, 1, 4, 4)), np.ones((1, 1, 3, 3)),
+                                                stride=2, output_size=(20, 20)),
+     ValueError, ["conv_transpose2d_backward", "output_size"]),
+])
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_inputs_never_mutated_and_read_only_accepted():
+    rng = np.random.default_rng(3)
+    cases = [
+        (convfast.conv2d_backward, (2, 4, 6, 5), (6, 2, 3, 3), (2, 6, 3, 3),
+         dict(stride=2, padding="same", groups=2, padding_mode="circular")),
+        (convfast.conv2d_backward, (2, 4, 6, 5), (6, 4, 3, 3), (2, 6, 6, 5), dict(padding=1, padding_mode="symmetric")),
+        (convfast.conv_transpose2d_backward, (2, 4, 3, 3), (4, 3, 3, 3), (2, 6, 6, 6),
+         dict(stride=2, padding="same", groups=2)),
+    ]
+    for fn, xs, ws, ys, kw in cases:
+        x, w, gy, b = (rng.standard_normal(s) for s in (xs, ws, ys, (6,)))
+        copies = [a.copy() for a in (x, w, gy, b)]
+        for a in (x, w, gy, b):
+            a.flags.writeable = False
+        grads = fn(gy, x, w, b, **kw)
+        for a, c in zip((x, w, gy, b), copies):
+            np.testing.assert_array_equal(a, c)
+        for g in grads:
+            assert g.flags.writeable and g.flags.c_contiguous
+            assert not any(np.may_share_memory(g, a) for a in (x, w, gy, b))
