@@ -633,20 +633,16 @@ struct ConvPlan<T>::Impl {
     const AxisPlan &a0 = *ph[0], &a1 = *ph[1], &a2 = *ph[2];
     const RowBufferPlan& rb = row_plans[ph[2] - axes[2].data()];
     const int64_t T0 = shape.taps[0], T1 = shape.taps[1], T2 = shape.taps[2];
-    const int64_t cin = p.cin_per_group, cout = p.cout_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
+    const int64_t cin = p.cin_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
     const int64_t K = shape.num_taps * cin, cnt1 = shape.count[1], cnt2 = shape.count[2];
     const int64_t n_slots = (int64_t)rb.residue.size(), L = rb.length;
-    const int pw = tile_m, mro = tile_n;
+    const int pw = tile_m;
     const bool y_unit = p.y_stride[2] == 1 && a2.out_step == 1;
     const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * cs;
     const T** rows = s.src_rows.data();
-    T* panel = s.a_panel.get();
-    const T* const* panel_rows = s.panel_rows.data();
     T* buffers = s.row_buffers.get();
-    T* out = s.out_tile.get();
     const T* zeros = zero_row->get();
-    const DirectUkernel<T> fn = uk.direct[direct_variant];
     // Input rows are cached across output rows (a 3x3 stride-1 layer reads each input row for
     // three output rows): entries are keyed by (i0, i1); an entry used by the current output row is
     // never evicted, and there are twice as many entries as one row needs.
@@ -695,32 +691,13 @@ struct ConvPlan<T>::Impl {
                  (a1.out_start + j1 * a1.out_step) * p.y_stride[1];
       for (int64_t j2 = 0; j2 < cnt2; j2 += pw) {
         const int64_t npix = std::min<int64_t>(pw, cnt2 - j2);
-        // With several output-channel tiles the tile's inputs are read once per tile: copy them
-        // into one sequential panel first, which the hardware prefetcher streams.
-        const T* const* src = rows;
-        int64_t src_offset = j2;
-        if (n_tiles > 1) {
-          for (int64_t kk = 0; kk < K; ++kk) std::memcpy(panel + kk * pw, rows[kk] + j2, sizeof(T) * pw);
-          src = panel_rows;
-          src_offset = 0;
-        }
-        for (int64_t nt = 0; nt < n_tiles; ++nt) {
-          if (K > 0)
-            fn(K, src, src_offset, wp + nt * K * mro, out);
+        direct_tile(p, K, rows, j2, wp, it.g, s, [&](const T* o, T b, int64_t cg) {
+          T* yc = y_row + cg * p.y_stride_c;
+          if (y_unit)
+            store_with_bias(o, b, npix, yc + a2.out_start + j2);
           else
-            std::memset(out, 0, sizeof(T) * static_cast<size_t>(mro * pw));
-          for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
-            const int64_t cg = it.g * cout + nt * mro + r;
-            const T b = p.bias ? p.bias[cg * p.bias_stride] : T(0);
-            T* yc = y_row + cg * p.y_stride_c;
-            const T* o = out + r * pw;
-            if (y_unit) {
-              store_with_bias(o, b, npix, yc + a2.out_start + j2);
-            } else {
-              for (int64_t q = 0; q < npix; ++q) yc[(a2.out_start + (j2 + q) * a2.out_step) * p.y_stride[2]] = o[q] + b;
-            }
-          }
-        }
+            for (int64_t q = 0; q < npix; ++q) yc[(a2.out_start + (j2 + q) * a2.out_step) * p.y_stride[2]] = o[q] + b;
+        });
       }
     }
   }
@@ -741,20 +718,16 @@ struct ConvPlan<T>::Impl {
     const RowBufferPlan& cp = col_plans[ph[2] - axes[2].data()];
     const RowBufferPlan& lp = line_plans[ph[1] - axes[1].data()];
     const int64_t T0 = shape.taps[0], T1 = shape.taps[1], T2 = shape.taps[2], taps = shape.num_taps;
-    const int64_t cin = p.cin_per_group, cout = p.cout_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
+    const int64_t cin = p.cin_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
     const int64_t K = taps * cin, cnt1 = shape.count[1], cnt2 = shape.count[2];
     const int64_t P = cp.length, S1 = (int64_t)lp.residue.size(), S2 = (int64_t)cp.residue.size();
     const int64_t span1 = lp.length - cnt1, blocks1 = ceil_div(cnt1, plane_rows);
-    const int pw = tile_m, mro = tile_n;
+    const int pw = tile_m;
     const bool y_unit = p.y_stride[2] == 1 && a2.out_step == 1;
     const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * cs;
     const T** rows = s.src_rows.data();
-    T* panel = s.a_panel.get();
-    const T* const* panel_rows = s.panel_rows.data();
     T* slabs = s.row_buffers.get();
-    T* out = s.out_tile.get();
-    const DirectUkernel<T> fn = uk.direct[direct_variant];
     for (int64_t m = it.m0; m < it.m1; ++m) {
       const int64_t j0 = m / blocks1, first = (m % blocks1) * plane_rows;
       const int64_t rows_out = std::min(plane_rows, cnt1 - first), rows_in = rows_out + span1;
@@ -790,39 +763,52 @@ struct ConvPlan<T>::Impl {
       const int64_t total = rows_out * P;
       for (int64_t q0 = 0; q0 < total; q0 += pw) {
         const int64_t npix = std::min<int64_t>(pw, total - q0);
-        const T* const* src = rows;
-        int64_t src_offset = q0;
-        if (n_tiles > 1) {
-          for (int64_t kk = 0; kk < K; ++kk) std::memcpy(panel + kk * pw, rows[kk] + q0, sizeof(T) * pw);
-          src = panel_rows;
-          src_offset = 0;
-        }
-        for (int64_t nt = 0; nt < n_tiles; ++nt) {
-          if (K > 0)
-            fn(K, src, src_offset, wp + nt * K * mro, out);
-          else
-            std::memset(out, 0, sizeof(T) * static_cast<size_t>(mro * pw));
-          for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
-            const int64_t cg = it.g * cout + nt * mro + r;
-            const T b = p.bias ? p.bias[cg * p.bias_stride] : T(0);
-            T* yc = y_plane + cg * p.y_stride_c;
-            const T* o = out + r * pw;
-            // The tile's lanes, split at the pitch: each piece is part of one output row.
-            for (int64_t lane = 0; lane < npix;) {
-              const int64_t q = q0 + lane, j1 = q / P, j2 = q % P, run = std::min(npix - lane, P - j2);
-              if (j2 < cnt2) {
-                const int64_t valid = std::min(run, cnt2 - j2);
-                T* y_row = yc + (a1.out_start + (first + j1) * a1.out_step) * p.y_stride[1];
-                if (y_unit)
-                  store_with_bias(o + lane, b, valid, y_row + a2.out_start + j2);
-                else
-                  for (int64_t v = 0; v < valid; ++v)
-                    y_row[(a2.out_start + (j2 + v) * a2.out_step) * p.y_stride[2]] = o[lane + v] + b;
-              }
-              lane += run;
+        direct_tile(p, K, rows, q0, wp, it.g, s, [&](const T* o, T b, int64_t cg) {
+          T* yc = y_plane + cg * p.y_stride_c;
+          // The tile's lanes, split at the pitch: each piece is part of one output row.
+          for (int64_t lane = 0; lane < npix;) {
+            const int64_t q = q0 + lane, j1 = q / P, j2 = q % P, run = std::min(npix - lane, P - j2);
+            if (j2 < cnt2) {
+              const int64_t valid = std::min(run, cnt2 - j2);
+              T* y_row = yc + (a1.out_start + (first + j1) * a1.out_step) * p.y_stride[1];
+              if (y_unit)
+                store_with_bias(o + lane, b, valid, y_row + a2.out_start + j2);
+              else
+                for (int64_t v = 0; v < valid; ++v)
+                  y_row[(a2.out_start + (j2 + v) * a2.out_step) * p.y_stride[2]] = o[lane + v] + b;
             }
+            lane += run;
           }
-        }
+        });
+      }
+    }
+  }
+
+  // One pixel tile of the direct path, at offset of the K source rows: every output-channel tile of
+  // the group through the micro-kernel, then write(results, bias, channel) per output channel.
+  template <typename Write>
+  void direct_tile(const ConvProblem<T>& p, int64_t K, const T* const* rows, int64_t offset, const T* wp, int64_t g,
+                   ThreadScratch<T>& s, Write&& write) const {
+    const int pw = tile_m, mro = tile_n;
+    const int64_t cout = p.cout_per_group;
+    T* out = s.out_tile.get();
+    // With several output-channel tiles the tile's inputs are read once per channel tile: copy them
+    // into one sequential panel first, which the hardware prefetcher streams.
+    const T* const* src = rows;
+    if (n_tiles > 1) {
+      T* panel = s.a_panel.get();
+      for (int64_t kk = 0; kk < K; ++kk) std::memcpy(panel + kk * pw, rows[kk] + offset, sizeof(T) * pw);
+      src = s.panel_rows.data();
+      offset = 0;
+    }
+    for (int64_t nt = 0; nt < n_tiles; ++nt) {
+      if (K > 0)
+        uk.direct[direct_variant](K, src, offset, wp + nt * K * mro, out);
+      else
+        std::memset(out, 0, sizeof(T) * static_cast<size_t>(mro * pw));
+      for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
+        const int64_t cg = g * cout + nt * mro + r;
+        write(out + r * pw, p.bias ? p.bias[cg * p.bias_stride] : T(0), cg);
       }
     }
   }
