@@ -38,3 +38,16 @@ def assert_close(actual, expected, dtype=None, reduction_size=1):
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
     assert err <= tolerance(dtype, reduction_size) * scale, f"max abs error {err} > {tolerance(dtype, reduction_size) * scale}"
+
+
+def assert_torch_close(actual, expected, dtype, reduction_size=1):
+    """Within twice convfast's documented bound (the oracle, PyTorch or NumPy, carries its own
+    rounding), relative to the expected result's scale; dtype must match exactly."""
+    expected = expected.detach().numpy() if hasattr(expected, "detach") else np.asarray(expected)
+    actual = np.asarray(actual)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
+    bound = 2 * tolerance(dtype, reduction_size) * scale
+    assert err <= bound, f"max abs error {err} > {bound}"

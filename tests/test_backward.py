@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import convfast
 from convfast import backward as bw_module
 from convfast._spec import conv_spec, conv_transpose_spec
-from conftest import requires_torch, tolerance
+from conftest import assert_torch_close, requires_torch
 
 try:
     import torch
@@ -41,16 +41,7 @@ def _seed(obj):
 
 
 def _close(actual, expected, dtype, reduction_size):
-    """Within twice convfast's documented bound (the oracle carries its own rounding), relative to
-    the expected result's scale."""
-    expected = expected.detach().numpy() if hasattr(expected, "detach") else np.asarray(expected)
-    actual = np.asarray(actual)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
-    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
-    bound = 2 * tolerance(dtype, reduction_size) * scale
-    assert err <= bound, f"max abs error {err} > {bound}"
+    assert_torch_close(actual, expected, dtype, reduction_size)
 
 
 def _t(a, grad=False):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import convfast
-from conftest import requires_torch, tolerance
+from conftest import assert_torch_close, requires_torch
 
 pytestmark = [requires_torch,
               pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")]
@@ -46,15 +46,6 @@ def _t(a):
     return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
 
-def assert_torch_close(actual, expected, dtype, reduction_size=1):
-    expected = expected.detach().numpy() if hasattr(expected, "detach") else np.asarray(expected)
-    actual = np.asarray(actual)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
-    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
-    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
-    bound = 2 * tolerance(dtype, reduction_size) * scale
-    assert err <= bound, f"max abs error {err} > {bound}"
 
 
 def _explicit_pad(x, pads, mode):

@@ -421,11 +421,17 @@ def compare_case(case: Case, dtype="float32", layout: str = "channels_first", th
         fns["numpy"] = lambda: run_reference(case, inputs)
     if result["ok"] is False:
         return result
+    return _record_timings(case, fns, budget_s, result, "forward")
+
+
+def _record_timings(case: Case, fns: Dict[str, Callable[[], object]], budget_s: float, result: dict,
+                    pass_: str) -> dict:
+    """Time fns interleaved; add each one's median/min ms and GFLOP/s and the speedups to result."""
     timings = measure_interleaved(fns, budget_s=budget_s)
     for name, t in timings.items():
         result[f"{name}_ms"] = t["median_ms"]
         result[f"{name}_min_ms"] = t["min_ms"]
-        result[f"{name}_gflops"] = gflops(case, t["median_ms"])
+        result[f"{name}_gflops"] = gflops(case, t["median_ms"], pass_)
         result["rounds"] = t["rounds"]
     for name in ("torch", "numpy"):
         if f"{name}_ms" in result:
@@ -446,15 +452,7 @@ def _compare_backward(case: Case, inputs: Inputs, result: dict, against: Sequenc
         fns["torch"] = lambda: run_torch_backward(case, inputs, gy)
     if result["ok"] is False:
         return result
-    timings = measure_interleaved(fns, budget_s=budget_s)
-    for name, t in timings.items():
-        result[f"{name}_ms"] = t["median_ms"]
-        result[f"{name}_min_ms"] = t["min_ms"]
-        result[f"{name}_gflops"] = gflops(case, t["median_ms"], "backward")
-        result["rounds"] = t["rounds"]
-    if "torch_ms" in result:
-        result["speedup_vs_torch"] = result["torch_ms"] / result["convfast_ms"]
-    return result
+    return _record_timings(case, fns, budget_s, result, "backward")
 
 
 def geometric_mean(values: Sequence[float]) -> float:
