@@ -1,7 +1,6 @@
 """Regression tests for the reliability findings (issue 6): misaligned operands, non-finite weights in
 transposed convolutions, strides far larger than the kernel, memory that must not scale with the
 stride or with an axis' length, and pad's argument checks matching np.pad."""
-import resource
 import subprocess
 import sys
 import textwrap
