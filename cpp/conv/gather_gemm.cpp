@@ -594,7 +594,7 @@ struct ConvPlan<T>::Impl {
       const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
       const int64_t span1 = lp.length - ph[1]->count;
       size = std::max(size, cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
-                                (plane_rows + span1) * cp.length + uk.pw[direct_variant]);
+                                (plane_rows + span1) * cp.length + cp.length + uk.pw[direct_variant]);
     }
     plane_mode = true;
     row_buffer_size = size;
@@ -735,8 +735,9 @@ struct ConvPlan<T>::Impl {
       auto slab = [&](int64_t t0, int64_t ci, int64_t s1, int64_t s2) {
         return slabs + (((t0 * cin + ci) * S1 + s1) * S2 + s2) * slab_size;
       };
-      // Fill the slabs; the pw entries after the last slab are read only by dropped lanes.
-      std::fill(slabs + T0 * cin * S1 * S2 * slab_size, slabs + T0 * cin * S1 * S2 * slab_size + pw, T(0));
+      // Fill the slabs. Dropped lanes of the last tiles read up to (axis-2 span + pw - 1) entries past
+      // a slab's end: into the next slab, or into P + pw zeroed entries after the last one.
+      std::fill(slabs + T0 * cin * S1 * S2 * slab_size, slabs + T0 * cin * S1 * S2 * slab_size + P + pw, T(0));
       for (int64_t t0 = 0; t0 < T0; ++t0) {
         const int64_t i0 = a0.index(j0, t0);
         for (int64_t ci = 0; ci < cin; ++ci)
