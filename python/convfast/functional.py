@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _core, reference
 from ._interop import output_wrapper, to_numpy
+from .cuda._dispatch import cuda_backend, select_device
 from ._spec import (ConvSpec, PADDING_MODES, as_array, conv_spec, conv_transpose_spec, normalize_padding_mode,
                     NUMPY_PAD_MODE)
 
@@ -141,7 +142,10 @@ def _make_conv(rank: int):
     name = f"conv{rank}d"
 
     def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
-             data_format="channels_first", out=None):
+             data_format="channels_first", out=None, device=None):
+        if select_device(name, device, x, weight=weight, bias=bias, out=out) == "cuda":
+            return cuda_backend(name).conv(name, rank, x, weight, bias, out, stride, padding, dilation, groups,
+                                           padding_mode, data_format)
         wrap = output_wrapper(x)
         x, weight, bias = _arrays(name, x, weight, bias)
         spec = conv_spec(name, rank, x, weight, bias, stride, padding, dilation, groups, padding_mode, data_format)
@@ -166,11 +170,15 @@ def _make_conv(rank: int):
         resolved. reflect needs padding smaller than the input size.
     data_format : "channels_first" or "channels_last" (weights keep their layout).
     out : optional C-contiguous or strided array of the result's shape and dtype to write into.
+    device : None (default: the GPU iff x is a GPU array -- CuPy, PyTorch CUDA, Numba device array
+        -- and the CPU otherwise), "cuda" (host inputs are copied to the GPU, the result comes back
+        to the host) or "cpu". See docs/gpu.md.
 
     Returns
     -------
     A new C-contiguous array (or ``out``): float32 when every operand is float32 (or float16),
-    float64 otherwise; integer and bool inputs are computed as float64.
+    float64 otherwise; integer and bool inputs are computed as float64. GPU inputs give a GPU
+    array of x's kind.
 
     Example
     -------
@@ -187,7 +195,10 @@ def _make_conv_transpose(rank: int):
     name = f"conv_transpose{rank}d"
 
     def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
-                       output_size=None, data_format="channels_first", out=None):
+                       output_size=None, data_format="channels_first", out=None, device=None):
+        if select_device(name, device, x, weight=weight, bias=bias, out=out) == "cuda":
+            return cuda_backend(name).conv_transpose(name, rank, x, weight, bias, out, stride, padding,
+                                                     output_padding, groups, dilation, output_size, data_format)
         wrap = output_wrapper(x)
         x, weight, bias = _arrays(name, x, weight, bias)
         spec = conv_transpose_spec(name, rank, x, weight, bias, stride, padding, output_padding, groups,
@@ -216,6 +227,7 @@ def _make_conv_transpose(rank: int):
         output_padding, ValueError if unreachable.
     data_format : "channels_first" or "channels_last".
     out : optional output array.
+    device : None (the GPU iff x is a GPU array), "cuda" or "cpu", as for conv{rank}d.
 
     Output size per axis: (in - 1) * stride - pad_before - pad_after + dilation * (k - 1) + 1
     + output_padding.

@@ -5,6 +5,7 @@ extras (strided "same", "same_lower", every padding mode, channels_last, dtype) 
 or a ``numpy.random.Generator``) for PyTorch's default initialisation U(-1/sqrt(fan_in),
 1/sqrt(fan_in)). The weights are read-only arrays: replace them with ``layer.weight = new`` (the
 compiled plans cache a packed copy), or build a layer around existing ones with ``from_weights``.
+``layer.to("cuda")`` keeps a device copy of the weights for GPU calls (see docs/gpu.md).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from ._spec import (as_array, as_int, conv_spec, conv_transpose_spec, normalize_data_format, normalize_padding,
                     normalize_padding_mode, per_axis)
 from ._interop import output_wrapper, to_numpy
+from .cuda._dispatch import cuda_backend, normalize_device, select_device
 from .functional import run_spec
 
 
@@ -60,6 +62,8 @@ class _ConvLayer:
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(shape[1] * math.prod(self.kernel_size))
         self._plans = {}
+        self._device = None  # None: run where x lives; "cpu" / "cuda" after .to()
+        self._gpu = None     # the device copy of weight and bias (convfast.cuda._engine.LayerState)
         self._weight = _frozen(rng.uniform(-bound, bound, shape), self.dtype)
         self._bias = _frozen(rng.uniform(-bound, bound, self.out_channels), self.dtype) if bias else None
 
@@ -74,6 +78,7 @@ class _ConvLayer:
             raise ValueError(f"{type(self).__name__}: weight must have shape {self._weight.shape}, got {value.shape}")
         self._weight = _frozen(value, self.dtype)
         self._plans = {}  # the cached plans hold the old weights, packed
+        self._refresh_gpu()
 
     @property
     def bias(self):
@@ -83,11 +88,46 @@ class _ConvLayer:
     def bias(self, value):
         if value is None:
             self._bias = None
-            return
-        value = as_array(type(self).__name__, "bias", value)
-        if value.shape != (self.out_channels,):
-            raise ValueError(f"{type(self).__name__}: bias must have shape ({self.out_channels},), got {value.shape}")
-        self._bias = _frozen(value, self.dtype)
+        else:
+            value = as_array(type(self).__name__, "bias", value)
+            if value.shape != (self.out_channels,):
+                raise ValueError(f"{type(self).__name__}: bias must have shape ({self.out_channels},), "
+                                 f"got {value.shape}")
+            self._bias = _frozen(value, self.dtype)
+        self._refresh_gpu()
+
+    # -- device placement ---------------------------------------------------------------------
+
+    @property
+    def device(self):
+        """None (default: each call runs where its x lives), "cpu" or "cuda" (set by ``to``)."""
+        return self._device
+
+    def to(self, device):
+        """``to("cuda")``: keep a device copy of weight and bias (uploaded now, packed once per input
+        geometry) and run every call on the GPU (host inputs come back as host arrays);
+        ``to("cpu")``: drop the device copy and run on the CPU (GPU inputs are then an error);
+        ``to(None)``: drop it, and run each call where its x lives. Returns the layer."""
+        name = type(self).__name__
+        key = normalize_device(name, device)
+        if key == "cuda":
+            self._gpu = cuda_backend(name).LayerState(self._weight, self._bias)
+        else:
+            self._gpu = None
+        self._device = key
+        return self
+
+    def _refresh_gpu(self):
+        # new weights: the device copy (and its packed weights) is stale
+        if getattr(self, "_gpu", None) is not None:
+            self._gpu = cuda_backend(type(self).__name__).LayerState(self._weight, self._bias)
+
+    def _run_gpu(self, x, out, make_spec):
+        name = type(self).__name__
+        backend = cuda_backend(name)
+        if self._gpu is None:  # a GPU input to a layer that was not moved: the copy is kept for later calls
+            self._gpu = backend.LayerState(self._weight, self._bias)
+        return backend.run_layer(name, x, self._gpu, make_spec, out)
 
     @classmethod
     def from_weights(cls, weight, bias=None, **params):
@@ -117,6 +157,8 @@ class _ConvLayer:
 
     def __call__(self, x, *, out=None):
         name = type(self).__name__
+        if select_device(name, self._device, x, out=out) == "cuda":
+            return self._run_gpu(x, out, self.spec)
         wrap = output_wrapper(x)
         x = as_array(name, "x", x)
         return wrap(run_spec(self.spec(x), x, self._weight, self._bias, to_numpy(name, "out", out), plans=self._plans))
@@ -148,11 +190,17 @@ class _ConvTranspose(_ConvLayer):
 
     def __call__(self, x, *, output_size=None, out=None):
         name = type(self).__name__
+
+        def make_spec(x):
+            return conv_transpose_spec(name, self._rank, x, self._weight, self._bias, self.stride, self.padding,
+                                       0 if output_size is not None else self.output_padding, self.groups,
+                                       self.dilation, output_size, self.data_format)
+
+        if select_device(name, self._device, x, out=out) == "cuda":
+            return self._run_gpu(x, out, make_spec)
         wrap = output_wrapper(x)
         x = as_array(name, "x", x)
-        spec = conv_transpose_spec(name, self._rank, x, self._weight, self._bias, self.stride, self.padding,
-                                   0 if output_size is not None else self.output_padding, self.groups, self.dilation,
-                                   output_size, self.data_format)
+        spec = make_spec(x)
         return wrap(run_spec(spec, x, self._weight, self._bias, to_numpy(name, "out", out), plans=self._plans))
 
     forward = __call__
