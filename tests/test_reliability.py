@@ -172,6 +172,8 @@ def test_direct_row_and_plane_modes_agree_with_reference(direct_mode, seed, monk
     monkeypatch.setenv("CONVFAST_ALGO", "direct")
     if direct_mode == "rows":
         monkeypatch.setenv("CONVFAST_DIRECT", "rows")
+    else:
+        monkeypatch.delenv("CONVFAST_DIRECT", raising=False)
     rng = np.random.default_rng(seed)
     rank = int(rng.integers(1, 4))
     groups = int(rng.choice([1, 2]))
