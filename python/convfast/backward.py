@@ -378,11 +378,7 @@ def conv_transpose_backward_spec(spec: ConvSpec, gy: np.ndarray, x: np.ndarray, 
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
-def _arrays(func, x, weight, bias):
-    x = as_array(func, "x", x)
-    weight = as_array(func, "weight", weight)
-    bias = None if bias is None else as_array(func, "bias", bias)
-    return x, weight, bias
+_arrays = _ops._arrays  # the forward operators' operand conversion
 
 
 def _make_conv_backward(rank: int):
