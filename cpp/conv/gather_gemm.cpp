@@ -23,6 +23,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "convfast/dispatch.hpp"
@@ -111,37 +112,29 @@ AxisPlan forward_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, 
 // Only residues that some tap reaches become phases (at most k of them, however large the stride);
 // the outputs of the others receive no product and are set to the bias by execute().
 std::vector<AxisPlan> transposed_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, int64_t pb) {
-  std::vector<AxisPlan> phases;
-  std::vector<int64_t> phase_of_residue;  // small strides: residue -> index in phases, or -1
-  const bool dense = s <= 4096;
-  if (dense) phase_of_residue.assign(static_cast<size_t>(s), -1);
-  phases.reserve(static_cast<size_t>(std::min({k, s, out})));
+  // (residue, tap) for every tap whose outputs are not all cropped; sorted, each residue's taps are
+  // consecutive and in kernel order.
+  std::vector<std::pair<int64_t, int64_t>> reach;
+  reach.reserve(static_cast<size_t>(k));  // a huge (broadcast) kernel fails here, before any work
   for (int64_t t = 0; t < k; ++t) {
-    const int64_t o = t * d - pb;            // output coordinate of input 0 through tap t
+    const int64_t o = t * d - pb;               // output coordinate of input 0 through tap t
     const int64_t r = o - floor_div(o, s) * s;  // its residue, in [0, s)
-    if (r >= out) continue;                  // every output it would reach is cropped
-    int64_t idx = -1;
-    if (dense) {
-      idx = phase_of_residue[r];
-    } else {
-      for (size_t q = 0; q < phases.size() && idx < 0; ++q)
-        if (phases[q].out_start == r) idx = static_cast<int64_t>(q);
-    }
-    if (idx < 0) {
+    if (r < out) reach.emplace_back(r, t);
+  }
+  std::sort(reach.begin(), reach.end());
+  std::vector<AxisPlan> phases;
+  for (const auto& [r, t] : reach) {
+    if (phases.empty() || phases.back().out_start != r) {
       AxisPlan a;
       a.out_start = r;
       a.out_step = s;
       a.count = ceil_div(out - r, s);
       a.in_size = in;
-      idx = static_cast<int64_t>(phases.size());
-      if (dense) phase_of_residue[r] = idx;
       phases.push_back(std::move(a));
     }
-    phases[idx].taps.push_back(t);
-    phases[idx].tap_offset.push_back((r + pb - t * d) / s);  // exact: r + pb - t*d is a multiple of s
+    phases.back().taps.push_back(t);
+    phases.back().tap_offset.push_back((r + pb - t * d) / s);  // exact: r + pb - t*d is a multiple of s
   }
-  // Phases in output order, so that the work items walk y forwards.
-  std::sort(phases.begin(), phases.end(), [](const AxisPlan& a, const AxisPlan& b) { return a.out_start < b.out_start; });
   return phases;
 }
 
@@ -579,23 +572,29 @@ struct ConvPlan<T>::Impl {
       line_plans.emplace_back(a1, 1, int64_t(1) << 22);
       if (!line_plans.back().usable) return col_plans.clear(), line_plans.clear();
     }
-    int64_t rows = INT64_MAX, size = 0;
+    // Per phase: elements of one buffered row across all slabs, the extra rows the axis-1 taps
+    // read, and the pitch.
+    struct SlabShape {
+      int64_t row_elements, span1, pitch;
+    };
+    std::vector<SlabShape> shapes;
     for (const Phase& ph : phases) {
       const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
-      const int64_t span1 = lp.length - ph[1]->count;
-      const int64_t per_row = cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
-                              cp.length;
-      const int64_t fit = kBudgetBytes / (int64_t)sizeof(T) / std::max<int64_t>(per_row, 1) - span1;
-      rows = std::min(rows, std::min(fit, ph[1]->count));
-      if (fit < std::min(kMinRows, ph[1]->count)) return col_plans.clear(), line_plans.clear();
+      shapes.push_back({cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
+                            cp.length,
+                        lp.length - ph[1]->count, cp.length});
+    }
+    int64_t rows = INT64_MAX, size = 0;
+    for (size_t i = 0; i < phases.size(); ++i) {
+      const int64_t count1 = phases[i][1]->count;
+      const int64_t fit = kBudgetBytes / (int64_t)sizeof(T) / std::max<int64_t>(shapes[i].row_elements, 1) -
+                          shapes[i].span1;
+      rows = std::min(rows, std::min(fit, count1));
+      if (fit < std::min(kMinRows, count1)) return col_plans.clear(), line_plans.clear();
     }
     plane_rows = std::max<int64_t>(rows, 1);
-    for (const Phase& ph : phases) {
-      const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
-      const int64_t span1 = lp.length - ph[1]->count;
-      size = std::max(size, cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
-                                (plane_rows + span1) * cp.length + cp.length + uk.pw[direct_variant]);
-    }
+    for (const SlabShape& sh : shapes)  // the slabs, then the slack read by dropped lanes (direct_planes)
+      size = std::max(size, sh.row_elements * (plane_rows + sh.span1) + sh.pitch + uk.pw[direct_variant]);
     plane_mode = true;
     row_buffer_size = size;
     max_cache_entries = 0;
