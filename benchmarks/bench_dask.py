@@ -18,11 +18,12 @@ script:  python -m benchmarks.bench_dask [--repeats 3]   (prints one table; run 
 import argparse
 import os
 import platform
-import time
 
 import numpy as np
 
 import convfast
+
+from .bench_conv import _best_seconds
 
 try:
     import dask
@@ -56,15 +57,6 @@ def chunk_shape(case, chunk):
     if chunk == "slab":
         return (n // 4, n // 4, n)
     return (int(chunk.split("^")[0]),) * 3
-
-
-def _best(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class DaskConv3d:
@@ -106,13 +98,13 @@ class DaskConv3d:
         self.run_in_memory()
 
     def track_voxels_per_second_chunked(self, case, chunk, threads):
-        return self.voxels / _best(self.run_chunked, 3)
+        return self.voxels / _best_seconds(self.run_chunked, 3)
 
     track_voxels_per_second_chunked.unit = "voxels/s"
 
     def track_chunked_over_in_memory(self, case, chunk, threads):
         """Throughput ratio (1.0 = no overhead)."""
-        return _best(self.run_in_memory, 3) / _best(self.run_chunked, 3)
+        return _best_seconds(self.run_in_memory, 3) / _best_seconds(self.run_chunked, 3)
 
     track_chunked_over_in_memory.unit = "x"
 
@@ -138,8 +130,8 @@ def main():
                     got, ref = bench.run_chunked(), bench.run_in_memory()
                     bitwise = bool(np.array_equal(got, ref))
                     assert bitwise or np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), (case, chunk)
-                    t_mem = _best(bench.run_in_memory, args.repeats)
-                    t_chunk = _best(bench.run_chunked, args.repeats)
+                    t_mem = _best_seconds(bench.run_in_memory, args.repeats)
+                    t_chunk = _best_seconds(bench.run_chunked, args.repeats)
                 finally:
                     bench.teardown(case, chunk, threads)
                 print(f"{case:<8} {chunk:>5} {threads:>7} {bench.y.npartitions:>6} {bench.voxels / t_mem / 1e6:>17.1f} "
