@@ -367,7 +367,7 @@ struct ThreadScratch {
 };
 
 // Where each pixel of the block reads for each tap (spatial offset into x, or kOutside for a zero), and
-// where it writes.
+// (unless yoff is null) where it writes.
 template <typename T>
 void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& shape, int64_t m0, int64_t mcount,
                    int64_t* xoff, int64_t* yoff) {
@@ -377,9 +377,10 @@ void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& s
   int64_t j1 = (m0 / shape.count[2]) % shape.count[1];
   int64_t j0 = m0 / (shape.count[2] * shape.count[1]);
   for (int64_t mi = 0; mi < mcount; ++mi) {
-    yoff[mi] = (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
-               (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
-               (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
+    if (yoff)
+      yoff[mi] = (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
+                 (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
+                 (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
     int64_t* row = xoff + mi * T_;
     for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0) {
       const int64_t i0 = ph[0]->index(j0, t0);
@@ -417,6 +418,16 @@ struct ConvPlan<T>::Impl {
   const char* isa = "";
   bool direct = false;   // pixel-vector kernel (depthwise / small groups) instead of GEMM
   bool outputs_uncovered = false;  // transposed: some outputs receive no product (stride > kernel span)
+  // GEMM, several phases of equal pixel counts (a transposed convolution whose output is stride x
+  // its input, the common case): one work item runs a pixel block through every phase and then
+  // writes the phases' interleaved outputs together, each output cache line once. Written phase by
+  // phase, a line is fetched once per phase, and with power-of-two channel strides the lines of
+  // one block conflict in L2 (measured: 3-D k2s2 spent a third of its time in those writes).
+  bool fuse_phases = false;
+  // Fused phases that also read the same input pixels for every tap (kernel size = stride, no
+  // cropping: the U-Net up-convolution) pack the input patches once for all phases when K fits one
+  // K block.
+  bool phases_share_patches = false;
   int tile_m = 0;        // pixels per micro-tile (GEMM: MR; direct: PW)
   int tile_n = 0;        // output channels per micro-tile (GEMM: NR; direct: MRO)
   int direct_variant = 0;
@@ -477,6 +488,18 @@ struct ConvPlan<T>::Impl {
     n_tiles = ceil_div(cout, tile_n);
     nt_per_block = direct ? n_tiles : std::max<int64_t>(1, 256 / tile_n);
     ldc = std::min<int64_t>(n_tiles, nt_per_block) * tile_n;
+    fuse_phases = !direct && phases.size() > 1 && phases.size() <= 64;
+    for (const Phase& ph : phases)
+      for (int a = 0; a < kSpatialRank; ++a)
+        fuse_phases = fuse_phases && ph[a]->count == phases[0][a]->count && ph[a]->out_step == phases[0][a]->out_step;
+    phases_share_patches = fuse_phases;
+    for (const Phase& ph : phases)
+      for (int a = 0; a < kSpatialRank; ++a)
+        phases_share_patches = phases_share_patches && ph[a]->in_step == phases[0][a]->in_step &&
+                               ph[a]->tap_offset == phases[0][a]->tap_offset;
+    if (fuse_phases)  // the C blocks of all phases together stay near L2 size
+      mc_max = std::max<int64_t>(
+          tile_m, std::min<int64_t>(mc_max, 262144 / (ldc * (int64_t)phases.size() * (int64_t)sizeof(T)) / tile_m * tile_m));
 
     // Packed weights: one panel set [n_tile][K][tile_n] per (group, phase).
     wpack_offset.assign(static_cast<size_t>(checked_mul(G, (int64_t)phases.size())) + 1, 0);
@@ -600,17 +623,17 @@ struct ConvPlan<T>::Impl {
     max_cache_entries = 0;
   }
 
+  // reuse_patches: the A panel already holds this block's patches for all of K (K <= kc_max).
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
-                  ThreadScratch<T>& s) const {
+                  ThreadScratch<T>& s, T* C, bool reuse_patches) const {
     const int mr = tile_m, nr = tile_n;
     const int64_t T_ = shape.num_taps, cin = p.cin_per_group;
     const int64_t K = T_ * cin, mcount = it.m1 - it.m0, m_tiles = ceil_div(mcount, mr);
     T* A = s.a_panel.get();
-    T* C = s.c_block.get();
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(m_tiles * mr * ldc));
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
-      for (int64_t mt = 0; mt < m_tiles; ++mt)
+      for (int64_t mt = 0; mt < m_tiles && !reuse_patches; ++mt)
         pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, mr, mt, k0, kc, s.tap_kind.data(),
                            s.tap_base.data(), s.tap_step.data(), A + mt * mr * kc);
       for (int64_t nt = 0; nt < it.nt1 - it.nt0; ++nt) {
@@ -843,24 +866,42 @@ struct ConvPlan<T>::Impl {
   void run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
     if (plane_mode) return direct_planes(p, it, s);
     if (direct) return direct_rows(p, it, s);
-    const Phase& ph = phases[it.phase];
-    const PhaseShape shape(ph);
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group, mcount = it.m1 - it.m0;
-    const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
     int64_t* yoff = s.y_offsets.get();
-    block_offsets(p, ph, shape, it.m0, mcount, s.x_offsets.get(), yoff);
-    gemm_block(p, shape, it, wp, xg, s);
-    // Scatter the block to y, adding the bias.
+    // The item's phases (fused: all of them, on the same pixels) and where each one's outputs lie
+    // relative to the first's.
+    const int64_t first = fuse_phases ? 0 : it.phase, count = fuse_phases ? (int64_t)phases.size() : 1;
+    const int64_t c_size = mc_max * ldc;
+    int64_t delta[64];
+    for (int64_t q = 0; q < count; ++q) {
+      const Phase& ph = phases[first + q];
+      const PhaseShape shape(ph);
+      delta[q] = 0;
+      for (int a = 0; a < kSpatialRank; ++a) delta[q] += (ph[a]->out_start - phases[first][a]->out_start) * p.y_stride[a];
+      const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + first + q];
+      const bool reuse = q > 0 && phases_share_patches && shape.num_taps * cin <= kc_max;
+      if (!reuse) block_offsets(p, ph, shape, it.m0, mcount, s.x_offsets.get(), q == 0 ? yoff : nullptr);
+      gemm_block(p, shape, it, wp, xg, s, s.c_block.get() + q * c_size, reuse);
+    }
+    // Scatter the blocks to y, adding the bias; the phases of one pixel are written together. C is
+    // pixel-major and y channel-major: walking blocks of 16 pixels keeps the C lines being read
+    // (one per pixel and phase) in L1 across consecutive channels, where a whole column per channel
+    // fetched every C element from L2 (a third of the time of short-K layers such as k2s2 up-convs).
+    constexpr int64_t kPixelBlock = 16;
     const T* C = s.c_block.get();
     T* yn = p.y + it.n * p.y_stride_n;
     const int64_t co_begin = it.nt0 * tile_n, co_end = std::min(it.nt1 * tile_n, cout);
-    for (int64_t co = co_begin; co < co_end; ++co) {
-      const int64_t cg = it.g * cout + co;
-      const T b = p.bias ? p.bias[cg * p.bias_stride] : T(0);
-      T* yc = yn + cg * p.y_stride_c;
-      const T* ccol = C + (co - co_begin);
-      for (int64_t mi = 0; mi < mcount; ++mi) yc[yoff[mi]] = ccol[mi * ldc] + b;
+    for (int64_t m0 = 0; m0 < mcount; m0 += kPixelBlock) {
+      const int64_t m1 = std::min(mcount, m0 + kPixelBlock);
+      for (int64_t co = co_begin; co < co_end; ++co) {
+        const int64_t cg = it.g * cout + co;
+        const T b = p.bias ? p.bias[cg * p.bias_stride] : T(0);
+        T* yc = yn + cg * p.y_stride_c;
+        const T* ccol = C + (co - co_begin);
+        for (int64_t q = 0; q < count; ++q)
+          for (int64_t mi = m0; mi < m1; ++mi) yc[yoff[mi] + delta[q]] = ccol[q * c_size + mi * ldc] + b;
+      }
     }
   }
 
@@ -885,38 +926,55 @@ struct ConvPlan<T>::Impl {
     for (int a = 0; a < kSpatialRank; ++a)
       if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
     if (outputs_uncovered) fill_with_bias(p);
+    // Items are ordered block by block with the stride phases of a block adjacent: the phases of a
+    // transposed convolution interleave their outputs (stride 2: every other element of every other
+    // row), so running a block's phases back to back on one thread completes each output cache line
+    // while it is still in L2 instead of fetching it once per phase (measured: 3-D k2s2 spent a third
+    // of its time in those writes).
+    const int64_t n_phases = (int64_t)phases.size();
+    std::vector<int64_t> rows_of(n_phases), step_of(n_phases);
+    int64_t max_blocks = 0;
+    for (int64_t ph = 0; ph < n_phases; ++ph) {
+      const PhaseShape shape(phases[ph]);
+      // GEMM items are blocks of pixels; direct items are blocks of output rows; plane-mode
+      // items are blocks of plane_rows rows of one output plane.
+      rows_of[ph] = plane_mode ? shape.count[0] * ceil_div(shape.count[1], plane_rows)
+                    : direct   ? shape.count[0] * shape.count[1]
+                               : shape.num_pixels;
+      step_of[ph] = plane_mode ? 1 : direct ? std::max<int64_t>(1, 256 / shape.count[2]) : mc_max;
+      max_blocks = std::max(max_blocks, ceil_div(rows_of[ph], step_of[ph]));
+    }
     std::vector<WorkItem> items;
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t g = 0; g < G; ++g)
-        for (int64_t ph = 0; ph < (int64_t)phases.size(); ++ph) {
-          const PhaseShape shape(phases[ph]);
-          // GEMM items are blocks of pixels; direct items are blocks of output rows; plane-mode
-          // items are blocks of plane_rows rows of one output plane.
-          const int64_t M = plane_mode ? shape.count[0] * ceil_div(shape.count[1], plane_rows)
-                            : direct   ? shape.count[0] * shape.count[1]
-                                       : shape.num_pixels;
-          const int64_t step = plane_mode ? 1 : direct ? std::max<int64_t>(1, 256 / shape.count[2]) : mc_max;
-          for (int64_t m0 = 0; m0 < M; m0 += step)
+        for (int64_t b = 0; b < max_blocks; ++b)
+          for (int64_t ph = 0; ph < (fuse_phases ? 1 : n_phases); ++ph) {
+            const int64_t m0 = b * step_of[ph], M = rows_of[ph];
+            if (m0 >= M) continue;
             for (int64_t nt0 = 0; nt0 < n_tiles; nt0 += nt_per_block)
-              items.push_back({n, g, ph, m0, std::min(M, m0 + step), nt0, std::min(n_tiles, nt0 + nt_per_block)});
-        }
+              items.push_back({n, g, ph, m0, std::min(M, m0 + step_of[ph]), nt0, std::min(n_tiles, nt0 + nt_per_block)});
+          }
     const int nthreads =
         static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (int64_t)items.size())));
+    // Several phases: contiguous runs of items per thread (the blocks above stay together);
+    // one phase: dynamic, for balance.
+    const int64_t chunk = n_phases > 1 ? ceil_div((int64_t)items.size(), nthreads) : 1;
     const int64_t a_panel = direct ? checked_mul(max_k, tile_m) : checked_mul(mc_max, kc_max);
     std::vector<std::unique_ptr<ThreadScratch<T>>> scratch;
     for (int t = 0; t < nthreads; ++t)
-      scratch.emplace_back(new ThreadScratch<T>(direct ? 1 : mc_max, a_panel, direct ? 1 : ldc, direct ? 0 : max_taps,
+      scratch.emplace_back(new ThreadScratch<T>(direct ? 1 : mc_max, a_panel,
+                                                direct ? 1 : ldc * (fuse_phases ? n_phases : 1), direct ? 0 : max_taps,
                                                 direct ? max_k : 0, (int64_t)tile_m * tile_n, row_buffer_size));
     if (direct)
       for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m, max_cache_entries);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
     for (int64_t i = 0; i < (int64_t)items.size(); ++i) run_item(p, items[i], *scratch[omp_get_thread_num()]);
     t_last_algorithm = describe() + " threads=" + std::to_string(nthreads);
   }
 
   std::string describe() const {
     return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
-           std::to_string(tile_n) + " phases=" + std::to_string(phases.size());
+           std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "");
   }
 };
 
