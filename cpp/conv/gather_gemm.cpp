@@ -346,6 +346,8 @@ struct ThreadScratch {
   std::vector<const T*> src_rows, panel_rows;
   std::vector<int64_t> cache_key0, cache_key1, cache_stamp;  // direct path: row-buffer cache entries
   std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile
+  std::vector<int64_t> tile_anchor, tile_offset;  // GEMM: per m-tile, read in place (see gemm_block)
+  std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
   std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
                 int64_t row_buffer_size)
@@ -353,6 +355,8 @@ struct ThreadScratch {
         x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
         src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
         tap_kind(static_cast<size_t>(std::max<int64_t>(max_taps, 1))),
+        tile_anchor(static_cast<size_t>(mc)), tile_offset(static_cast<size_t>(mc)),
+        a_rows(static_cast<size_t>(max_taps > 0 ? checked_mul(mc, a_panel_size / mc) : 0)),
         tap_base(tap_kind.size()),
         tap_step(tap_kind.size()) {}
 
@@ -623,23 +627,59 @@ struct ConvPlan<T>::Impl {
     max_cache_entries = 0;
   }
 
-  // reuse_patches: the A panel already holds this block's patches for all of K (K <= kc_max).
+  // A tile whose MR pixels read MR contiguous inputs for every tap (an interior run of one output row,
+  // unit stride) is not packed: the micro-kernel reads its rows in place, through one pointer per k
+  // shared by the tiles that follow it along the row (tile_anchor) at their pixel offset
+  // (tile_offset). Other tiles (row ends, padding, strides) are packed. reuse_patches: the scratch
+  // already holds this block's patches for all of K (K <= kc_max), from the previous fused phase.
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
                   ThreadScratch<T>& s, T* C, bool reuse_patches) const {
     const int mr = tile_m, nr = tile_n;
-    const int64_t T_ = shape.num_taps, cin = p.cin_per_group;
+    const int64_t T_ = shape.num_taps, cin = p.cin_per_group, cs = p.x_stride_c;
     const int64_t K = T_ * cin, mcount = it.m1 - it.m0, m_tiles = ceil_div(mcount, mr);
+    const int64_t* xoff = s.x_offsets.get();
+    int64_t* anchor = s.tile_anchor.data();
+    int64_t* offset = s.tile_offset.data();
     T* A = s.a_panel.get();
+    const T** rows = s.a_rows.data();
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(m_tiles * mr * ldc));
+    if (!reuse_patches)
+      for (int64_t mt = 0, last = -1; mt < m_tiles; ++mt) {
+        const int64_t* o = xoff + mt * mr * T_;
+        bool in_place = (mt + 1) * mr <= mcount;
+        for (int64_t t = 0; t < T_ && in_place; ++t)
+          for (int r = 0; r < mr && in_place; ++r) in_place = o[t] != kOutside && o[r * T_ + t] == o[t] + r;
+        bool follows = in_place && last >= 0;
+        const int64_t* oa = xoff + std::max<int64_t>(last, 0) * mr * T_;
+        for (int64_t t = 0; t < T_ && follows; ++t) follows = o[t] - oa[t] == (mt - last) * mr;
+        anchor[mt] = !in_place ? -1 : follows ? last : mt;
+        offset[mt] = in_place ? (mt - anchor[mt]) * mr : 0;
+        last = in_place ? anchor[mt] : -1;
+      }
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
-      for (int64_t mt = 0; mt < m_tiles && !reuse_patches; ++mt)
-        pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, mr, mt, k0, kc, s.tap_kind.data(),
-                           s.tap_base.data(), s.tap_step.data(), A + mt * mr * kc);
+      for (int64_t mt = 0; mt < m_tiles && !reuse_patches; ++mt) {
+        if (anchor[mt] < 0)
+          pack_input_patches(xg, cs, xoff, T_, mcount, mr, mt, k0, kc, s.tap_kind.data(), s.tap_base.data(),
+                             s.tap_step.data(), A + mt * mr * kc);
+        else if (anchor[mt] == mt) {
+          const int64_t* o = xoff + mt * mr * T_;
+          const T** r = rows + mt * kc_max;
+          for (int64_t k = k0, ci = k0 / T_, t = k0 % T_; k < k0 + kc; ++k) {
+            *r++ = xg + ci * cs + o[t];
+            if (++t == T_) t = 0, ++ci;
+          }
+        }
+      }
       for (int64_t nt = 0; nt < it.nt1 - it.nt0; ++nt) {
         const T* B = wp + (it.nt0 + nt) * K * nr + k0 * nr;
-        for (int64_t mt = 0; mt < m_tiles; ++mt)
-          uk.fn(kc, A + mt * mr * kc, B, C + mt * mr * ldc + nt * nr, ldc, k0 > 0);
+        for (int64_t mt = 0; mt < m_tiles; ++mt) {
+          T* Ct = C + mt * mr * ldc + nt * nr;
+          if (anchor[mt] < 0)
+            uk.fn(kc, A + mt * mr * kc, B, Ct, ldc, k0 > 0);
+          else
+            uk.fn_rows(kc, rows + anchor[mt] * kc_max, offset[mt], B, Ct, ldc, k0 > 0);
+        }
       }
     }
   }

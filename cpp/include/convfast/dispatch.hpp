@@ -10,6 +10,10 @@ namespace convfast {
 // leading dimension ldc (a multiple of the vector width, 64-byte aligned rows).
 template <typename T>
 using GemmUkernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int accumulate);
+// The same product with row k of A read in place: the MR contiguous scalars at rows[k] + offset.
+template <typename T>
+using GemmRowsUkernel = void (*)(int64_t kc, const T* const* rows, int64_t offset, const T* b, T* c, int64_t ldc,
+                                 int accumulate);
 
 // out[r][0..PW) = sum_k w[k][r] * src[k][offset + 0..PW) for r < MRO: PW pixels in vector
 // registers, one broadcast weight per output channel (the "direct" orientation: no packing of the
@@ -23,6 +27,7 @@ constexpr int kDirectChannelTiles[] = {1, 2, 4, 6};  // MRO variants
 template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
+  GemmRowsUkernel<T> fn_rows = nullptr;
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
