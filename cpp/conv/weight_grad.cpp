@@ -1,0 +1,379 @@
+// The weight gradient (see convfast/weight_grad.hpp) as a GEMM per group on the forward engine's
+// micro-kernel:
+//
+//   C_t[cb][ca] = sum_k Bm[cb][k] * At[k][ca]     for every kernel tap t, k = (n, output pixel o),
+//
+// rows = output-gradient channels cb (the micro-kernel's MR, packed from b), vector lanes = input
+// channels ca (NR, packed from a, per tap). Bm does not depend on the tap, so b is packed once
+// into A-panels [g][m-tile][k][MR] for the whole call. a is copied once into a channels-last
+// buffer (N, L0, L1, L2, Ca) -- or read in place when its channels are already contiguous -- so
+// that the NR input channels of an n-tile at any (n, position) are one contiguous run, and the
+// B-panel of (k-block, tap, n-tile) is built from NR-wide copies: zeros where the tap reads the
+// zero padding, map_padded_index for the other padding modes (the input is never padded).
+//
+// Work items are (group, n-tile of NR input channels, block of m-tiles). Each owns its output
+// tiles and runs the whole K in a fixed order (k-blocks of kKc, the taps inside each, so the item's
+// A block stays in L2 across the taps while each tap's B-panel sits in L1), accumulating with the
+// micro-kernel's accumulate flag into a per-thread C buffer [tap][rows][NR]; so every output is one
+// multiply-add chain over k in order and results are bitwise identical for any thread count (the
+// m-block size, which follows the thread count, changes no chain).
+//
+// Extra memory: the channels-last copy of a (a's size; skipped when a's channel stride is 1), the
+// packed b (b's size rounded up to whole MR tiles per group), and per thread one B-panel
+// (kKc x NR), one C buffer (taps x rows x NR) and kKc run descriptors.
+#include "convfast/weight_grad.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "convfast/dispatch.hpp"
+
+namespace convfast {
+namespace {
+
+// (The same small helpers as gather_gemm.cpp, kept local to this translation unit.)
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
+  return r;
+}
+int64_t checked_add(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
+  return r;
+}
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0
+
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t count) {
+    const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), sizeof(T));
+    const int64_t rounded = checked_add(bytes, 63) / 64 * 64;
+    ptr_ = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(rounded)));
+    if (!ptr_) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(ptr_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+};
+
+// K block: a B-panel of kKc x NR (16 KiB for float32 AVX2) stays in L1.
+constexpr int64_t kKc = 256;
+// Budget for one item's A block (kKc x rows) plus its C buffer (taps x rows x NR), in bytes (L2).
+constexpr int64_t kL2Bytes = 384 << 10;
+
+template <typename T>
+void validate(const WeightGradProblem<T>& p) {
+  auto bad = [](const char* what) { throw std::invalid_argument(std::string("convfast weight_grad: ") + what); };
+  if (p.batch < 0 || p.groups < 1 || p.a_channels < 0 || p.b_channels < 0) bad("bad channel/batch sizes");
+  if (p.a_channels % p.groups != 0 || p.b_channels % p.groups != 0) bad("channels must be multiples of groups");
+  constexpr int64_t kLimit = int64_t(1) << 61;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (p.a_size[a] < 0 || p.b_size[a] < 0 || p.kernel[a] < 0) bad("bad spatial sizes");
+    if (p.stride[a] < 1 || p.dilation[a] < 1) bad("stride and dilation must be positive");
+    // Every coordinate computed below (o * stride + t * dilation - pad) stays far from overflow.
+    int64_t span_out, span_kernel;
+    if (__builtin_mul_overflow(std::max<int64_t>(p.b_size[a], 1) - 1, p.stride[a], &span_out) ||
+        __builtin_mul_overflow(std::max<int64_t>(p.kernel[a], 1) - 1, p.dilation[a], &span_kernel) ||
+        span_out > kLimit || span_kernel > kLimit || p.a_size[a] > kLimit || p.b_size[a] > kLimit ||
+        p.pad_before[a] > kLimit || p.pad_before[a] < -kLimit)
+      bad("sizes, stride, dilation or padding too large for 64-bit index arithmetic");
+  }
+  if (static_cast<int>(p.mode) < 0 || static_cast<int>(p.mode) > 4) bad("bad padding mode");
+  if (!p.a || !p.b || !p.out) bad("null tensor");
+}
+
+// Copies n lanes; the common widths as fixed-size copies (inlined vector moves).
+template <typename T>
+inline void copy_lanes(T* __restrict dst, const T* __restrict src, int n) {
+  switch (n) {
+    case 4: std::memcpy(dst, src, 4 * sizeof(T)); return;
+    case 8: std::memcpy(dst, src, 8 * sizeof(T)); return;
+    case 16: std::memcpy(dst, src, 16 * sizeof(T)); return;
+    case 32: std::memcpy(dst, src, 32 * sizeof(T)); return;
+    default: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+  }
+}
+
+// A run of consecutive k along the innermost output axis: k = ((n * O0 + o0) * O1 + o1) * O2 + o2
+// for o2 in [o2, o2 + len).
+struct Run {
+  int64_t n, o0, o1, o2, len;
+};
+
+template <typename T>
+struct Scratch {
+  AlignedBuffer<T> panel;  // kKc x NR
+  AlignedBuffer<T> c;      // taps x rows x NR
+  std::vector<Run> runs;
+  Scratch(int64_t panel_size, int64_t c_size) : panel(panel_size), c(c_size) { runs.reserve(kKc); }
+};
+
+template <typename T>
+struct WeightGrad {
+  const WeightGradProblem<T>& p;
+  const UkernelInfo<T>& uk;
+  int mr, nr;
+  int64_t G, ca_g, cb_g, taps, P, K, m_tiles, n_tiles;
+  int64_t O[kSpatialRank], L[kSpatialRank];
+  // a as read by the B-panel packing: channel stride 1.
+  const T* cl = nullptr;
+  int64_t cl_n = 0, cl_s[kSpatialRank] = {0, 0, 0};
+  std::unique_ptr<AlignedBuffer<T>> cl_copy;
+  std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][m-tile][k][MR]
+
+  explicit WeightGrad(const WeightGradProblem<T>& prob) : p(prob), uk(active_ukernel<T>()) {
+    mr = uk.mr;
+    nr = uk.nr;
+    G = p.groups;
+    ca_g = p.a_channels / G;
+    cb_g = p.b_channels / G;
+    taps = 1;
+    P = 1;
+    for (int a = 0; a < kSpatialRank; ++a) {
+      taps = checked_mul(taps, p.kernel[a]);
+      P = checked_mul(P, p.b_size[a]);
+      O[a] = p.b_size[a];
+      L[a] = p.a_size[a];
+    }
+    K = checked_mul(p.batch, P);
+    m_tiles = ceil_div(cb_g, mr);
+    n_tiles = ceil_div(ca_g, nr);
+  }
+
+  // ---- b -> A-panels [g][mt][k][MR] (zero rows past Cb_g) ----
+  void pack_b(int nthreads) {
+    bpack = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(checked_mul(G, m_tiles), K), mr));
+    constexpr int64_t kChunk = 2048;
+    const int64_t chunks = ceil_div(K, kChunk), jobs = checked_mul(checked_mul(G, m_tiles), chunks);
+    T* dst_all = bpack->get();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t gm = job / chunks, k0 = (job % chunks) * kChunk, k1 = std::min(K, k0 + kChunk);
+      const int64_t g = gm / m_tiles, mt = gm % m_tiles;
+      const int64_t valid = std::min<int64_t>(mr, cb_g - mt * mr);
+      const T* bg = p.b + (g * cb_g + mt * mr) * p.b_stride_c;
+      T* dst = dst_all + (gm * K + k0) * mr;
+      int64_t rem = k0, o2 = rem % O[2];
+      rem /= O[2];
+      int64_t o1 = rem % O[1];
+      rem /= O[1];
+      int64_t o0 = rem % O[0], n = rem / O[0];
+      for (int64_t k = k0; k < k1;) {
+        const T* src = bg + n * p.b_stride_n + o0 * p.b_stride[0] + o1 * p.b_stride[1];
+        const int64_t len = std::min(O[2] - o2, k1 - k);
+        for (int64_t j = 0; j < len; ++j, ++k, dst += mr) {
+          const T* s = src + (o2 + j) * p.b_stride[2];
+          int r = 0;
+          for (; r < valid; ++r) dst[r] = s[r * p.b_stride_c];
+          for (; r < mr; ++r) dst[r] = T(0);
+        }
+        o2 += len;
+        if (o2 == O[2]) {
+          o2 = 0;
+          if (++o1 == O[1]) {
+            o1 = 0;
+            if (++o0 == O[0]) {
+              o0 = 0;
+              ++n;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- a -> channel-contiguous view ----
+  void prepare_a(int nthreads) {
+    const int64_t Ca = p.a_channels;
+    if (p.a_stride_c == 1 || Ca == 1) {  // already channel-contiguous (channels-last): read in place
+      cl = p.a;
+      cl_n = p.a_stride_n;
+      for (int a = 0; a < kSpatialRank; ++a) cl_s[a] = p.a_stride[a];
+      return;
+    }
+    const int64_t rows = checked_mul(checked_mul(p.batch, L[0]), L[1]);
+    cl_copy = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(rows, L[2]), Ca));
+    T* base = cl_copy->get();
+    cl = base;
+    cl_s[2] = Ca;
+    cl_s[1] = L[2] * Ca;
+    cl_s[0] = L[1] * cl_s[1];
+    cl_n = L[0] * cl_s[0];
+    // Blocks of kSeg positions: each block's destination (kSeg x Ca) stays in cache while the
+    // channels are read along their rows.
+    constexpr int64_t kSeg = 64;
+    const int64_t segs = ceil_div(L[2], kSeg), jobs = checked_mul(rows, segs);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t row = job / segs, i2b = (job % segs) * kSeg, len = std::min(kSeg, L[2] - i2b);
+      const int64_t n = row / (L[0] * L[1]), i0 = (row / L[1]) % L[0], i1 = row % L[1];
+      const T* src = p.a + n * p.a_stride_n + i0 * p.a_stride[0] + i1 * p.a_stride[1] + i2b * p.a_stride[2];
+      T* dst = base + row * cl_s[1] + i2b * Ca;
+      const int64_t s2 = p.a_stride[2];
+      for (int64_t c = 0; c < Ca; ++c) {
+        const T* sc = src + c * p.a_stride_c;
+        for (int64_t j = 0; j < len; ++j) dst[j * Ca + c] = sc[j * s2];
+      }
+    }
+  }
+
+  // The runs of the k-block [k0, k0 + kc).
+  void make_runs(int64_t k0, int64_t kc, std::vector<Run>& runs) const {
+    runs.clear();
+    int64_t rem = k0, o2 = rem % O[2];
+    rem /= O[2];
+    int64_t o1 = rem % O[1];
+    rem /= O[1];
+    int64_t o0 = rem % O[0], n = rem / O[0];
+    for (int64_t left = kc; left > 0;) {
+      const int64_t len = std::min(O[2] - o2, left);
+      runs.push_back({n, o0, o1, o2, len});
+      left -= len;
+      o2 += len;
+      if (o2 == O[2]) {
+        o2 = 0;
+        if (++o1 == O[1]) {
+          o1 = 0;
+          if (++o0 == O[0]) {
+            o0 = 0;
+            ++n;
+          }
+        }
+      }
+    }
+  }
+
+  // B-panel [kc][NR] of tap (t0, t1, t2) for the input channels [c0, c0 + lanes) (lanes <= NR;
+  // the others zero).
+  void pack_panel(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes,
+                  T* __restrict dst) const {
+    int64_t off[kSpatialRank];
+    for (int a = 0; a < kSpatialRank; ++a) off[a] = tap[a] * p.dilation[a] - p.pad_before[a];
+    const int64_t s2 = p.stride[2], L2 = L[2], cs2 = cl_s[2];
+    const bool full = lanes == nr;
+    for (const Run& r : runs) {
+      const int64_t i0 = map_padded_index(r.o0 * p.stride[0] + off[0], L[0], p.mode);
+      const int64_t i1 = map_padded_index(r.o1 * p.stride[1] + off[1], L[1], p.mode);
+      if (i0 < 0 || i1 < 0) {
+        std::memset(dst, 0, sizeof(T) * static_cast<size_t>(r.len * nr));
+        dst += r.len * nr;
+        continue;
+      }
+      const T* row = cl + r.n * cl_n + i0 * cl_s[0] + i1 * cl_s[1] + c0;
+      int64_t i2 = r.o2 * s2 + off[2];
+      for (int64_t j = 0; j < r.len; ++j, i2 += s2, dst += nr) {
+        const int64_t m = i2 >= 0 && i2 < L2 ? i2 : map_padded_index(i2, L2, p.mode);
+        if (m < 0) {
+          std::memset(dst, 0, sizeof(T) * nr);
+        } else if (full) {
+          copy_lanes(dst, row + m * cs2, nr);
+        } else {
+          std::memcpy(dst, row + m * cs2, sizeof(T) * lanes);
+          std::memset(dst + lanes, 0, sizeof(T) * (nr - lanes));
+        }
+      }
+    }
+  }
+
+  struct Item {
+    int64_t g, nt, mt0, mt1;
+  };
+
+  void run_item(const Item& it, Scratch<T>& s) const {
+    const int64_t rows = (it.mt1 - it.mt0) * mr;
+    const int64_t c0 = it.g * ca_g + it.nt * nr;
+    const int lanes = static_cast<int>(std::min<int64_t>(nr, ca_g - it.nt * nr));
+    T* C = s.c.get();
+    T* panel = s.panel.get();
+    const T* apan = bpack->get() + (it.g * m_tiles + it.mt0) * K * mr;
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min(kKc, K - k0);
+      make_runs(k0, kc, s.runs);
+      int64_t t = 0;
+      for (int64_t t0 = 0; t0 < p.kernel[0]; ++t0)
+        for (int64_t t1 = 0; t1 < p.kernel[1]; ++t1)
+          for (int64_t t2 = 0; t2 < p.kernel[2]; ++t2, ++t) {
+            const int64_t tap[kSpatialRank] = {t0, t1, t2};
+            pack_panel(s.runs, tap, c0, lanes, panel);
+            T* ct = C + t * rows * nr;
+            for (int64_t mt = 0; mt < it.mt1 - it.mt0; ++mt)
+              uk.fn(kc, apan + (mt * K + k0) * mr, panel, ct + mt * mr * nr, nr, k0 > 0);
+          }
+    }
+    // C[t][row][lane] -> out[(g * Cb_g + cb) * Ca_g + ca][t]
+    const int64_t cb_begin = it.mt0 * mr, cb_end = std::min(it.mt1 * mr, cb_g);
+    for (int64_t cb = cb_begin; cb < cb_end; ++cb) {
+      const int64_t r = cb - cb_begin;
+      for (int l = 0; l < lanes; ++l) {
+        T* o = p.out + ((it.g * cb_g + cb) * ca_g + it.nt * nr + l) * taps;
+        const T* c = C + r * nr + l;
+        for (int64_t t = 0; t < taps; ++t) o[t] = c[t * rows * nr];
+      }
+    }
+  }
+
+  void run() {
+    const int64_t out_count = checked_mul(checked_mul(p.b_channels, ca_g), taps);
+    if (out_count == 0) return;
+    bool empty = K == 0;
+    for (int a = 0; a < kSpatialRank; ++a) empty = empty || L[a] == 0;
+    if (empty) {  // no products: the sums are zero
+      std::fill(p.out, p.out + out_count, T(0));
+      return;
+    }
+    const int threads = std::max(1, get_num_threads());
+    // m-tiles per item: the A block (kKc x rows) and the C buffer (taps x rows x NR) within the L2
+    // budget, then split further while there are too few items to keep every thread busy. The
+    // split changes no multiply-add chain, so results do not depend on it.
+    const int64_t per_tile_bytes = checked_mul(checked_add(kKc * mr, checked_mul(taps, mr * nr)), sizeof(T));
+    const int64_t max_per_item = std::max<int64_t>(1, kL2Bytes / per_tile_bytes);
+    int64_t blocks = ceil_div(m_tiles, max_per_item);
+    const int64_t base_items = checked_mul(G, n_tiles);
+    if (base_items * blocks < 3 * threads) blocks = std::min(m_tiles, std::max(blocks, ceil_div(3 * threads, base_items)));
+    const int64_t per_item = ceil_div(m_tiles, blocks);
+    std::vector<Item> items;
+    items.reserve(static_cast<size_t>(checked_mul(base_items, ceil_div(m_tiles, per_item))));
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t mt = 0; mt < m_tiles; mt += per_item)
+        for (int64_t nt = 0; nt < n_tiles; ++nt) items.push_back({g, nt, mt, std::min(m_tiles, mt + per_item)});
+    const int nthreads = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
+
+    // All memory before any parallel region: failures are exceptions on this thread.
+    const int64_t c_size = checked_mul(checked_mul(taps, per_item * mr), nr);
+    std::vector<std::unique_ptr<Scratch<T>>> scratch;
+    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch<T>(kKc * nr, c_size));
+    pack_b(threads);
+    prepare_a(threads);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) run_item(items[i], *scratch[omp_get_thread_num()]);
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void weight_grad(const WeightGradProblem<T>& p) {
+  validate(p);
+  WeightGrad<T>(p).run();
+}
+
+template void weight_grad<float>(const WeightGradProblem<float>&);
+template void weight_grad<double>(const WeightGradProblem<double>&);
+
+}  // namespace convfast
