@@ -102,10 +102,41 @@ template <typename T>
 inline void copy_lanes(T* __restrict dst, const T* __restrict src, int n) {
   switch (n) {
     case 4: std::memcpy(dst, src, 4 * sizeof(T)); return;
+    case 6: std::memcpy(dst, src, 6 * sizeof(T)); return;
     case 8: std::memcpy(dst, src, 8 * sizeof(T)); return;
+    case 12: std::memcpy(dst, src, 12 * sizeof(T)); return;
     case 16: std::memcpy(dst, src, 16 * sizeof(T)); return;
     case 32: std::memcpy(dst, src, 32 * sizeof(T)); return;
     default: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+  }
+}
+
+// Zeroes / copies a few entries with fixed-size calls (inlined), where a loop would be turned into
+// a library call per row by the compiler.
+template <typename T>
+inline void zero_lanes(T* dst, int n) {
+  switch (n) {
+    case 4: std::memset(dst, 0, 4 * sizeof(T)); return;
+    case 6: std::memset(dst, 0, 6 * sizeof(T)); return;
+    case 8: std::memset(dst, 0, 8 * sizeof(T)); return;
+    case 12: std::memset(dst, 0, 12 * sizeof(T)); return;
+    case 16: std::memset(dst, 0, 16 * sizeof(T)); return;
+    case 32: std::memset(dst, 0, 32 * sizeof(T)); return;
+    default: std::memset(dst, 0, static_cast<size_t>(n) * sizeof(T));
+  }
+}
+template <typename T>
+inline void copy_few(T* __restrict dst, const T* __restrict src, int n) {
+  switch (n) {
+    case 1: dst[0] = src[0]; return;
+    case 2: std::memcpy(dst, src, 2 * sizeof(T)); return;
+    case 3: std::memcpy(dst, src, 3 * sizeof(T)); return;
+    case 4: std::memcpy(dst, src, 4 * sizeof(T)); return;
+    case 5: std::memcpy(dst, src, 5 * sizeof(T)); return;
+    case 6: std::memcpy(dst, src, 6 * sizeof(T)); return;
+    case 7: std::memcpy(dst, src, 7 * sizeof(T)); return;
+    case 8: std::memcpy(dst, src, 8 * sizeof(T)); return;
+    default: copy_lanes(dst, src, n);
   }
 }
 
@@ -117,10 +148,10 @@ struct Run {
 
 template <typename T>
 struct Scratch {
-  AlignedBuffer<T> panel;  // kKc x NR
-  AlignedBuffer<T> c;      // taps x rows x NR
+  AlignedBuffer<T> panels;  // kKc x (the item's a-tiles x their width)
+  AlignedBuffer<T> c;       // taps x rows x ldc
   std::vector<Run> runs;
-  Scratch(int64_t panel_size, int64_t c_size) : panel(panel_size), c(c_size) { runs.reserve(kKc); }
+  Scratch(int64_t panel_size, int64_t c_size) : panels(panel_size), c(c_size) { runs.reserve(kKc); }
 };
 
 template <typename T>
@@ -128,13 +159,23 @@ struct WeightGrad {
   const WeightGradProblem<T>& p;
   const UkernelInfo<T>& uk;
   int mr, nr;
-  int64_t G, ca_g, cb_g, taps, P, K, m_tiles, n_tiles;
+  // Orientation. Normal: rows = cb (b packed once as MR-row panels), lanes = ca (a packed per tap
+  // as NR-lane panels). Swapped, chosen when it fills the micro-kernel's tile much better (few
+  // input channels per group, e.g. an RGB stem): rows = ca (a packed per tap as MR-row panels),
+  // lanes = cb (b packed once as NR-lane panels). Either way b is packed once and a per tap.
+  bool swapped = false;
+  int bw, aw;  // packed widths of b and a panels
+  // Swapped with Ca_g <= MR / 2: the rows of one a panel hold q = MR / Ca_g consecutive taps
+  // (row j * Ca_g + ca = channel ca at tap j of the slot), so that a 3-channel input fills 6 rows,
+  // not 3. Otherwise q = 1. The items, panels and C buffers count tap slots of q taps.
+  int64_t q = 1, slots = 1;
+  int64_t G, ca_g, cb_g, taps, P, K, b_tiles, a_tiles;
   int64_t O[kSpatialRank], L[kSpatialRank];
-  // a as read by the B-panel packing: channel stride 1.
+  // a as read by the panel packing: channel stride 1.
   const T* cl = nullptr;
   int64_t cl_n = 0, cl_s[kSpatialRank] = {0, 0, 0};
   std::unique_ptr<AlignedBuffer<T>> cl_copy;
-  std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][m-tile][k][MR]
+  std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][b-tile][k][bw]
 
   explicit WeightGrad(const WeightGradProblem<T>& prob) : p(prob), uk(active_ukernel<T>()) {
     mr = uk.mr;
@@ -151,23 +192,31 @@ struct WeightGrad {
       L[a] = p.a_size[a];
     }
     K = checked_mul(p.batch, P);
-    m_tiles = ceil_div(cb_g, mr);
-    n_tiles = ceil_div(ca_g, nr);
+    auto fill = [](int64_t n, int w) { return n > 0 ? double(n) / double(ceil_div(n, w) * w) : 1.0; };
+    const int64_t stack = ca_g > 0 && 2 * ca_g <= mr && taps > 1 ? std::min<int64_t>(mr / ca_g, taps) : 1;
+    swapped = fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
+    bw = swapped ? nr : mr;
+    aw = swapped ? mr : nr;
+    b_tiles = ceil_div(cb_g, bw);
+    a_tiles = ceil_div(ca_g, aw);
+    if (swapped) q = stack;
+    slots = ceil_div(taps, q);
   }
 
-  // ---- b -> A-panels [g][mt][k][MR] (zero rows past Cb_g) ----
+  // ---- b -> panels [g][tile][k][bw] (zero entries past Cb_g) ----
   void pack_b(int nthreads) {
-    bpack = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(checked_mul(G, m_tiles), K), mr));
+    bpack = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(checked_mul(G, b_tiles), K), bw));
     constexpr int64_t kChunk = 2048;
-    const int64_t chunks = ceil_div(K, kChunk), jobs = checked_mul(checked_mul(G, m_tiles), chunks);
+    const int64_t chunks = ceil_div(K, kChunk), jobs = checked_mul(checked_mul(G, b_tiles), chunks);
     T* dst_all = bpack->get();
+    const int w = bw;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t gm = job / chunks, k0 = (job % chunks) * kChunk, k1 = std::min(K, k0 + kChunk);
-      const int64_t g = gm / m_tiles, mt = gm % m_tiles;
-      const int64_t valid = std::min<int64_t>(mr, cb_g - mt * mr);
-      const T* bg = p.b + (g * cb_g + mt * mr) * p.b_stride_c;
-      T* dst = dst_all + (gm * K + k0) * mr;
+      const int64_t gt = job / chunks, k0 = (job % chunks) * kChunk, k1 = std::min(K, k0 + kChunk);
+      const int64_t g = gt / b_tiles, bt = gt % b_tiles;
+      const int64_t valid = std::min<int64_t>(w, cb_g - bt * w);
+      const T* bg = p.b + (g * cb_g + bt * w) * p.b_stride_c;
+      T* dst = dst_all + (gt * K + k0) * w;
       int64_t rem = k0, o2 = rem % O[2];
       rem /= O[2];
       int64_t o1 = rem % O[1];
@@ -176,11 +225,11 @@ struct WeightGrad {
       for (int64_t k = k0; k < k1;) {
         const T* src = bg + n * p.b_stride_n + o0 * p.b_stride[0] + o1 * p.b_stride[1];
         const int64_t len = std::min(O[2] - o2, k1 - k);
-        for (int64_t j = 0; j < len; ++j, ++k, dst += mr) {
+        for (int64_t j = 0; j < len; ++j, ++k, dst += w) {
           const T* s = src + (o2 + j) * p.b_stride[2];
           int r = 0;
           for (; r < valid; ++r) dst[r] = s[r * p.b_stride_c];
-          for (; r < mr; ++r) dst[r] = T(0);
+          for (; r < w; ++r) dst[r] = T(0);
         }
         o2 += len;
         if (o2 == O[2]) {
@@ -258,73 +307,115 @@ struct WeightGrad {
     }
   }
 
-  // B-panel [kc][NR] of tap (t0, t1, t2) for the input channels [c0, c0 + lanes) (lanes <= NR;
-  // the others zero).
-  void pack_panel(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes,
+  // Entries [0, lanes) of the rows of a panel [kc][aw] (dst: row 0's entry 0): tap (t0, t1, t2), input
+  // channels [c0, c0 + lanes); entries [lanes, aw) zero too when `tail`. Source positions advance by
+  // the stride along each run: no divisions except map_padded_index for positions in the padding.
+  void pack_panel(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes, bool tail,
                   T* __restrict dst) const {
     int64_t off[kSpatialRank];
     for (int a = 0; a < kSpatialRank; ++a) off[a] = tap[a] * p.dilation[a] - p.pad_before[a];
     const int64_t s2 = p.stride[2], L2 = L[2], cs2 = cl_s[2];
-    const bool full = lanes == nr;
+    const int w = aw, end = tail ? w : lanes;
+    const bool full = lanes == w;
     for (const Run& r : runs) {
       const int64_t i0 = map_padded_index(r.o0 * p.stride[0] + off[0], L[0], p.mode);
       const int64_t i1 = map_padded_index(r.o1 * p.stride[1] + off[1], L[1], p.mode);
       if (i0 < 0 || i1 < 0) {
-        std::memset(dst, 0, sizeof(T) * static_cast<size_t>(r.len * nr));
-        dst += r.len * nr;
+        if (end == w)
+          std::memset(dst, 0, sizeof(T) * static_cast<size_t>(r.len * w));
+        else
+          for (int64_t j = 0; j < r.len; ++j)
+            for (int l = 0; l < end; ++l) dst[j * w + l] = T(0);
+        dst += r.len * w;
         continue;
       }
       const T* row = cl + r.n * cl_n + i0 * cl_s[0] + i1 * cl_s[1] + c0;
       int64_t i2 = r.o2 * s2 + off[2];
-      for (int64_t j = 0; j < r.len; ++j, i2 += s2, dst += nr) {
+      for (int64_t j = 0; j < r.len; ++j, i2 += s2, dst += w) {
         const int64_t m = i2 >= 0 && i2 < L2 ? i2 : map_padded_index(i2, L2, p.mode);
         if (m < 0) {
-          std::memset(dst, 0, sizeof(T) * nr);
+          zero_lanes(dst, end);
         } else if (full) {
-          copy_lanes(dst, row + m * cs2, nr);
-        } else {
-          std::memcpy(dst, row + m * cs2, sizeof(T) * lanes);
-          std::memset(dst + lanes, 0, sizeof(T) * (nr - lanes));
+          copy_lanes(dst, row + m * cs2, w);
+        } else {  // a partial tile (few channels)
+          if (tail) zero_lanes(dst, w);
+          copy_few(dst, row + m * cs2, lanes);
         }
       }
     }
   }
 
+  // An item: group g, b-tiles [bt0, bt1), a-tiles [at0, at1), tap slots [slot0, slot1). Its C
+  // buffer is [slot][rows][ldc], rows x lanes = (cb, ca) normal, (tap in slot, ca) swapped.
   struct Item {
-    int64_t g, nt, mt0, mt1;
+    int64_t g, bt0, bt1, at0, at1, slot0, slot1;
   };
 
   void run_item(const Item& it, Scratch<T>& s) const {
-    const int64_t rows = (it.mt1 - it.mt0) * mr;
-    const int64_t c0 = it.g * ca_g + it.nt * nr;
-    const int lanes = static_cast<int>(std::min<int64_t>(nr, ca_g - it.nt * nr));
+    const int64_t nb = it.bt1 - it.bt0, na = it.at1 - it.at0;
+    const int64_t rows = swapped ? na * mr : nb * mr, ldc = swapped ? nb * nr : na * nr;
     T* C = s.c.get();
-    T* panel = s.panel.get();
-    const T* apan = bpack->get() + (it.g * m_tiles + it.mt0) * K * mr;
+    T* panels = s.panels.get();
+    const T* bpan = bpack->get() + (it.g * b_tiles + it.bt0) * K * bw;
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
       make_runs(k0, kc, s.runs);
-      int64_t t = 0;
-      for (int64_t t0 = 0; t0 < p.kernel[0]; ++t0)
-        for (int64_t t1 = 0; t1 < p.kernel[1]; ++t1)
-          for (int64_t t2 = 0; t2 < p.kernel[2]; ++t2, ++t) {
-            const int64_t tap[kSpatialRank] = {t0, t1, t2};
-            pack_panel(s.runs, tap, c0, lanes, panel);
-            T* ct = C + t * rows * nr;
-            for (int64_t mt = 0; mt < it.mt1 - it.mt0; ++mt)
-              uk.fn(kc, apan + (mt * K + k0) * mr, panel, ct + mt * mr * nr, nr, k0 > 0);
+      const int64_t tap_first = it.slot0 * q;
+      int64_t tap[kSpatialRank] = {tap_first / (p.kernel[1] * p.kernel[2]), (tap_first / p.kernel[2]) % p.kernel[1],
+                                   tap_first % p.kernel[2]};
+      auto next_tap = [&] {
+        if (++tap[2] == p.kernel[2]) {
+          tap[2] = 0;
+          if (++tap[1] == p.kernel[1]) {
+            tap[1] = 0;
+            ++tap[0];
           }
-    }
-    // C[t][row][lane] -> out[(g * Cb_g + cb) * Ca_g + ca][t]
-    const int64_t cb_begin = it.mt0 * mr, cb_end = std::min(it.mt1 * mr, cb_g);
-    for (int64_t cb = cb_begin; cb < cb_end; ++cb) {
-      const int64_t r = cb - cb_begin;
-      for (int l = 0; l < lanes; ++l) {
-        T* o = p.out + ((it.g * cb_g + cb) * ca_g + it.nt * nr + l) * taps;
-        const T* c = C + r * nr + l;
-        for (int64_t t = 0; t < taps; ++t) o[t] = c[t * rows * nr];
+        }
+      };
+      for (int64_t sl = 0; sl < it.slot1 - it.slot0; ++sl) {
+        if (q == 1) {
+          for (int64_t at = it.at0; at < it.at1; ++at) {
+            const int lanes = static_cast<int>(std::min<int64_t>(aw, ca_g - at * aw));
+            pack_panel(s.runs, tap, it.g * ca_g + at * aw, lanes, true, panels + (at - it.at0) * kc * aw);
+          }
+          next_tap();
+        } else {  // q taps side by side in one panel (one a-tile: Ca_g <= MR / 2)
+          const int64_t first = (it.slot0 + sl) * q, here = std::min(q, taps - first);
+          for (int64_t j = 0; j < here; ++j, next_tap())
+            pack_panel(s.runs, tap, it.g * ca_g, static_cast<int>(ca_g), false, panels + j * ca_g);
+          const int64_t used = here * ca_g;
+          if (used < aw)
+            for (int64_t k = 0; k < kc; ++k)
+              for (int64_t l = used; l < aw; ++l) panels[k * aw + l] = T(0);
+        }
+        T* ct = C + sl * rows * ldc;
+        // The lane panel outermost (it stays in L1), the row panels (L2) inside.
+        if (!swapped) {
+          for (int64_t a = 0; a < na; ++a)
+            for (int64_t b = 0; b < nb; ++b)
+              uk.fn(kc, bpan + (b * K + k0) * mr, panels + a * kc * nr, ct + b * mr * ldc + a * nr, ldc, k0 > 0);
+        } else {
+          for (int64_t b = 0; b < nb; ++b)
+            for (int64_t a = 0; a < na; ++a)
+              uk.fn(kc, panels + a * kc * mr, bpan + (b * K + k0) * nr, ct + a * mr * ldc + b * nr, ldc, k0 > 0);
+        }
       }
     }
+    // C[slot][row][lane] -> out[(g * Cb_g + cb) * Ca_g + ca][t]; tap t = slot * q + j sits in row
+    // j * Ca_g + ca (swapped; j = 0 unless stacked) or row cb (normal).
+    const int64_t cb_begin = it.bt0 * bw, cb_end = std::min(it.bt1 * bw, cb_g);
+    const int64_t ca_begin = it.at0 * aw, ca_end = std::min(it.at1 * aw, ca_g);
+    const int64_t cb_step = swapped ? 1 : ldc, ca_step = swapped ? ldc : 1;
+    const int64_t tap_begin = it.slot0 * q, tap_end = std::min(taps, it.slot1 * q);
+    for (int64_t cb = cb_begin; cb < cb_end; ++cb)
+      for (int64_t ca = ca_begin; ca < ca_end; ++ca) {
+        T* o = p.out + ((it.g * cb_g + cb) * ca_g + ca) * taps;
+        const T* c = C + (cb - cb_begin) * cb_step + (ca - ca_begin) * ca_step;
+        for (int64_t t = tap_begin; t < tap_end; ++t) {
+          const int64_t sl = t / q - it.slot0, j = t % q;
+          o[t] = c[sl * rows * ldc + j * ca_g * ldc];
+        }
+      }
   }
 
   void run() {
@@ -337,26 +428,46 @@ struct WeightGrad {
       return;
     }
     const int threads = std::max(1, get_num_threads());
-    // m-tiles per item: the A block (kKc x rows) and the C buffer (taps x rows x NR) within the L2
-    // budget, then split further while there are too few items to keep every thread busy. The
-    // split changes no multiply-add chain, so results do not depend on it.
-    const int64_t per_tile_bytes = checked_mul(checked_add(kKc * mr, checked_mul(taps, mr * nr)), sizeof(T));
-    const int64_t max_per_item = std::max<int64_t>(1, kL2Bytes / per_tile_bytes);
-    int64_t blocks = ceil_div(m_tiles, max_per_item);
-    const int64_t base_items = checked_mul(G, n_tiles);
-    if (base_items * blocks < 3 * threads) blocks = std::min(m_tiles, std::max(blocks, ceil_div(3 * threads, base_items)));
-    const int64_t per_item = ceil_div(m_tiles, blocks);
+    // Tiles per item. The lane tiles: one (normal), or as many b panels as fit half the L2 budget
+    // (swapped). The row tiles: as many as keep their A block (kKc x rows) and the C buffer
+    // (taps x rows x ldc) within the L2 budget. Then, while there are too few items to keep every
+    // thread busy, halved: the taps first (each tap's panels are still packed once), then the rows,
+    // then the lanes. The split changes no multiply-add chain, so results do not depend on it.
+    int64_t lane_per = 1;
+    if (swapped) lane_per = std::min<int64_t>(b_tiles, std::max<int64_t>(1, kL2Bytes / 2 / (kKc * nr * (int64_t)sizeof(T))));
+    const int64_t row_tile_bytes =
+        checked_mul(checked_add(kKc * mr, checked_mul(slots, checked_mul(mr, lane_per * nr))), sizeof(T));
+    const int64_t row_tiles = swapped ? a_tiles : b_tiles, lane_tiles = swapped ? b_tiles : a_tiles;
+    int64_t row_per = std::min<int64_t>(row_tiles, std::max<int64_t>(1, kL2Bytes / row_tile_bytes));
+    int64_t tap_per = slots;  // tap slots per item
+    auto count = [&] {
+      return checked_mul(checked_mul(G, ceil_div(slots, tap_per)),
+                         checked_mul(ceil_div(row_tiles, row_per), ceil_div(lane_tiles, lane_per)));
+    };
+    while (count() < 3 * threads && (tap_per > 1 || row_per > 1 || lane_per > 1)) {
+      if (tap_per > 1)
+        tap_per = ceil_div(tap_per, 2);
+      else if (row_per > 1)
+        row_per = ceil_div(row_per, 2);
+      else
+        lane_per = ceil_div(lane_per, 2);
+    }
+    const int64_t b_per = swapped ? lane_per : row_per, a_per = swapped ? row_per : lane_per;
     std::vector<Item> items;
-    items.reserve(static_cast<size_t>(checked_mul(base_items, ceil_div(m_tiles, per_item))));
+    items.reserve(static_cast<size_t>(count()));
     for (int64_t g = 0; g < G; ++g)
-      for (int64_t mt = 0; mt < m_tiles; mt += per_item)
-        for (int64_t nt = 0; nt < n_tiles; ++nt) items.push_back({g, nt, mt, std::min(m_tiles, mt + per_item)});
+      for (int64_t bt = 0; bt < b_tiles; bt += b_per)
+        for (int64_t at = 0; at < a_tiles; at += a_per)
+          for (int64_t t = 0; t < slots; t += tap_per)
+            items.push_back({g, bt, std::min(b_tiles, bt + b_per), at, std::min(a_tiles, at + a_per), t,
+                             std::min(slots, t + tap_per)});
     const int nthreads = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
 
     // All memory before any parallel region: failures are exceptions on this thread.
-    const int64_t c_size = checked_mul(checked_mul(taps, per_item * mr), nr);
+    const int64_t c_size = checked_mul(checked_mul(tap_per, row_per * mr), lane_per * nr);
+    const int64_t panel_size = checked_mul(kKc * aw, a_per);
     std::vector<std::unique_ptr<Scratch<T>>> scratch;
-    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch<T>(kKc * nr, c_size));
+    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch<T>(panel_size, c_size));
     pack_b(threads);
     prepare_a(threads);
 
