@@ -73,8 +73,9 @@ class AlignedBuffer {
 
 // K block: a B-panel of kKc x NR (16 KiB for float32 AVX2) stays in L1.
 constexpr int64_t kKc = 256;
-// Budget for one item's A block (kKc x rows) plus its C buffer (taps x rows x NR), in bytes (L2).
-constexpr int64_t kL2Bytes = 384 << 10;
+// L2 budget of one item, in bytes: half for its row panels of a k-block (kKc x rows, with one lane
+// tile's C buffer), half for its lane panels and C buffers.
+constexpr int64_t kL2Bytes = 512 << 10;
 
 template <typename T>
 void validate(const WeightGradProblem<T>& p) {
@@ -175,6 +176,10 @@ struct WeightGrad {
   const T* cl = nullptr;
   int64_t cl_n = 0, cl_s[kSpatialRank] = {0, 0, 0};
   std::unique_ptr<AlignedBuffer<T>> cl_copy;
+  // a is read in its own (not channel-contiguous) layout, each panel column along a's rows: when
+  // every panel is packed once (one tap, one block of b tiles), a channels-last copy would only add
+  // a pass over a.
+  bool direct_a = false;
   std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][b-tile][k][bw]
 
   explicit WeightGrad(const WeightGradProblem<T>& prob) : p(prob), uk(active_ukernel<T>()) {
@@ -249,7 +254,7 @@ struct WeightGrad {
   // ---- a -> channel-contiguous view ----
   void prepare_a(int nthreads) {
     const int64_t Ca = p.a_channels;
-    if (p.a_stride_c == 1 || Ca == 1) {  // already channel-contiguous (channels-last): read in place
+    if (p.a_stride_c == 1 || Ca == 1 || direct_a) {  // channel-contiguous (channels-last), or direct: in place
       cl = p.a;
       cl_n = p.a_stride_n;
       for (int a = 0; a < kSpatialRank; ++a) cl_s[a] = p.a_stride[a];
@@ -263,9 +268,10 @@ struct WeightGrad {
     cl_s[1] = L[2] * Ca;
     cl_s[0] = L[1] * cl_s[1];
     cl_n = L[0] * cl_s[0];
-    // Blocks of kSeg positions: each block's destination (kSeg x Ca) stays in cache while the
-    // channels are read along their rows.
-    constexpr int64_t kSeg = 64;
+    // Blocks of kSeg positions, walked kCb channels at a time: kCb source rows are read along
+    // their length while each position's kCb channels are written as one contiguous run (writing
+    // one channel at a time would stride the destination by Ca, which thrashes the cache sets).
+    constexpr int64_t kSeg = 64, kCb = 16;
     const int64_t segs = ceil_div(L[2], kSeg), jobs = checked_mul(rows, segs);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t job = 0; job < jobs; ++job) {
@@ -274,9 +280,17 @@ struct WeightGrad {
       const T* src = p.a + n * p.a_stride_n + i0 * p.a_stride[0] + i1 * p.a_stride[1] + i2b * p.a_stride[2];
       T* dst = base + row * cl_s[1] + i2b * Ca;
       const int64_t s2 = p.a_stride[2];
-      for (int64_t c = 0; c < Ca; ++c) {
-        const T* sc = src + c * p.a_stride_c;
-        for (int64_t j = 0; j < len; ++j) dst[j * Ca + c] = sc[j * s2];
+      const int64_t cs = p.a_stride_c;
+      for (int64_t c0 = 0; c0 < Ca; c0 += kCb) {
+        const T* sc = src + c0 * cs;
+        T* dc = dst + c0;
+        if (Ca - c0 >= kCb) {
+          for (int64_t j = 0; j < len; ++j)
+            for (int64_t c = 0; c < kCb; ++c) dc[j * Ca + c] = sc[c * cs + j * s2];
+        } else {
+          for (int64_t j = 0; j < len; ++j)
+            for (int64_t c = 0; c < Ca - c0; ++c) dc[j * Ca + c] = sc[c * cs + j * s2];
+        }
       }
     }
   }
@@ -345,6 +359,52 @@ struct WeightGrad {
     }
   }
 
+  // pack_panel for direct_a: the panel's columns (channels) one at a time, along a's rows.
+  void pack_panel_direct(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes,
+                         T* __restrict dst) const {
+    int64_t off[kSpatialRank];
+    for (int a = 0; a < kSpatialRank; ++a) off[a] = tap[a] * p.dilation[a] - p.pad_before[a];
+    const int64_t s2 = p.stride[2], L2 = L[2], as2 = p.a_stride[2], cs = p.a_stride_c;
+    const int w = aw;
+    for (const Run& r : runs) {
+      const int64_t i0 = map_padded_index(r.o0 * p.stride[0] + off[0], L[0], p.mode);
+      const int64_t i1 = map_padded_index(r.o1 * p.stride[1] + off[1], L[1], p.mode);
+      if (i0 < 0 || i1 < 0) {
+        std::memset(dst, 0, sizeof(T) * static_cast<size_t>(r.len * w));
+        dst += r.len * w;
+        continue;
+      }
+      const T* row = p.a + r.n * p.a_stride_n + c0 * cs + i0 * p.a_stride[0] + i1 * p.a_stride[1];
+      // The run's interior [j_lo, j_hi): positions inside [0, L2), read at a constant step.
+      const int64_t first = r.o2 * s2 + off[2];
+      int64_t j_lo = 0, j_hi = r.len;
+      while (j_lo < r.len && first + j_lo * s2 < 0) ++j_lo;
+      while (j_hi > j_lo && first + (j_hi - 1) * s2 >= L2) --j_hi;
+      const int64_t step = s2 * as2;
+      for (int l = 0; l < w; ++l) {
+        T* d = dst + l;
+        if (l >= lanes) {
+          for (int64_t j = 0; j < r.len; ++j) d[j * w] = T(0);
+          continue;
+        }
+        const T* src = row + l * cs;
+        for (int64_t j = 0; j < r.len; ++j) {
+          if (j == j_lo && j < j_hi) {  // the interior
+            const T* s0 = src + (first + j * s2) * as2;
+            if (step == 1)
+              for (; j < j_hi; ++j) d[j * w] = s0[j - j_lo];
+            else
+              for (int64_t u = 0; j < j_hi; ++j, ++u) d[j * w] = s0[u * step];
+            if (j == r.len) break;
+          }
+          const int64_t m = map_padded_index(first + j * s2, L2, p.mode);
+          d[j * w] = m < 0 ? T(0) : src[m * as2];
+        }
+      }
+      dst += r.len * w;
+    }
+  }
+
   // An item: group g, b-tiles [bt0, bt1), a-tiles [at0, at1), tap slots [slot0, slot1). Its C
   // buffer is [slot][rows][ldc], rows x lanes = (cb, ca) normal, (tap in slot, ca) swapped.
   struct Item {
@@ -376,7 +436,11 @@ struct WeightGrad {
         if (q == 1) {
           for (int64_t at = it.at0; at < it.at1; ++at) {
             const int lanes = static_cast<int>(std::min<int64_t>(aw, ca_g - at * aw));
-            pack_panel(s.runs, tap, it.g * ca_g + at * aw, lanes, true, panels + (at - it.at0) * kc * aw);
+            T* dst = panels + (at - it.at0) * kc * aw;
+            if (direct_a)
+              pack_panel_direct(s.runs, tap, it.g * ca_g + at * aw, lanes, dst);
+            else
+              pack_panel(s.runs, tap, it.g * ca_g + at * aw, lanes, true, dst);
           }
           next_tap();
         } else {  // q taps side by side in one panel (one a-tile: Ca_g <= MR / 2)
@@ -428,31 +492,34 @@ struct WeightGrad {
       return;
     }
     const int threads = std::max(1, get_num_threads());
-    // Tiles per item. The lane tiles: one (normal), or as many b panels as fit half the L2 budget
-    // (swapped). The row tiles: as many as keep their A block (kKc x rows) and the C buffer
-    // (taps x rows x ldc) within the L2 budget. Then, while there are too few items to keep every
-    // thread busy, halved: the taps first (each tap's panels are still packed once), then the rows,
-    // then the lanes. The split changes no multiply-add chain, so results do not depend on it.
-    int64_t lane_per = 1;
-    if (swapped) lane_per = std::min<int64_t>(b_tiles, std::max<int64_t>(1, kL2Bytes / 2 / (kKc * nr * (int64_t)sizeof(T))));
-    const int64_t row_tile_bytes =
-        checked_mul(checked_add(kKc * mr, checked_mul(slots, checked_mul(mr, lane_per * nr))), sizeof(T));
+    // Tiles per item, chosen from the shapes and the thread count only (the split changes no
+    // multiply-add chain, so results do not depend on it). Rows: as many as keep the row panels of a
+    // k-block (kKc x rows) in about half the L2 budget, with one lane tile's C buffer. Lanes: as many
+    // as fit their C buffers and panels in the rest. Then, while there are too few items to keep
+    // every thread busy, halved: the taps first, then the a tiles (an extra block re-reads the
+    // packed b, which is cheaper than packing a's panels twice), then the b tiles.
+    const int64_t sz = sizeof(T);
     const int64_t row_tiles = swapped ? a_tiles : b_tiles, lane_tiles = swapped ? b_tiles : a_tiles;
-    int64_t row_per = std::min<int64_t>(row_tiles, std::max<int64_t>(1, kL2Bytes / row_tile_bytes));
+    const int64_t row_tile_bytes = checked_mul(checked_add(kKc * mr, checked_mul(slots, mr * nr)), sz);
+    int64_t row_per = std::min<int64_t>(row_tiles, std::max<int64_t>(1, kL2Bytes / 2 / row_tile_bytes));
+    const int64_t lane_tile_bytes =
+        checked_mul(checked_add(kKc * nr, checked_mul(checked_mul(slots, row_per * mr), nr)), sz);
+    int64_t lane_per = std::min<int64_t>(lane_tiles, std::max<int64_t>(1, kL2Bytes / 2 / lane_tile_bytes));
+    int64_t& a_per = swapped ? row_per : lane_per;
+    int64_t& b_per = swapped ? lane_per : row_per;
     int64_t tap_per = slots;  // tap slots per item
     auto count = [&] {
       return checked_mul(checked_mul(G, ceil_div(slots, tap_per)),
-                         checked_mul(ceil_div(row_tiles, row_per), ceil_div(lane_tiles, lane_per)));
+                         checked_mul(ceil_div(a_tiles, a_per), ceil_div(b_tiles, b_per)));
     };
-    while (count() < 3 * threads && (tap_per > 1 || row_per > 1 || lane_per > 1)) {
+    while (count() < 3 * threads && (tap_per > 1 || a_per > 1 || b_per > 1)) {
       if (tap_per > 1)
         tap_per = ceil_div(tap_per, 2);
-      else if (row_per > 1)
-        row_per = ceil_div(row_per, 2);
+      else if (a_per > 1)
+        a_per = ceil_div(a_per, 2);
       else
-        lane_per = ceil_div(lane_per, 2);
+        b_per = ceil_div(b_per, 2);
     }
-    const int64_t b_per = swapped ? lane_per : row_per, a_per = swapped ? row_per : lane_per;
     std::vector<Item> items;
     items.reserve(static_cast<size_t>(count()));
     for (int64_t g = 0; g < G; ++g)
@@ -469,6 +536,7 @@ struct WeightGrad {
     std::vector<std::unique_ptr<Scratch<T>>> scratch;
     for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch<T>(panel_size, c_size));
     pack_b(threads);
+    direct_a = p.a_stride_c != 1 && p.a_channels != 1 && q == 1 && slots == 1 && ceil_div(b_tiles, b_per) == 1;
     prepare_a(threads);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
