@@ -7,8 +7,9 @@ grad_bias)``. ``needs=(input, weight, bias)`` (PyTorch's ``output_mask``) skips 
 are not wanted; those come back as None.
 
 The heavy lifting is done by convfast's public forward operators (``conv*``, ``conv_transpose*``,
-``pad``); the rest is array slicing, reshapes, copies and sums (and ``np.einsum`` for depthwise
-weight gradients), so a backend that runs those operators runs the backward passes too.
+``pad``) and, for NumPy arrays, the compiled weight-gradient kernel ``_core.weight_grad``; the rest
+is array slicing, reshapes, copies and sums (and ``np.einsum`` for depthwise weight gradients), so a
+backend that runs those operators runs the backward passes too.
 
 The formulas (per spatial axis: ``p`` pads before/after, ``s`` stride, ``d`` dilation, ``k`` kernel,
 ``S`` input size, ``O`` output size):
@@ -24,9 +25,10 @@ The formulas (per spatial axis: ``p`` pads before/after, ``s`` stride, ``d`` dil
   output_padding)``).
 * grad_weight, both: a correlation of the (padded) input with the output gradient,
   ``gW[co, ci, t] = sum_{n, o} x_padded[n, ci, o s + t d] gy[n, co, o]`` (for the transposed
-  convolution x and gy trade places). Per kernel tap this is a GEMM with K = N * prod(O): the
-  input's strided windows are copied tap by tap into a bounded slab and multiplied by the engine
-  as a 1x1 convolution; depthwise-like groups are contracted per tap by ``np.einsum`` instead (see
+  convolution x and gy trade places). Per kernel tap this is a GEMM with K = N * prod(O), computed
+  for NumPy arrays by the compiled kernel (cpp/conv/weight_grad.cpp, reading x unpadded through the
+  padding mode), for depthwise-like groups by ``np.einsum`` per tap, and for other array types from
+  slabs of the input's strided windows multiplied by the engine as a 1x1 convolution (see
   ``_weight_grad``).
 * grad_bias: grad_output summed over the batch and the spatial axes.
 """
@@ -429,8 +431,8 @@ def _make_conv_backward(rank: int):
     weight's, grad_bias (C_out,); float32 when every operand is float32, else float64.
 
     grad_input is conv_transpose{rank}d(grad_output, weight) (followed, for a padding mode other than
-    zeros, by the adjoint of the padding), grad_weight a correlation of x with grad_output computed
-    by conv{rank}d with batch and channels swapped, grad_bias the sum of grad_output over batch and
+    zeros, by the adjoint of the padding), grad_weight a correlation of x with grad_output (a GEMM
+    per kernel tap over batch and output pixels), grad_bias the sum of grad_output over batch and
     space.
 
     Example
