@@ -177,8 +177,8 @@ struct WeightGrad {
   int64_t cl_n = 0, cl_s[kSpatialRank] = {0, 0, 0};
   std::unique_ptr<AlignedBuffer<T>> cl_copy;
   // a is read in its own (not channel-contiguous) layout, each panel column along a's rows: when
-  // every panel is packed once (one tap, one block of b tiles), a channels-last copy would only add
-  // a pass over a.
+  // every element of a is packed at most once (see run()), a channels-last copy would only add a
+  // pass over a.
   bool direct_a = false;
   std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][b-tile][k][bw]
 
@@ -536,7 +536,13 @@ struct WeightGrad {
     std::vector<std::unique_ptr<Scratch<T>>> scratch;
     for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch<T>(panel_size, c_size));
     pack_b(threads);
-    direct_a = p.a_stride_c != 1 && p.a_channels != 1 && q == 1 && slots == 1 && ceil_div(b_tiles, b_per) == 1;
+    // Direct reading of a channels-first a when no input element is read twice: one block of b
+    // tiles, and taps that do not overlap (stride >= the dilated kernel along every axis, e.g. one
+    // tap, or a transposed convolution's k = s up-sampling).
+    bool disjoint = q == 1 && ceil_div(b_tiles, b_per) == 1;
+    for (int a = 0; a < kSpatialRank; ++a)
+      disjoint = disjoint && (p.kernel[a] <= 1 || p.stride[a] >= (p.kernel[a] - 1) * p.dilation[a] + 1);
+    direct_a = p.a_stride_c != 1 && p.a_channels != 1 && disjoint;
     prepare_a(threads);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
