@@ -681,12 +681,15 @@ def test_weight_grad_kernel_matches_torch(case, mode, dtype):
     expected = _torch_weight_grad_padded(r, x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64),
                                          stride, dilation, g, pads, mode)
     k_w = n * math.prod(spec.out_spatial)
-    for layout in ("channels_first", "channels_last", "strided"):
+    for layout in ("channels_first", "channels_last", "strided", "negative"):
         if layout == "channels_last":
             xl, gyl = np.moveaxis(x, 1, -1), np.moveaxis(gy, 1, -1)
         elif layout == "strided":  # non-contiguous views, one of them reversed along the batch
             xl = np.repeat(x, 2, axis=-1)[..., ::2]
             gyl = np.ascontiguousarray(gy[::-1])[::-1]
+        elif layout == "negative":  # negative channel and spatial strides
+            xl = np.ascontiguousarray(x[:, ::-1, ..., ::-1])[:, ::-1, ..., ::-1]
+            gyl = np.ascontiguousarray(gy[:, ::-1])[:, ::-1]
         else:
             xl, gyl = x, gy
         fmt = "channels_last" if layout == "channels_last" else "channels_first"

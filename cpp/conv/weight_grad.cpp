@@ -1,26 +1,32 @@
 // The weight gradient (see convfast/weight_grad.hpp) as a GEMM per group on the forward engine's
 // micro-kernel:
 //
-//   C_t[cb][ca] = sum_k Bm[cb][k] * At[k][ca]     for every kernel tap t, k = (n, output pixel o),
+//   C_t[cb][ca] = sum_k Bm[cb][k] * At[k][ca]     for every kernel tap t, k = (n, output pixel o).
 //
-// rows = output-gradient channels cb (the micro-kernel's MR, packed from b), vector lanes = input
-// channels ca (NR, packed from a, per tap). Bm does not depend on the tap, so b is packed once
-// into A-panels [g][m-tile][k][MR] for the whole call. a is copied once into a channels-last
-// buffer (N, L0, L1, L2, Ca) -- or read in place when its channels are already contiguous -- so
-// that the NR input channels of an n-tile at any (n, position) are one contiguous run, and the
-// B-panel of (k-block, tap, n-tile) is built from NR-wide copies: zeros where the tap reads the
-// zero padding, map_padded_index for the other padding modes (the input is never padded).
+// Normal orientation: rows = output-gradient channels cb (the micro-kernel's MR, packed from b),
+// vector lanes = input channels ca (NR, packed from a, per tap). Bm does not depend on the tap, so
+// b is packed once into panels [g][tile][k][width] for the whole call. a is copied once into a
+// channels-last buffer (N, L0, L1, L2, Ca) -- or read in place when its channels are already
+// contiguous -- so that the channels of a tile at any (n, position) are one contiguous run, and the
+// panel of (k-block, tap, tile) is built from contiguous copies: zeros where the tap reads the zero
+// padding, map_padded_index for the other padding modes (the input is never padded). When no
+// element of a would be packed twice (non-overlapping taps, one block of b tiles), a
+// channels-first a is read directly instead (pack_panel_direct), skipping the copy.
+// Swapped orientation (few input channels: see WeightGrad::swapped): rows = ca, lanes = cb, b packed
+// once as NR-lane panels, a per tap as MR-row panels, several taps per panel when Ca_g <= MR / 2.
 //
-// Work items are (group, n-tile of NR input channels, block of m-tiles). Each owns its output
-// tiles and runs the whole K in a fixed order (k-blocks of kKc, the taps inside each, so the item's
-// A block stays in L2 across the taps while each tap's B-panel sits in L1), accumulating with the
-// micro-kernel's accumulate flag into a per-thread C buffer [tap][rows][NR]; so every output is one
-// multiply-add chain over k in order and results are bitwise identical for any thread count (the
-// m-block size, which follows the thread count, changes no chain).
+// Work items are (group, block of b tiles, block of a tiles, block of tap slots). Each owns its
+// outputs and runs the whole K in a fixed order (k-blocks of kKc, the taps inside each, so the
+// item's row panels stay in L2 across its taps and lane tiles while each lane panel sits in L1),
+// accumulating with the micro-kernel's accumulate flag into a per-thread C buffer
+// [slot][rows][ldc]; so every output is one multiply-add chain over k in order and results are
+// bitwise identical for any thread count (the block sizes, which follow the thread count, change
+// no chain).
 //
-// Extra memory: the channels-last copy of a (a's size; skipped when a's channel stride is 1), the
-// packed b (b's size rounded up to whole MR tiles per group), and per thread one B-panel
-// (kKc x NR), one C buffer (taps x rows x NR) and kKc run descriptors.
+// Extra memory: the channels-last copy of a (a's size; skipped when a's channel stride is 1 or a
+// is read directly), the packed b (b's size rounded up to whole tiles per group), and per thread
+// the item's a panels (kKc x tile width x tiles), one C buffer (slots x rows x ldc) and kKc run
+// descriptors. All of it is allocated on the calling thread, outside the parallel regions.
 #include "convfast/weight_grad.hpp"
 
 #include <omp.h>
