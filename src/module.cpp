@@ -14,6 +14,7 @@
 
 #include "convfast/dispatch.hpp"
 #include "convfast/engine.hpp"
+#include "convfast/weight_grad.hpp"
 
 namespace py = pybind11;
 using namespace convfast;
@@ -148,6 +149,63 @@ class Plan {
   std::shared_ptr<ConvPlan<double>> f64_;
 };
 
+template <typename T>
+void weight_grad_typed(const py::array& a, const py::array& b, py::array& out, int64_t groups, const Triple& kernel,
+                       const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
+  WeightGradProblem<T> p;
+  auto as = element_strides(a, "a"), bs = element_strides(b, "b");
+  p.batch = a.shape(0);
+  p.groups = groups;
+  p.a_channels = a.shape(1);
+  p.b_channels = b.shape(1);
+  p.mode = static_cast<PadMode>(mode);
+  for (int i = 0; i < kSpatialRank; ++i) {
+    p.a_size[i] = a.shape(2 + i);
+    p.b_size[i] = b.shape(2 + i);
+    p.kernel[i] = kernel[i];
+    p.stride[i] = stride[i];
+    p.dilation[i] = dilation[i];
+    p.pad_before[i] = pad_before[i];
+    p.a_stride[i] = as[2 + i];
+    p.b_stride[i] = bs[2 + i];
+  }
+  p.a = static_cast<const T*>(a.data());
+  p.a_stride_n = as[0];
+  p.a_stride_c = as[1];
+  p.b = static_cast<const T*>(b.data());
+  p.b_stride_n = bs[0];
+  p.b_stride_c = bs[1];
+  p.out = static_cast<T*>(out.mutable_data());
+  py::gil_scoped_release release;
+  weight_grad(p);
+}
+
+// out[cb, ca, t] = sum_{n, o} a[n, G(cb) * Ca_g + ca, t * dilation + o * stride - pad_before] * b[n, cb, o], a read
+// through the padding mode: the weight gradient (python/convfast/backward.py::_weight_grad).
+void weight_grad_binding(const py::array& a, const py::array& b, py::array out, int64_t groups, const Triple& kernel,
+                         const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
+  require(a.ndim() == 5 && b.ndim() == 5 && out.ndim() == 5, "a, b, out must be 5-D views");
+  require(a.dtype().is(b.dtype()) && a.dtype().is(out.dtype()), "a, b and out must share a dtype");
+  require(mode >= 0 && mode <= 4, "bad padding mode");
+  require(groups >= 1 && a.shape(1) % groups == 0 && b.shape(1) % groups == 0,
+          "groups must divide the channels of a and b");
+  require(a.shape(0) == b.shape(0), "a and b must have the same batch size");
+  require(out.writeable(), "out must be writeable");
+  require(out.shape(0) == b.shape(1) && out.shape(1) == a.shape(1) / groups, "out must be (Cb, Ca / groups, *kernel)");
+  int64_t expect = out.itemsize();
+  for (int i = 4; i >= 0; --i) {
+    if (i >= 2) require(out.shape(i) == kernel[i - 2], "out's spatial shape must be the kernel");
+    require(out.shape(i) <= 1 || out.strides(i) == expect, "out must be C-contiguous");
+    expect *= out.shape(i);
+  }
+  if (is_f32(a))
+    weight_grad_typed<float>(a, b, out, groups, kernel, stride, dilation, pad_before, mode);
+  else if (is_f64(a))
+    weight_grad_typed<double>(a, b, out, groups, kernel, stride, dilation, pad_before, mode);
+  else
+    throw py::type_error("convfast._core: only float32 and float64 are computed natively");
+}
+
 void pad(const py::array& src, py::array dst, const std::vector<int64_t>& before, const std::vector<int64_t>& after,
          bool constant, int mode, const py::bytes& fill) {
   PadRequest r;
@@ -205,6 +263,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("pad_before"), py::arg("mode"))
       .def("execute", &Plan::execute, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"))
       .def("describe", &Plan::describe);
+  m.def("weight_grad", &weight_grad_binding, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("groups"),
+        py::arg("kernel"), py::arg("stride"), py::arg("dilation"), py::arg("pad_before"), py::arg("mode"));
   m.def("pad", &pad);
   m.def("set_num_threads", &set_num_threads);
   m.def("get_num_threads", &get_num_threads);

@@ -617,3 +617,170 @@ def test_inputs_never_mutated_and_read_only_accepted():
         for g in grads:
             assert g.flags.writeable and g.flags.c_contiguous
             assert not any(np.may_share_memory(g, a) for a in (x, w, gy, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled weight-gradient kernel (_core.weight_grad): tile edges, K blocks, every padding mode,
+# groups, layouts, thread counts
+# ----------------------------------------------------------------------------------------------
+
+from convfast._spec import NUMPY_PAD_MODE  # noqa: E402
+
+# (rank, N, C_in, C_out, groups, spatial, kernel, stride, dilation, pads ((before, after) per axis))
+# C_out / C_in per group not multiples of MR (6 / 12 / 4) or NR (16 / 8 / 32 / 4), one channel,
+# K = N * prod(O) above and not a multiple of the 256-deep K block, 1x1 outputs, and few input
+# channels (the swapped orientation with stacked taps).
+_WG_CASES = [
+    (2, 3, 17, 13, 1, (11, 13), (3, 3), (1, 1), (1, 1), ((1, 2), (0, 1))),
+    (2, 2, 5, 7, 1, (9, 10), (3, 2), (2, 1), (1, 2), ((2, 0), (1, 1))),
+    (2, 2, 3, 20, 1, (17, 15), (7, 5), (2, 2), (1, 1), ((3, 3), (2, 1))),       # stem-like: taps stacked
+    (2, 2, 1, 19, 1, (8, 9), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),         # one input channel
+    (2, 2, 20, 1, 1, (8, 9), (3, 3), (1, 1), (2, 1), ((2, 2), (0, 1))),         # one output channel
+    (2, 3, 12, 18, 3, (7, 6), (2, 3), (1, 2), (1, 1), ((0, 1), (1, 1))),        # Ca_g 4 != Cb_g 6
+    (2, 2, 34, 10, 2, (6, 7), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),        # Ca_g 17 != Cb_g 5
+    (2, 1, 9, 8, 1, (3, 3), (3, 3), (1, 1), (1, 1), ((0, 0), (0, 0))),          # 1x1 output
+    (1, 3, 18, 23, 1, (300,), (5,), (1,), (2,), ((3, 4),)),                     # K = 3 * 296: 4 blocks
+    (1, 2, 33, 7, 1, (50,), (9,), (3,), (1,), ((4, 4),)),
+    (3, 2, 7, 9, 1, (6, 5, 7), (3, 2, 3), (2, 1, 1), (1, 2, 1), ((1, 1), (0, 1), (1, 0))),
+    (3, 1, 2, 24, 2, (5, 6, 5), (2, 3, 3), (1, 1, 2), (1, 1, 1), ((1, 0), (1, 1), (1, 1))),
+    (2, 3, 40, 14, 1, (9, 11), (1, 1), (2, 3), (1, 1), ((1, 2), (2, 1))),      # 1x1: a read in place
+    (1, 2, 21, 30, 3, (200,), (1,), (1,), (1,), ((0, 0),)),                   # 1x1, K = 400
+    (2, 2, 20, 9, 1, (8, 11), (2, 2), (2, 3), (1, 1), ((0, 1), (1, 0))),       # disjoint taps: a in place
+    (3, 2, 24, 13, 1, (6, 4, 6), (2, 1, 2), (2, 1, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 0))),
+]
+
+
+def _torch_weight_grad_padded(r, x, w, gy, stride, dilation, groups, pads, mode):
+    """grad_weight by autograd through a valid convolution of x padded by np.pad (every mode)."""
+    xp = np.pad(x, ((0, 0), (0, 0)) + tuple(pads), mode=NUMPY_PAD_MODE[mode])
+    tw = _t(w, True)
+    y = getattr(F, f"conv{r}d")(_t(xp), tw, None, stride=stride, dilation=dilation, groups=groups)
+    assert tuple(y.shape) == gy.shape
+    y.backward(_t(gy))
+    return tw.grad
+
+
+def _wg_case_id(c):
+    return "{}d-n{}-ci{}-co{}-g{}".format(c[0], c[1], c[2], c[3], c[4])
+
+
+@requires_torch
+@pytest.mark.parametrize("case", _WG_CASES, ids=_wg_case_id)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_grad_kernel_matches_torch(case, mode, dtype):
+    r, n, cin, cout, g, sizes, k, stride, dilation, pads = case
+    if mode == "reflect" and any(max(p) >= s for p, s in zip(pads, sizes)):
+        pytest.skip("reflect pads as large as the input")
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(_seed((case, mode, str(dtype))))
+    x = rng.standard_normal((n, cin) + sizes).astype(dtype)
+    w = rng.standard_normal((cout, cin // g) + k).astype(dtype)
+    spec = conv_spec("t", r, x, w, None, stride, pads, dilation, g, mode, "channels_first")
+    gy = rng.standard_normal(spec.output_shape()).astype(dtype)
+    expected = _torch_weight_grad_padded(r, x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64),
+                                         stride, dilation, g, pads, mode)
+    k_w = n * math.prod(spec.out_spatial)
+    for layout in ("channels_first", "channels_last", "strided", "negative"):
+        if layout == "channels_last":
+            xl, gyl = np.moveaxis(x, 1, -1), np.moveaxis(gy, 1, -1)
+        elif layout == "strided":  # non-contiguous views, one of them reversed along the batch
+            xl = np.repeat(x, 2, axis=-1)[..., ::2]
+            gyl = np.ascontiguousarray(gy[::-1])[::-1]
+        elif layout == "negative":  # negative channel and spatial strides
+            xl = np.ascontiguousarray(x[:, ::-1, ..., ::-1])[:, ::-1, ..., ::-1]
+            gyl = np.ascontiguousarray(gy[:, ::-1])[:, ::-1]
+        else:
+            xl, gyl = x, gy
+        fmt = "channels_last" if layout == "channels_last" else "channels_first"
+        _, gw, _ = BACK[r](gyl, xl, w, None, stride, pads, dilation, g, padding_mode=mode, data_format=fmt,
+                           needs=(False, True, False))
+        _close(gw, expected, dtype, k_w)
+
+
+@requires_torch
+@pytest.mark.parametrize("case", _WG_CASES[:4] + _WG_CASES[6:9] + _WG_CASES[10:], ids=_wg_case_id)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_grad_kernel_transposed_matches_torch(case, dtype):
+    """The transposed convolution's weight gradient (the kernel with x and grad_output exchanged)."""
+    r, n, cin, cout, g, sizes, k, stride, dilation, pads = case
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(_seed((case, "t", str(dtype))))
+    sizes = tuple(max(1, s // max(st_, 1)) for s, st_ in zip(sizes, stride))
+    pads = tuple((p[0], p[0]) for p in pads)
+    x = rng.standard_normal((n, cin) + sizes).astype(dtype)
+    w = rng.standard_normal((cin, cout // g) + k).astype(dtype)
+    try:
+        spec = conv_transpose_spec("t", r, x, w, None, stride, pads, 0, g, dilation, None, "channels_first")
+    except ValueError:
+        pytest.skip("padding crops more than the full output")
+    gy = rng.standard_normal(spec.output_shape()).astype(dtype)
+    _, tgw, _, _ = _torch_conv_transpose_grads(r, x.astype(np.float64), w.astype(np.float64), None, stride,
+                                               spec.pads, spec.out_spatial, dilation, g, gy.astype(np.float64))
+    for fmt in ("channels_first", "channels_last"):
+        to = (lambda a: np.moveaxis(a, 1, -1)) if fmt == "channels_last" else (lambda a: a)
+        _, gw, _ = BACKT[r](to(gy), to(x), w, None, stride, pads, 0, g, dilation, data_format=fmt,
+                            needs=(False, True, False))
+        _close(gw, tgw, dtype, n * math.prod(sizes) * 4)
+
+
+@pytest.mark.parametrize("case", [_WG_CASES[i] for i in (0, 2, 3, 6, 8, 10)], ids=_wg_case_id)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_grad_kernel_bitwise_identical_across_thread_counts(case, dtype):
+    r, n, cin, cout, g, sizes, k, stride, dilation, pads = case
+    rng = np.random.default_rng(_seed((case, "threads")))
+    x = rng.standard_normal((n, cin) + sizes).astype(dtype)
+    w = rng.standard_normal((cout, cin // g) + k).astype(dtype)
+    spec = conv_spec("t", r, x, w, None, stride, pads, dilation, g, "circular", "channels_first")
+    gy = rng.standard_normal(spec.output_shape()).astype(dtype)
+    before = convfast.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            convfast.set_num_threads(threads)
+            _, gw, _ = BACK[r](gy, x, w, None, stride, pads, dilation, g, padding_mode="circular",
+                               needs=(False, True, False))
+            results.append(gw)
+    finally:
+        convfast.set_num_threads(before)
+    for gw in results[1:]:
+        np.testing.assert_array_equal(gw, results[0])
+
+
+def test_weight_grad_slab_path_for_other_array_types():
+    """ndarray subclasses (standing in for other array types, which the compiled kernel cannot read)
+    take the slab path; it agrees with the compiled kernel."""
+    class Other(np.ndarray):
+        pass
+
+    rng = np.random.default_rng(5)
+    for ca, cb, groups in ((17, 13, 1), (3, 20, 1), (12, 18, 3)):
+        a = rng.standard_normal((2, ca, 9, 8))
+        b = rng.standard_normal((2, cb, 4, 10))  # (9 + 1 - 3) // 2 + 1, (8 + 3 - 2) + 1
+        args = (groups, ((1, 0), (2, 1)), "reflect", (2, 1), (1, 1), (3, 2), np.dtype(np.float64))
+        native = bw_module._weight_grad(a, b, *args)
+        other = bw_module._weight_grad(a.view(Other), b.view(Other), *args)
+        assert type(native) is np.ndarray
+        np.testing.assert_allclose(np.asarray(other), native, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_grad_core_checks():
+    core = convfast._core
+    a = np.zeros((2, 4, 1, 5, 5), np.float32)
+    b = np.zeros((2, 6, 1, 3, 3), np.float32)
+    ok = dict(groups=2, kernel=(1, 3, 3), stride=(1, 1, 1), dilation=(1, 1, 1), pad_before=(0, 0, 0), mode=0)
+    out = np.full((6, 2, 1, 3, 3), np.nan, np.float32)
+    core.weight_grad(a, b, out, **ok)
+    assert not out.any()
+    with pytest.raises(ValueError, match="dtype"):
+        core.weight_grad(a, b.astype(np.float64), out, **ok)
+    with pytest.raises(ValueError, match="groups"):
+        core.weight_grad(a, b, out, **dict(ok, groups=4))
+    with pytest.raises(ValueError, match="out"):
+        core.weight_grad(a, b, np.zeros((6, 2, 1, 3, 2), np.float32), **ok)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        core.weight_grad(a, b, np.zeros((6, 2, 1, 3, 3), np.float32, order="F"), **ok)
+    with pytest.raises(ValueError, match="stride"):
+        core.weight_grad(a, b, out, **dict(ok, stride=(1, 0, 1)))
+    with pytest.raises(TypeError):
+        core.weight_grad(a.astype(np.int32), b.astype(np.int32), out.astype(np.int32), **ok)

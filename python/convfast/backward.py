@@ -7,8 +7,9 @@ grad_bias)``. ``needs=(input, weight, bias)`` (PyTorch's ``output_mask``) skips 
 are not wanted; those come back as None.
 
 The heavy lifting is done by convfast's public forward operators (``conv*``, ``conv_transpose*``,
-``pad``); the rest is array slicing, reshapes, copies and sums (and ``np.einsum`` for depthwise
-weight gradients), so a backend that runs those operators runs the backward passes too.
+``pad``) and, for NumPy arrays, the compiled weight-gradient kernel ``_core.weight_grad``; the rest
+is array slicing, reshapes, copies and sums (and ``np.einsum`` for depthwise weight gradients), so a
+backend that runs those operators runs the backward passes too.
 
 The formulas (per spatial axis: ``p`` pads before/after, ``s`` stride, ``d`` dilation, ``k`` kernel,
 ``S`` input size, ``O`` output size):
@@ -24,9 +25,10 @@ The formulas (per spatial axis: ``p`` pads before/after, ``s`` stride, ``d`` dil
   output_padding)``).
 * grad_weight, both: a correlation of the (padded) input with the output gradient,
   ``gW[co, ci, t] = sum_{n, o} x_padded[n, ci, o s + t d] gy[n, co, o]`` (for the transposed
-  convolution x and gy trade places). Per kernel tap this is a GEMM with K = N * prod(O): the
-  input's strided windows are copied tap by tap into a bounded slab and multiplied by the engine
-  as a 1x1 convolution; depthwise-like groups are contracted per tap by ``np.einsum`` instead (see
+  convolution x and gy trade places). Per kernel tap this is a GEMM with K = N * prod(O), computed
+  for NumPy arrays by the compiled kernel (cpp/conv/weight_grad.cpp, reading x unpadded through the
+  padding mode), for depthwise-like groups by ``np.einsum`` per tap, and for other array types from
+  slabs of the input's strided windows multiplied by the engine as a 1x1 convolution (see
   ``_weight_grad``).
 * grad_bias: grad_output summed over the batch and the spatial axes.
 """
@@ -39,9 +41,11 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from . import _core
 from . import functional as _ops
 from ._interop import output_wrapper
-from ._spec import (ConvSpec, as_array, compute_dtype, conv_spec, conv_transpose_spec, effective_kernel)
+from ._spec import (PADDING_MODES, ConvSpec, as_array, compute_dtype, conv_spec, conv_transpose_spec,
+                    effective_kernel)
 
 ConvGrads = namedtuple("ConvGrads", ["grad_input", "grad_weight", "grad_bias"])
 ConvGrads.__doc__ = ("Gradients of a convolution: grad_input (x's shape and layout), grad_weight (weight's "
@@ -212,16 +216,25 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
     for every kernel tap t, with A = ``a`` (N, Ca, *La) padded by ``pads`` in ``mode``, b (N, Cb, *O)
     and G(cb) the group of output channel cb. Returns (Cb, Ca_g, *kernel) in ``dtype``.
 
-    Per group this is a GEMM with K = N * prod(O): the columns are the strided windows of A, one per
-    tap (``A[..., t*d : t*d + (O-1)*s + 1 : s]``), copied into a slab in chunks of taps, and the
-    product runs on the engine as a 1x1 convolution (``conv1d`` with K as the input channels and
-    groups as groups). The larger of Ca/G and Cb/G becomes the GEMM's pixel dimension (the one the
-    micro-kernel tiles by rows), the other the output channels.
+    Per group this is a GEMM with K = N * prod(O). Three ways to compute it:
+
+    * NumPy arrays, groups with more than ``_SMALL_GROUP`` weights per tap: the compiled kernel
+      ``_core.weight_grad`` (cpp/conv/weight_grad.cpp). It reads ``a`` unpadded, through the
+      padding mode, in any layout, packs ``b`` once and runs the micro-kernel with rows = Cb/G,
+      vector lanes = Ca/G, multi-threaded and bitwise independent of the thread count.
+    * groups with at most ``_SMALL_GROUP`` weights per tap (depthwise): ``np.einsum`` per tap over
+      strided windows of the padded ``a``.
+    * other array types (arrays that implement NumPy's ``__array_function__``, which the compiled
+      kernel cannot read): the strided windows of the padded ``a``, one per tap
+      (``A[..., t*d : t*d + (O-1)*s + 1 : s]``), are copied into a slab in chunks of taps and the
+      product runs through ``conv1d`` as a 1x1 convolution (K as the input channels, groups as
+      groups); the larger of Ca/G and Cb/G becomes its pixel dimension, the other the output
+      channels.
 
     (The identity of the issue, "a convolution with batch and channels swapped and stride and
     dilation exchanged", computes the same thing in one engine call, but the engine then sees
     prod(O) kernel taps and prod(kernel) output pixels per image, a shape its per-tap packing
-    handles 3-10x slower than this, as measured on the layer suite.)"""
+    handles 3-10x slower than the slab GEMM, as measured on the layer suite.)"""
     rank = len(kernel)
     n, G = a.shape[0], groups
     ca_g, cb = a.shape[1] // G, b.shape[1]
@@ -234,6 +247,13 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
         return out
     if a.size == 0 or b.size == 0:
         out[...] = 0
+        return out
+    if ca_g * cb_g > _SMALL_GROUP and type(a) is np.ndarray and type(b) is np.ndarray and type(out) is np.ndarray:
+        a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
+        lead = (1,) * (3 - rank)
+        unit = (slice(None), slice(None)) + (None,) * (3 - rank)  # 5-D views with unit leading axes
+        _core.weight_grad(a[unit], b[unit], out[unit], G, lead + tuple(kernel), lead + tuple(stride),
+                          lead + tuple(dilation), (0,) * (3 - rank) + tuple(p for p, _ in pads), PADDING_MODES[mode])
         return out
     if any(p for pair in pads for p in pair):
         a = _pad_in_memory_order(a, ((0, 0), (0, 0)) + tuple(pads), mode)
@@ -411,8 +431,8 @@ def _make_conv_backward(rank: int):
     weight's, grad_bias (C_out,); float32 when every operand is float32, else float64.
 
     grad_input is conv_transpose{rank}d(grad_output, weight) (followed, for a padding mode other than
-    zeros, by the adjoint of the padding), grad_weight a correlation of x with grad_output computed
-    by conv{rank}d with batch and channels swapped, grad_bias the sum of grad_output over batch and
+    zeros, by the adjoint of the padding), grad_weight a correlation of x with grad_output (a GEMM
+    per kernel tap over batch and output pixels), grad_bias the sum of grad_output over batch and
     space.
 
     Example

@@ -1,0 +1,570 @@
+// The weight gradient (see convfast/weight_grad.hpp) as a GEMM per group on the forward engine's
+// micro-kernel:
+//
+//   C_t[cb][ca] = sum_k Bm[cb][k] * At[k][ca]     for every kernel tap t, k = (n, output pixel o).
+//
+// Normal orientation: rows = output-gradient channels cb (the micro-kernel's MR, packed from b),
+// vector lanes = input channels ca (NR, packed from a, per tap). Bm does not depend on the tap, so
+// b is packed once into panels [g][tile][k][width] for the whole call. a is copied once into a
+// channels-last buffer (N, L0, L1, L2, Ca) -- or read in place when its channels are already
+// contiguous -- so that the channels of a tile at any (n, position) are one contiguous run, and the
+// panel of (k-block, tap, tile) is built from contiguous copies: zeros where the tap reads the zero
+// padding, map_padded_index for the other padding modes (the input is never padded). When no
+// element of a would be packed twice (non-overlapping taps, one block of b tiles), a
+// channels-first a is read directly instead (pack_panel_direct), skipping the copy.
+// Swapped orientation (few input channels: see WeightGrad::swapped): rows = ca, lanes = cb, b packed
+// once as NR-lane panels, a per tap as MR-row panels, several taps per panel when Ca_g <= MR / 2.
+//
+// Work items are (group, block of b tiles, block of a tiles, block of tap slots). Each owns its
+// outputs and runs the whole K in a fixed order (k-blocks of kKc, the taps inside each, so the
+// item's row panels stay in L2 across its taps and lane tiles while each lane panel sits in L1),
+// accumulating with the micro-kernel's accumulate flag into a per-thread C buffer
+// [slot][rows][ldc]; so every output is one multiply-add chain over k in order and results are
+// bitwise identical for any thread count (the block sizes, which follow the thread count, change
+// no chain).
+//
+// Extra memory: the channels-last copy of a (a's size; skipped when a's channel stride is 1 or a
+// is read directly), the packed b (b's size rounded up to whole tiles per group), and per thread
+// the item's a panels (kKc x tile width x tiles), one C buffer (slots x rows x ldc) and kKc run
+// descriptors. All of it is allocated on the calling thread, outside the parallel regions.
+#include "convfast/weight_grad.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "convfast/dispatch.hpp"
+
+namespace convfast {
+namespace {
+
+// (The same small helpers as gather_gemm.cpp, kept local to this translation unit.)
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
+  return r;
+}
+int64_t checked_add(int64_t a, int64_t b) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
+  return r;
+}
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0
+
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t count) {
+    const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), sizeof(T));
+    const int64_t rounded = checked_add(bytes, 63) / 64 * 64;
+    ptr_ = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(rounded)));
+    if (!ptr_) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(ptr_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_ = nullptr;
+};
+
+// K block: a B-panel of kKc x NR (16 KiB for float32 AVX2) stays in L1.
+constexpr int64_t kKc = 256;
+// L2 budget of one item, in bytes: half for its row panels of a k-block (kKc x rows, with one lane
+// tile's C buffer), half for its lane panels and C buffers.
+constexpr int64_t kL2Bytes = 512 << 10;
+
+template <typename T>
+void validate(const WeightGradProblem<T>& p) {
+  auto bad = [](const char* what) { throw std::invalid_argument(std::string("convfast weight_grad: ") + what); };
+  if (p.batch < 0 || p.groups < 1 || p.a_channels < 0 || p.b_channels < 0) bad("bad channel/batch sizes");
+  if (p.a_channels % p.groups != 0 || p.b_channels % p.groups != 0) bad("channels must be multiples of groups");
+  constexpr int64_t kLimit = int64_t(1) << 61;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (p.a_size[a] < 0 || p.b_size[a] < 0 || p.kernel[a] < 0) bad("bad spatial sizes");
+    if (p.stride[a] < 1 || p.dilation[a] < 1) bad("stride and dilation must be positive");
+    // Every coordinate computed below (o * stride + t * dilation - pad) stays far from overflow.
+    int64_t span_out, span_kernel;
+    if (__builtin_mul_overflow(std::max<int64_t>(p.b_size[a], 1) - 1, p.stride[a], &span_out) ||
+        __builtin_mul_overflow(std::max<int64_t>(p.kernel[a], 1) - 1, p.dilation[a], &span_kernel) ||
+        span_out > kLimit || span_kernel > kLimit || p.a_size[a] > kLimit || p.b_size[a] > kLimit ||
+        p.pad_before[a] > kLimit || p.pad_before[a] < -kLimit)
+      bad("sizes, stride, dilation or padding too large for 64-bit index arithmetic");
+  }
+  if (static_cast<int>(p.mode) < 0 || static_cast<int>(p.mode) > 4) bad("bad padding mode");
+  if (!p.a || !p.b || !p.out) bad("null tensor");
+}
+
+// Copies n lanes; the common widths as fixed-size copies (inlined vector moves).
+template <typename T>
+inline void copy_lanes(T* __restrict dst, const T* __restrict src, int n) {
+  switch (n) {
+    case 4: std::memcpy(dst, src, 4 * sizeof(T)); return;
+    case 6: std::memcpy(dst, src, 6 * sizeof(T)); return;
+    case 8: std::memcpy(dst, src, 8 * sizeof(T)); return;
+    case 12: std::memcpy(dst, src, 12 * sizeof(T)); return;
+    case 16: std::memcpy(dst, src, 16 * sizeof(T)); return;
+    case 32: std::memcpy(dst, src, 32 * sizeof(T)); return;
+    default: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+  }
+}
+
+// Zeroes / copies a few entries with fixed-size calls (inlined), where a loop would be turned into
+// a library call per row by the compiler.
+template <typename T>
+inline void zero_lanes(T* dst, int n) {
+  switch (n) {
+    case 4: std::memset(dst, 0, 4 * sizeof(T)); return;
+    case 6: std::memset(dst, 0, 6 * sizeof(T)); return;
+    case 8: std::memset(dst, 0, 8 * sizeof(T)); return;
+    case 12: std::memset(dst, 0, 12 * sizeof(T)); return;
+    case 16: std::memset(dst, 0, 16 * sizeof(T)); return;
+    case 32: std::memset(dst, 0, 32 * sizeof(T)); return;
+    default: std::memset(dst, 0, static_cast<size_t>(n) * sizeof(T));
+  }
+}
+template <typename T>
+inline void copy_few(T* __restrict dst, const T* __restrict src, int n) {
+  switch (n) {
+    case 1: dst[0] = src[0]; return;
+    case 2: std::memcpy(dst, src, 2 * sizeof(T)); return;
+    case 3: std::memcpy(dst, src, 3 * sizeof(T)); return;
+    case 4: std::memcpy(dst, src, 4 * sizeof(T)); return;
+    case 5: std::memcpy(dst, src, 5 * sizeof(T)); return;
+    case 6: std::memcpy(dst, src, 6 * sizeof(T)); return;
+    case 7: std::memcpy(dst, src, 7 * sizeof(T)); return;
+    case 8: std::memcpy(dst, src, 8 * sizeof(T)); return;
+    default: copy_lanes(dst, src, n);
+  }
+}
+
+// A run of consecutive k along the innermost output axis: k = ((n * O0 + o0) * O1 + o1) * O2 + o2
+// for o2 in [o2, o2 + len).
+struct Run {
+  int64_t n, o0, o1, o2, len;
+};
+
+template <typename T>
+struct Scratch {
+  AlignedBuffer<T> panels;  // kKc x (the item's a-tiles x their width)
+  AlignedBuffer<T> c;       // taps x rows x ldc
+  std::vector<Run> runs;
+  Scratch(int64_t panel_size, int64_t c_size) : panels(panel_size), c(c_size) { runs.reserve(kKc); }
+};
+
+template <typename T>
+struct WeightGrad {
+  const WeightGradProblem<T>& p;
+  const UkernelInfo<T>& uk;
+  int mr, nr;
+  // Orientation. Normal: rows = cb (b packed once as MR-row panels), lanes = ca (a packed per tap
+  // as NR-lane panels). Swapped, chosen when it fills the micro-kernel's tile much better (few
+  // input channels per group, e.g. an RGB stem): rows = ca (a packed per tap as MR-row panels),
+  // lanes = cb (b packed once as NR-lane panels). Either way b is packed once and a per tap.
+  bool swapped = false;
+  int bw, aw;  // packed widths of b and a panels
+  // Swapped with Ca_g <= MR / 2: the rows of one a panel hold q = MR / Ca_g consecutive taps
+  // (row j * Ca_g + ca = channel ca at tap j of the slot), so that a 3-channel input fills 6 rows,
+  // not 3. Otherwise q = 1. The items, panels and C buffers count tap slots of q taps.
+  int64_t q = 1, slots = 1;
+  int64_t G, ca_g, cb_g, taps, P, K, b_tiles, a_tiles;
+  int64_t O[kSpatialRank], L[kSpatialRank];
+  // a as read by the panel packing: channel stride 1.
+  const T* cl = nullptr;
+  int64_t cl_n = 0, cl_s[kSpatialRank] = {0, 0, 0};
+  std::unique_ptr<AlignedBuffer<T>> cl_copy;
+  // a is read in its own (not channel-contiguous) layout, each panel column along a's rows: when
+  // every element of a is packed at most once (see run()), a channels-last copy would only add a
+  // pass over a.
+  bool direct_a = false;
+  std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][b-tile][k][bw]
+
+  explicit WeightGrad(const WeightGradProblem<T>& prob) : p(prob), uk(active_ukernel<T>()) {
+    mr = uk.mr;
+    nr = uk.nr;
+    G = p.groups;
+    ca_g = p.a_channels / G;
+    cb_g = p.b_channels / G;
+    taps = 1;
+    P = 1;
+    for (int a = 0; a < kSpatialRank; ++a) {
+      taps = checked_mul(taps, p.kernel[a]);
+      P = checked_mul(P, p.b_size[a]);
+      O[a] = p.b_size[a];
+      L[a] = p.a_size[a];
+    }
+    K = checked_mul(p.batch, P);
+    auto fill = [](int64_t n, int w) { return n > 0 ? double(n) / double(ceil_div(n, w) * w) : 1.0; };
+    const int64_t stack = ca_g > 0 && 2 * ca_g <= mr && taps > 1 ? std::min<int64_t>(mr / ca_g, taps) : 1;
+    swapped = fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
+    bw = swapped ? nr : mr;
+    aw = swapped ? mr : nr;
+    b_tiles = ceil_div(cb_g, bw);
+    a_tiles = ceil_div(ca_g, aw);
+    if (swapped) q = stack;
+    slots = ceil_div(taps, q);
+  }
+
+  // ---- b -> panels [g][tile][k][bw] (zero entries past Cb_g) ----
+  void pack_b(int nthreads) {
+    bpack = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(checked_mul(G, b_tiles), K), bw));
+    constexpr int64_t kChunk = 2048;
+    const int64_t chunks = ceil_div(K, kChunk), jobs = checked_mul(checked_mul(G, b_tiles), chunks);
+    T* dst_all = bpack->get();
+    const int w = bw;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t gt = job / chunks, k0 = (job % chunks) * kChunk, k1 = std::min(K, k0 + kChunk);
+      const int64_t g = gt / b_tiles, bt = gt % b_tiles;
+      const int64_t valid = std::min<int64_t>(w, cb_g - bt * w);
+      const T* bg = p.b + (g * cb_g + bt * w) * p.b_stride_c;
+      T* dst = dst_all + (gt * K + k0) * w;
+      int64_t rem = k0, o2 = rem % O[2];
+      rem /= O[2];
+      int64_t o1 = rem % O[1];
+      rem /= O[1];
+      int64_t o0 = rem % O[0], n = rem / O[0];
+      for (int64_t k = k0; k < k1;) {
+        const T* src = bg + n * p.b_stride_n + o0 * p.b_stride[0] + o1 * p.b_stride[1];
+        const int64_t len = std::min(O[2] - o2, k1 - k);
+        for (int64_t j = 0; j < len; ++j, ++k, dst += w) {
+          const T* s = src + (o2 + j) * p.b_stride[2];
+          int r = 0;
+          for (; r < valid; ++r) dst[r] = s[r * p.b_stride_c];
+          for (; r < w; ++r) dst[r] = T(0);
+        }
+        o2 += len;
+        if (o2 == O[2]) {
+          o2 = 0;
+          if (++o1 == O[1]) {
+            o1 = 0;
+            if (++o0 == O[0]) {
+              o0 = 0;
+              ++n;
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- a -> channel-contiguous view ----
+  void prepare_a(int nthreads) {
+    const int64_t Ca = p.a_channels;
+    if (p.a_stride_c == 1 || Ca == 1 || direct_a) {  // channel-contiguous (channels-last), or direct: in place
+      cl = p.a;
+      cl_n = p.a_stride_n;
+      for (int a = 0; a < kSpatialRank; ++a) cl_s[a] = p.a_stride[a];
+      return;
+    }
+    const int64_t rows = checked_mul(checked_mul(p.batch, L[0]), L[1]);
+    cl_copy = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(rows, L[2]), Ca));
+    T* base = cl_copy->get();
+    cl = base;
+    cl_s[2] = Ca;
+    cl_s[1] = L[2] * Ca;
+    cl_s[0] = L[1] * cl_s[1];
+    cl_n = L[0] * cl_s[0];
+    // Blocks of kSeg positions, walked kCb channels at a time: kCb source rows are read along
+    // their length while each position's kCb channels are written as one contiguous run (writing
+    // one channel at a time would stride the destination by Ca, which thrashes the cache sets).
+    constexpr int64_t kSeg = 64, kCb = 16;
+    const int64_t segs = ceil_div(L[2], kSeg), jobs = checked_mul(rows, segs);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t row = job / segs, i2b = (job % segs) * kSeg, len = std::min(kSeg, L[2] - i2b);
+      const int64_t n = row / (L[0] * L[1]), i0 = (row / L[1]) % L[0], i1 = row % L[1];
+      const T* src = p.a + n * p.a_stride_n + i0 * p.a_stride[0] + i1 * p.a_stride[1] + i2b * p.a_stride[2];
+      T* dst = base + row * cl_s[1] + i2b * Ca;
+      const int64_t s2 = p.a_stride[2];
+      const int64_t cs = p.a_stride_c;
+      for (int64_t c0 = 0; c0 < Ca; c0 += kCb) {
+        const T* sc = src + c0 * cs;
+        T* dc = dst + c0;
+        if (Ca - c0 >= kCb) {
+          for (int64_t j = 0; j < len; ++j)
+            for (int64_t c = 0; c < kCb; ++c) dc[j * Ca + c] = sc[c * cs + j * s2];
+        } else {
+          for (int64_t j = 0; j < len; ++j)
+            for (int64_t c = 0; c < Ca - c0; ++c) dc[j * Ca + c] = sc[c * cs + j * s2];
+        }
+      }
+    }
+  }
+
+  // The runs of the k-block [k0, k0 + kc).
+  void make_runs(int64_t k0, int64_t kc, std::vector<Run>& runs) const {
+    runs.clear();
+    int64_t rem = k0, o2 = rem % O[2];
+    rem /= O[2];
+    int64_t o1 = rem % O[1];
+    rem /= O[1];
+    int64_t o0 = rem % O[0], n = rem / O[0];
+    for (int64_t left = kc; left > 0;) {
+      const int64_t len = std::min(O[2] - o2, left);
+      runs.push_back({n, o0, o1, o2, len});
+      left -= len;
+      o2 += len;
+      if (o2 == O[2]) {
+        o2 = 0;
+        if (++o1 == O[1]) {
+          o1 = 0;
+          if (++o0 == O[0]) {
+            o0 = 0;
+            ++n;
+          }
+        }
+      }
+    }
+  }
+
+  // Entries [0, lanes) of the rows of a panel [kc][aw] (dst: row 0's entry 0): tap (t0, t1, t2), input
+  // channels [c0, c0 + lanes); entries [lanes, aw) zero too when `tail`. Source positions advance by
+  // the stride along each run: no divisions except map_padded_index for positions in the padding.
+  void pack_panel(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes, bool tail,
+                  T* __restrict dst) const {
+    int64_t off[kSpatialRank];
+    for (int a = 0; a < kSpatialRank; ++a) off[a] = tap[a] * p.dilation[a] - p.pad_before[a];
+    const int64_t s2 = p.stride[2], L2 = L[2], cs2 = cl_s[2];
+    const int w = aw, end = tail ? w : lanes;
+    const bool full = lanes == w;
+    for (const Run& r : runs) {
+      const int64_t i0 = map_padded_index(r.o0 * p.stride[0] + off[0], L[0], p.mode);
+      const int64_t i1 = map_padded_index(r.o1 * p.stride[1] + off[1], L[1], p.mode);
+      if (i0 < 0 || i1 < 0) {
+        if (end == w)
+          std::memset(dst, 0, sizeof(T) * static_cast<size_t>(r.len * w));
+        else
+          for (int64_t j = 0; j < r.len; ++j)
+            for (int l = 0; l < end; ++l) dst[j * w + l] = T(0);
+        dst += r.len * w;
+        continue;
+      }
+      const T* row = cl + r.n * cl_n + i0 * cl_s[0] + i1 * cl_s[1] + c0;
+      int64_t i2 = r.o2 * s2 + off[2];
+      for (int64_t j = 0; j < r.len; ++j, i2 += s2, dst += w) {
+        const int64_t m = i2 >= 0 && i2 < L2 ? i2 : map_padded_index(i2, L2, p.mode);
+        if (m < 0) {
+          zero_lanes(dst, end);
+        } else if (full) {
+          copy_lanes(dst, row + m * cs2, w);
+        } else {  // a partial tile (few channels)
+          if (tail) zero_lanes(dst, w);
+          copy_few(dst, row + m * cs2, lanes);
+        }
+      }
+    }
+  }
+
+  // pack_panel for direct_a: the panel's columns (channels) one at a time, along a's rows.
+  void pack_panel_direct(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes,
+                         T* __restrict dst) const {
+    int64_t off[kSpatialRank];
+    for (int a = 0; a < kSpatialRank; ++a) off[a] = tap[a] * p.dilation[a] - p.pad_before[a];
+    const int64_t s2 = p.stride[2], L2 = L[2], as2 = p.a_stride[2], cs = p.a_stride_c;
+    const int w = aw;
+    for (const Run& r : runs) {
+      const int64_t i0 = map_padded_index(r.o0 * p.stride[0] + off[0], L[0], p.mode);
+      const int64_t i1 = map_padded_index(r.o1 * p.stride[1] + off[1], L[1], p.mode);
+      if (i0 < 0 || i1 < 0) {
+        std::memset(dst, 0, sizeof(T) * static_cast<size_t>(r.len * w));
+        dst += r.len * w;
+        continue;
+      }
+      const T* row = p.a + r.n * p.a_stride_n + c0 * cs + i0 * p.a_stride[0] + i1 * p.a_stride[1];
+      // The run's interior [j_lo, j_hi): positions inside [0, L2), read at a constant step.
+      const int64_t first = r.o2 * s2 + off[2];
+      int64_t j_lo = 0, j_hi = r.len;
+      while (j_lo < r.len && first + j_lo * s2 < 0) ++j_lo;
+      while (j_hi > j_lo && first + (j_hi - 1) * s2 >= L2) --j_hi;
+      const int64_t step = s2 * as2;
+      for (int l = 0; l < w; ++l) {
+        T* d = dst + l;
+        if (l >= lanes) {
+          for (int64_t j = 0; j < r.len; ++j) d[j * w] = T(0);
+          continue;
+        }
+        const T* src = row + l * cs;
+        for (int64_t j = 0; j < r.len; ++j) {
+          if (j == j_lo && j < j_hi) {  // the interior
+            const T* s0 = src + (first + j * s2) * as2;
+            if (step == 1)
+              for (; j < j_hi; ++j) d[j * w] = s0[j - j_lo];
+            else
+              for (int64_t u = 0; j < j_hi; ++j, ++u) d[j * w] = s0[u * step];
+            if (j == r.len) break;
+          }
+          const int64_t m = map_padded_index(first + j * s2, L2, p.mode);
+          d[j * w] = m < 0 ? T(0) : src[m * as2];
+        }
+      }
+      dst += r.len * w;
+    }
+  }
+
+  // An item: group g, b-tiles [bt0, bt1), a-tiles [at0, at1), tap slots [slot0, slot1). Its C
+  // buffer is [slot][rows][ldc], rows x lanes = (cb, ca) normal, (tap in slot, ca) swapped.
+  struct Item {
+    int64_t g, bt0, bt1, at0, at1, slot0, slot1;
+  };
+
+  void run_item(const Item& it, Scratch<T>& s) const {
+    const int64_t nb = it.bt1 - it.bt0, na = it.at1 - it.at0;
+    const int64_t rows = swapped ? na * mr : nb * mr, ldc = swapped ? nb * nr : na * nr;
+    T* C = s.c.get();
+    T* panels = s.panels.get();
+    const T* bpan = bpack->get() + (it.g * b_tiles + it.bt0) * K * bw;
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min(kKc, K - k0);
+      make_runs(k0, kc, s.runs);
+      const int64_t tap_first = it.slot0 * q;
+      int64_t tap[kSpatialRank] = {tap_first / (p.kernel[1] * p.kernel[2]), (tap_first / p.kernel[2]) % p.kernel[1],
+                                   tap_first % p.kernel[2]};
+      auto next_tap = [&] {
+        if (++tap[2] == p.kernel[2]) {
+          tap[2] = 0;
+          if (++tap[1] == p.kernel[1]) {
+            tap[1] = 0;
+            ++tap[0];
+          }
+        }
+      };
+      for (int64_t sl = 0; sl < it.slot1 - it.slot0; ++sl) {
+        if (q == 1) {
+          for (int64_t at = it.at0; at < it.at1; ++at) {
+            const int lanes = static_cast<int>(std::min<int64_t>(aw, ca_g - at * aw));
+            T* dst = panels + (at - it.at0) * kc * aw;
+            if (direct_a)
+              pack_panel_direct(s.runs, tap, it.g * ca_g + at * aw, lanes, dst);
+            else
+              pack_panel(s.runs, tap, it.g * ca_g + at * aw, lanes, true, dst);
+          }
+          next_tap();
+        } else {  // q taps side by side in one panel (one a-tile: Ca_g <= MR / 2)
+          const int64_t first = (it.slot0 + sl) * q, here = std::min(q, taps - first);
+          for (int64_t j = 0; j < here; ++j, next_tap())
+            pack_panel(s.runs, tap, it.g * ca_g, static_cast<int>(ca_g), false, panels + j * ca_g);
+          const int64_t used = here * ca_g;
+          if (used < aw)
+            for (int64_t k = 0; k < kc; ++k)
+              for (int64_t l = used; l < aw; ++l) panels[k * aw + l] = T(0);
+        }
+        T* ct = C + sl * rows * ldc;
+        // The lane panel outermost (it stays in L1), the row panels (L2) inside.
+        if (!swapped) {
+          for (int64_t a = 0; a < na; ++a)
+            for (int64_t b = 0; b < nb; ++b)
+              uk.fn(kc, bpan + (b * K + k0) * mr, panels + a * kc * nr, ct + b * mr * ldc + a * nr, ldc, k0 > 0);
+        } else {
+          for (int64_t b = 0; b < nb; ++b)
+            for (int64_t a = 0; a < na; ++a)
+              uk.fn(kc, panels + a * kc * mr, bpan + (b * K + k0) * nr, ct + a * mr * ldc + b * nr, ldc, k0 > 0);
+        }
+      }
+    }
+    // C[slot][row][lane] -> out[(g * Cb_g + cb) * Ca_g + ca][t]; tap t = slot * q + j sits in row
+    // j * Ca_g + ca (swapped; j = 0 unless stacked) or row cb (normal).
+    const int64_t cb_begin = it.bt0 * bw, cb_end = std::min(it.bt1 * bw, cb_g);
+    const int64_t ca_begin = it.at0 * aw, ca_end = std::min(it.at1 * aw, ca_g);
+    const int64_t cb_step = swapped ? 1 : ldc, ca_step = swapped ? ldc : 1;
+    const int64_t tap_begin = it.slot0 * q, tap_end = std::min(taps, it.slot1 * q);
+    for (int64_t cb = cb_begin; cb < cb_end; ++cb)
+      for (int64_t ca = ca_begin; ca < ca_end; ++ca) {
+        T* o = p.out + ((it.g * cb_g + cb) * ca_g + ca) * taps;
+        const T* c = C + (cb - cb_begin) * cb_step + (ca - ca_begin) * ca_step;
+        for (int64_t t = tap_begin; t < tap_end; ++t) {
+          const int64_t sl = t / q - it.slot0, j = t % q;
+          o[t] = c[sl * rows * ldc + j * ca_g * ldc];
+        }
+      }
+  }
+
+  void run() {
+    const int64_t out_count = checked_mul(checked_mul(p.b_channels, ca_g), taps);
+    if (out_count == 0) return;
+    bool empty = K == 0;
+    for (int a = 0; a < kSpatialRank; ++a) empty = empty || L[a] == 0;
+    if (empty) {  // no products: the sums are zero
+      std::fill(p.out, p.out + out_count, T(0));
+      return;
+    }
+    const int threads = std::max(1, get_num_threads());
+    // Tiles per item, chosen from the shapes and the thread count only (the split changes no
+    // multiply-add chain, so results do not depend on it). Rows: as many as keep the row panels of a
+    // k-block (kKc x rows) in about half the L2 budget, with one lane tile's C buffer. Lanes: as many
+    // as fit their C buffers and panels in the rest. Then, while there are too few items to keep
+    // every thread busy, halved: the taps first, then the a tiles (an extra block re-reads the
+    // packed b, which is cheaper than packing a's panels twice), then the b tiles.
+    const int64_t sz = sizeof(T);
+    const int64_t row_tiles = swapped ? a_tiles : b_tiles, lane_tiles = swapped ? b_tiles : a_tiles;
+    const int64_t row_tile_bytes = checked_mul(checked_add(kKc * mr, checked_mul(slots, mr * nr)), sz);
+    int64_t row_per = std::min<int64_t>(row_tiles, std::max<int64_t>(1, kL2Bytes / 2 / row_tile_bytes));
+    const int64_t lane_tile_bytes =
+        checked_mul(checked_add(kKc * nr, checked_mul(checked_mul(slots, row_per * mr), nr)), sz);
+    int64_t lane_per = std::min<int64_t>(lane_tiles, std::max<int64_t>(1, kL2Bytes / 2 / lane_tile_bytes));
+    int64_t& a_per = swapped ? row_per : lane_per;
+    int64_t& b_per = swapped ? lane_per : row_per;
+    int64_t tap_per = slots;  // tap slots per item
+    auto count = [&] {
+      return checked_mul(checked_mul(G, ceil_div(slots, tap_per)),
+                         checked_mul(ceil_div(a_tiles, a_per), ceil_div(b_tiles, b_per)));
+    };
+    while (count() < 3 * threads && (tap_per > 1 || a_per > 1 || b_per > 1)) {
+      if (tap_per > 1)
+        tap_per = ceil_div(tap_per, 2);
+      else if (a_per > 1)
+        a_per = ceil_div(a_per, 2);
+      else
+        b_per = ceil_div(b_per, 2);
+    }
+    std::vector<Item> items;
+    items.reserve(static_cast<size_t>(count()));
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t bt = 0; bt < b_tiles; bt += b_per)
+        for (int64_t at = 0; at < a_tiles; at += a_per)
+          for (int64_t t = 0; t < slots; t += tap_per)
+            items.push_back({g, bt, std::min(b_tiles, bt + b_per), at, std::min(a_tiles, at + a_per), t,
+                             std::min(slots, t + tap_per)});
+    const int nthreads = static_cast<int>(std::min<int64_t>(threads, static_cast<int64_t>(items.size())));
+
+    // All memory before any parallel region: failures are exceptions on this thread.
+    const int64_t c_size = checked_mul(checked_mul(tap_per, row_per * mr), lane_per * nr);
+    const int64_t panel_size = checked_mul(kKc * aw, a_per);
+    std::vector<std::unique_ptr<Scratch<T>>> scratch;
+    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch<T>(panel_size, c_size));
+    pack_b(threads);
+    // Direct reading of a channels-first a when no input element is read twice: one block of b
+    // tiles, and taps that do not overlap (stride >= the dilated kernel along every axis, e.g. one
+    // tap, or a transposed convolution's k = s up-sampling).
+    bool disjoint = q == 1 && ceil_div(b_tiles, b_per) == 1;
+    for (int a = 0; a < kSpatialRank; ++a)
+      disjoint = disjoint && (p.kernel[a] <= 1 || p.stride[a] >= (p.kernel[a] - 1) * p.dilation[a] + 1);
+    direct_a = p.a_stride_c != 1 && p.a_channels != 1 && disjoint;
+    prepare_a(threads);
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) run_item(items[i], *scratch[omp_get_thread_num()]);
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void weight_grad(const WeightGradProblem<T>& p) {
+  validate(p);
+  WeightGrad<T>(p).run();
+}
+
+template void weight_grad<float>(const WeightGradProblem<float>&);
+template void weight_grad<double>(const WeightGradProblem<double>&);
+
+}  // namespace convfast
