@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "convfast/dispatch.hpp"
+#include "convfast/scratch.hpp"
 #include "convfast/engine.hpp"
 
 namespace convfast {
@@ -38,38 +39,11 @@ thread_local std::string t_last_algorithm;
 // negative (negative-stride views), so -1 cannot serve.
 constexpr int64_t kOutside = INT64_MIN;
 
-int64_t checked_mul(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
-  return r;
-}
-int64_t checked_add(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_add_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
-  return r;
-}
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0; no overflow
+using detail::AlignedBuffer;
+using detail::ceil_div;
+using detail::checked_add;
+using detail::checked_mul;
 
-// 64-byte aligned scratch memory, zero-initialised lazily by its users.
-template <typename T>
-class AlignedBuffer {
- public:
-  explicit AlignedBuffer(int64_t count) {
-    const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), sizeof(T));
-    const int64_t rounded = checked_add(bytes, 63) / 64 * 64;
-    ptr_ = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(rounded)));
-    if (!ptr_) throw std::bad_alloc();
-  }
-  ~AlignedBuffer() { std::free(ptr_); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  T* get() const { return ptr_; }
-
- private:
-  T* ptr_ = nullptr;
-};
-
-// One spatial axis of one phase: which outputs it covers and where each tap reads.
 // Floor division and its remainder for a positive divisor.
 int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
 

@@ -42,40 +42,15 @@
 #include <vector>
 
 #include "convfast/dispatch.hpp"
+#include "convfast/scratch.hpp"
 
 namespace convfast {
 namespace {
 
-// (The same small helpers as gather_gemm.cpp, kept local to this translation unit.)
-int64_t checked_mul(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_mul_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
-  return r;
-}
-int64_t checked_add(int64_t a, int64_t b) {
-  int64_t r;
-  if (__builtin_add_overflow(a, b, &r)) throw std::length_error("convfast: working size overflows 64 bits");
-  return r;
-}
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0
-
-template <typename T>
-class AlignedBuffer {
- public:
-  explicit AlignedBuffer(int64_t count) {
-    const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), sizeof(T));
-    const int64_t rounded = checked_add(bytes, 63) / 64 * 64;
-    ptr_ = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(rounded)));
-    if (!ptr_) throw std::bad_alloc();
-  }
-  ~AlignedBuffer() { std::free(ptr_); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  T* get() const { return ptr_; }
-
- private:
-  T* ptr_ = nullptr;
-};
+using detail::AlignedBuffer;
+using detail::ceil_div;
+using detail::checked_add;
+using detail::checked_mul;
 
 // K block: a B-panel of kKc x NR (16 KiB for float32 AVX2) stays in L1.
 constexpr int64_t kKc = 256;
