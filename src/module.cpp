@@ -276,5 +276,7 @@ PYBIND11_MODULE(_core, m) {
     return py::make_tuple(py::make_tuple(s.f32.mr, s.f32.nr), py::make_tuple(s.f64.mr, s.f64.nr));
   });
   m.def("last_algorithm", &last_algorithm);
+  m.def("ukernel_peak_gflops", &ukernel_peak_gflops, py::arg("f64"), py::arg("seconds"),
+        py::call_guard<py::gil_scoped_release>());
   m.attr("openmp_version") = py::int_(_OPENMP);
 }

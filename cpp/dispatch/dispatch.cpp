@@ -1,7 +1,9 @@
 #include "convfast/dispatch.hpp"
+#include "convfast/scratch.hpp"
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 
 namespace convfast {
@@ -76,6 +78,39 @@ void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
 int get_num_threads() {
   const int n = g_num_threads.load();
   return n > 0 ? n : omp_get_max_threads();
+}
+
+
+namespace {
+// Every thread runs the active GEMM micro-kernel on its own L1-resident panels (K block 256, the
+// engine's) for about `seconds`: the attainable FMA rate, against which the benchmark's "% peak"
+// is computed (a constant would not follow the host's clock).
+template <typename T>
+double measure_ukernel_peak(double seconds) {
+  const UkernelInfo<T>& uk = active_ukernel<T>();
+  constexpr int64_t kc = 256;
+  const int threads = get_num_threads();
+  std::atomic<int64_t> calls{0};
+  const double start = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+  {
+    // 64-byte aligned, as the engine's panels are (line-splitting loads would halve the rate).
+    detail::AlignedBuffer<T> a(kc * uk.mr), b(kc * uk.nr), c(uk.mr * uk.nr);
+    std::fill(a.get(), a.get() + kc * uk.mr, T(1e-3));
+    std::fill(b.get(), b.get() + kc * uk.nr, T(1e-3));
+    std::fill(c.get(), c.get() + uk.mr * uk.nr, T(0));
+    int64_t mine = 0;
+    while (omp_get_wtime() - start < seconds)
+      for (int i = 0; i < 64; ++i, ++mine) uk.fn(kc, a.get(), b.get(), c.get(), uk.nr, 1);
+    calls += mine;
+  }
+  const double elapsed = omp_get_wtime() - start;
+  return 2.0 * kc * uk.mr * uk.nr * static_cast<double>(calls.load()) / elapsed / 1e9;
+}
+}  // namespace
+
+double ukernel_peak_gflops(bool f64, double seconds) {
+  return f64 ? measure_ukernel_peak<double>(seconds) : measure_ukernel_peak<float>(seconds);
 }
 
 }  // namespace convfast

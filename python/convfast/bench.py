@@ -5,11 +5,11 @@ for), matplotlib only for ``--plot``.
 
 Every case is first checked against PyTorch (or, without it, against convfast.reference for small
 cases); then convfast and the comparators are timed interleaved in this process at the same thread
-count (median of the rounds after warm-up). The "% peak" column divides convfast's GFLOP/s by an
-*assumed* FMA peak: a constant per ISA and dtype measured on the development machine (AMD EPYC
-Zen 3: 150 GFLOP/s float32 and 75 float64 per thread with AVX2+FMA), scaled by the thread count.
-Give the real figure of another machine with ``--peak`` (GFLOP/s at the benchmark's thread count,
-float32; float64 is taken as half) or ``CONVFAST_PEAK_GFLOPS``.
+count (median of the rounds after warm-up). The "% peak" column divides convfast's GFLOP/s by the
+FMA peak *measured* at the start of the run: every thread runs the active GEMM micro-kernel on
+L1-resident panels (``convfast._core.ukernel_peak_gflops``), which follows the host's clock, its ISA
+and its thread count. ``--peak`` or ``CONVFAST_PEAK_GFLOPS`` gives a float32 figure instead
+(float64 is then taken as half).
 """
 from __future__ import annotations
 
@@ -25,26 +25,18 @@ from typing import List, Optional, Sequence
 import convfast
 from . import _bench_suite as suite
 
-# Assumed FMA peak per thread in GFLOP/s (float32, float64). avx2: measured on the development
-# machine with a 12-accumulator FMA loop. baseline: 4-wide SSE2 with separate multiply and add
-# (half the avx2 rate on cores with two FP pipes). avx512: twice avx2 (two 512-bit FMA units);
-# cores that split 512-bit operations (e.g. Zen 4) reach only the avx2 figure.
-PEAK_PER_THREAD = {
-    "avx2": (150.0, 75.0),
-    "avx512": (300.0, 150.0),
-    "baseline": (75.0, 37.5),
-}
+def measured_peak(dtype: str, seconds: float = 0.5) -> float:
+    """GFLOP/s of the active micro-kernel on L1-resident panels at the current thread count."""
+    return convfast._core.ukernel_peak_gflops(dtype == "float64", seconds)
 
 
-def assumed_peak(dtype: str, threads: int, isa: Optional[str] = None, override: Optional[float] = None) -> float:
-    """FMA peak in GFLOP/s for dtype at this thread count (override = the float32 figure)."""
-    f64 = dtype == "float64"
+def peak_gflops(dtype: str, override: Optional[float] = None) -> float:
+    """FMA peak in GFLOP/s for dtype at the current thread count (override = the float32 figure)."""
     if override is None and os.environ.get("CONVFAST_PEAK_GFLOPS"):
         override = float(os.environ["CONVFAST_PEAK_GFLOPS"])
     if override is not None:
-        return override / 2 if f64 else override
-    f32_peak, f64_peak = PEAK_PER_THREAD.get(isa or convfast.get_isa(), PEAK_PER_THREAD["baseline"])
-    return (f64_peak if f64 else f32_peak) * threads
+        return override / 2 if dtype == "float64" else override
+    return measured_peak(dtype)
 
 
 def default_threads() -> int:
@@ -171,8 +163,8 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
     previous_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     suite.set_threads(threads)
     report = {"suite": suite_name, "pass": pass_, "layout": layout, "threads": threads, "compare": list(compare),
-              "machine": machine_info(), "peak_source": "assumed" if peak is None else "given",
-              "peak_gflops": {dt: assumed_peak(dt, threads, override=peak) for dt in dtypes},
+              "machine": machine_info(), "peak_source": "measured" if peak is None and not os.environ.get("CONVFAST_PEAK_GFLOPS") else "given",
+              "peak_gflops": {dt: peak_gflops(dt, override=peak) for dt in dtypes},
               "notes": notes, "results": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         load = os.getloadavg()[0]
@@ -297,7 +289,8 @@ def format_table(report: dict) -> str:
                + (" for convfast and torch alike" if with_torch else "") + f", layout {report['layout']}, "
                f"convfast {m['version']}" + (f", torch {m['torch']}" if with_torch else ""))
     out.append(f"peak {report['peak_source']}: {peaks} GFLOP/s "
-               + ("(per-ISA constant x threads; --peak to override)" if report["peak_source"] == "assumed" else ""))
+               + ("(the GEMM micro-kernel on L1-resident panels, these threads, at the start; --peak to override)"
+                  if report["peak_source"] == "measured" else ""))
     for key, label in (("speedup_vs_torch", "torch_ms / convfast_ms"), ("speedup_vs_numpy", "numpy_ms / convfast_ms")):
         if key in report["summary"]:
             parts = [f"{dt} {v['geomean']:.2f} (min {v['min']:.2f}, {v['count']} cases)"
@@ -368,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=2.0,
                         help="seconds of timed rounds per case and dtype, all libraries together (default 2)")
     parser.add_argument("--peak", type=float, default=None,
-                        help="float32 FMA peak in GFLOP/s at this thread count (default: assumed per ISA)")
+                        help="float32 FMA peak in GFLOP/s at this thread count (default: measured at the start)")
     parser.add_argument("--pass", dest="pass_", default="forward", choices=list(suite.PASSES),
                         help="forward (default) or backward: grad_input + grad_weight against PyTorch's "
                              "convolution_backward with the same output_mask")
