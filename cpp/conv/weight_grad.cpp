@@ -128,6 +128,31 @@ struct Run {
   int64_t n, o0, o1, o2, len;
 };
 
+// Position k = (n, o0, o1, o2) of the reduction (batch x output pixels, row-major), stepped along
+// runs of the last axis without divisions.
+struct PixelCursor {
+  int64_t k, n, o0, o1, o2;
+  PixelCursor(int64_t k0, const int64_t O[3]) : k(k0) {
+    int64_t rem = k0;
+    o2 = rem % O[2];
+    rem /= O[2];
+    o1 = rem % O[1];
+    rem /= O[1];
+    o0 = rem % O[0];
+    n = rem / O[0];
+  }
+  void advance(int64_t len, const int64_t O[3]) {  // len <= O[2] - o2
+    k += len;
+    if ((o2 += len) < O[2]) return;
+    o2 = 0;
+    if (++o1 < O[1]) return;
+    o1 = 0;
+    if (++o0 < O[0]) return;
+    o0 = 0;
+    ++n;
+  }
+};
+
 template <typename T>
 struct Scratch {
   AlignedBuffer<T> panels;  // kKc x (the item's a-tiles x their width)
@@ -203,31 +228,16 @@ struct WeightGrad {
       const int64_t valid = std::min<int64_t>(w, cb_g - bt * w);
       const T* bg = p.b + (g * cb_g + bt * w) * p.b_stride_c;
       T* dst = dst_all + (gt * K + k0) * w;
-      int64_t rem = k0, o2 = rem % O[2];
-      rem /= O[2];
-      int64_t o1 = rem % O[1];
-      rem /= O[1];
-      int64_t o0 = rem % O[0], n = rem / O[0];
-      for (int64_t k = k0; k < k1;) {
-        const T* src = bg + n * p.b_stride_n + o0 * p.b_stride[0] + o1 * p.b_stride[1];
-        const int64_t len = std::min(O[2] - o2, k1 - k);
-        for (int64_t j = 0; j < len; ++j, ++k, dst += w) {
-          const T* s = src + (o2 + j) * p.b_stride[2];
+      for (PixelCursor at(k0, O); at.k < k1;) {
+        const T* src = bg + at.n * p.b_stride_n + at.o0 * p.b_stride[0] + at.o1 * p.b_stride[1];
+        const int64_t len = std::min(O[2] - at.o2, k1 - at.k);
+        for (int64_t j = 0; j < len; ++j, dst += w) {
+          const T* s = src + (at.o2 + j) * p.b_stride[2];
           int r = 0;
           for (; r < valid; ++r) dst[r] = s[r * p.b_stride_c];
           for (; r < w; ++r) dst[r] = T(0);
         }
-        o2 += len;
-        if (o2 == O[2]) {
-          o2 = 0;
-          if (++o1 == O[1]) {
-            o1 = 0;
-            if (++o0 == O[0]) {
-              o0 = 0;
-              ++n;
-            }
-          }
-        }
+        at.advance(len, O);
       }
     }
   }
@@ -279,26 +289,10 @@ struct WeightGrad {
   // The runs of the k-block [k0, k0 + kc).
   void make_runs(int64_t k0, int64_t kc, std::vector<Run>& runs) const {
     runs.clear();
-    int64_t rem = k0, o2 = rem % O[2];
-    rem /= O[2];
-    int64_t o1 = rem % O[1];
-    rem /= O[1];
-    int64_t o0 = rem % O[0], n = rem / O[0];
-    for (int64_t left = kc; left > 0;) {
-      const int64_t len = std::min(O[2] - o2, left);
-      runs.push_back({n, o0, o1, o2, len});
-      left -= len;
-      o2 += len;
-      if (o2 == O[2]) {
-        o2 = 0;
-        if (++o1 == O[1]) {
-          o1 = 0;
-          if (++o0 == O[0]) {
-            o0 = 0;
-            ++n;
-          }
-        }
-      }
+    for (PixelCursor at(k0, O); at.k < k0 + kc;) {
+      const int64_t len = std::min(O[2] - at.o2, k0 + kc - at.k);
+      runs.push_back({at.n, at.o0, at.o1, at.o2, len});
+      at.advance(len, O);
     }
   }
 
