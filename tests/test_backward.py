@@ -647,7 +647,15 @@ _WG_CASES = [
     (1, 2, 21, 30, 3, (200,), (1,), (1,), (1,), ((0, 0),)),                   # 1x1, K = 400
     (2, 2, 20, 9, 1, (8, 11), (2, 2), (2, 3), (1, 1), ((0, 1), (1, 0))),       # disjoint taps: a in place
     (3, 2, 24, 13, 1, (6, 4, 6), (2, 1, 2), (2, 1, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 0))),
+    # depthwise and channel multipliers (Ca_g = 1, Cb_g <= 4): the streaming path; rows longer than
+    # its 8 lanes, strides (the scalar loop), dilation, edges in every padding mode
+    (2, 2, 6, 6, 6, (9, 27), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
+    (2, 2, 4, 8, 4, (10, 21), (3, 3), (2, 2), (1, 2), ((1, 0), (2, 2))),
+    (1, 3, 5, 5, 5, (40,), (5,), (1,), (3,), ((6, 6),)),
+    (3, 2, 3, 9, 3, (5, 6, 19), (3, 3, 3), (1, 1, 1), (1, 1, 2), ((1, 1), (1, 1), (2, 2))),
+    (2, 1, 4, 16, 4, (6, 13), (2, 3), (1, 3), (1, 1), ((0, 1), (2, 1))),
 ]
+_DEPTHWISE_WG = list(range(len(_WG_CASES) - 5, len(_WG_CASES)))
 
 
 def _torch_weight_grad_padded(r, x, w, gy, stride, dilation, groups, pads, mode):
@@ -724,7 +732,7 @@ def test_weight_grad_kernel_transposed_matches_torch(case, dtype):
         _close(gw, tgw, dtype, n * math.prod(sizes) * 4)
 
 
-@pytest.mark.parametrize("case", [_WG_CASES[i] for i in (0, 2, 3, 6, 8, 10)], ids=_wg_case_id)
+@pytest.mark.parametrize("case", [_WG_CASES[i] for i in (0, 2, 3, 6, 8, 10, *_DEPTHWISE_WG)], ids=_wg_case_id)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_weight_grad_kernel_bitwise_identical_across_thread_counts(case, dtype):
     r, n, cin, cout, g, sizes, k, stride, dilation, pads = case

@@ -199,6 +199,9 @@ _SLAB_BYTES = 64 << 20
 # would be a product a few pixels high and a few channels wide, filling a micro-kernel tile
 # (6 x 16 with AVX2) to a few percent.
 _SMALL_GROUP = 16
+# Ca/G = 1 and at most this many output channels per group: the compiled kernel's depthwise path
+# (kMaxMultiplier in cpp/conv/weight_grad.cpp).
+_DEPTHWISE_MULTIPLIER = 4
 
 
 def _pad_in_memory_order(a: np.ndarray, widths, mode: str) -> np.ndarray:
@@ -221,9 +224,11 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
     * NumPy arrays, groups with more than ``_SMALL_GROUP`` weights per tap: the compiled kernel
       ``_core.weight_grad`` (cpp/conv/weight_grad.cpp). It reads ``a`` unpadded, through the
       padding mode, in any layout, packs ``b`` once and runs the micro-kernel with rows = Cb/G,
-      vector lanes = Ca/G, multi-threaded and bitwise independent of the thread count.
-    * groups with at most ``_SMALL_GROUP`` weights per tap (depthwise): ``np.einsum`` per tap over
-      strided windows of the padded ``a``.
+      vector lanes = Ca/G, multi-threaded and bitwise independent of the thread count. The same
+      entry point handles depthwise and channel-multiplier groups (Ca/G = 1, Cb/G <= 4) with a
+      streaming kernel, one output channel per thread.
+    * other groups with at most ``_SMALL_GROUP`` weights per tap (ResNeXt-like 4 x 4), or depthwise
+      groups of other array types: ``np.einsum`` per tap over strided windows of the padded ``a``.
     * other array types (arrays that implement NumPy's ``__array_function__``, which the compiled
       kernel cannot read): the strided windows of the padded ``a``, one per tap
       (``A[..., t*d : t*d + (O-1)*s + 1 : s]``), are copied into a slab in chunks of taps and the
@@ -248,7 +253,8 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
     if a.size == 0 or b.size == 0:
         out[...] = 0
         return out
-    if ca_g * cb_g > _SMALL_GROUP and type(a) is np.ndarray and type(b) is np.ndarray and type(out) is np.ndarray:
+    native = ca_g * cb_g > _SMALL_GROUP or (ca_g == 1 and cb_g <= _DEPTHWISE_MULTIPLIER)
+    if native and type(a) is np.ndarray and type(b) is np.ndarray and type(out) is np.ndarray:
         a, b = a.astype(dtype, copy=False), b.astype(dtype, copy=False)
         lead = (1,) * (3 - rank)
         unit = (slice(None), slice(None)) + (None,) * (3 - rank)  # 5-D views with unit leading axes
