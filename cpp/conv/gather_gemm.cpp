@@ -324,13 +324,13 @@ struct ThreadScratch {
   std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
   std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
-                int64_t row_buffer_size)
+                int64_t row_buffer_size, int64_t in_place_rows)
       : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), row_buffers(row_buffer_size),
         x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
         src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
         tap_kind(static_cast<size_t>(std::max<int64_t>(max_taps, 1))),
         tile_anchor(static_cast<size_t>(mc)), tile_offset(static_cast<size_t>(mc)),
-        a_rows(static_cast<size_t>(max_taps > 0 ? checked_mul(mc, a_panel_size / mc) : 0)),
+        a_rows(static_cast<size_t>(in_place_rows)),
         tap_base(tap_kind.size()),
         tap_step(tap_kind.size()) {}
 
@@ -398,10 +398,11 @@ struct ConvPlan<T>::Impl {
   bool outputs_uncovered = false;  // transposed: some outputs receive no product (stride > kernel span)
   // GEMM, several phases of equal pixel counts (a transposed convolution whose output is stride x
   // its input, the common case): one work item runs a pixel block through every phase and then
-  // writes the phases' interleaved outputs together, each output cache line once. Written phase by
-  // phase, a line is fetched once per phase, and with power-of-two channel strides the lines of
-  // one block conflict in L2 (measured: 3-D k2s2 spent a third of its time in those writes).
+  // writes the phases' interleaved outputs together, each output cache line in one pass. Measured
+  // on 3-D k2s2 (1 thread): fusing alone did not change the time; with the blocked store of
+  // run_item and the shared patches below, 1.3-1.5x.
   bool fuse_phases = false;
+  static constexpr int64_t kMaxFusedPhases = 64;  // run_item keeps one output offset per phase
   // Fused phases that also read the same input pixels for every tap (kernel size = stride, no
   // cropping: the U-Net up-convolution) pack the input patches once for all phases when K fits one
   // K block.
@@ -466,7 +467,7 @@ struct ConvPlan<T>::Impl {
     n_tiles = ceil_div(cout, tile_n);
     nt_per_block = direct ? n_tiles : std::max<int64_t>(1, 256 / tile_n);
     ldc = std::min<int64_t>(n_tiles, nt_per_block) * tile_n;
-    fuse_phases = !direct && phases.size() > 1 && phases.size() <= 64;
+    fuse_phases = !direct && phases.size() > 1 && (int64_t)phases.size() <= kMaxFusedPhases;
     for (const Phase& ph : phases)
       for (int a = 0; a < kSpatialRank; ++a)
         fuse_phases = fuse_phases && ph[a]->count == phases[0][a]->count && ph[a]->out_step == phases[0][a]->out_step;
@@ -887,7 +888,7 @@ struct ConvPlan<T>::Impl {
     // relative to the first's.
     const int64_t first = fuse_phases ? 0 : it.phase, count = fuse_phases ? (int64_t)phases.size() : 1;
     const int64_t c_size = mc_max * ldc;
-    int64_t delta[64];
+    int64_t delta[kMaxFusedPhases];
     for (int64_t q = 0; q < count; ++q) {
       const Phase& ph = phases[first + q];
       const PhaseShape shape(ph);
@@ -942,9 +943,9 @@ struct ConvPlan<T>::Impl {
     if (outputs_uncovered) fill_with_bias(p);
     // Items are ordered block by block with the stride phases of a block adjacent: the phases of a
     // transposed convolution interleave their outputs (stride 2: every other element of every other
-    // row), so running a block's phases back to back on one thread completes each output cache line
-    // while it is still in L2 instead of fetching it once per phase (measured: 3-D k2s2 spent a third
-    // of its time in those writes).
+    // row), so running a block's phases back to back on one thread writes each output cache line
+    // while it is still cached. (A design choice, not a measured gain: the fused path above is what
+    // the common cases take.)
     const int64_t n_phases = (int64_t)phases.size();
     std::vector<int64_t> rows_of(n_phases), step_of(n_phases);
     int64_t max_blocks = 0;
@@ -970,15 +971,16 @@ struct ConvPlan<T>::Impl {
           }
     const int nthreads =
         static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (int64_t)items.size())));
-    // Several phases: contiguous runs of items per thread (the blocks above stay together);
-    // one phase: dynamic, for balance.
-    const int64_t chunk = n_phases > 1 ? ceil_div((int64_t)items.size(), nthreads) : 1;
+    // Unfused phases: contiguous runs of items per thread (the blocks above stay together);
+    // otherwise dynamic, for balance (a fused item holds all of its block's phases).
+    const int64_t chunk = n_phases > 1 && !fuse_phases ? ceil_div((int64_t)items.size(), nthreads) : 1;
     const int64_t a_panel = direct ? checked_mul(max_k, tile_m) : checked_mul(mc_max, kc_max);
     std::vector<std::unique_ptr<ThreadScratch<T>>> scratch;
     for (int t = 0; t < nthreads; ++t)
       scratch.emplace_back(new ThreadScratch<T>(direct ? 1 : mc_max, a_panel,
                                                 direct ? 1 : ldc * (fuse_phases ? n_phases : 1), direct ? 0 : max_taps,
-                                                direct ? max_k : 0, (int64_t)tile_m * tile_n, row_buffer_size));
+                                                direct ? max_k : 0, (int64_t)tile_m * tile_n, row_buffer_size,
+                                                direct ? 0 : checked_mul(ceil_div(mc_max, tile_m), kc_max)));
     if (direct)
       for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m, max_cache_entries);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)

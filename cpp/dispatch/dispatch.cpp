@@ -82,30 +82,24 @@ int get_num_threads() {
 
 
 namespace {
-// Every thread runs the active GEMM micro-kernel on its own L1-resident panels (K block 256, the
-// engine's) for about `seconds`: the attainable FMA rate, against which the benchmark's "% peak"
-// is computed (a constant would not follow the host's clock).
+// The calling thread runs the active GEMM micro-kernel on L1-resident panels (K block 256, the
+// engine's) for about `seconds`: the attainable FMA rate of one core, against which the
+// benchmark's "% peak" is computed (a constant would not follow the host's clock).
 template <typename T>
 double measure_ukernel_peak(double seconds) {
   const UkernelInfo<T>& uk = active_ukernel<T>();
   constexpr int64_t kc = 256;
-  const int threads = get_num_threads();
-  std::atomic<int64_t> calls{0};
+  // 64-byte aligned, as the engine's panels are (line-splitting loads would halve the rate).
+  detail::AlignedBuffer<T> a(kc * uk.mr), b(kc * uk.nr), c(uk.mr * uk.nr);
+  std::fill(a.get(), a.get() + kc * uk.mr, T(1e-3));
+  std::fill(b.get(), b.get() + kc * uk.nr, T(1e-3));
+  std::fill(c.get(), c.get() + uk.mr * uk.nr, T(0));
+  int64_t calls = 0;
   const double start = omp_get_wtime();
-#pragma omp parallel num_threads(threads)
-  {
-    // 64-byte aligned, as the engine's panels are (line-splitting loads would halve the rate).
-    detail::AlignedBuffer<T> a(kc * uk.mr), b(kc * uk.nr), c(uk.mr * uk.nr);
-    std::fill(a.get(), a.get() + kc * uk.mr, T(1e-3));
-    std::fill(b.get(), b.get() + kc * uk.nr, T(1e-3));
-    std::fill(c.get(), c.get() + uk.mr * uk.nr, T(0));
-    int64_t mine = 0;
-    while (omp_get_wtime() - start < seconds)
-      for (int i = 0; i < 64; ++i, ++mine) uk.fn(kc, a.get(), b.get(), c.get(), uk.nr, 1);
-    calls += mine;
-  }
+  while (omp_get_wtime() - start < seconds)
+    for (int i = 0; i < 64; ++i, ++calls) uk.fn(kc, a.get(), b.get(), c.get(), uk.nr, 1);
   const double elapsed = omp_get_wtime() - start;
-  return 2.0 * kc * uk.mr * uk.nr * static_cast<double>(calls.load()) / elapsed / 1e9;
+  return 2.0 * kc * uk.mr * uk.nr * static_cast<double>(calls) / elapsed / 1e9;
 }
 }  // namespace
 

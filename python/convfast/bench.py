@@ -29,19 +29,20 @@ def measured_peak(dtype: str, rounds: int = 8, seconds: float = 0.15) -> float:
     """FMA peak in GFLOP/s at the current thread count: one thread's rate of the active micro-kernel on
     L1-resident panels (the best of a few short rounds, as a peak should be: one round catches clock
     ramps and neighbours' bursts) times the threads, as a per-core peak times cores is quoted."""
-    threads = convfast.get_num_threads()
-    convfast.set_num_threads(1)
-    try:
-        one = max(convfast._core.ukernel_peak_gflops(dtype == "float64", seconds) for _ in range(rounds))
-    finally:
-        convfast.set_num_threads(threads)
-    return one * threads
+    one = max(convfast._core.ukernel_peak_gflops(dtype == "float64", seconds) for _ in range(rounds))
+    return one * convfast.get_num_threads()
+
+
+def peak_override(given: Optional[float]) -> Optional[float]:
+    """The float32 peak the user gave (--peak, else CONVFAST_PEAK_GFLOPS), or None to measure it."""
+    if given is None and os.environ.get("CONVFAST_PEAK_GFLOPS"):
+        return float(os.environ["CONVFAST_PEAK_GFLOPS"])
+    return given
 
 
 def peak_gflops(dtype: str, override: Optional[float] = None) -> float:
     """FMA peak in GFLOP/s for dtype at the current thread count (override = the float32 figure)."""
-    if override is None and os.environ.get("CONVFAST_PEAK_GFLOPS"):
-        override = float(os.environ["CONVFAST_PEAK_GFLOPS"])
+    override = peak_override(override)
     if override is not None:
         return override / 2 if dtype == "float64" else override
     return measured_peak(dtype)
@@ -171,7 +172,7 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
     previous_torch = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     suite.set_threads(threads)
     report = {"suite": suite_name, "pass": pass_, "layout": layout, "threads": threads, "compare": list(compare),
-              "machine": machine_info(), "peak_source": "measured" if peak is None and not os.environ.get("CONVFAST_PEAK_GFLOPS") else "given",
+              "machine": machine_info(), "peak_source": "measured" if peak_override(peak) is None else "given",
               "peak_gflops": {dt: peak_gflops(dt, override=peak) for dt in dtypes},
               "notes": notes, "results": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:

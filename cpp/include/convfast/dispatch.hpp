@@ -63,7 +63,7 @@ inline const UkernelInfo<double>& active_ukernel<double>() { return active_ukern
 void set_num_threads(int n);
 int get_num_threads();
 
-// GFLOP/s of the active GEMM micro-kernel on L1-resident panels, all threads, for about `seconds`.
+// GFLOP/s of the active GEMM micro-kernel on L1-resident panels, on the calling thread, for about `seconds`.
 double ukernel_peak_gflops(bool f64, double seconds);
 
 }  // namespace convfast
