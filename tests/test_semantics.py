@@ -604,6 +604,27 @@ def test_tile_edges_conv2d(cout, dtype, layout):
     assert_close(yt, expected, dtype, reduction_size=27)
 
 
+@pytest.mark.parametrize("width", [7, 8, 9, 16, 17, 23])
+@pytest.mark.parametrize("cout", [8, 9, 16, 31])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposing_store_rows_and_channels(width, cout, dtype, monkeypatch):
+    # The GEMM output is stored channels-first through an SIMD L x L transpose (L = 4..16 lanes)
+    # for runs of L pixels contiguous in y, and scalar elsewhere: rows shorter than, equal to and
+    # longer than L, C_out off the lane grid, a bias, and an out= whose rows are not adjacent.
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    rng = np.random.default_rng(width * 100 + cout)
+    x = _rand(rng, (2, 5, 11, width + 2), dtype)
+    w = _rand(rng, (cout, 5, 3, 3), dtype)
+    b = _rand(rng, (cout,), dtype)
+    expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=(1, 0))
+    assert_close(convfast.conv2d(x, w, b, padding=(1, 0)), expected, dtype, reduction_size=45)
+    big = np.full((2, cout, 11, width + 5), 7.0, dtype)
+    out = big[..., 2:width + 2]
+    convfast.conv2d(x, w, b, padding=(1, 0), out=out)
+    assert_close(out, expected, dtype, reduction_size=45)
+    assert (big[..., :2] == 7).all() and (big[..., width + 2:] == 7).all()
+
+
 @pytest.mark.parametrize("m", [1, 5, 6, 7, 11, 13, 37])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tile_edges_output_pixels_1d(m, dtype):

@@ -903,20 +903,65 @@ struct ConvPlan<T>::Impl {
     // pixel-major and y channel-major: walking blocks of 16 pixels keeps the C lines being read
     // (one per pixel and phase) in L1 across consecutive channels, where a whole column per channel
     // fetched every C element from L2 (a third of the time of short-K layers such as k2s2 up-convs).
+    // Runs of L pixels contiguous in y (channels-first rows) go through the micro-kernel table's
+    // SIMD transposing store, L channels at a time; channels-last y takes C's rows as they are.
     constexpr int64_t kPixelBlock = 16;
     const T* C = s.c_block.get();
     T* yn = p.y + it.n * p.y_stride_n;
     const int64_t co_begin = it.nt0 * tile_n, co_end = std::min(it.nt1 * tile_n, cout);
-    for (int64_t m0 = 0; m0 < mcount; m0 += kPixelBlock) {
-      const int64_t m1 = std::min(mcount, m0 + kPixelBlock);
-      for (int64_t co = co_begin; co < co_end; ++co) {
-        const int64_t cg = it.g * cout + co;
-        const T b = p.bias ? p.bias[cg * p.bias_stride] : T(0);
-        T* yc = yn + cg * p.y_stride_c;
+    T* yg = yn + it.g * cout * p.y_stride_c;
+    const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
+    const int64_t bias_stride = p.bias_stride, ysc = p.y_stride_c, ldc_ = ldc;
+    auto bias_of = [bg, bias_stride](int64_t co) { return bg ? bg[co * bias_stride] : T(0); };
+    // Channels [c0, c1) of pixels [m0, m1), one scalar at a time.
+    auto scatter = [=](int64_t c0, int64_t c1, int64_t m0, int64_t m1) {
+      for (int64_t co = c0; co < c1; ++co) {
+        const T b = bias_of(co);
+        T* yc = yg + co * ysc;
         const T* ccol = C + (co - co_begin);
         for (int64_t q = 0; q < count; ++q)
-          for (int64_t mi = m0; mi < m1; ++mi) yc[yoff[mi] + delta[q]] = ccol[q * c_size + mi * ldc] + b;
+          for (int64_t mi = m0; mi < m1; ++mi) yc[yoff[mi] + delta[q]] = ccol[q * c_size + mi * ldc_] + b;
       }
+    };
+    if (p.y_stride_c == 1) {  // channels-last: a pixel's channels are contiguous in C and in y
+      for (int64_t q = 0; q < count; ++q)
+        for (int64_t mi = 0; mi < mcount; ++mi) {
+          T* yp = yg + yoff[mi] + delta[q];
+          const T* cp = C + q * c_size + mi * ldc - co_begin;
+          for (int64_t co = co_begin; co < co_end; ++co) yp[co] = cp[co] + bias_of(co);
+        }
+      return;
+    }
+    const int L = uk.lanes;
+    // Consecutive pixels of a row are adjacent in y only at unit output step (not for the stride
+    // phases of a transposed convolution, which interleave).
+    const bool rows_contiguous = p.y_stride[2] * phases[first][2]->out_step == 1;
+    const int64_t co_vec_end =
+        uk.store_transposed && rows_contiguous ? co_begin + (co_end - co_begin) / L * L : co_begin;
+    if (co_vec_end == co_begin) {
+      for (int64_t m0 = 0; m0 < mcount; m0 += kPixelBlock)
+        scatter(co_begin, co_end, m0, std::min(mcount, m0 + kPixelBlock));
+      return;
+    }
+    // Greedy runs: a pixel that does not start L contiguous outputs (a row's end) is stored alone,
+    // and the next run starts after it, so rows shorter than a block still vectorise.
+    for (int64_t mv = 0; mv < mcount;) {
+      bool contiguous = mv + L <= mcount;
+      for (int j = 1; j < L && contiguous; ++j) contiguous = yoff[mv + j] == yoff[mv] + j;
+      if (!contiguous) {
+        scatter(co_begin, co_end, mv, mv + 1);
+        ++mv;
+        continue;
+      }
+      for (int64_t co = co_begin; co < co_vec_end; co += L) {
+        T bias_block[64 / sizeof(T)];
+        for (int j = 0; j < L; ++j) bias_block[j] = bias_of(co + j);
+        T* y0 = yg + co * ysc + yoff[mv];
+        for (int64_t q = 0; q < count; ++q)
+          uk.store_transposed(C + q * c_size + mv * ldc + (co - co_begin), ldc, bias_block, y0 + delta[q], ysc);
+      }
+      scatter(co_vec_end, co_end, mv, mv + L);
+      mv += L;
     }
   }
 

@@ -76,6 +76,37 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, 
     for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(out + r * NV * L + v * L) = acc[r][v];
 }
 
+// The transposing store: y[j * ys + i] = c[i * ldc + j] + bias[j] for i, j < L (L = vector lanes).
+// An L x L block of the pixel-major GEMM output lands in the channels-first output (L pixels
+// contiguous per channel) through log2(L) butterfly stages of two-input shuffles, each swapping
+// the off-diagonal h x h blocks of every 2h x 2h block; the scalar scatter it replaces cost ~4
+// cycles per output, 9-13 % of a 3x3 or 1x1 layer.
+template <typename T, int VECTOR_BYTES>
+void transpose_store(const T* __restrict c, int64_t ldc, const T* __restrict bias, T* __restrict y, int64_t ys) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index;
+  typedef index mask __attribute__((vector_size(VECTOR_BYTES)));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec r[L];
+  for (int i = 0; i < L; ++i) r[i] = *reinterpret_cast<const vec_u*>(c + i * ldc);
+#pragma GCC unroll 8
+  for (int h = L / 2; h >= 1; h /= 2) {
+    mask low, high;  // row i takes row i + h's low half-blocks, row i + h row i's high ones
+    for (int k = 0; k < L; ++k) {
+      low[k] = (k & h) ? L + k - h : k;
+      high[k] = (k & h) ? L + k : k + h;
+    }
+    for (int i = 0; i < L; ++i)
+      if (!(i & h)) {
+        const vec a = r[i], b = r[i + h];
+        r[i] = __builtin_shuffle(a, b, low);
+        r[i + h] = __builtin_shuffle(a, b, high);
+      }
+  }
+  for (int j = 0; j < L; ++j) *reinterpret_cast<vec_u*>(y + j * ys) = r[j] + bias[j];
+}
+
 // The table of one variant: GEMM tiles MR x (2 vectors); direct tiles of 4 vectors of pixels for
 // 1 or 2 output channels (4 or 8 chains), 2 vectors for 4 or 6 (8 or 12 chains).
 template <int VECTOR_BYTES, int MR>
@@ -85,9 +116,11 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
           {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>, &gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2>, MR, 2 * L32,
            {&direct_ukernel<float, 1, VECTOR_BYTES, 4>, &direct_ukernel<float, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<float, 4, VECTOR_BYTES, 2>, &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
-           {4 * L32, 4 * L32, 2 * L32, 2 * L32}},
+           {4 * L32, 4 * L32, 2 * L32, 2 * L32},
+           &transpose_store<float, VECTOR_BYTES>, L32},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2>, MR, 2 * L64,
            {&direct_ukernel<double, 1, VECTOR_BYTES, 4>, &direct_ukernel<double, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<double, 4, VECTOR_BYTES, 2>, &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
-           {4 * L64, 4 * L64, 2 * L64, 2 * L64}}};
+           {4 * L64, 4 * L64, 2 * L64, 2 * L64},
+           &transpose_store<double, VECTOR_BYTES>, L64}};
 }

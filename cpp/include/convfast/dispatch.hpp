@@ -24,6 +24,11 @@ using DirectUkernel = void (*)(int64_t k, const T* const* src, int64_t offset, c
 
 constexpr int kDirectChannelTiles[] = {1, 2, 4, 6};  // MRO variants
 
+// y[j * ys + i] = c[i * ldc + j] + bias[j] for i, j < lanes: an L x L block of a pixel-major GEMM
+// output stored channel-major (channels-first outputs, L pixels contiguous per channel).
+template <typename T>
+using TransposeStore = void (*)(const T* c, int64_t ldc, const T* bias, T* y, int64_t ys);
+
 template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
@@ -31,6 +36,8 @@ struct UkernelInfo {
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
+  TransposeStore<T> store_transposed = nullptr;
+  int lanes = 0;                                             // L of store_transposed (the vector width)
 };
 
 struct UkernelSet {
