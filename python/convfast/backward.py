@@ -6,10 +6,16 @@ of the loss with respect to its output in front, and return ``ConvGrads(grad_inp
 grad_bias)``. ``needs=(input, weight, bias)`` (PyTorch's ``output_mask``) skips the gradients that
 are not wanted; those come back as None.
 
-The heavy lifting is done by convfast's public forward operators (``conv*``, ``conv_transpose*``,
-``pad``) and, for NumPy arrays, the compiled weight-gradient kernel ``_core.weight_grad``; the rest
-is array slicing, reshapes, copies and sums (and ``np.einsum`` for depthwise weight gradients), so a
-backend that runs those operators runs the backward passes too.
+``device=None | "cpu" | "cuda"`` follows the forward operators' rules (convfast.cuda._dispatch): a
+GPU ``x`` (Numba device array, CuPy, torch CUDA tensor) runs on the GPU and gives GPU gradients of
+its kind; device="cuda" with host arrays computes there and returns host arrays of x's kind;
+device="cpu" with a GPU operand is a ValueError. The GPU passes (convfast.cuda._backward, imported
+only then) compute the same formulas, with the geometry helpers below shared by both.
+
+On the CPU, the heavy lifting is done by convfast's public forward operators (``conv*``,
+``conv_transpose*``, ``pad``) and, for NumPy arrays, the compiled weight-gradient kernel
+``_core.weight_grad``; the rest is array slicing, reshapes, copies and sums (and ``np.einsum`` for
+depthwise weight gradients), so a backend that runs those operators runs the backward passes too.
 
 The formulas (per spatial axis: ``p`` pads before/after, ``s`` stride, ``d`` dilation, ``k`` kernel,
 ``S`` input size, ``O`` output size):
@@ -46,6 +52,7 @@ from . import functional as _ops
 from ._interop import output_wrapper
 from ._spec import (PADDING_MODES, ConvSpec, as_array, compute_dtype, conv_spec, conv_transpose_spec,
                     effective_kernel)
+from .cuda._dispatch import cuda_backend, select_device
 
 ConvGrads = namedtuple("ConvGrads", ["grad_input", "grad_weight", "grad_bias"])
 ConvGrads.__doc__ = ("Gradients of a convolution: grad_input (x's shape and layout), grad_weight (weight's "
@@ -263,7 +270,9 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
         return out
     if any(p for pair in pads for p in pair):
         a = _pad_in_memory_order(a, ((0, 0), (0, 0)) + tuple(pads), mode)
-    if compute_dtype("conv_backward", a=a, b=b) != dtype:  # e.g. a float64 weight with float32 data
+    if a.dtype != dtype or b.dtype != dtype:
+        # e.g. a float64 weight with float32 data, or float16 data computed as float32 (einsum
+        # would otherwise accumulate in float16)
         a, b = a.astype(dtype), b.astype(dtype)
     a = a.reshape((n, G, ca_g) + a.shape[2:])  # a view of the canonical (possibly strided) array
 
@@ -324,18 +333,59 @@ def _bias_grad(spec: ConvSpec, gy: np.ndarray, dtype) -> np.ndarray:
     return canonical.sum(axis=(0,) + tuple(range(2, 2 + spec.rank)), dtype=dtype)
 
 
+# The geometry of the adjoints, shared by the CPU passes below and the GPU ones
+# (convfast.cuda._backward), so that both compute the same operators.
+
+def grad_dtype(spec: ConvSpec, x, weight, gy) -> np.dtype:
+    """The gradients' dtype: float32 when x, weight and grad_output are all float32, else float64
+    (the operands may be NumPy arrays or stand-ins with their dtype)."""
+    return compute_dtype(spec.func, x=x, weight=weight, grad_output=gy)
+
+
+def data_format(spec: ConvSpec) -> str:
+    return "channels_last" if spec.channels_last else "channels_first"
+
+
+def conv_unread(spec: ConvSpec) -> Tuple[int, ...]:
+    """Per axis of a convolution: r = P - L, the trailing pixels of the padded input (length P)
+    that the forward never read (it read L = (O - 1) s + effective kernel) because the floor
+    division of the output size dropped them. Its grad_input is the transposed convolution with
+    output_padding r."""
+    padded = [n + pb + pa for n, (pb, pa) in zip(spec.in_spatial, spec.pads)]
+    used = [(o - 1) * s + effective_kernel(k, d)
+            for o, s, k, d in zip(spec.out_spatial, spec.stride, spec.kernel, spec.dilation)]
+    return tuple(p - u for p, u in zip(padded, used))
+
+
+def transpose_adjoint_geometry(spec: ConvSpec):
+    """(keep, pads, reached) for the adjoint of a transposed convolution.
+
+    The transposed convolution computes the full output F = (S - 1) s + d (k - 1) + 1 per axis,
+    crops p_before / p_after and appends output_padding pixels (beyond F they are zeros that no
+    input reaches). Its adjoint re-pads grad_output with zeros to F: ``pads`` (p_before, p_after -
+    output_padding), or, where output_padding exceeds p_after, drops grad_output's last pixels
+    (``keep`` pixels per axis are kept). ``reached`` is False when every output pixel lies in the
+    output_padding: y does not depend on x, and both gradients are zero."""
+    full = [(n - 1) * s + effective_kernel(k, d)
+            for n, s, k, d in zip(spec.in_spatial, spec.stride, spec.kernel, spec.dilation)]
+    keep = [min(o, f - pb) for o, f, (pb, _) in zip(spec.out_spatial, full, spec.pads)]
+    pads = tuple((pb, max(pa - op, 0)) for (pb, pa), op in zip(spec.pads, spec.output_padding))
+    return keep, pads, min(keep) >= 1
+
+
+def crop_grad_output(spec: ConvSpec, gy, keep, reached):
+    """grad_output restricted to the pixels the full transposed output covers (a view of gy, or gy
+    itself); works on any array that slices like NumPy (the GPU path applies it to a stand-in)."""
+    return _crop_spatial(spec, gy, keep) if reached and keep != list(spec.out_spatial) else gy
+
+
 def conv_backward_spec(spec: ConvSpec, gy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                        needs: Tuple[bool, bool, bool]):
     """Gradients of the convolution ``spec`` (validated arrays, caller's layouts); NumPy results."""
     r = spec.rank
-    dtype = compute_dtype(spec.func, x=x, weight=weight, grad_output=gy)
-    fmt = "channels_last" if spec.channels_last else "channels_first"
-    # Per axis: the padded length P, the length L the forward actually read ((O - 1) s + effective
-    # kernel), and r = P - L, the trailing pixels the floor division of the output size dropped.
-    padded = [n + pb + pa for n, (pb, pa) in zip(spec.in_spatial, spec.pads)]
-    used = [(o - 1) * s + effective_kernel(k, d)
-            for o, s, k, d in zip(spec.out_spatial, spec.stride, spec.kernel, spec.dilation)]
-    unread = tuple(p - u for p, u in zip(padded, used))
+    dtype = grad_dtype(spec, x, weight, gy)
+    fmt = data_format(spec)
+    unread = conv_unread(spec)
     gx = gw = gb = None
 
     if needs[0]:
@@ -364,18 +414,10 @@ def conv_transpose_backward_spec(spec: ConvSpec, gy: np.ndarray, x: np.ndarray, 
                                  needs: Tuple[bool, bool, bool]):
     """Gradients of the transposed convolution ``spec``; NumPy results."""
     r = spec.rank
-    dtype = compute_dtype(spec.func, x=x, weight=weight, grad_output=gy)
-    fmt = "channels_last" if spec.channels_last else "channels_first"
-    # The transposed convolution computes the full output F = (S - 1) s + d (k - 1) + 1 per axis,
-    # crops p_before / p_after and appends output_padding pixels (beyond F they are zeros that no
-    # input reaches). Its adjoint re-pads grad_output with zeros to F: pads (p_before, p_after -
-    # output_padding), or, where output_padding exceeds p_after, drops grad_output's last pixels.
-    full = [(n - 1) * s + effective_kernel(k, d)
-            for n, s, k, d in zip(spec.in_spatial, spec.stride, spec.kernel, spec.dilation)]
-    keep = [min(o, f - pb) for o, f, (pb, _) in zip(spec.out_spatial, full, spec.pads)]
-    pads = tuple((pb, max(pa - op, 0)) for (pb, pa), op in zip(spec.pads, spec.output_padding))
-    reached = min(keep) >= 1  # False: every output pixel lies in the output_padding, y does not depend on x
-    gy_in = _crop_spatial(spec, gy, keep) if reached and keep != list(spec.out_spatial) else gy
+    dtype = grad_dtype(spec, x, weight, gy)
+    fmt = data_format(spec)
+    keep, pads, reached = transpose_adjoint_geometry(spec)
+    gy_in = crop_grad_output(spec, gy, keep, reached)
     gx = gw = gb = None
 
     if needs[0]:
@@ -407,17 +449,37 @@ def conv_transpose_backward_spec(spec: ConvSpec, gy: np.ndarray, x: np.ndarray, 
 _arrays = _ops._arrays  # the forward operators' operand conversion
 
 
+def _run(name: str, device, grad_output, x, weight, bias, needs, make_spec, backward_spec) -> ConvGrads:
+    """One backward call: where it runs follows the forward's rules (convfast.cuda._dispatch:
+    the GPU iff x is a GPU array or device="cuda"); the arguments are validated by the same spec
+    either way, ``make_spec(x, weight, bias)`` being the forward's conv_spec / conv_transpose_spec."""
+    if select_device(name, device, x, weight=weight, bias=bias, grad_output=grad_output) == "cuda":
+        engine = cuda_backend(name)  # imports numba; RuntimeError naming the function without a GPU
+        from .cuda import _backward as gpu
+        xa, wa = engine.operand(name, "x", x), engine.operand(name, "weight", weight)
+        ba = None if bias is None else engine.operand(name, "bias", bias)
+        gya = engine.operand(name, "grad_output", grad_output)
+        # The spec only reads shapes and dtypes: device arrays are seen through NumPy stand-ins.
+        spec = make_spec(engine.meta(xa), engine.meta(wa), engine.meta(ba))
+        mask = _needs(name, needs, bias is not None)
+        _grad_output(name, spec, engine.meta(gya))
+        return ConvGrads(*gpu.backward(spec, x, xa, wa, gya, mask))
+    wrap = output_wrapper(x)
+    x, weight, bias = _arrays(name, x, weight, bias)
+    spec = make_spec(x, weight, bias)
+    mask = _needs(name, needs, bias is not None)
+    gy = _grad_output(name, spec, grad_output)
+    return _finish(spec, *backward_spec(spec, gy, x, weight, mask), wrap)
+
+
 def _make_conv_backward(rank: int):
     name = f"conv{rank}d_backward"
 
     def conv_backward(grad_output, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                      padding_mode="zeros", data_format="channels_first", needs=None):
-        wrap = output_wrapper(x)
-        x, weight, bias = _arrays(name, x, weight, bias)
-        spec = conv_spec(name, rank, x, weight, bias, stride, padding, dilation, groups, padding_mode, data_format)
-        mask = _needs(name, needs, bias is not None)
-        gy = _grad_output(name, spec, grad_output)
-        return _finish(spec, *conv_backward_spec(spec, gy, x, weight, mask), wrap)
+                      padding_mode="zeros", data_format="channels_first", needs=None, device=None):
+        def make_spec(xa, wa, ba):
+            return conv_spec(name, rank, xa, wa, ba, stride, padding, dilation, groups, padding_mode, data_format)
+        return _run(name, device, grad_output, x, weight, bias, needs, make_spec, conv_backward_spec)
 
     conv_backward.__name__ = conv_backward.__qualname__ = name
     conv_backward.__doc__ = f"""Gradients of convfast.conv{rank}d: the forward call's arguments, grad_output in front.
@@ -430,11 +492,16 @@ def _make_conv_backward(rank: int):
         looked at for its shape, and to decide whether grad_bias is computed by default.
     needs : (input, weight, bias) bools, PyTorch's ``output_mask``: gradients not needed are not
         computed and returned as None. Default: (True, True, bias is not None).
+    device : None (default: the GPU iff x is a GPU array -- CuPy, PyTorch CUDA, Numba device array
+        -- and the CPU otherwise), "cuda" (host inputs are copied to the GPU, the gradients come
+        back to the host as x's kind) or "cpu" (a GPU operand is a ValueError): the forward's rules,
+        see docs/gpu.md.
 
     Returns
     -------
     ConvGrads(grad_input, grad_weight, grad_bias): grad_input in x's shape and layout, grad_weight in
-    weight's, grad_bias (C_out,); float32 when every operand is float32, else float64.
+    weight's, grad_bias (C_out,); float32 when every operand is float32, else float64. A GPU x gives
+    GPU arrays of x's kind.
 
     grad_input is conv_transpose{rank}d(grad_output, weight) (followed, for a padding mode other than
     zeros, by the adjoint of the padding), grad_weight a correlation of x with grad_output (a GEMM
@@ -458,14 +525,12 @@ def _make_conv_transpose_backward(rank: int):
     name = f"conv_transpose{rank}d_backward"
 
     def conv_transpose_backward(grad_output, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-                                dilation=1, *, output_size=None, data_format="channels_first", needs=None):
-        wrap = output_wrapper(x)
-        x, weight, bias = _arrays(name, x, weight, bias)
-        spec = conv_transpose_spec(name, rank, x, weight, bias, stride, padding, output_padding, groups, dilation,
-                                   output_size, data_format)
-        mask = _needs(name, needs, bias is not None)
-        gy = _grad_output(name, spec, grad_output)
-        return _finish(spec, *conv_transpose_backward_spec(spec, gy, x, weight, mask), wrap)
+                                dilation=1, *, output_size=None, data_format="channels_first", needs=None,
+                                device=None):
+        def make_spec(xa, wa, ba):
+            return conv_transpose_spec(name, rank, xa, wa, ba, stride, padding, output_padding, groups, dilation,
+                                       output_size, data_format)
+        return _run(name, device, grad_output, x, weight, bias, needs, make_spec, conv_transpose_backward_spec)
 
     conv_transpose_backward.__name__ = conv_transpose_backward.__qualname__ = name
     conv_transpose_backward.__doc__ = f"""Gradients of convfast.conv_transpose{rank}d: the forward call's arguments,
@@ -477,6 +542,7 @@ def _make_conv_transpose_backward(rank: int):
     x, weight, bias, stride, padding, output_padding, groups, dilation, output_size, data_format :
         exactly as given to ``conv_transpose{rank}d``. ``bias`` is only looked at for its shape.
     needs : (input, weight, bias) bools; default (True, True, bias is not None).
+    device : None (the GPU iff x is a GPU array), "cuda" or "cpu", as for conv{rank}d_backward.
 
     Returns
     -------
