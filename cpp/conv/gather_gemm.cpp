@@ -605,7 +605,12 @@ struct ConvPlan<T>::Impl {
   // A tile whose MR pixels read MR contiguous inputs for every tap (an interior run of one output row,
   // unit stride) is not packed: the micro-kernel reads its rows in place, through one pointer per k
   // shared by the tiles that follow it along the row (tile_anchor) at their pixel offset
-  // (tile_offset). Other tiles (row ends, padding, strides) are packed. reuse_patches: the scratch
+  // (tile_offset). Other tiles (row ends, padding, strides) are packed, and so are all tiles of a
+  // one-tap phase (1x1 layers, k = s transposed phases): there every k of the micro-kernel would
+  // read another channel plane, another page (256 per tile for 256 channels), for each output-
+  // channel tile, where packing reads them once per block; measured at 2 threads, packing is 6-10 %
+  // faster on the 1x1 256->64 layer in float64 (equal in float32) and on the 3-D k2s2 up-convolution
+  // in both dtypes, while in-place reads are 12 % faster on ResNet's 3x3. reuse_patches: the scratch
   // already holds this block's patches for all of K (K <= kc_max), from the previous fused phase.
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
                   ThreadScratch<T>& s, T* C, bool reuse_patches) const {
@@ -621,7 +626,7 @@ struct ConvPlan<T>::Impl {
     if (!reuse_patches)
       for (int64_t mt = 0, last = -1; mt < m_tiles; ++mt) {
         const int64_t* o = xoff + mt * mr * T_;
-        bool in_place = (mt + 1) * mr <= mcount;
+        bool in_place = T_ > 1 && (mt + 1) * mr <= mcount;
         for (int64_t t = 0; t < T_ && in_place; ++t)
           for (int r = 0; r < mr && in_place; ++r) in_place = o[t] != kOutside && o[r * T_ + t] == o[t] + r;
         bool follows = in_place && last >= 0;
