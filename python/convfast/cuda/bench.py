@@ -16,6 +16,10 @@ Printed per case: ms per call, TFLOP/s (2 x multiply-adds of the direct definiti
 torch ms / convfast ms (> 1: convfast faster). convfast's time includes its Python host overhead
 (argument normalisation, launch), since that is what a caller pays.
 
+``--pass backward`` times the gradients instead (grad_input + grad_weight: convfast.conv*_backward
+on torch tensors against ``torch.ops.aten.convolution_backward`` with output_mask [True, True,
+False]), after checking both against float64 on the GPU; TFLOP/s count 2x the forward's FLOPs.
+
 NOT RUN YET: no GPU was available when this was written (see docs/gpu.md); it is checked for
 importability and for its error message without a GPU only.
 """
@@ -105,6 +109,83 @@ def _time(torch, fn, repeat: int) -> float:
     return start.elapsed_time(end) / repeat
 
 
+def _compare(torch, ours, theirs, repeat: int, rounds: int, total_flops: float) -> dict:
+    """{contender: (median ms, TFLOP/s)} for convfast and torch with TF32 off and on."""
+    torch.backends.cudnn.benchmark = True
+    samples = {"convfast": [], "torch fp32": [], "torch tf32": []}
+    for tf32 in (False, True):  # warm-up: compilation, cuDNN autotuning, caches
+        torch.backends.cudnn.allow_tf32 = tf32
+        theirs()
+    for _ in range(3):
+        ours()
+    torch.cuda.synchronize()
+    for _ in range(rounds):  # interleaved, so that clock and thermal drift hit every contender alike
+        samples["convfast"].append(_time(torch, ours, repeat))
+        torch.backends.cudnn.allow_tf32 = False
+        samples["torch fp32"].append(_time(torch, theirs, repeat))
+        torch.backends.cudnn.allow_tf32 = True
+        samples["torch tf32"].append(_time(torch, theirs, repeat))
+    torch.backends.cudnn.allow_tf32 = False
+    return {name: (statistics.median(v), total_flops / (statistics.median(v) * 1e-3) / 1e12)
+            for name, v in samples.items()}
+
+
+def _aten_args(case: Case):
+    """(stride, padding, dilation, transposed, output_padding, groups) for aten.convolution_backward."""
+    rank = len(case.weight) - 2
+    kw = case.kwargs
+
+    def per_axis(name, default):
+        v = kw.get(name, default)
+        return [v] * rank if isinstance(v, int) else list(v)
+
+    return (per_axis("stride", 1), per_axis("padding", 0), per_axis("dilation", 1),
+            case.op.startswith("conv_transpose"), per_axis("output_padding", 0), kw.get("groups", 1))
+
+
+def run_backward_case(torch, convfast, case: Case, batch: int, repeat: int, rounds: int, check_only: bool):
+    """The gradients (grad_input, grad_weight) of one case: convfast's GPU backward on torch CUDA
+    tensors against aten.convolution_backward (cuDNN, TF32 off), both checked against float64."""
+    dt = getattr(torch, case.dtype)
+    n = max(1, batch // case.batch_div)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((n,) + case.in_shape, device="cuda", dtype=dt, generator=gen)
+    w = torch.randn(case.weight, device="cuda", dtype=dt, generator=gen) / math.sqrt(math.prod(case.weight[1:]))
+    y = getattr(torch.nn.functional, case.op)(x, w, None, **case.kwargs)
+    gy = torch.randn(y.shape, device="cuda", dtype=dt, generator=gen)
+    backward = getattr(convfast, case.op + "_backward")
+    aten = _aten_args(case)
+    layout = "channels_last" if case.channels_last else "channels_first"
+    xc = x.movedim(1, -1).contiguous() if case.channels_last else x
+    gyc = gy.movedim(1, -1).contiguous() if case.channels_last else gy
+    mask = (True, True, False)
+
+    def ours():
+        return backward(gyc, xc, w, None, **case.kwargs, data_format=layout, needs=mask)
+
+    def theirs(a=gy, b=x, c=w):
+        return torch.ops.aten.convolution_backward(a, b, c, None, *aten, list(mask))
+
+    torch.backends.cudnn.allow_tf32 = False
+    gx, gw, _ = ours()
+    if case.channels_last:
+        gx = gx.movedim(-1, 1)
+    ref_gx, ref_gw, _ = theirs(gy.double(), x.double(), w.double())
+    errors = []
+    for got, ref in ((gx, ref_gx), (gw, ref_gw)):
+        errors.append(float((got.double() - ref).abs().max()) / max(1.0, float(ref.abs().max())))
+    err = max(errors)
+    k = max(math.prod(case.weight[1:]), n * math.prod(y.shape[2:]))  # the longer of the two reductions
+    tol = (1e-5 if case.dtype == "float32" else 1e-12) * math.sqrt(k)
+    ok = tuple(gx.shape) == tuple(x.shape) and tuple(gw.shape) == tuple(w.shape) and err <= tol
+    result = {"case": case.name, "n": n, "ok": ok, "err": err, "tol": tol}
+    if not ok or check_only:
+        return result
+    total_flops = 2 * flops(case, n, tuple(y.shape[2:]))
+    result.update(_compare(torch, ours, theirs, repeat, rounds, total_flops))
+    return result
+
+
 def run_case(torch, convfast, case: Case, batch: int, repeat: int, rounds: int, check_only: bool):
     F = torch.nn.functional
     dt = getattr(torch, case.dtype)
@@ -149,24 +230,7 @@ def run_case(torch, convfast, case: Case, batch: int, repeat: int, rounds: int, 
         return result
 
     total_flops = flops(case, n, tuple(ref.shape[2:]))
-    torch.backends.cudnn.benchmark = True
-    samples = {"convfast": [], "torch fp32": [], "torch tf32": []}
-    for tf32 in (False, True):  # warm-up: compilation, cuDNN autotuning, caches
-        torch.backends.cudnn.allow_tf32 = tf32
-        theirs()
-    for _ in range(3):
-        ours()
-    torch.cuda.synchronize()
-    for _ in range(rounds):  # interleaved, so that clock and thermal drift hit every contender alike
-        samples["convfast"].append(_time(torch, ours, repeat))
-        torch.backends.cudnn.allow_tf32 = False
-        samples["torch fp32"].append(_time(torch, theirs, repeat))
-        torch.backends.cudnn.allow_tf32 = True
-        samples["torch tf32"].append(_time(torch, theirs, repeat))
-    torch.backends.cudnn.allow_tf32 = False
-    for name, values in samples.items():
-        ms = statistics.median(values)
-        result[name] = (ms, total_flops / (ms * 1e-3) / 1e12)
+    result.update(_compare(torch, ours, theirs, repeat, rounds, total_flops))
     return result
 
 
@@ -177,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved samples per contender (median)")
     parser.add_argument("--cases", default="", help="comma-separated substrings of case names")
     parser.add_argument("--check-only", action="store_true", help="check against torch, do not time")
+    parser.add_argument("--pass", dest="which", choices=("forward", "backward"), default="forward",
+                        help="time the forward convolution (default) or its gradients (grad_input + grad_weight)")
     args = parser.parse_args(argv)
     found, message = _requirements()
     if found is None:
@@ -186,7 +252,8 @@ def main(argv=None) -> int:
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     cases = [c for c in CASES if not wanted or any(wd in c.name for wd in wanted)]
     print(f"convfast {convfast.__version__} | torch {torch.__version__} cuDNN {torch.backends.cudnn.version()} | "
-          f"{torch.cuda.get_device_name()} | batch {args.batch}")
+          f"{torch.cuda.get_device_name()} | batch {args.batch} | pass {args.which}")
+    run = run_backward_case if args.which == "backward" else run_case
     header = f"{'case':40s} {'N':>3s} {'check':>11s}"
     if not args.check_only:
         header += (f" {'convfast ms':>11s} {'TFLOP/s':>7s} {'fp32 ms':>8s} {'TFLOP/s':>7s} {'ratio':>6s}"
@@ -194,7 +261,7 @@ def main(argv=None) -> int:
     print(header)
     failures = 0
     for case in cases:
-        r = run_case(torch, convfast, case, args.batch, args.repeat, args.rounds, args.check_only)
+        r = run(torch, convfast, case, args.batch, args.repeat, args.rounds, args.check_only)
         line = f"{case.name:40s} {r['n']:3d} {('ok' if r['ok'] else 'FAIL'):>4s} {r['err']:.0e}"
         if not r["ok"]:
             failures += 1
