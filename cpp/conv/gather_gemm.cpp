@@ -835,10 +835,16 @@ struct ConvPlan<T>::Impl {
     const int pw = tile_m, mro = tile_n;
     const int64_t cout = p.cout_per_group;
     T* out = s.out_tile.get();
-    // With several output-channel tiles the tile's inputs are read once per channel tile: copy them
-    // into one sequential panel first, which the hardware prefetcher streams.
+    // With several output-channel tiles the tile's inputs are read once per channel tile. When the
+    // row buffers they come from are large (long 1-D rows: one buffer per input channel, each k on
+    // another page), they are first copied into one sequential panel, which the hardware prefetcher
+    // streams; compact buffers (plane mode, short 2-D rows) are read as they are, as the copy would
+    // cost more than it saves. Measured (1 thread): the copy is 3-5 % faster on the 64-channel
+    // 16000-sample 1-D layer (4 MiB of buffers), 5-12 % slower on the 3-D layers and the 7x7 stem
+    // (at most 128 KiB).
+    constexpr int64_t kCompactBufferBytes = 512 * 1024;
     const T* const* src = rows;
-    if (n_tiles > 1) {
+    if (n_tiles > 1 && row_buffer_size * (int64_t)sizeof(T) > kCompactBufferBytes) {
       T* panel = s.a_panel.get();
       for (int64_t kk = 0; kk < K; ++kk) std::memcpy(panel + kk * pw, rows[kk] + offset, sizeof(T) * pw);
       src = s.panel_rows.data();
