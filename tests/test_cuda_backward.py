@@ -8,7 +8,6 @@ which also exercises the grid-stride loops); ``NUMBA_ENABLE_CUDASIM=0 python -m 
 tests/test_cuda_backward.py`` runs the same tests on a GPU. If numba was already imported without
 the simulator and there is no GPU, the module runs in a subprocess under the simulator.
 """
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,19 +15,14 @@ import textwrap
 import numpy as np
 import pytest
 
-if "numba" not in sys.modules:
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-pytest.importorskip("numba")
-try:
-    from numba import cuda
-except ImportError as exc:  # numba without numba-cuda
-    pytest.skip(f"numba.cuda unavailable: {exc}", allow_module_level=True)
+from cuda_sim_support import (check_ptx, import_numba_cuda, run_module_under_simulator,  # noqa: F401
+                              small_grids, subprocess_env)
+
+cuda, SIMULATED, RUNS_HERE = import_numba_cuda()  # before convfast can import numba
 
 import convfast  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
-SIMULATED = "simulator" in getattr(cuda.device_array, "__module__", "")
-RUNS_HERE = SIMULATED or cuda.is_available()
 R = convfast.reference
 MODES = ("zeros", "reflect", "replicate", "circular", "symmetric")
 
@@ -36,25 +30,9 @@ gpu = pytest.mark.skipif(not RUNS_HERE, reason="numba was imported without the s
                                               "see test_in_subprocess")
 
 
-def _subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "CONVFAST_CUDA_KERNEL",
-                                                             "CONVFAST_CUDA_GRID_CAP")}
-    env.update(extra)
-    return env
-
-
 @pytest.mark.skipif(RUNS_HERE, reason="runs in this process")
 def test_in_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__)], cwd=os.path.dirname(os.path.abspath(__file__)),
-                          capture_output=True, text=True, env=_subprocess_env(NUMBA_ENABLE_CUDASIM="1"), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-@pytest.fixture(autouse=True)
-def _small_grids(monkeypatch):
-    monkeypatch.setenv("CONVFAST_CUDA_GRID_CAP", "1")
-    monkeypatch.delenv("CONVFAST_CUDA_KERNEL", raising=False)
+    run_module_under_simulator(__file__)
 
 
 def rand(rng, shape, dtype=np.float64):
@@ -458,33 +436,13 @@ def test_import_convfast_does_not_import_numba():
         assert not bad, bad
         print("ok")
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(),
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-_PTX_CHECK = textwrap.dedent("""
-    # The backward kernels through Numba's real CUDA pipeline (NVVM) to PTX, without a GPU or driver
-    # (as tests/test_cuda_sim.py does for the forward kernels).
-    import glob, sys
-    from numba import cuda, types as T
-    import numba.cuda.dispatcher as dispatcher
-    import numba.cuda.cudadrv.nvrtc as nvrtc
-    import numba.cuda.cudadrv.libs as libs
-    import numba.cuda.cudadrv.nvvm as nvvm
-    found = sorted(glob.glob("/usr/local/cuda*/nvvm/libdevice/libdevice.10.bc"))
-    if not found:
-        print("SKIP: no libdevice"); sys.exit(0)
-
-    class Device:
-        compute_capability = (8, 0)
-
-    dispatcher.get_current_device = lambda: Device()
-    nvrtc.get_supported_ccs = lambda: ((7, 5), (8, 0), (8, 6), (9, 0))
-    libs.get_libdevice = nvvm.get_libdevice = lambda: found[-1]
+_PTX_JOBS = """
     from convfast.cuda import _backward_kernels as B
-    A = lambda dt, nd, layout="A": T.Array(dt, nd, layout)
-    i64, f32, f64 = T.int64, T.float32, T.float64
     def wgrad(dt, operands):  # a, b, part, then 18 scalars
         return (A(operands, 5), A(operands, 5), A(dt, 2)) + (i64,) * 18
     jobs = [(B.fold_kernel("float32"), (A(f32, 5), A(f32, 5)) + (i64,) * 7),
@@ -499,24 +457,11 @@ _PTX_CHECK = textwrap.dedent("""
             (B.bias_kernel("float64"), (A(T.float16, 5), A(f64, 2), i64, i64)),
             (B.split_sum_kernel("float32"), (A(f32, 2), A(f32, 1))),
             (B.fill_zero_kernel("float64"), (A(f64, 1),))]
-    for kernel, sig in jobs:
-        try:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
-        except Exception as exc:
-            if any(word in type(exc).__name__ for word in ("NVVM", "Library", "CudaSupport", "LibNotFound")):
-                print("SKIP:", type(exc).__name__, exc); sys.exit(0)
-            raise
-        assert ".entry" in ptx
-    print("compiled", len(jobs))
-""")
+"""
 
 
 @pytest.mark.skipif(not SIMULATED, reason="runs next to the simulator tests (on a real GPU they compile anyway)")
 def test_backward_kernels_compile_to_ptx():
     """The simulator never compiles the kernels; where a CUDA toolkit (libNVVM) is installed, every
     backward kernel variant is compiled to PTX here, without a GPU."""
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=_subprocess_env(),
-                          timeout=600)
-    if proc.stdout.startswith("SKIP") or proc.returncode != 0 and "DynamicLibNotFoundError" in proc.stderr:
-        pytest.skip(proc.stdout.strip() or proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0 and "compiled 12" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+    check_ptx(_PTX_JOBS, 12)

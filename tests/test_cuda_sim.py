@@ -19,20 +19,14 @@ import textwrap
 import numpy as np
 import pytest
 
-if "numba" not in sys.modules:
-    # NUMBA_ENABLE_CUDASIM=0 in the environment runs these tests on a real GPU instead.
-    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-pytest.importorskip("numba")
-try:
-    from numba import cuda
-except ImportError as exc:  # numba without numba-cuda
-    pytest.skip(f"numba.cuda unavailable: {exc}", allow_module_level=True)
+from cuda_sim_support import (check_ptx, import_numba_cuda, run_module_under_simulator,  # noqa: F401
+                              small_grids, subprocess_env)
+
+cuda, SIMULATED, RUNS_HERE = import_numba_cuda()  # before convfast can import numba
 
 import convfast  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
-SIMULATED = "simulator" in getattr(cuda.device_array, "__module__", "")
-RUNS_HERE = SIMULATED or cuda.is_available()
 R = convfast.reference
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,25 +34,9 @@ gpu = pytest.mark.skipif(not RUNS_HERE, reason="numba was imported without the s
                                               "see test_in_subprocess")
 
 
-def _subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "CONVFAST_CUDA_KERNEL",
-                                                             "CONVFAST_CUDA_GRID_CAP")}
-    env.update(extra)
-    return env
-
-
 @pytest.mark.skipif(RUNS_HERE, reason="runs in this process")
 def test_in_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__)], cwd=HERE, capture_output=True, text=True,
-                          env=_subprocess_env(NUMBA_ENABLE_CUDASIM="1"), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-@pytest.fixture(autouse=True)
-def _small_grids(monkeypatch):
-    monkeypatch.setenv("CONVFAST_CUDA_GRID_CAP", "1")
-    monkeypatch.delenv("CONVFAST_CUDA_KERNEL", raising=False)
+    run_module_under_simulator(__file__)
 
 
 def _kernel(monkeypatch, kernel):
@@ -508,7 +486,7 @@ def test_import_convfast_does_not_import_numba():
         assert not bad, bad
         print("ok")
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(),
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
@@ -531,7 +509,7 @@ def test_clear_error_without_a_gpu():
                 raise SystemExit("no error")
         print("cuda.is_available:", convfast.cuda.is_available())
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(),
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     if "has-gpu" in proc.stdout:
@@ -542,29 +520,8 @@ def test_clear_error_without_a_gpu():
     assert "cuda.is_available: False" in proc.stdout
 
 
-_PTX_CHECK = textwrap.dedent("""
-    # Compile kernels to PTX through Numba's real CUDA pipeline (NVVM), without a GPU or driver:
-    # the simulator runs the kernels as Python, this checks that Numba can type and lower them.
-    import glob, sys
-    from numba import cuda, types as T
-    import numba.cuda.dispatcher as dispatcher
-    import numba.cuda.cudadrv.nvrtc as nvrtc
-    import numba.cuda.cudadrv.libs as libs
-    import numba.cuda.cudadrv.nvvm as nvvm
-    found = sorted(glob.glob("/usr/local/cuda*/nvvm/libdevice/libdevice.10.bc"))
-    if not found:
-        print("SKIP: no libdevice"); sys.exit(0)
-
-    class Device:
-        compute_capability = (8, 0)
-
-    # No driver: the device functions' target and the NVRTC architecture list are given here.
-    dispatcher.get_current_device = lambda: Device()
-    nvrtc.get_supported_ccs = lambda: ((7, 5), (8, 0), (8, 6), (9, 0))
-    libs.get_libdevice = nvvm.get_libdevice = lambda: found[-1]
+_PTX_JOBS = """
     from convfast.cuda import _kernels as K
-    A = lambda dt, nd, layout="A": T.Array(dt, nd, layout)
-    i64, f32, f64 = T.int64, T.float32, T.float64
     flag = (A(T.int32, 1, "C"), i64)
     def conv_sig(dt, scalars):
         arrays = (A(dt, 5), A(dt, 3, "C"), A(dt, 1, "C"), A(dt, 5), A(i64, 2, "C"), A(i64, 2, "C"))
@@ -574,25 +531,12 @@ _PTX_CHECK = textwrap.dedent("""
             (K.direct_kernel("float32"), conv_sig(f32, 14)),
             (K.pack_kernel("float32"), (A(T.float16, 6), A(i64, 2, "C"), A(f32, 3, "C"), A(T.int32, 1, "C"))),
             (K.copy_kernel(), (A(f64, 5), A(f64, 5)))]
-    for kernel, sig in jobs:
-        try:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
-        except Exception as exc:
-            # no toolkit, or a numba-cuda whose internals moved: nothing to check here
-            if any(word in type(exc).__name__ for word in ("NVVM", "Library", "CudaSupport", "LibNotFound")):
-                print("SKIP:", type(exc).__name__, exc); sys.exit(0)
-            raise
-        assert ".entry" in ptx
-    print("compiled", len(jobs))
-""")
+"""
 
 
 @pytest.mark.skipif(not SIMULATED, reason="runs next to the simulator tests (on a real GPU they compile anyway)")
 def test_kernels_compile_to_ptx():
     """The simulator never compiles the kernels; where a CUDA toolkit (libNVVM) is installed, Numba
-    compiles a representative set to PTX here, without a GPU."""
-    proc = subprocess.run([sys.executable, "-c", _PTX_CHECK], capture_output=True, text=True, env=_subprocess_env(),
-                          timeout=600)
-    if proc.stdout.startswith("SKIP") or proc.returncode != 0 and "DynamicLibNotFoundError" in proc.stderr:
-        pytest.skip(proc.stdout.strip() or proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0 and "compiled 5" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+    compiles a representative set to PTX here, without a GPU (the simulator runs the kernels as
+    Python: this checks that Numba can type and lower them)."""
+    check_ptx(_PTX_JOBS, 5)

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from numba import cuda
 
-from ._kernels import _numba_dtype, source_index
+from ._kernels import _numba_dtype, source_index, unravel5
 
 # Weight-gradient GEMM tiles: (BM output channels of B (rows), BN channels of A (columns), BK
 # reduction step, TM, TN register block per thread). Both run (BM/TM) x (BN/TN) = 256 threads.
@@ -35,65 +35,74 @@ REDUCE_THREADS = 256
 SMALL_WEIGHTS = 16
 
 
+@cuda.jit(device=True)
+def _padded_candidate(u, before, size, i, mode):
+    """Candidate u of input index i along one axis of fold_kernel: u = 0 is i's interior position
+    (before + i), u = 1..before the head positions u - 1, u = before+1.. the tail positions
+    size + u - 1; a border position counts when the padding mode copies it from i. Returns the
+    padded position, or -1."""
+    if u == 0:
+        return before + i
+    p = u - 1 if u <= before else size + u - 1
+    return p if source_index(p - before, size, mode) == i else -1
+
+
 @lru_cache(maxsize=None)
 def fold_kernel(dtype_name: str):
     """The adjoint of padding, gather form: gx[n, c, i] = the sum of g[n, c, p] over the padded
     positions p (per axis: the interior one, i + before, and the border ones) whose padding-mode
     source (``source_index``) is i. One thread per input element, all axes at once.
 
-    Per axis the candidates are enumerated as u = 0 (interior), 1..before (head position u - 1),
-    before+1..before+after (tail position before + size + u - 1 - before): the loops run over the
-    pad widths only, and an axis's inner axes are only visited for the candidates that match, so an
-    element costs O(before + after) per axis plus one addition per summand. The summation order is
-    fixed (interior first, then head, then tail, D outermost)."""
+    Per axis the candidates are u = 0 (interior), 1..before (head), before+1..before+after (tail)
+    (``_padded_candidate``): the loops run over the pad widths only, and an axis's inner axes are
+    only visited for the candidates that match, so an element costs O(before + after) per axis plus
+    one addition per summand. The summation order is fixed (interior first, then head, then tail, D
+    outermost)."""
     DT = _numba_dtype(dtype_name)
 
     @cuda.jit
     def kernel(g, gx, b_d, b_h, b_w, a_d, a_h, a_w, mode):
-        n1, n_d, n_h, n_w = gx.shape[1], gx.shape[2], gx.shape[3], gx.shape[4]
-        total = gx.shape[0] * n1 * n_d * n_h * n_w
+        n_d, n_h, n_w = gx.shape[2], gx.shape[3], gx.shape[4]
         start, step = cuda.grid(1), cuda.gridsize(1)
-        for idx in range(start, total, step):
-            iw = idx % n_w
-            rest = idx // n_w
-            ih = rest % n_h
-            rest //= n_h
-            i_d = rest % n_d
-            rest //= n_d
-            c = rest % n1
-            n = rest // n1
+        for idx in range(start, gx.size, step):
+            n, c, i_d, ih, iw = unravel5(idx, gx.shape)
             acc = DT(0)
             for ud in range(1 + b_d + a_d):
-                if ud == 0:
-                    pd = b_d + i_d
-                elif ud <= b_d:
-                    pd = ud - 1
-                else:
-                    pd = n_d + ud - 1
-                if ud > 0 and source_index(pd - b_d, n_d, mode) != i_d:
+                pd = _padded_candidate(ud, b_d, n_d, i_d, mode)
+                if pd < 0:
                     continue
                 for uh in range(1 + b_h + a_h):
-                    if uh == 0:
-                        ph = b_h + ih
-                    elif uh <= b_h:
-                        ph = uh - 1
-                    else:
-                        ph = n_h + uh - 1
-                    if uh > 0 and source_index(ph - b_h, n_h, mode) != ih:
+                    ph = _padded_candidate(uh, b_h, n_h, ih, mode)
+                    if ph < 0:
                         continue
                     for uw in range(1 + b_w + a_w):
-                        if uw == 0:
-                            pw = b_w + iw
-                        elif uw <= b_w:
-                            pw = uw - 1
-                        else:
-                            pw = n_w + uw - 1
-                        if uw > 0 and source_index(pw - b_w, n_w, mode) != iw:
-                            continue
-                        acc += DT(g[n, c, pd, ph, pw])
+                        pw = _padded_candidate(uw, b_w, n_w, iw, mode)
+                        if pw >= 0:
+                            acc += DT(g[n, c, pd, ph, pw])
             gx[n, c, i_d, ih, iw] = acc
 
     return kernel
+
+
+@cuda.jit(device=True)
+def _unravel_k(k, o_all, o_hw, o_w):
+    """(n, od, oh, ow) of reduction index k = (batch, output pixel), the pixel row-major."""
+    nb = k // o_all
+    rem = k - nb * o_all
+    od = rem // o_hw
+    rem -= od * o_hw
+    oh = rem // o_w
+    return nb, od, oh, rem - oh * o_w
+
+
+@cuda.jit(device=True)
+def _tile_position(idx, channels_fast, width, depth):
+    """(k, channel) within a (depth x width) shared-memory tile of the idx-th element a thread
+    loads: consecutive threads take consecutive channels when the operand's channels are innermost
+    in memory, else consecutive k (pixels), so that global loads coalesce either way."""
+    if channels_fast:
+        return idx // width, idx % width
+    return idx % depth, idx // depth
 
 
 @lru_cache(maxsize=None)
@@ -166,41 +175,21 @@ def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool):
                         for i in range(B_LOADS):
                             idx = tid + i * NT
                             if idx < B_ELEMS:
-                                if b_cfast:
-                                    kk = idx // BM
-                                    mm = idx % BM
-                                else:
-                                    kk = idx % BK
-                                    mm = idx // BK
+                                kk, mm = _tile_position(idx, b_cfast, BM, BK)
                                 k = k0 + kk
                                 v = zero
                                 if k < k_end and m0 + mm < cb_g:
-                                    nb = k // o_all
-                                    rem = k - nb * o_all
-                                    od = rem // o_hw
-                                    rem -= od * o_hw
-                                    oh = rem // o_w
-                                    ow = rem - oh * o_w
+                                    nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
                                     v = DT(b[nb, g * cb_g + m0 + mm, od, oh, ow])
                                 Bs[kk, mm] = v
                         for i in range(A_LOADS):
                             idx = tid + i * NT
                             if idx < A_ELEMS:
-                                if a_cfast:
-                                    kk = idx // BN
-                                    nn = idx % BN
-                                else:
-                                    kk = idx % BK
-                                    nn = idx // BK
+                                kk, nn = _tile_position(idx, a_cfast, BN, BK)
                                 k = k0 + kk
                                 v = zero
                                 if k < k_end and n0 + nn < ca_g:
-                                    nb = k // o_all
-                                    rem = k - nb * o_all
-                                    od = rem // o_hw
-                                    rem -= od * o_hw
-                                    oh = rem // o_w
-                                    ow = rem - oh * o_w
+                                    nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
                                     sd = source_index(od * s_d + off_d, l_d, mode)
                                     sh = source_index(oh * s_h + off_h, l_h, mode)
                                     sw = source_index(ow * s_w + off_w, l_w, mode)
@@ -272,12 +261,7 @@ def wgrad_small_kernel(dtype_name: str, threads: int = REDUCE_THREADS):
             for i in range(W):
                 acc[i] = DT(0)
             for k in range(sp * chunk + tid, min(sp * chunk + chunk, k_total), NT):
-                nb = k // o_all
-                rem = k - nb * o_all
-                od = rem // o_hw
-                rem -= od * o_hw
-                oh = rem // o_w
-                ow = rem - oh * o_w
+                nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
                 sd = source_index(od * s_d + off_d, l_d, mode)
                 sh = source_index(oh * s_h + off_h, l_h, mode)
                 sw = source_index(ow * s_w + off_w, l_w, mode)
@@ -329,12 +313,8 @@ def bias_kernel(dtype_name: str, threads: int = REDUCE_THREADS):
             sp = item // channels
             acc = DT(0)
             for k in range(sp * chunk + tid, min(sp * chunk + chunk, k_total), NT):
-                nb = k // o_all
-                rem = k - nb * o_all
-                od = rem // o_hw
-                rem -= od * o_hw
-                oh = rem // o_w
-                acc += DT(gy[nb, c, od, oh, rem - oh * o_w])
+                nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
+                acc += DT(gy[nb, c, od, oh, ow])
             red[tid] = acc
             cuda.syncthreads()
             half = NT // 2

@@ -49,6 +49,18 @@ def source_index(c, n, mode):
     return r if r < n else period - 1 - r
 
 
+@cuda.jit(device=True)
+def unravel5(idx, shape):
+    """The 5-D index (row-major) of flat element idx of an array of ``shape``."""
+    i4 = idx % shape[4]
+    rest = idx // shape[4]
+    i3 = rest % shape[3]
+    rest //= shape[3]
+    i2 = rest % shape[2]
+    rest //= shape[2]
+    return rest // shape[1], rest % shape[1], i2, i3, i4
+
+
 def _numba_dtype(dtype_name: str):
     # NumPy scalar types: valid as Numba dtypes (shared/local arrays, casts) and, unlike numba.types
     # objects, callable as casts in plain Python too (the CUDA simulator runs the kernels as Python).
@@ -371,21 +383,12 @@ def copy_kernel():
 
     @cuda.jit
     def kernel(src, dst):
-        n1, n2, n3, n4 = dst.shape[1], dst.shape[2], dst.shape[3], dst.shape[4]
-        total = dst.shape[0] * n1 * n2 * n3 * n4
         start, step = cuda.grid(1), cuda.gridsize(1)
-        for idx in range(start, total, step):
-            i4 = idx % n4
-            rest = idx // n4
-            i3 = rest % n3
-            rest //= n3
-            i2 = rest % n2
-            rest //= n2
-            i1 = rest % n1
-            i0 = rest // n1
+        for idx in range(start, dst.size, step):
+            i0, i1, i2, i3, i4 = unravel5(idx, dst.shape)
             dst[i0, i1, i2, i3, i4] = src[i0, i1, i2, i3, i4]
 
     return kernel
 
 
-__all__ = ["gemm_kernel", "direct_kernel", "pack_kernel", "copy_kernel", "source_index"]
+__all__ = ["gemm_kernel", "direct_kernel", "pack_kernel", "copy_kernel", "source_index", "unravel5"]
