@@ -580,7 +580,7 @@ def test_output_of_size_one(r, mode):
     assert_close(y, REF_CONV[r](x, w, stride=5, padding="same", padding_mode=mode), np.float64)
 
 
-@pytest.mark.parametrize("cout", [1, 5, 8, 15, 16, 17, 33])
+@pytest.mark.parametrize("cout", [1, 5, 8, 15, 16, 17, 20, 32, 33])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_tile_edges_conv2d(cout, dtype, layout):

@@ -516,6 +516,10 @@ struct ConvPlan<T>::Impl {
     const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
     const bool unit_stride = p.kind == ConvKind::Forward && p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
     direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
+    // 6-channel tiles have the best loads-per-FMA ratio, but a C_out/G that is a multiple of 4 and
+    // that 6-channel tiles overshoot by more than 10 % (8, 16, 20, 32, ...: 32 channels would be
+    // computed as 36) takes 4-channel tiles, which waste none.
+    if (direct_variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) direct_variant = 2;
     const int pw = uk.pw[direct_variant];
     bool possible = uk.direct[0] != nullptr && max_k <= 16384;
     double fill = 1.0;
