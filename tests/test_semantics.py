@@ -625,6 +625,26 @@ def test_transposing_store_rows_and_channels(width, cout, dtype, monkeypatch):
     assert (big[..., :2] == 7).all() and (big[..., width + 2:] == 7).all()
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stride_two_rows_read_in_place(rank, dilation, dtype, monkeypatch):
+    # Interior GEMM tiles of a stride-2 convolution are read in place with a step of 2 (the
+    # micro-kernel's second in-place variant): rows long enough for several such tiles, padding
+    # on both sides (tiles at the row ends are packed), an odd width, a bias.
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    rng = np.random.default_rng(rank * 10 + dilation)
+    spatial = {1: (61,), 2: (9, 47), 3: (5, 6, 41)}[rank]
+    x = _rand(rng, (2, 3) + spatial, dtype)
+    w = _rand(rng, (10, 3) + (3,) * rank, dtype)
+    b = _rand(rng, (10,), dtype)
+    conv, reference = getattr(convfast, f"conv{rank}d"), getattr(ref, f"conv{rank}d")
+    y = conv(x, w, b, stride=2, padding=1, dilation=dilation)
+    expected = reference(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), stride=2, padding=1,
+                         dilation=dilation)
+    assert_close(y, expected, dtype, reduction_size=3 ** (rank + 1))
+
+
 @pytest.mark.parametrize("m", [1, 5, 6, 7, 11, 13, 37])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tile_edges_output_pixels_1d(m, dtype):

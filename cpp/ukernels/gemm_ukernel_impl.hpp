@@ -11,7 +11,9 @@
 
 // a_row(k) gives the MR scalars of row k of A: a packed panel, or (gemm_rows_ukernel) MR contiguous
 // input pixels read in place, which spares the packing of interior tiles.
-template <typename T, int MR, int VECTOR_BYTES, int NV, typename ARow>
+// A_STEP: the distance between row k's MR scalars (1 packed; 2 for the in-place rows of a stride-2
+// convolution, where it costs nothing: each scalar is a broadcast load with its own displacement).
+template <typename T, int MR, int VECTOR_BYTES, int NV, int A_STEP, typename ARow>
 inline void gemm_core(int64_t kc, ARow a_row, const T* __restrict b, T* __restrict c, int64_t ldc, int accumulate) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   // Unaligned-safe alias for loads/stores of caller memory.
@@ -30,7 +32,7 @@ inline void gemm_core(int64_t kc, ARow a_row, const T* __restrict b, T* __restri
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vec_u*>(b + k * NR + v * L);
     const T* __restrict a = a_row(k);
     for (int r = 0; r < MR; ++r) {
-      const T ar = a[r];
+      const T ar = a[r * A_STEP];
       for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
     }
   }
@@ -41,14 +43,14 @@ inline void gemm_core(int64_t kc, ARow a_row, const T* __restrict b, T* __restri
 template <typename T, int MR, int VECTOR_BYTES, int NV>
 void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c, int64_t ldc,
                   int accumulate) {
-  gemm_core<T, MR, VECTOR_BYTES, NV>(kc, [a](int64_t k) { return a + k * MR; }, b, c, ldc, accumulate);
+  gemm_core<T, MR, VECTOR_BYTES, NV, 1>(kc, [a](int64_t k) { return a + k * MR; }, b, c, ldc, accumulate);
 }
 
-template <typename T, int MR, int VECTOR_BYTES, int NV>
+template <typename T, int MR, int VECTOR_BYTES, int NV, int A_STEP>
 void gemm_rows_ukernel(int64_t kc, const T* const* __restrict rows, int64_t offset, const T* __restrict b,
                        T* __restrict c, int64_t ldc, int accumulate) {
-  gemm_core<T, MR, VECTOR_BYTES, NV>(kc, [rows, offset](int64_t k) { return rows[k] + offset; }, b, c, ldc,
-                                     accumulate);
+  gemm_core<T, MR, VECTOR_BYTES, NV, A_STEP>(kc, [rows, offset](int64_t k) { return rows[k] + offset; }, b, c,
+                                             ldc, accumulate);
 }
 
 // The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][offset + PW), PW = NV * L.
@@ -113,12 +115,18 @@ template <int VECTOR_BYTES, int MR>
 convfast::UkernelSet make_ukernel_set(const char* isa) {
   constexpr int L32 = VECTOR_BYTES / 4, L64 = VECTOR_BYTES / 8;
   return {isa,
-          {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>, &gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2>, MR, 2 * L32,
+          {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>,
+           {&gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 2>},
+           MR,
+           2 * L32,
            {&direct_ukernel<float, 1, VECTOR_BYTES, 4>, &direct_ukernel<float, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<float, 4, VECTOR_BYTES, 2>, &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
            {4 * L32, 4 * L32, 2 * L32, 2 * L32},
            &transpose_store<float, VECTOR_BYTES>, L32},
-          {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2>, MR, 2 * L64,
+          {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
+           {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
+           MR,
+           2 * L64,
            {&direct_ukernel<double, 1, VECTOR_BYTES, 4>, &direct_ukernel<double, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<double, 4, VECTOR_BYTES, 2>, &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
            {4 * L64, 4 * L64, 2 * L64, 2 * L64},

@@ -10,7 +10,7 @@ namespace convfast {
 // leading dimension ldc (a multiple of the vector width, 64-byte aligned rows).
 template <typename T>
 using GemmUkernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int accumulate);
-// The same product with row k of A read in place: the MR contiguous scalars at rows[k] + offset.
+// The same product with row k of A read in place: the MR scalars at rows[k] + offset + r * step.
 template <typename T>
 using GemmRowsUkernel = void (*)(int64_t kc, const T* const* rows, int64_t offset, const T* b, T* c, int64_t ldc,
                                  int accumulate);
@@ -32,7 +32,7 @@ using TransposeStore = void (*)(const T* c, int64_t ldc, const T* bias, T* y, in
 template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
-  GemmRowsUkernel<T> fn_rows = nullptr;
+  GemmRowsUkernel<T> fn_rows[2] = {nullptr, nullptr};  // [step - 1]: A's scalars 1 or 2 apart
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
