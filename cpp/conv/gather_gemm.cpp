@@ -609,9 +609,9 @@ struct ConvPlan<T>::Impl {
   // A tile whose MR pixels read MR inputs 1 or 2 apart for every tap (an interior run of one output
   // row at stride 1, or at stride 2 with more than 2 taps along the row) is not packed: the
   // micro-kernel reads its rows in place (its step-2 variant for stride 2: 1.06-1.08x on the 3-D
-  // stride-2 layer, both dtypes), through one pointer per k
-  // shared by the tiles that follow it along the row (tile_anchor) at their pixel offset
-  // (tile_offset). Other tiles (row ends, padding, strides) are packed, and so are all tiles of a
+  // stride-2 layer, both dtypes), through one pointer per k shared by the tiles that follow it
+  // along the row (tile_anchor) at their pixel offset (tile_offset) and step (tile_step). Other
+  // tiles (row ends, padding, other strides) are packed, and so are all tiles of a
   // one-tap phase (1x1 layers, k = s transposed phases): there every k of the micro-kernel would
   // read another channel plane, another page (256 per tile for 256 channels), for each output-
   // channel tile, where packing reads them once per block; measured at 2 threads, packing is 6-10 %

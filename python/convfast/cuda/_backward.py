@@ -34,7 +34,7 @@ from .._interop import output_wrapper
 from .._spec import PADDING_MODES, ConvSpec, conv_spec, conv_transpose_spec
 from . import _backward_kernels as _bk
 from . import _engine
-from ._engine import _grid, _launch, meta, view
+from ._engine import _grid, _launch, five, meta, view
 
 # Split-K: a reduction is split into more chunks until about this many blocks are in flight (a
 # fixed target, never the launch grid, so the partition, and with it the rounding, depends on the
@@ -78,11 +78,6 @@ def _partial_rows(out_d, splits: int, alloc, dtype):
     if splits == 1:
         return view(out_d, lambda a: a.reshape(1, -1))
     return alloc((splits, out_d.size), dtype)[1]
-
-
-def _five(spec: ConvSpec, d, canonical):
-    """d (caller's layout) as the kernels' 5-D (N, C, D, H, W) strided view."""
-    return view(d, lambda a: _functional._with_unit_axes(canonical(a), spec.rank, 2))
 
 
 def _weight_grad(spec: ConvSpec, a5, b5, out_d, dtype, alloc, stream) -> None:
@@ -145,8 +140,8 @@ def _conv_grad_input(spec: ConvSpec, gyd, wd, out_d, dtype, alloc, stream) -> No
     # The gradient with respect to the padded input (x's layout), folded back onto x.
     padded = alloc(spec_t.output_shape(), dtype)[1]
     _engine.compute(spec_t, gyd, wd, None, padded, stream, None, alloc)
-    g5 = _five(spec_t, padded, spec_t.canonical_output)
-    gx5 = _five(spec, out_d, spec.canonical_input)
+    g5 = five(spec_t, padded, spec_t.canonical_output)
+    gx5 = five(spec, out_d, spec.canonical_input)
     before = _functional._padded3(tuple(p for p, _ in spec.pads), spec.rank, 0)
     after = _functional._padded3(tuple(p for _, p in spec.pads), spec.rank, 0)
     _launch_flat(_bk.fold_kernel(dtype.name), gx5.size, stream, g5, gx5, *before, *after,
@@ -196,7 +191,7 @@ def backward(spec: ConvSpec, x, xa, wa, gya, needs):
                 _zero(gw[1], dtype, stream)
             elif gw[1].size:
                 # The roles of the convolution's swapped: A = the cropped grad_output, B = x.
-                _weight_grad(spec, _five(spec, gy_in, spec.canonical_output), _five(spec, xd, spec.canonical_input),
+                _weight_grad(spec, five(spec, gy_in, spec.canonical_output), five(spec, xd, spec.canonical_input),
                              gw[1], dtype, alloc, stream)
     else:
         if needs[0]:
@@ -206,12 +201,12 @@ def backward(spec: ConvSpec, x, xa, wa, gya, needs):
         if needs[1]:
             gw = result(w_shape)
             if gw[1].size:
-                _weight_grad(spec, _five(spec, xd, spec.canonical_input), _five(spec, gyd, spec.canonical_output),
+                _weight_grad(spec, five(spec, xd, spec.canonical_input), five(spec, gyd, spec.canonical_output),
                              gw[1], dtype, alloc, stream)
     if needs[2]:
         gb = result((spec.out_channels,))
         if gb[1].size:
-            _bias_grad(spec, _five(spec, gyd, spec.canonical_output), gb[1], dtype, alloc, stream)
+            _bias_grad(spec, five(spec, gyd, spec.canonical_output), gb[1], dtype, alloc, stream)
 
     if on_device:
         return tuple(None if r is None else r[0] for r in (gx, gw, gb))

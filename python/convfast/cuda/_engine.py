@@ -201,6 +201,12 @@ def view(dev, transform):
     return cuda.from_cuda_array_interface(desc, owner=dev, sync=False)
 
 
+def five(spec: ConvSpec, dev, canonical):
+    """dev (the caller's layout) as the kernels' 5-D (N, C, D, H, W) strided view;
+    ``canonical`` is spec.canonical_input or spec.canonical_output."""
+    return view(dev, lambda a: _functional._with_unit_axes(canonical(a), spec.rank, 2))
+
+
 def _extent(dev):
     """[first, last] byte addresses an array can touch (for overlap checks)."""
     if SIMULATED:
@@ -318,8 +324,7 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
     from (see _allocator). Returns the kernel used."""
     rank = spec.rank
     _, stride3, dilation3, pad3, mode = _functional._kernel_params(spec)  # also the 64-bit bound check
-    x5 = view(xd, lambda a: _functional._with_unit_axes(spec.canonical_input(a), rank, 2))
-    y5 = view(yd, lambda a: _functional._with_unit_axes(spec.canonical_output(a), rank, 2))
+    x5, y5 = five(spec, xd, spec.canonical_input), five(spec, yd, spec.canonical_output)
     g = spec.groups
     cin_g, cout_g = spec.in_channels // g, spec.out_channels // g
     ci_inner = cin_g > 1 and _inner_channels(x5)
@@ -410,8 +415,7 @@ def execute(spec: ConvSpec, x, xa, wa, ba, out=None, packed_cache: Optional[dict
         if out is None:
             return result
         if target is None:
-            src = view(yd, lambda a: _functional._with_unit_axes(spec.canonical_output(a), spec.rank, 2))
-            dst = view(out_d, lambda a: _functional._with_unit_axes(spec.canonical_output(a), spec.rank, 2))
+            src, dst = five(spec, yd, spec.canonical_output), five(spec, out_d, spec.canonical_output)
             if src.size:
                 _launch_1d(_kernels.copy_kernel(), src.size, stream, src, dst)
         return out

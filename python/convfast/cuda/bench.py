@@ -130,6 +130,27 @@ def _compare(torch, ours, theirs, repeat: int, rounds: int, total_flops: float) 
             for name, v in samples.items()}
 
 
+def _operands(torch, case: Case, batch: int):
+    """(n, generator, x, w) of one case on the GPU: its batch, seeded normal input and weights
+    scaled to unit-variance outputs."""
+    dt = getattr(torch, case.dtype)
+    n = max(1, batch // case.batch_div)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((n,) + case.in_shape, device="cuda", dtype=dt, generator=gen)
+    w = torch.randn(case.weight, device="cuda", dtype=dt, generator=gen) / math.sqrt(math.prod(case.weight[1:]))
+    return n, gen, x, w
+
+
+def _relative_error(got, ref) -> float:
+    """max |got - ref| over max(1, max |ref|), in float64."""
+    return float((got.double() - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+
+
+def _tolerance(case: Case, reduction: int) -> float:
+    """The accepted relative error for a sum of ``reduction`` products in the case's dtype."""
+    return (1e-5 if case.dtype == "float32" else 1e-12) * math.sqrt(reduction)
+
+
 def _aten_args(case: Case):
     """(stride, padding, dilation, transposed, output_padding, groups) for aten.convolution_backward."""
     rank = len(case.weight) - 2
@@ -146,13 +167,9 @@ def _aten_args(case: Case):
 def run_backward_case(torch, convfast, case: Case, batch: int, repeat: int, rounds: int, check_only: bool):
     """The gradients (grad_input, grad_weight) of one case: convfast's GPU backward on torch CUDA
     tensors against aten.convolution_backward (cuDNN, TF32 off), both checked against float64."""
-    dt = getattr(torch, case.dtype)
-    n = max(1, batch // case.batch_div)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn((n,) + case.in_shape, device="cuda", dtype=dt, generator=gen)
-    w = torch.randn(case.weight, device="cuda", dtype=dt, generator=gen) / math.sqrt(math.prod(case.weight[1:]))
+    n, gen, x, w = _operands(torch, case, batch)
     y = getattr(torch.nn.functional, case.op)(x, w, None, **case.kwargs)
-    gy = torch.randn(y.shape, device="cuda", dtype=dt, generator=gen)
+    gy = torch.randn(y.shape, device="cuda", dtype=x.dtype, generator=gen)
     backward = getattr(convfast, case.op + "_backward")
     aten = _aten_args(case)
     layout = "channels_last" if case.channels_last else "channels_first"
@@ -171,12 +188,9 @@ def run_backward_case(torch, convfast, case: Case, batch: int, repeat: int, roun
     if case.channels_last:
         gx = gx.movedim(-1, 1)
     ref_gx, ref_gw, _ = theirs(gy.double(), x.double(), w.double())
-    errors = []
-    for got, ref in ((gx, ref_gx), (gw, ref_gw)):
-        errors.append(float((got.double() - ref).abs().max()) / max(1.0, float(ref.abs().max())))
-    err = max(errors)
-    k = max(math.prod(case.weight[1:]), n * math.prod(y.shape[2:]))  # the longer of the two reductions
-    tol = (1e-5 if case.dtype == "float32" else 1e-12) * math.sqrt(k)
+    err = max(_relative_error(gx, ref_gx), _relative_error(gw, ref_gw))
+    # the longer of the two reductions
+    tol = _tolerance(case, max(math.prod(case.weight[1:]), n * math.prod(y.shape[2:])))
     ok = tuple(gx.shape) == tuple(x.shape) and tuple(gw.shape) == tuple(w.shape) and err <= tol
     result = {"case": case.name, "n": n, "ok": ok, "err": err, "tol": tol}
     if not ok or check_only:
@@ -188,13 +202,9 @@ def run_backward_case(torch, convfast, case: Case, batch: int, repeat: int, roun
 
 def run_case(torch, convfast, case: Case, batch: int, repeat: int, rounds: int, check_only: bool):
     F = torch.nn.functional
-    dt = getattr(torch, case.dtype)
-    n = max(1, batch // case.batch_div)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn((n,) + case.in_shape, device="cuda", dtype=dt, generator=gen)
-    w = torch.randn(case.weight, device="cuda", dtype=dt, generator=gen) / math.sqrt(math.prod(case.weight[1:]))
+    n, gen, x, w = _operands(torch, case, batch)
     b = torch.randn(case.weight[0] if not case.op.startswith("conv_transpose") else
-                    case.weight[1] * case.kwargs.get("groups", 1), device="cuda", dtype=dt, generator=gen)
+                    case.weight[1] * case.kwargs.get("groups", 1), device="cuda", dtype=x.dtype, generator=gen)
     torch_op = getattr(F, case.op)
     layer_cls = getattr(convfast, _LAYER[case.op])
     layout = "channels_last" if case.channels_last else "channels_first"
@@ -219,11 +229,10 @@ def run_case(torch, convfast, case: Case, batch: int, repeat: int, rounds: int, 
     if case.channels_last:
         y = y.movedim(-1, 1)
     ref = torch_op(x.double(), w.double(), b.double(), **case.kwargs)
-    scale = max(1.0, float(ref.abs().max()))
-    err = float((y.double() - ref).abs().max()) / scale
+    err = _relative_error(y, ref)
     k = math.prod(case.weight[1:]) if not case.op.startswith("conv_transpose") else \
         case.weight[0] // case.kwargs.get("groups", 1) * math.prod(case.weight[2:])
-    tol = (1e-5 if case.dtype == "float32" else 1e-12) * math.sqrt(k)
+    tol = _tolerance(case, k)
     ok = tuple(y.shape) == tuple(ref.shape) and err <= tol
     result = {"case": case.name, "n": n, "ok": ok, "err": err, "tol": tol}
     if not ok or check_only:
