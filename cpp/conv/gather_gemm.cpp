@@ -382,6 +382,8 @@ void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& s
   }
 }
 
+#include "winograd.hpp"
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -426,6 +428,7 @@ struct ConvPlan<T>::Impl {
   int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
   int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
+  std::unique_ptr<winograd::Conv<T>> wino;  // set when the layer runs as Winograd F(2, 3) (winograd.hpp)
 
   explicit Impl(const ConvProblem<T>& p) : shape(p), uk(active_ukernel<T>()), isa(active_ukernels().isa) {
     for (int a = 0; a < kSpatialRank; ++a) {
@@ -449,6 +452,7 @@ struct ConvPlan<T>::Impl {
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
     max_k = checked_mul(max_taps, cin);
 
+    if (choose_winograd(p)) return;
     choose_algorithm(p);
     if (direct) {
       tile_m = uk.pw[direct_variant];
@@ -499,6 +503,53 @@ struct ConvPlan<T>::Impl {
       pack_weight_tile(p, phases[gp % n_phases], gp / n_phases, tile_n, nt,
                        wpack->get() + wpack_offset[gp] + nt * K * tile_n);
     }
+  }
+
+  // Winograd F(2, 3) (winograd.hpp) where it applies: one stride-1 phase whose axes have 3 taps
+  // equally spaced (any dilation, forward or transposed) or 1 tap, at least two of them 3 (a 1-D
+  // tile saves only a third of the products, which the transforms eat). Chosen automatically when
+  // both channel counts per group reach kMinChannels, where the GEMMs of the transform points
+  // amortise the transforms; CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct
+  // never take it.
+  bool choose_winograd(const ConvProblem<T>& p) {
+    constexpr int64_t kMinChannels = 16;
+    const char* forced = std::getenv("CONVFAST_ALGO");
+    const std::string force = forced ? forced : "";
+    if (force == "gemm" || force == "direct" || phases.size() != 1 || p.cin_per_group < 1)
+      return false;
+    winograd::Axis planned[kSpatialRank];
+    int winograd_axes = 0;
+    for (int a = 0; a < kSpatialRank; ++a) {
+      const AxisPlan& ap = *phases[0][a];
+      winograd::Axis& w = planned[a];
+      w.count = ap.count;
+      w.in_size = ap.in_size;
+      w.in_step = ap.in_step;
+      w.mode = ap.mode;
+      if (ap.taps.size() == 1) {
+        w.first = ap.tap_offset[0];
+        w.kernel_index[0] = ap.taps[0];
+        continue;
+      }
+      if (ap.taps.size() != 3 || ap.in_step != 1) return false;
+      int order[3] = {0, 1, 2};
+      std::sort(order, order + 3, [&](int i, int j) { return ap.tap_offset[i] < ap.tap_offset[j]; });
+      const int64_t spacing = ap.tap_offset[order[1]] - ap.tap_offset[order[0]];
+      if (spacing < 1 || ap.tap_offset[order[2]] - ap.tap_offset[order[1]] != spacing) return false;
+      w.taps = 3;
+      w.first = ap.tap_offset[order[0]];
+      w.spacing = spacing;
+      for (int e = 0; e < 3; ++e) w.kernel_index[e] = ap.taps[order[e]];
+      ++winograd_axes;
+    }
+    if (winograd_axes < 2) return false;
+    if (force != "winograd" && (p.cin_per_group < kMinChannels || p.cout_per_group < kMinChannels)) return false;
+    const int64_t cout = p.cout_per_group;
+    int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
+    if (variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) variant = 2;  // as choose_algorithm
+    if (uk.direct[variant] == nullptr) return false;
+    wino.reset(new winograd::Conv<T>(p, planned, uk, variant, get_num_threads()));
+    return true;
   }
 
   // GEMM (pixels x output channels, output channels in the vector lanes) or direct (output
@@ -1010,6 +1061,11 @@ struct ConvPlan<T>::Impl {
     for (int a = 0; a < kSpatialRank; ++a)
       if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
     if (outputs_uncovered) fill_with_bias(p);
+    if (wino) {
+      wino->execute(p, get_num_threads());
+      t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
+      return;
+    }
     // Items are ordered block by block with the stride phases of a block adjacent: the phases of a
     // transposed convolution interleave their outputs (stride 2: every other element of every other
     // row), so running a block's phases back to back on one thread writes each output cache line
@@ -1058,6 +1114,9 @@ struct ConvPlan<T>::Impl {
   }
 
   std::string describe() const {
+    if (wino)
+      return std::string("winograd F(2,3) ") + isa + " " + std::to_string(wino->points) + " points " +
+             std::to_string(wino->pw) + "x" + std::to_string(wino->mro);
     return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "");
   }

@@ -1,0 +1,347 @@
+// Winograd minimal filtering F(2, 3) for stride-1 convolutions whose taps along two or three axes
+// are 3 (dilated or not; forward or the stride-1 transposed form, whose taps run backwards),
+// the other axes having one tap.
+//
+// Along each 3-tap ("Winograd") axis an output tile of 2 outputs, `spacing` apart (the dilation),
+// reads 4 inputs and costs 4 multiplications instead of 6; an N-D tile is the tensor product,
+// 4^w transform points for 2^w outputs (2-D 3x3: 16 for 4, 2.25x fewer multiply-adds; 3-D 3x3x3:
+// 64 for 8, 3.4x fewer). Per transform point p the products are one GEMM,
+//
+//   M[p][tile][co] = sum_ci V[p][tile][ci] * U[p][ci][co],
+//
+// run by the engine's micro-kernel on panels the input transform writes directly (V) and panels
+// packed once per plan (U, the weight transform, computed in double precision). The output
+// transform then sums the 4^w products of each tile into its 2^w outputs and adds the bias.
+//
+// Transforms (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), 1-D:
+//   input  B^T d = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
+//   weight G g   = (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)
+//   output A^T m = (m0 + m1 + m2, m1 - m2 - m3)
+// Their coefficients are 0, +-1 and 1/2, so integer-valued data stays exact while it fits the
+// mantissa; the rounding error is a small multiple of the direct sum's (measured in the tests).
+//
+// Included inside gather_gemm.cpp's anonymous namespace (it uses map_padded_index only).
+#pragma once
+
+namespace winograd {
+
+constexpr int kMaxPoints = 64;   // 4^3
+
+struct Axis {
+  int taps = 1;             // 3: a Winograd axis (tiles of 2 outputs, 4 inputs); 1: one output per tile
+  int64_t count = 1;        // outputs along the axis
+  int64_t in_size = 1;
+  int64_t in_step = 1;      // one-tap axes: the stride
+  int64_t first = 0;        // unmapped input coordinate of output 0's first tap (taps sorted by offset)
+  int64_t spacing = 1;      // distance between the taps (the dilation)
+  int64_t kernel_index[3] = {0, 0, 0};  // kernel index of each sorted tap
+  PadMode mode = PadMode::Zeros;
+  std::vector<int64_t> origin;    // per tile: its first output
+  std::vector<int64_t> in_index;  // per tile and tile input: the mapped input coordinate, or -1
+
+  int points() const { return taps == 3 ? 4 : 1; }
+  int outputs() const { return taps == 3 ? 2 : 1; }
+
+  // Tiles: outputs o and o + spacing, for o = b * 2 * spacing + r, r < spacing (so that dilated
+  // tiles interleave and cover every output once); a tile whose second output is past the end
+  // computes it and drops it.
+  void make_tiles() {
+    origin.clear();
+    in_index.clear();
+    if (taps == 1) {
+      for (int64_t j = 0; j < count; ++j) origin.push_back(j);
+    } else {
+      for (int64_t b = 0; b * 2 * spacing < count; ++b)
+        for (int64_t r = 0; r < spacing && b * 2 * spacing + r < count; ++r) origin.push_back(b * 2 * spacing + r);
+    }
+    for (const int64_t o : origin)
+      for (int e = 0; e < points(); ++e) {
+        const int64_t v = (taps == 1 ? o * in_step : o) + first + e * spacing;
+        in_index.push_back(v >= 0 && v < in_size ? v : map_padded_index(v, in_size, mode));
+      }
+  }
+};
+
+// The 1-D transforms along one axis of buf, laid out [n0][n1][n2][lanes] with n_a = 4 on Winograd
+// axes and 1 elsewhere; `stride` is the distance (in lane groups) between consecutive points of
+// the axis, `outer`/`inner` the counts of lines before and after it.
+template <typename V>
+inline void input_line(V* b, int64_t s, int lanes) {
+  for (int l = 0; l < lanes; ++l) {
+    const V d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l];
+    b[l] = d0 - d2;
+    b[s + l] = d1 + d2;
+    b[2 * s + l] = d2 - d1;
+    b[3 * s + l] = d1 - d3;
+  }
+}
+template <typename V>
+inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 and 1
+  for (int l = 0; l < lanes; ++l) {
+    const V m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l];
+    b[l] = m0 + m1 + m2;
+    b[s + l] = m1 - m2 - m3;
+  }
+}
+inline void weight_line(double* b, int64_t s) {  // g in points 0..2 -> 4 points
+  const double g0 = b[0], g1 = b[s], g2 = b[2 * s];
+  b[0] = g0;
+  b[s] = (g0 + g1 + g2) * 0.5;
+  b[2 * s] = (g0 - g1 + g2) * 0.5;
+  b[3 * s] = g2;
+}
+
+// Applies line(b, stride, lanes) to every line along every Winograd axis of a [4|1]^3 x lanes buffer.
+template <typename Line>
+inline void along_axes(const Axis* axes, int lanes, Line&& line) {
+  int64_t n[3];
+  for (int a = 0; a < 3; ++a) n[a] = axes[a].points();
+  for (int a = 0; a < 3; ++a) {
+    if (axes[a].taps != 3) continue;
+    int64_t inner = lanes;
+    for (int b = a + 1; b < 3; ++b) inner *= n[b];
+    int64_t outer = 1;
+    for (int b = 0; b < a; ++b) outer *= n[b];
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t i = 0; i < inner; i += lanes) line(o * 4 * inner + i, inner);
+  }
+}
+
+// One planned Winograd convolution: axes, the packed weight transform, blocking. The products run
+// on the engine's direct micro-kernel: tiles in the vector lanes (pw of them), mro output channels
+// broadcast, so the input transform writes whole vectors of tiles (V[point][ci][tile]) and each
+// kernel call leaves an L1-resident [point][mro][pw] block that the output transform turns into
+// outputs at once, never writing the products back to memory.
+template <typename T>
+struct Conv {
+  using Bits = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+  Axis axes[3];
+  int64_t points = 1, outputs = 1, tiles = 1;
+  int64_t tiles_along[3] = {1, 1, 1};
+  int64_t out_point[8] = {};  // the transform point holding each output of a tile
+  int64_t cin = 0, cout = 0, groups = 1;
+  UkernelInfo<T> uk;
+  int variant = 0, mro = 0, pw = 0;
+  int64_t n_tiles = 0;      // output-channel tiles of mro
+  int64_t block_tiles = 0;  // tiles per work item, a multiple of pw
+  std::unique_ptr<AlignedBuffer<T>> u;  // [g][n-tile][point][ci][mro]
+
+  Conv(const ConvProblem<T>& p, const Axis (&planned)[3], const UkernelInfo<T>& ukernel, int variant_, int nthreads)
+      : cin(p.cin_per_group), cout(p.cout_per_group), groups(p.groups), uk(ukernel), variant(variant_),
+        mro(kDirectChannelTiles[variant_]), pw(ukernel.pw[variant_]) {
+    for (int a = 0; a < 3; ++a) {
+      axes[a] = planned[a];
+      axes[a].make_tiles();
+      tiles_along[a] = (int64_t)axes[a].origin.size();
+      points *= axes[a].points();
+      outputs *= axes[a].outputs();
+      tiles = checked_mul(tiles, tiles_along[a]);
+    }
+    for (int64_t e0 = 0, e = 0; e0 < axes[0].outputs(); ++e0)
+      for (int64_t e1 = 0; e1 < axes[1].outputs(); ++e1)
+        for (int64_t e2 = 0; e2 < axes[2].outputs(); ++e2)
+          out_point[e++] = (e0 * axes[1].points() + e1) * axes[2].points() + e2;
+    n_tiles = ceil_div(cout, mro);
+    // A work item transforms block_tiles tiles of every input channel once (V, about 1 MiB, re-read
+    // from L2/L3 by each output-channel tile) and runs them through every n-tile. The block shrinks
+    // when batch * groups is too small to give every thread several items.
+    const int64_t per_tile = checked_mul(points * (int64_t)sizeof(T), cin);
+    int64_t block = std::max<int64_t>(pw, (int64_t(1) << 20) / per_tile / pw * pw);
+    const int64_t images = checked_mul(p.batch, groups);
+    const int64_t want_items = 4 * (int64_t)std::max(nthreads, 1);
+    if (images < want_items)
+      block = std::min(block, std::max<int64_t>(pw, ceil_div(ceil_div(tiles, ceil_div(want_items, images)), pw) * pw));
+    block_tiles = std::min(block, ceil_div(tiles, pw) * pw);
+    pack_weights(p);
+  }
+
+  // U[g][nt][point][ci][c] = (G g G^T)[point] of weight (g, nt * mro + c, ci), zero past C_out/G.
+  void pack_weights(const ConvProblem<T>& p) {
+    const int64_t panel = checked_mul(cin, mro), size = checked_mul(checked_mul(groups * n_tiles, points), panel);
+    u.reset(new AlignedBuffer<T>(size));
+    std::fill(u->get(), u->get() + size, T(0));
+    double buf[kMaxPoints];
+    int64_t n[3];
+    for (int a = 0; a < 3; ++a) n[a] = axes[a].points();
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t co = 0; co < cout; ++co)
+        for (int64_t ci = 0; ci < cin; ++ci) {
+          const T* w = p.w + g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci;
+          std::fill(buf, buf + kMaxPoints, 0.0);
+          for (int e0 = 0; e0 < axes[0].taps; ++e0)
+            for (int e1 = 0; e1 < axes[1].taps; ++e1)
+              for (int e2 = 0; e2 < axes[2].taps; ++e2)
+                buf[(e0 * n[1] + e1) * n[2] + e2] =
+                    static_cast<double>(w[axes[0].kernel_index[e0] * p.w_stride[0] +
+                                          axes[1].kernel_index[e1] * p.w_stride[1] +
+                                          axes[2].kernel_index[e2] * p.w_stride[2]]);
+          along_axes(axes, 1, [&](int64_t base, int64_t s) { weight_line(buf + base, s); });
+          T* dst = u->get() + (g * n_tiles + co / mro) * points * panel + ci * mro + co % mro;
+          for (int64_t q = 0; q < points; ++q) dst[q * panel] = static_cast<T>(buf[q]);
+        }
+  }
+
+  struct Scratch {
+    AlignedBuffer<T> v, out, buf;
+    AlignedBuffer<int64_t> off;
+    std::unique_ptr<Bits[]> keep;
+    std::vector<const T*> rows;
+    std::vector<int64_t> runs;  // per chunk: (first tile, tiles, y offset) of paired-output runs
+    Scratch(int64_t v_size, int64_t out_size, int64_t off_size, int64_t n_rows)
+        : v(v_size), out(out_size), buf(out_size), off(off_size), keep(new Bits[off_size]),
+          rows(static_cast<size_t>(n_rows)) {}
+  };
+
+  void execute(const ConvProblem<T>& p, int nthreads_max) const {
+    const int64_t blocks = ceil_div(tiles, block_tiles), items = checked_mul(checked_mul(p.batch, groups), blocks);
+    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, items)));
+    std::vector<std::unique_ptr<Scratch>> scratch;
+    for (int t = 0; t < nthreads; ++t)
+      scratch.emplace_back(new Scratch(checked_mul(points * block_tiles, cin), points * mro * pw,
+                                       std::max(points, outputs) * pw, points * cin));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t n = i / (groups * blocks), g = (i / blocks) % groups, b = i % blocks;
+      run_block(p, n, g, b * block_tiles, std::min(tiles, (b + 1) * block_tiles), *scratch[omp_get_thread_num()]);
+    }
+  }
+
+  // y[2 i] = a[i] + b, y[2 i + 1] = a2[i] + b for i < n (restrict: the sources are thread scratch).
+  static void store_pairs(const T* __restrict a, const T* __restrict a2, T b, int64_t n, T* __restrict y) {
+    for (int64_t i = 0; i < n; ++i) {
+      y[2 * i] = a[i] + b;
+      y[2 * i + 1] = a2[i] + b;
+    }
+  }
+
+  // Tile m's coordinate index along each axis.
+  void tile_coords(int64_t m, int64_t* t) const {
+    t[2] = m % tiles_along[2];
+    t[1] = (m / tiles_along[2]) % tiles_along[1];
+    t[0] = m / (tiles_along[2] * tiles_along[1]);
+  }
+
+  // Tiles [m0, m1) of image n, group g: the input transform into V[point][ci][tile - m0], then per
+  // chunk of pw tiles and output-channel tile the points' products and the output transform into y.
+  void run_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t m0, int64_t m1, Scratch& s) const {
+    const T* xg = p.x + n * p.x_stride_n + g * cin * p.x_stride_c;
+    T* yg = p.y + n * p.y_stride_n + g * cout * p.y_stride_c;
+    const int64_t B = block_tiles;
+    int64_t np[3];
+    for (int a = 0; a < 3; ++a) np[a] = axes[a].points();
+    T* V = s.v.get();
+    T* buf = s.buf.get();
+    int64_t* off = s.off.get();
+    Bits* keep = s.keep.get();
+    for (int64_t c0 = m0; c0 < m1; c0 += pw) {
+      // Where each point of each tile of the chunk reads (kOutside: padding zeros, or no tile).
+      bool inside = true;
+      for (int w = 0; w < pw; ++w) {
+        const int64_t m = c0 + w;
+        int64_t t[3];
+        if (m < m1) tile_coords(m, t);
+        for (int64_t e0 = 0, q = 0; e0 < np[0]; ++e0)
+          for (int64_t e1 = 0; e1 < np[1]; ++e1)
+            for (int64_t e2 = 0; e2 < np[2]; ++e2, ++q) {
+              int64_t o = kOutside;
+              if (m < m1) {
+                const int64_t i0 = axes[0].in_index[t[0] * np[0] + e0], i1 = axes[1].in_index[t[1] * np[1] + e1],
+                              i2 = axes[2].in_index[t[2] * np[2] + e2];
+                if (i0 >= 0 && i1 >= 0 && i2 >= 0) o = i0 * p.x_stride[0] + i1 * p.x_stride[1] + i2 * p.x_stride[2];
+              }
+              off[q * pw + w] = o;
+              inside = inside && o != kOutside;
+            }
+      }
+      // Branch-free gather: a zero's offset reads the plane's first element, which a zero mask
+      // then clears (bitwise, so that an Inf or NaN there cannot leak).
+      for (int64_t q = 0; q < points * pw && !inside; ++q) {
+        keep[q] = off[q] != kOutside ? ~Bits(0) : Bits(0);
+        if (off[q] == kOutside) off[q] = 0;
+      }
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        const T* plane = xg + ci * p.x_stride_c;
+        if (inside)
+          for (int64_t q = 0; q < points * pw; ++q) buf[q] = plane[off[q]];
+        else
+          for (int64_t q = 0; q < points * pw; ++q) {
+            Bits v;
+            std::memcpy(&v, plane + off[q], sizeof(T));
+            v &= keep[q];
+            std::memcpy(buf + q, &v, sizeof(T));
+          }
+        along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line(buf + base, st, pw); });
+        for (int64_t q = 0; q < points; ++q)
+          std::memcpy(V + (q * cin + ci) * B + (c0 - m0), buf + q * pw, sizeof(T) * pw);
+      }
+    }
+    const T** rows = s.rows.data();
+    for (int64_t k = 0; k < points * cin; ++k) rows[k] = V + k * B;
+    T* out = s.out.get();
+    const int64_t lanes = (int64_t)mro * pw;
+    for (int64_t c0 = m0; c0 < m1; c0 += pw) {
+      // Where each output of each tile of the chunk lands in y (kOutside: past the end).
+      for (int w = 0; w < pw; ++w) {
+        const int64_t m = c0 + w;
+        int64_t t[3];
+        if (m < m1) tile_coords(m, t);
+        for (int64_t e0 = 0, e = 0; e0 < axes[0].outputs(); ++e0)
+          for (int64_t e1 = 0; e1 < axes[1].outputs(); ++e1)
+            for (int64_t e2 = 0; e2 < axes[2].outputs(); ++e2, ++e) {
+              int64_t o = kOutside;
+              if (m < m1) {
+                const int64_t j0 = axes[0].origin[t[0]] + e0 * axes[0].spacing,
+                              j1 = axes[1].origin[t[1]] + e1 * axes[1].spacing,
+                              j2 = axes[2].origin[t[2]] + e2 * axes[2].spacing;
+                if (j0 < axes[0].count && j1 < axes[1].count && j2 < axes[2].count)
+                  o = j0 * p.y_stride[0] + j1 * p.y_stride[1] + j2 * p.y_stride[2];
+              }
+              off[e * pw + w] = o;
+            }
+      }
+      // Channels-first rows at unit spacing along the last axis: a tile's two outputs there are
+      // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved pairs
+      // (vectorisable); other outputs are stored one by one.
+      std::vector<int64_t>& runs = s.runs;
+      runs.clear();
+      const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] == 1;
+      for (int64_t e = 0; e < outputs && pairs; e += 2) {
+        int64_t* yo = off + e * pw;
+        for (int w = 0; w < pw;) {
+          int v = w;
+          while (v < pw && yo[v] != kOutside && yo[pw + v] != kOutside && (v == w || yo[v] == yo[v - 1] + 2)) ++v;
+          if (v - w >= 2) {
+            runs.insert(runs.end(), {e, w, v - w, yo[w]});
+            for (int i = w; i < v; ++i) yo[i] = yo[pw + i] = kOutside;  // stored by the run
+          }
+          w = std::max(v, w + 1);
+        }
+      }
+      for (int64_t nt = 0; nt < n_tiles; ++nt) {
+        const T* U = u->get() + (g * n_tiles + nt) * points * cin * mro;
+        for (int64_t q = 0; q < points; ++q)
+          uk.direct[variant](cin, rows + q * cin, c0 - m0, U + q * cin * mro, out + q * lanes);
+        along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line(out + base, st, lanes); });
+        for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
+          const int64_t co = g * cout + nt * mro + r;
+          const T b = p.bias ? p.bias[co * p.bias_stride] : T(0);
+          T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
+          for (size_t i = 0; i < runs.size(); i += 4) {
+            const T* r0 = out + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
+            const T* r1 = out + out_point[runs[i] + 1] * lanes + r * pw + runs[i + 1];
+            store_pairs(r0, r1, b, runs[i + 2], yc + runs[i + 3]);
+          }
+          for (int64_t e = 0; e < outputs; ++e) {
+            const T* res = out + out_point[e] * lanes + r * pw;
+            const int64_t* yo = off + e * pw;
+            for (int w = 0; w < pw; ++w)
+              if (yo[w] != kOutside) yc[yo[w]] = res[w] + b;
+          }
+        }
+      }
+    }
+    (void)yg;
+  }
+};
+
+}  // namespace winograd
