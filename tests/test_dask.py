@@ -422,3 +422,21 @@ def test_distributed_volume_every_mode(client):
     # the block tasks ran in both worker processes, not in this one
     workers = {t["worker"] for t in stream.data if "convfast-dask-conv" in str(t["key"])}
     assert len(workers) == 2, workers
+
+
+def test_winograd_layer_within_rounding_or_bitwise(monkeypatch):
+    """A 3x3 stride-1 layer with 64 channels runs Winograd F(2, 3), whose tiles start at each
+    block's origin: chunked results agree with the in-memory call within rounding. With
+    CONVFAST_ALGO=gemm both take the exact-chain GEMM and agree bit for bit (docs/dask.md)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 64, 23, 21))
+    w = rng.standard_normal((64, 64, 3, 3))
+    chunks = (1, 64, 9, 8)
+    expected = convfast.conv2d(x, w, padding=1)
+    assert convfast._core.last_algorithm().startswith("winograd")
+    got = cfd.conv2d(da.from_array(x, chunks=chunks), w, padding=1).compute(scheduler="sync")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    expected = convfast.conv2d(x, w, padding=1)
+    got = cfd.conv2d(da.from_array(x, chunks=chunks), w, padding=1).compute(scheduler="sync")
+    assert np.array_equal(got, expected)

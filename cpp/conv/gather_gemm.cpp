@@ -508,11 +508,12 @@ struct ConvPlan<T>::Impl {
   // Winograd F(2, 3) (winograd.hpp) where it applies: one stride-1 phase whose axes have 3 taps
   // equally spaced (any dilation, forward or transposed) or 1 tap, at least two of them 3 (a 1-D
   // tile saves only a third of the products, which the transforms eat). Chosen automatically when
-  // both channel counts per group reach kMinChannels, where the GEMMs of the transform points
+  // both channel counts per group reach kMinChannels (64 in 2-D, 32 in 3-D), where the GEMMs of the transform points
   // amortise the transforms; CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct
-  // never take it.
+  // never take it. Measured (float32, AVX2, 8 x C x 56 x 56, 3x3, 1 thread, against the GEMM):
+  // 0.72x at 16 channels, 0.80x at 32, 1.03x at 48, 1.37x at 64; 3-D 3x3x3 (2 x C x 24^3): 0.87x
+  // at 16, 1.67x at 32, where a tile saves 3.4x of the products instead of 2.25x.
   bool choose_winograd(const ConvProblem<T>& p) {
-    constexpr int64_t kMinChannels = 16;
     const char* forced = std::getenv("CONVFAST_ALGO");
     const std::string force = forced ? forced : "";
     if (force == "gemm" || force == "direct" || phases.size() != 1 || p.cin_per_group < 1)
@@ -523,6 +524,8 @@ struct ConvPlan<T>::Impl {
       const AxisPlan& ap = *phases[0][a];
       winograd::Axis& w = planned[a];
       w.count = ap.count;
+      w.out_start = ap.out_start;
+      w.out_step = ap.out_step;
       w.in_size = ap.in_size;
       w.in_step = ap.in_step;
       w.mode = ap.mode;
@@ -543,6 +546,7 @@ struct ConvPlan<T>::Impl {
       ++winograd_axes;
     }
     if (winograd_axes < 2) return false;
+    const int64_t kMinChannels = winograd_axes == 3 ? 32 : 64;
     if (force != "winograd" && (p.cin_per_group < kMinChannels || p.cout_per_group < kMinChannels)) return false;
     const int64_t cout = p.cout_per_group;
     int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;

@@ -29,7 +29,8 @@ constexpr int kMaxPoints = 64;   // 4^3
 
 struct Axis {
   int taps = 1;             // 3: a Winograd axis (tiles of 2 outputs, 4 inputs); 1: one output per tile
-  int64_t count = 1;        // outputs along the axis
+  int64_t count = 1;        // outputs along the axis (of the phase: y coordinate out_start + j * out_step)
+  int64_t out_start = 0, out_step = 1;
   int64_t in_size = 1;
   int64_t in_step = 1;      // one-tap axes: the stride
   int64_t first = 0;        // unmapped input coordinate of output 0's first tap (taps sorted by offset)
@@ -294,7 +295,9 @@ struct Conv {
                               j1 = axes[1].origin[t[1]] + e1 * axes[1].spacing,
                               j2 = axes[2].origin[t[2]] + e2 * axes[2].spacing;
                 if (j0 < axes[0].count && j1 < axes[1].count && j2 < axes[2].count)
-                  o = j0 * p.y_stride[0] + j1 * p.y_stride[1] + j2 * p.y_stride[2];
+                  o = (axes[0].out_start + j0 * axes[0].out_step) * p.y_stride[0] +
+                      (axes[1].out_start + j1 * axes[1].out_step) * p.y_stride[1] +
+                      (axes[2].out_start + j2 * axes[2].out_step) * p.y_stride[2];
               }
               off[e * pw + w] = o;
             }
@@ -304,7 +307,7 @@ struct Conv {
       // (vectorisable); other outputs are stored one by one.
       std::vector<int64_t>& runs = s.runs;
       runs.clear();
-      const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] == 1;
+      const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
       for (int64_t e = 0; e < outputs && pairs; e += 2) {
         int64_t* yo = off + e * pw;
         for (int w = 0; w < pw;) {

@@ -41,8 +41,10 @@ a multiple of the stride), and the values read are identical (the padding values
 the same source indices). A transposed slice is never one input long when the whole axis is longer,
 because the engine treats the stride of a one-input axis as 1, which would merge stride phases and
 change the K blocking of the GEMM. The one thing a block call can change is the engine's choice
-between its two algorithms (GEMM and direct rows), a heuristic that looks at the sizes; see
-docs/dask.md for when that can change the last bit of a float result.
+between its two algorithms (GEMM and direct rows), a heuristic that looks at the sizes, which
+gives the same bits. Layers that run Winograd F(2, 3) (stride 1, 3x3 or 3x3x3 taps, at least 64
+channels per group) agree within rounding only: its tiles start at each block's origin
+(CONVFAST_ALGO=gemm makes them bitwise again; see docs/dask.md).
 
 The weight (and the bias) go into the graph once, as a single key each, that every block task
 depends on, so a distributed scheduler ships them to each worker once, not once per chunk.

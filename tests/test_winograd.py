@@ -1,0 +1,229 @@
+"""Winograd F(2, 3), the engine's algorithm for stride-1 layers with 3 taps along two or three axes
+(cpp/conv/winograd.hpp), against the float64 NumPy oracle and closed-form identities.
+
+It is chosen automatically when C_in/G and C_out/G are at least 64 (2-D) or 32 (3-D); CONVFAST_ALGO=winograd forces
+it wherever it applies (small channel counts included, so the sweep below stays small), and
+CONVFAST_ALGO=gemm|direct exclude it. Every case checks which algorithm ran, so a change in the
+selection cannot silently turn these into tests of another path.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import convfast
+from convfast import _core
+from convfast import reference as ref
+from conftest import assert_close
+
+CONV = {2: convfast.conv2d, 3: convfast.conv3d}
+CONVT = {2: convfast.conv_transpose2d, 3: convfast.conv_transpose3d}
+REF_CONV = {2: ref.conv2d, 3: ref.conv3d}
+REF_CONVT = {2: ref.conv_transpose2d, 3: ref.conv_transpose3d}
+MODES = ("zeros", "reflect", "replicate", "circular", "symmetric")
+
+
+def _rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _ran_winograd():
+    return _core.last_algorithm().startswith("winograd")
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    monkeypatch.setenv("CONVFAST_ALGO", "winograd")
+
+
+# Spatial sizes around the tile (2 outputs, 2 x dilation apart in dilated tiles): outputs of 1, 2,
+# 3 and odd/even counts, so tiles whose second output falls past the end are covered.
+CASES = list(itertools.product(
+    [2, 3],                       # rank
+    [(1, 1), (2, 2), (3, 1)],     # dilation, padding
+    ["zeros", "reflect", "circular"],
+))
+
+
+@pytest.mark.parametrize("rank,dp,mode", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_matches_reference(rank, dp, mode, dtype, forced):
+    dilation, padding = dp
+    rng = np.random.default_rng(hash((rank, dp, mode)) % 2**32)
+    spatial = {2: (9, 12), 3: (7, 6, 9)}[rank]
+    x = _rand(rng, (2, 5) + spatial, dtype)
+    w = _rand(rng, (7, 5) + (3,) * rank, dtype)
+    b = _rand(rng, (7,), dtype)
+    y = CONV[rank](x, w, b, padding=padding, dilation=dilation, padding_mode=mode)
+    assert _ran_winograd(), _core.last_algorithm()
+    expected = REF_CONV[rank](x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=padding,
+                              dilation=dilation, padding_mode=mode)
+    assert_close(y, expected, dtype, reduction_size=5 * 3 ** rank)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 17])
+@pytest.mark.parametrize("padding", [0, 1, 2, "same"])
+def test_output_sizes_around_the_tile(size, padding, forced):
+    rng = np.random.default_rng(size)
+    x = _rand(rng, (1, 3, size + 2, size + 2), np.float64)
+    w = _rand(rng, (4, 3, 3, 3), np.float64)
+    y = convfast.conv2d(x, w, padding=padding)
+    assert _ran_winograd()
+    assert_close(y, ref.conv2d(x, w, padding=padding), np.float64, reduction_size=27)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_stride_one(rank, dilation, dtype, forced):
+    # A stride-1 transposed convolution is one phase whose taps run backwards; the tile reads them
+    # sorted by input offset. Cropping (padding) and a bias included.
+    rng = np.random.default_rng(rank * 10 + dilation)
+    spatial = {2: (8, 11), 3: (5, 6, 7)}[rank]
+    x = _rand(rng, (2, 6) + spatial, dtype)
+    w = _rand(rng, (6, 5) + (3,) * rank, dtype)
+    b = _rand(rng, (5,), dtype)
+    y = CONVT[rank](x, w, b, padding=1, dilation=dilation)
+    assert _ran_winograd()
+    expected = REF_CONVT[rank](x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1,
+                               dilation=dilation)
+    assert_close(y, expected, dtype, reduction_size=6 * 3 ** rank)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_single_phase_with_output_step(dtype, forced):
+    # Stride 2 with dilation 2 along the last axis: every tap lands on the even outputs, one stride
+    # phase whose outputs are 2 apart (odd outputs are the bias alone), its inputs 1 apart -- a
+    # Winograd axis whose outputs step by 2 in y (found by the property sweep).
+    rng = np.random.default_rng(2)
+    x = _rand(rng, (2, 4, 6, 7), dtype)
+    w = _rand(rng, (4, 3, 3, 3), dtype)
+    b = _rand(rng, (3,), dtype)
+    kw = dict(stride=(1, 2), dilation=(1, 2), padding=[(0, 0), (0, 1)])
+    y = convfast.conv_transpose2d(x, w, b, **kw)
+    assert _ran_winograd()
+    expected = ref.conv_transpose2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    assert_close(y, expected, dtype, reduction_size=36)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 1), (1, 3, 3), (3, 1, 3)])
+def test_3d_with_one_tap_axis(kernel, forced):
+    # Two Winograd axes and a one-tap axis with stride 2 on it (a one-tap axis may be strided).
+    rng = np.random.default_rng(sum(kernel))
+    x = _rand(rng, (1, 4, 6, 7, 8), np.float64)
+    w = _rand(rng, (5, 4) + kernel, np.float64)
+    stride = tuple(2 if k == 1 else 1 for k in kernel)
+    y = convfast.conv3d(x, w, stride=stride, padding=1)
+    assert _ran_winograd()
+    assert_close(y, ref.conv3d(x, w, stride=stride, padding=1), np.float64, reduction_size=36)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_groups_layouts_and_flipped_views(layout, forced):
+    rng = np.random.default_rng(3)
+    x = _rand(rng, (2, 6, 10, 9), np.float32)
+    w = _rand(rng, (9, 2, 3, 3), np.float32)
+    b = _rand(rng, (9,), np.float32)
+    expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1, groups=3)
+    xin = np.ascontiguousarray(np.moveaxis(x, 1, -1)) if layout == "channels_last" else x
+    y = convfast.conv2d(xin, w, b, padding=1, groups=3, data_format=layout)
+    assert _ran_winograd()
+    got = np.moveaxis(y, -1, 1) if layout == "channels_last" else y
+    assert_close(got, expected, np.float32, reduction_size=18)
+    # A negative-stride view of the input reaches the kernels without a copy.
+    flipped = x[:, :, ::-1, ::-1]
+    y = convfast.conv2d(flipped, w, b, padding=1, groups=3)
+    ref_flipped = ref.conv2d(np.ascontiguousarray(flipped).astype(np.float64), w.astype(np.float64),
+                             b.astype(np.float64), padding=1, groups=3)
+    assert_close(y, ref_flipped, np.float32, reduction_size=18)
+
+
+def test_automatic_choice(monkeypatch):
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rng = np.random.default_rng(0)
+    x = _rand(rng, (1, 64, 12, 12), np.float32)
+    convfast.conv2d(x, _rand(rng, (64, 64, 3, 3), np.float32), padding=1)
+    assert _ran_winograd()
+    convfast.conv3d(x[:, :32, None], _rand(rng, (32, 32, 3, 3, 3), np.float32), padding=1)
+    assert _ran_winograd()
+    convfast.conv3d(x[:, :32, None], _rand(rng, (32, 32, 1, 3, 3), np.float32), padding=(0, 1, 1))
+    assert not _ran_winograd()  # two Winograd axes: the 2-D threshold
+    for kw, wshape in [(dict(padding=1), (63, 64, 3, 3)),             # too few output channels
+                       (dict(padding=1, stride=2), (64, 64, 3, 3)),  # strided
+                       (dict(padding=2), (64, 64, 5, 5)),            # 5 taps
+                       (dict(padding=(1, 0)), (64, 64, 3, 1))]:      # one Winograd axis
+        convfast.conv2d(x, _rand(rng, wshape, np.float32), **kw)
+        assert not _ran_winograd(), (kw, wshape, _core.last_algorithm())
+
+
+@pytest.mark.parametrize("algo", ["gemm", "direct"])
+def test_excluded_when_another_algorithm_is_forced(algo, monkeypatch):
+    monkeypatch.setenv("CONVFAST_ALGO", algo)
+    x = np.ones((1, 64, 8, 8), np.float32)
+    convfast.conv2d(x, np.ones((64, 64, 3, 3), np.float32), padding=1)
+    assert not _ran_winograd()
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_integer_data_is_exact(rank):
+    # The transforms' coefficients are 0, +-1 and 1/2, so small integers stay exact: the result
+    # equals the exact integer convolution bit for bit (float32, sums far below 2**24).
+    rng = np.random.default_rng(rank)
+    spatial = (11, 10) if rank == 2 else (6, 7, 5)
+    x = rng.integers(-8, 9, (2, 64) + spatial).astype(np.float32)
+    w = rng.integers(-4, 5, (64, 64) + (3,) * rank).astype(np.float32)
+    b = rng.integers(-3, 4, 64).astype(np.float32)
+    y = CONV[rank](x, w, b, padding=1)
+    assert _ran_winograd()
+    exact = REF_CONV[rank](x.astype(np.int64), w.astype(np.int64), b.astype(np.int64), padding=1)
+    assert np.array_equal(y, exact.astype(np.float32))
+
+
+def test_error_close_to_the_direct_sum():
+    # Rounding: the Winograd result's error against float64 stays within a small factor of the
+    # GEMM path's (both well inside the documented bound the other tests use).
+    rng = np.random.default_rng(7)
+    x = _rand(rng, (2, 64, 20, 20), np.float32)
+    w = _rand(rng, (64, 64, 3, 3), np.float32)
+    exact = ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+    y = convfast.conv2d(x, w, padding=1)
+    assert _ran_winograd()
+    err = np.abs(y - exact).max()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONVFAST_ALGO", "gemm")
+        err_gemm = np.abs(convfast.conv2d(x, w, padding=1) - exact).max()
+    assert err <= 4 * err_gemm, (err, err_gemm)
+
+
+def test_linearity_and_threads():
+    rng = np.random.default_rng(11)
+    x1, x2 = _rand(rng, (3, 64, 14, 13), np.float64), _rand(rng, (3, 64, 14, 13), np.float64)
+    w = _rand(rng, (64, 64, 3, 3), np.float64)
+    y1, y2 = convfast.conv2d(x1, w, padding=1), convfast.conv2d(x2, w, padding=1)
+    assert _ran_winograd()
+    np.testing.assert_allclose(convfast.conv2d(2 * x1 - x2, w, padding=1), 2 * y1 - y2, rtol=1e-12, atol=1e-11)
+    n = convfast.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            convfast.set_num_threads(t)
+            results.append(convfast.conv2d(x1, w, padding=1))
+        for r in results[1:]:
+            assert np.array_equal(r, results[0])
+    finally:
+        convfast.set_num_threads(n)
+
+
+def test_layer_object_and_out_argument():
+    rng = np.random.default_rng(5)
+    layer = convfast.Conv2d(64, 64, 3, padding=1, dtype=np.float32, seed=1)
+    x = _rand(rng, (2, 64, 9, 9), np.float32)
+    y = layer(x)
+    assert _ran_winograd()
+    w = np.asarray(layer.weight, np.float64)
+    b = None if layer.bias is None else np.asarray(layer.bias, np.float64)
+    assert_close(y, ref.conv2d(x.astype(np.float64), w, b, padding=1), np.float32, reduction_size=576)
+    big = np.full((2, 64, 9, 12), 5.0, np.float32)
+    convfast.conv2d(x, layer.weight.astype(np.float32), None, padding=1, out=big[..., 1:10])
+    assert (big[..., :1] == 5).all() and (big[..., 10:] == 5).all()
+    assert_close(big[..., 1:10], ref.conv2d(x.astype(np.float64), w, padding=1), np.float32, reduction_size=576)
