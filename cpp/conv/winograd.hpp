@@ -187,10 +187,12 @@ struct Conv {
     AlignedBuffer<int64_t> off;
     std::unique_ptr<Bits[]> keep;
     std::vector<const T*> rows;
-    std::vector<int64_t> runs;  // per chunk: (first tile, tiles, y offset) of paired-output runs
-    Scratch(int64_t v_size, int64_t out_size, int64_t off_size, int64_t n_rows)
+    std::vector<int64_t> runs;  // per chunk: runs of tiles read as spans, then of paired outputs
+    std::unique_ptr<int[]> single;  // per chunk: the tiles gathered point by point
+    std::vector<int64_t> left;      // per chunk: outputs stored one by one
+    Scratch(int64_t v_size, int64_t out_size, int64_t off_size, int64_t n_rows, int pw)
         : v(v_size), out(out_size), buf(out_size), off(off_size), keep(new Bits[off_size]),
-          rows(static_cast<size_t>(n_rows)) {}
+          rows(static_cast<size_t>(n_rows)), single(new int[pw]) {}
   };
 
   void execute(const ConvProblem<T>& p, int nthreads_max) const {
@@ -199,11 +201,22 @@ struct Conv {
     std::vector<std::unique_ptr<Scratch>> scratch;
     for (int t = 0; t < nthreads; ++t)
       scratch.emplace_back(new Scratch(checked_mul(points * block_tiles, cin), points * mro * pw,
-                                       std::max(points, outputs) * pw, points * cin));
+                                       std::max(points, outputs) * pw, points * cin, pw));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t n = i / (groups * blocks), g = (i / blocks) % groups, b = i % blocks;
       run_block(p, n, g, b * block_tiles, std::min(tiles, (b + 1) * block_tiles), *scratch[omp_get_thread_num()]);
+    }
+  }
+
+  // The 4 points of n tiles 2 apart along a row: d_e[i] = src[2 i + e].
+  static void split_span(const T* __restrict src, int64_t n, T* __restrict d0, T* __restrict d1, T* __restrict d2,
+                         T* __restrict d3) {
+    for (int64_t i = 0; i < n; ++i) {
+      d0[i] = src[2 * i];
+      d1[i] = src[2 * i + 1];
+      d2[i] = src[2 * i + 2];
+      d3[i] = src[2 * i + 3];
     }
   }
 
@@ -234,13 +247,42 @@ struct Conv {
     T* buf = s.buf.get();
     int64_t* off = s.off.get();
     Bits* keep = s.keep.get();
+    // Row runs: along a unit-stride last axis at spacing 1, consecutive interior tiles of one row
+    // read inputs 2 apart, 4 each, so a run of them is read as one contiguous span per row of the
+    // tile (split into the 4 points by stride-2 loads); other tiles (row ends, padding, other
+    // layouts) gather point by point through offsets.
+    const bool spans = axes[2].taps == 3 && axes[2].spacing == 1 && p.x_stride[2] == 1;
+    const int64_t rows_per_tile = points / np[2];
+    std::vector<int64_t>& runs = s.runs;
     for (int64_t c0 = m0; c0 < m1; c0 += pw) {
-      // Where each point of each tile of the chunk reads (kOutside: padding zeros, or no tile).
-      bool inside = true;
-      for (int w = 0; w < pw; ++w) {
+      runs.clear();  // per run: first tile, end tile, first input column, then one row offset per tile row
+      int n_single = 0;
+      int* single = s.single.get();
+      for (int w = 0; w < pw;) {
         const int64_t m = c0 + w;
         int64_t t[3];
         if (m < m1) tile_coords(m, t);
+        auto contiguous = [&](int64_t t2) {
+          const int64_t* i2 = &axes[2].in_index[t2 * 4];
+          return i2[0] >= 0 && i2[1] == i2[0] + 1 && i2[2] == i2[0] + 2 && i2[3] == i2[0] + 3;
+        };
+        int v = w;
+        if (spans && m < m1)
+          while (v < pw && c0 + v < m1 && t[2] + (v - w) < tiles_along[2] && contiguous(t[2] + (v - w)) &&
+                 (v == w || axes[2].in_index[(t[2] + v - w) * 4] == axes[2].in_index[(t[2] + v - w - 1) * 4] + 2))
+            ++v;
+        if (v - w >= 2) {
+          runs.insert(runs.end(), {w, v, axes[2].in_index[t[2] * 4]});
+          for (int64_t e0 = 0; e0 < np[0]; ++e0)
+            for (int64_t e1 = 0; e1 < np[1]; ++e1) {
+              const int64_t i0 = axes[0].in_index[t[0] * np[0] + e0], i1 = axes[1].in_index[t[1] * np[1] + e1];
+              runs.push_back(i0 < 0 || i1 < 0 ? kOutside : i0 * p.x_stride[0] + i1 * p.x_stride[1]);
+            }
+          w = v;
+          continue;
+        }
+        // One tile point by point (kOutside: a padding zero, or no tile past the end).
+        single[n_single++] = w;
         for (int64_t e0 = 0, q = 0; e0 < np[0]; ++e0)
           for (int64_t e1 = 0; e1 < np[1]; ++e1)
             for (int64_t e2 = 0; e2 < np[2]; ++e2, ++q) {
@@ -250,27 +292,36 @@ struct Conv {
                               i2 = axes[2].in_index[t[2] * np[2] + e2];
                 if (i0 >= 0 && i1 >= 0 && i2 >= 0) o = i0 * p.x_stride[0] + i1 * p.x_stride[1] + i2 * p.x_stride[2];
               }
-              off[q * pw + w] = o;
-              inside = inside && o != kOutside;
+              // Branch-free: a zero reads the plane's first element, which a zero mask then clears
+              // (bitwise, so that an Inf or NaN there cannot leak).
+              keep[q * pw + w] = o == kOutside ? Bits(0) : ~Bits(0);
+              off[q * pw + w] = o == kOutside ? 0 : o;
             }
+        ++w;
       }
-      // Branch-free gather: a zero's offset reads the plane's first element, which a zero mask
-      // then clears (bitwise, so that an Inf or NaN there cannot leak).
-      for (int64_t q = 0; q < points * pw && !inside; ++q) {
-        keep[q] = off[q] != kOutside ? ~Bits(0) : Bits(0);
-        if (off[q] == kOutside) off[q] = 0;
-      }
+      const size_t run_size = 3 + rows_per_tile;
       for (int64_t ci = 0; ci < cin; ++ci) {
         const T* plane = xg + ci * p.x_stride_c;
-        if (inside)
-          for (int64_t q = 0; q < points * pw; ++q) buf[q] = plane[off[q]];
-        else
-          for (int64_t q = 0; q < points * pw; ++q) {
-            Bits v;
-            std::memcpy(&v, plane + off[q], sizeof(T));
-            v &= keep[q];
-            std::memcpy(buf + q, &v, sizeof(T));
+        for (size_t r = 0; r < runs.size(); r += run_size) {
+          const int64_t wb = runs[r], n = runs[r + 1] - wb;
+          for (int64_t row = 0; row < rows_per_tile; ++row) {
+            T* b = buf + row * 4 * pw + wb;
+            if (runs[r + 3 + row] == kOutside) {
+              for (int e = 0; e < 4; ++e) std::fill(b + e * pw, b + e * pw + n, T(0));
+              continue;
+            }
+            split_span(plane + runs[r + 3 + row] + runs[r + 2], n, b, b + pw, b + 2 * pw, b + 3 * pw);
           }
+        }
+        for (int i = 0; i < n_single; ++i) {
+          const int w = single[i];
+          for (int64_t q = 0; q < points; ++q) {
+            Bits v;
+            std::memcpy(&v, plane + off[q * pw + w], sizeof(T));
+            v &= keep[q * pw + w];
+            std::memcpy(buf + q * pw + w, &v, sizeof(T));
+          }
+        }
         along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line(buf + base, st, pw); });
         for (int64_t q = 0; q < points; ++q)
           std::memcpy(V + (q * cin + ci) * B + (c0 - m0), buf + q * pw, sizeof(T) * pw);
@@ -305,8 +356,7 @@ struct Conv {
       // Channels-first rows at unit spacing along the last axis: a tile's two outputs there are
       // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved pairs
       // (vectorisable); other outputs are stored one by one.
-      std::vector<int64_t>& runs = s.runs;
-      runs.clear();
+      runs.clear();  // per run of tiles: output index, first tile, tiles, y offset
       const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
       for (int64_t e = 0; e < outputs && pairs; e += 2) {
         int64_t* yo = off + e * pw;
@@ -320,6 +370,12 @@ struct Conv {
           w = std::max(v, w + 1);
         }
       }
+      // The outputs left for one-by-one stores, as (output index, tile) pairs.
+      std::vector<int64_t>& left = s.left;
+      left.clear();
+      for (int64_t e = 0; e < outputs; ++e)
+        for (int w = 0; w < pw; ++w)
+          if (off[e * pw + w] != kOutside) left.insert(left.end(), {out_point[e] * lanes + w, off[e * pw + w]});
       for (int64_t nt = 0; nt < n_tiles; ++nt) {
         const T* U = u->get() + (g * n_tiles + nt) * points * cin * mro;
         for (int64_t q = 0; q < points; ++q)
@@ -334,12 +390,7 @@ struct Conv {
             const T* r1 = out + out_point[runs[i] + 1] * lanes + r * pw + runs[i + 1];
             store_pairs(r0, r1, b, runs[i + 2], yc + runs[i + 3]);
           }
-          for (int64_t e = 0; e < outputs; ++e) {
-            const T* res = out + out_point[e] * lanes + r * pw;
-            const int64_t* yo = off + e * pw;
-            for (int w = 0; w < pw; ++w)
-              if (yo[w] != kOutside) yc[yo[w]] = res[w] + b;
-          }
+          for (size_t i = 0; i < left.size(); i += 2) yc[left[i + 1]] = out[left[i] + r * pw] + b;
         }
       }
     }
