@@ -230,3 +230,20 @@ def test_layer_object_and_out_argument():
     convfast.conv2d(x, layer.weight.astype(np.float32), None, padding=1, out=big[..., 1:10])
     assert (big[..., :1] == 5).all() and (big[..., 10:] == 5).all()
     assert_close(big[..., 1:10], ref.conv2d(x.astype(np.float64), w, padding=1), np.float32, reduction_size=576)
+
+
+@pytest.mark.parametrize("cin,cout", [(40, 30), (96, 100)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_transform_in_and_beyond_l2(cin, cout, dtype, forced):
+    # Weight transforms up to 512 KiB run chunk by chunk; larger ones (96 x 100 x 16 points) keep a
+    # whole block's products in scratch and read each point's panels once per block. Both with
+    # several chunks per block, a partial last chunk, reflect padding and a bias.
+    rng = np.random.default_rng(cin)
+    x = _rand(rng, (2, cin, 19, 23), dtype)
+    w = _rand(rng, (cout, cin, 3, 3), dtype)
+    b = _rand(rng, (cout,), dtype)
+    y = convfast.conv2d(x, w, b, padding=1, padding_mode="reflect")
+    assert _ran_winograd()
+    expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1,
+                          padding_mode="reflect")
+    assert_close(y, expected, dtype, reduction_size=9 * cin)

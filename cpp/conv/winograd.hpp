@@ -84,12 +84,13 @@ inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 an
     b[s + l] = m1 - m2 - m3;
   }
 }
-inline void weight_line(double* b, int64_t s) {  // g in points 0..2 -> 4 points
-  const double g0 = b[0], g1 = b[s], g2 = b[2 * s];
-  b[0] = g0;
-  b[s] = (g0 + g1 + g2) * 0.5;
-  b[2 * s] = (g0 - g1 + g2) * 0.5;
-  b[3 * s] = g2;
+inline void weight_line(double* b, int64_t s, int64_t lanes) {  // g in points 0..2 -> 4 points
+  for (int64_t l = 0; l < lanes; ++l) {
+    const double g0 = b[l], g1 = b[s + l], g2 = b[2 * s + l];
+    b[s + l] = (g0 + g1 + g2) * 0.5;
+    b[2 * s + l] = (g0 - g1 + g2) * 0.5;
+    b[3 * s + l] = g2;
+  }
 }
 
 // Applies line(b, stride, lanes) to every line along every Winograd axis of a [4|1]^3 x lanes buffer.
@@ -125,6 +126,7 @@ struct Conv {
   int variant = 0, mro = 0, pw = 0;
   int64_t n_tiles = 0;      // output-channel tiles of mro
   int64_t block_tiles = 0;  // tiles per work item, a multiple of pw
+  bool group_chunks = false;  // products of a whole block at once (large weight transforms)
   std::unique_ptr<AlignedBuffer<T>> u;  // [g][n-tile][point][ci][mro]
 
   Conv(const ConvProblem<T>& p, const Axis (&planned)[3], const UkernelInfo<T>& ukernel, int variant_, int nthreads)
@@ -146,8 +148,13 @@ struct Conv {
     // A work item transforms block_tiles tiles of every input channel once (V, about 1 MiB, re-read
     // from L2/L3 by each output-channel tile) and runs them through every n-tile. The block shrinks
     // when batch * groups is too small to give every thread several items.
-    const int64_t per_tile = checked_mul(points * (int64_t)sizeof(T), cin);
-    int64_t block = std::max<int64_t>(pw, (int64_t(1) << 20) / per_tile / pw * pw);
+    // A weight transform larger than L2 is read once per block rather than once per chunk
+    // (group_chunks), which needs the block's products in scratch too: then V and the products
+    // share about 2 MiB.
+    group_chunks = checked_mul(checked_mul(points * (int64_t)sizeof(T), cin), n_tiles * mro) > (int64_t(512) << 10);
+    const int64_t per_tile =
+        checked_mul(points * (int64_t)sizeof(T), group_chunks ? checked_add(cin, n_tiles * mro) : cin);
+    int64_t block = std::max<int64_t>(pw, (int64_t(group_chunks ? 2 : 1) << 20) / per_tile / pw * pw);
     const int64_t images = checked_mul(p.batch, groups);
     const int64_t want_items = 4 * (int64_t)std::max(nthreads, 1);
     if (images < want_items)
@@ -160,26 +167,36 @@ struct Conv {
   void pack_weights(const ConvProblem<T>& p) {
     const int64_t panel = checked_mul(cin, mro), size = checked_mul(checked_mul(groups * n_tiles, points), panel);
     u.reset(new AlignedBuffer<T>(size));
-    std::fill(u->get(), u->get() + size, T(0));
-    double buf[kMaxPoints];
     int64_t n[3];
     for (int a = 0; a < 3; ++a) n[a] = axes[a].points();
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t co = 0; co < cout; ++co)
-        for (int64_t ci = 0; ci < cin; ++ci) {
-          const T* w = p.w + g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci;
-          std::fill(buf, buf + kMaxPoints, 0.0);
-          for (int e0 = 0; e0 < axes[0].taps; ++e0)
-            for (int e1 = 0; e1 < axes[1].taps; ++e1)
-              for (int e2 = 0; e2 < axes[2].taps; ++e2)
-                buf[(e0 * n[1] + e1) * n[2] + e2] =
-                    static_cast<double>(w[axes[0].kernel_index[e0] * p.w_stride[0] +
-                                          axes[1].kernel_index[e1] * p.w_stride[1] +
-                                          axes[2].kernel_index[e2] * p.w_stride[2]]);
-          along_axes(axes, 1, [&](int64_t base, int64_t s) { weight_line(buf + base, s); });
-          T* dst = u->get() + (g * n_tiles + co / mro) * points * panel + ci * mro + co % mro;
-          for (int64_t q = 0; q < points; ++q) dst[q * panel] = static_cast<T>(buf[q]);
-        }
+    // One output channel at a time, vectorised over the input channels (in double): its weights
+    // per tap as rows of C_in/G, transformed along each axis, stored into the panels. In parallel
+    // over output channels, as the functional API plans (and so transforms) per call.
+    const int64_t rows = groups * n_tiles * mro;
+    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), rows / 8)));
+    std::vector<std::vector<double>> scratch(static_cast<size_t>(nthreads));
+    for (auto& sc : scratch) sc.resize(static_cast<size_t>(checked_mul(points, cin)));
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t g = row / (n_tiles * mro), co = row % (n_tiles * mro);
+      double* buf = scratch[omp_get_thread_num()].data();
+      std::fill(buf, buf + points * cin, 0.0);  // channels past C_out/G (tile padding) stay zero
+      if (co < cout) {
+        const T* wrow = p.w + g * p.w_stride_g + co * p.w_stride_co;
+        for (int e0 = 0; e0 < axes[0].taps; ++e0)
+          for (int e1 = 0; e1 < axes[1].taps; ++e1)
+            for (int e2 = 0; e2 < axes[2].taps; ++e2) {
+              const T* w = wrow + axes[0].kernel_index[e0] * p.w_stride[0] + axes[1].kernel_index[e1] * p.w_stride[1] +
+                           axes[2].kernel_index[e2] * p.w_stride[2];
+              double* b = buf + ((e0 * n[1] + e1) * n[2] + e2) * cin;
+              for (int64_t ci = 0; ci < cin; ++ci) b[ci] = static_cast<double>(w[ci * p.w_stride_ci]);
+            }
+        along_axes(axes, (int)cin, [&](int64_t base, int64_t st) { weight_line(buf + base, st, cin); });
+      }
+      T* dst = u->get() + (g * n_tiles + co / mro) * points * panel + co % mro;
+      for (int64_t q = 0; q < points; ++q)
+        for (int64_t ci = 0; ci < cin; ++ci) dst[q * panel + ci * mro] = static_cast<T>(buf[q * cin + ci]);
+    }
   }
 
   struct Scratch {
@@ -191,7 +208,7 @@ struct Conv {
     std::unique_ptr<int[]> single;  // per chunk: the tiles gathered point by point
     std::vector<int64_t> left;      // per chunk: outputs stored one by one
     Scratch(int64_t v_size, int64_t out_size, int64_t off_size, int64_t n_rows, int pw)
-        : v(v_size), out(out_size), buf(out_size), off(off_size), keep(new Bits[off_size]),
+        : v(v_size), out(out_size), buf(off_size), off(off_size), keep(new Bits[off_size]),
           rows(static_cast<size_t>(n_rows)), single(new int[pw]) {}
   };
 
@@ -200,7 +217,8 @@ struct Conv {
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, items)));
     std::vector<std::unique_ptr<Scratch>> scratch;
     for (int t = 0; t < nthreads; ++t)
-      scratch.emplace_back(new Scratch(checked_mul(points * block_tiles, cin), points * mro * pw,
+      scratch.emplace_back(new Scratch(checked_mul(points * block_tiles, cin),
+                                       group_chunks ? checked_mul(points * block_tiles, n_tiles * mro) : points * mro * pw,
                                        std::max(points, outputs) * pw, points * cin, pw));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < items; ++i) {
@@ -330,71 +348,103 @@ struct Conv {
     const T** rows = s.rows.data();
     for (int64_t k = 0; k < points * cin; ++k) rows[k] = V + k * B;
     T* out = s.out.get();
-    const int64_t lanes = (int64_t)mro * pw;
-    for (int64_t c0 = m0; c0 < m1; c0 += pw) {
-      // Where each output of each tile of the chunk lands in y (kOutside: past the end).
-      for (int w = 0; w < pw; ++w) {
-        const int64_t m = c0 + w;
-        int64_t t[3];
-        if (m < m1) tile_coords(m, t);
-        for (int64_t e0 = 0, e = 0; e0 < axes[0].outputs(); ++e0)
-          for (int64_t e1 = 0; e1 < axes[1].outputs(); ++e1)
-            for (int64_t e2 = 0; e2 < axes[2].outputs(); ++e2, ++e) {
-              int64_t o = kOutside;
-              if (m < m1) {
-                const int64_t j0 = axes[0].origin[t[0]] + e0 * axes[0].spacing,
-                              j1 = axes[1].origin[t[1]] + e1 * axes[1].spacing,
-                              j2 = axes[2].origin[t[2]] + e2 * axes[2].spacing;
-                if (j0 < axes[0].count && j1 < axes[1].count && j2 < axes[2].count)
-                  o = (axes[0].out_start + j0 * axes[0].out_step) * p.y_stride[0] +
-                      (axes[1].out_start + j1 * axes[1].out_step) * p.y_stride[1] +
-                      (axes[2].out_start + j2 * axes[2].out_step) * p.y_stride[2];
-              }
-              off[e * pw + w] = o;
-            }
-      }
-      // Channels-first rows at unit spacing along the last axis: a tile's two outputs there are
-      // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved pairs
-      // (vectorisable); other outputs are stored one by one.
-      runs.clear();  // per run of tiles: output index, first tile, tiles, y offset
-      const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
-      for (int64_t e = 0; e < outputs && pairs; e += 2) {
-        int64_t* yo = off + e * pw;
-        for (int w = 0; w < pw;) {
-          int v = w;
-          while (v < pw && yo[v] != kOutside && yo[pw + v] != kOutside && (v == w || yo[v] == yo[v - 1] + 2)) ++v;
-          if (v - w >= 2) {
-            runs.insert(runs.end(), {e, w, v - w, yo[w]});
-            for (int i = w; i < v; ++i) yo[i] = yo[pw + i] = kOutside;  // stored by the run
-          }
-          w = std::max(v, w + 1);
+    const int64_t lanes = (int64_t)mro * pw, chunks = ceil_div(m1 - m0, pw);
+    if (!group_chunks) {
+      // Per chunk and n-tile: the points' products into an L1-resident block, transformed at once.
+      for (int64_t c = 0; c < chunks; ++c) {
+        chunk_outputs(p, m0 + c * pw, m1, s);
+        for (int64_t nt = 0; nt < n_tiles; ++nt) {
+          const T* U = u->get() + (g * n_tiles + nt) * points * cin * mro;
+          for (int64_t q = 0; q < points; ++q)
+            uk.direct[variant](cin, rows + q * cin, c * pw, U + q * cin * mro, out + q * lanes);
+          store_block(p, n, g, nt, out, s);
         }
       }
-      // The outputs left for one-by-one stores, as (output index, tile) pairs.
-      std::vector<int64_t>& left = s.left;
-      left.clear();
-      for (int64_t e = 0; e < outputs; ++e)
-        for (int w = 0; w < pw; ++w)
-          if (off[e * pw + w] != kOutside) left.insert(left.end(), {out_point[e] * lanes + w, off[e * pw + w]});
-      for (int64_t nt = 0; nt < n_tiles; ++nt) {
-        const T* U = u->get() + (g * n_tiles + nt) * points * cin * mro;
-        for (int64_t q = 0; q < points; ++q)
-          uk.direct[variant](cin, rows + q * cin, c0 - m0, U + q * cin * mro, out + q * lanes);
-        along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line(out + base, st, lanes); });
-        for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
-          const int64_t co = g * cout + nt * mro + r;
-          const T b = p.bias ? p.bias[co * p.bias_stride] : T(0);
-          T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
-          for (size_t i = 0; i < runs.size(); i += 4) {
-            const T* r0 = out + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
-            const T* r1 = out + out_point[runs[i] + 1] * lanes + r * pw + runs[i + 1];
-            store_pairs(r0, r1, b, runs[i + 2], yc + runs[i + 3]);
-          }
-          for (size_t i = 0; i < left.size(); i += 2) yc[left[i + 1]] = out[left[i] + r * pw] + b;
+    } else {
+      // A large weight transform: each point's panels are read once per block (every chunk runs
+      // through a panel while it is in L1) and the products of the whole block wait in
+      // out[chunk][n-tile][point] for the output transform.
+      for (int64_t q = 0; q < points; ++q)
+        for (int64_t nt = 0; nt < n_tiles; ++nt) {
+          const T* U = u->get() + ((g * n_tiles + nt) * points + q) * cin * mro;
+          for (int64_t c = 0; c < chunks; ++c)
+            uk.direct[variant](cin, rows + q * cin, c * pw, U, out + ((c * n_tiles + nt) * points + q) * lanes);
         }
+      for (int64_t c = 0; c < chunks; ++c) {
+        chunk_outputs(p, m0 + c * pw, m1, s);
+        for (int64_t nt = 0; nt < n_tiles; ++nt) store_block(p, n, g, nt, out + (c * n_tiles + nt) * points * lanes, s);
       }
     }
-    (void)yg;
+  }
+
+  // Where each output of each tile of the chunk at c0 lands in y: runs of paired outputs
+  // (s.runs) and the rest one by one (s.left).
+  void chunk_outputs(const ConvProblem<T>& p, int64_t c0, int64_t m1, Scratch& s) const {
+    int64_t* off = s.off.get();
+    const int64_t lanes = (int64_t)mro * pw;
+    for (int w = 0; w < pw; ++w) {
+      const int64_t m = c0 + w;
+      int64_t t[3];
+      if (m < m1) tile_coords(m, t);
+      for (int64_t e0 = 0, e = 0; e0 < axes[0].outputs(); ++e0)
+        for (int64_t e1 = 0; e1 < axes[1].outputs(); ++e1)
+          for (int64_t e2 = 0; e2 < axes[2].outputs(); ++e2, ++e) {
+            int64_t o = kOutside;  // past the end, or no tile
+            if (m < m1) {
+              const int64_t j0 = axes[0].origin[t[0]] + e0 * axes[0].spacing,
+                            j1 = axes[1].origin[t[1]] + e1 * axes[1].spacing,
+                            j2 = axes[2].origin[t[2]] + e2 * axes[2].spacing;
+              if (j0 < axes[0].count && j1 < axes[1].count && j2 < axes[2].count)
+                o = (axes[0].out_start + j0 * axes[0].out_step) * p.y_stride[0] +
+                    (axes[1].out_start + j1 * axes[1].out_step) * p.y_stride[1] +
+                    (axes[2].out_start + j2 * axes[2].out_step) * p.y_stride[2];
+            }
+            off[e * pw + w] = o;
+          }
+    }
+    // Channels-first rows at unit spacing along the last axis: a tile's two outputs there are
+    // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved pairs
+    // (vectorisable); other outputs are stored one by one.
+    std::vector<int64_t>& runs = s.runs;
+    runs.clear();  // per run of tiles: output index, first tile, tiles, y offset
+    const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
+    for (int64_t e = 0; e < outputs && pairs; e += 2) {
+      int64_t* yo = off + e * pw;
+      for (int w = 0; w < pw;) {
+        int v = w;
+        while (v < pw && yo[v] != kOutside && yo[pw + v] != kOutside && (v == w || yo[v] == yo[v - 1] + 2)) ++v;
+        if (v - w >= 2) {
+          runs.insert(runs.end(), {e, w, v - w, yo[w]});
+          for (int i = w; i < v; ++i) yo[i] = yo[pw + i] = kOutside;  // stored by the run
+        }
+        w = std::max(v, w + 1);
+      }
+    }
+    std::vector<int64_t>& left = s.left;  // (index in the product block, y offset)
+    left.clear();
+    for (int64_t e = 0; e < outputs; ++e)
+      for (int w = 0; w < pw; ++w)
+        if (off[e * pw + w] != kOutside) left.insert(left.end(), {out_point[e] * lanes + w, off[e * pw + w]});
+  }
+
+  // The output transform of one [point][mro][pw] product block (in place) and its stores, with
+  // the bias, for n-tile nt of image n, group g.
+  void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, const Scratch& s) const {
+    const int64_t lanes = (int64_t)mro * pw;
+    along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line(block + base, st, lanes); });
+    const std::vector<int64_t>& runs = s.runs;
+    const std::vector<int64_t>& left = s.left;
+    for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
+      const int64_t co = g * cout + nt * mro + r;
+      const T b = p.bias ? p.bias[co * p.bias_stride] : T(0);
+      T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
+      for (size_t i = 0; i < runs.size(); i += 4) {
+        const T* r0 = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
+        const T* r1 = block + out_point[runs[i] + 1] * lanes + r * pw + runs[i + 1];
+        store_pairs(r0, r1, b, runs[i + 2], yc + runs[i + 3]);
+      }
+      for (size_t i = 0; i < left.size(); i += 2) yc[left[i + 1]] = block[left[i] + r * pw] + b;
+    }
   }
 };
 
