@@ -151,10 +151,7 @@ def test_automatic_choice(monkeypatch):
     for kw, wshape in [(dict(padding=1), (63, 64, 3, 3)),             # too few output channels
                        (dict(padding=1, stride=2), (64, 64, 3, 3)),  # strided
                        (dict(padding=2), (64, 64, 5, 5)),            # 5 taps
-                       (dict(padding=(1, 0)), (64, 64, 3, 1)),       # one Winograd axis
-                       (dict(padding=1), (512, 512, 3, 3))]:         # a weight transform over 8 MiB
-        if wshape[1] == 512:
-            x = _rand(rng, (1, 512, 6, 6), np.float32)
+                       (dict(padding=(1, 0)), (64, 64, 3, 1))]:      # one Winograd axis
         convfast.conv2d(x, _rand(rng, wshape, np.float32), **kw)
         assert not _ran_winograd(), (kw, wshape, _core.last_algorithm())
 

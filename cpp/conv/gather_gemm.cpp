@@ -548,13 +548,6 @@ struct ConvPlan<T>::Impl {
     if (winograd_axes < 2) return false;
     const int64_t kMinChannels = winograd_axes == 3 ? 32 : 64;
     if (force != "winograd" && (p.cin_per_group < kMinChannels || p.cout_per_group < kMinChannels)) return false;
-    // Each chunk of PW tiles streams the whole weight transform (points x C_in/G x C_out/G); above
-    // 8 MiB it no longer stays in the shared cache and that traffic outweighs the saved products:
-    // VGG 512->512 at 14x14 (17 MiB in float32) ran at 0.77x of PyTorch against 0.86x with the
-    // GEMM. (Holding weight slices in L2 across all tiles of the batch would fix it; not done yet.)
-    const int64_t points = winograd_axes == 3 ? 64 : 16;
-    const double transform_bytes = double(points) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T);
-    if (force != "winograd" && transform_bytes > double(8 << 20)) return false;
     const int64_t cout = p.cout_per_group;
     int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
     if (variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) variant = 2;  // as choose_algorithm
