@@ -1,4 +1,4 @@
-"""Winograd F(2, 3), the engine's algorithm for stride-1 layers with 3 taps along two or three axes
+"""Winograd F(2, 3) and F(4, 3), the engine's algorithm for stride-1 layers with 3 taps along two or three axes
 (cpp/conv/winograd.hpp), against the float64 NumPy oracle and closed-form identities.
 
 It is chosen automatically when C_in/G and C_out/G are at least 64 (2-D) or 32 (3-D); CONVFAST_ALGO=winograd forces
@@ -244,3 +244,20 @@ def test_weight_transform_in_and_beyond_l2(cin, cout, dtype, forced):
     expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1,
                           padding_mode="reflect")
     assert_close(y, expected, dtype, reduction_size=9 * cin)
+
+
+def test_tile_size_choice(monkeypatch):
+    # float32 always F(2, 3); float64 F(4, 3) where its saved products beat its coarser tiles'
+    # edge waste by 20 % and its weight transform stays within 32 MiB.
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rng = np.random.default_rng(1)
+    for dtype, cin, size, dilation, tile in [(np.float32, 64, 24, 1, 2), (np.float64, 64, 24, 1, 4),
+                                             (np.float64, 64, 28, 2, 4),   # dilated tiles interleave
+                                             (np.float64, 64, 32, 6, 2),   # equal modelled cost
+                                             (np.float64, 512, 6, 1, 2)]:  # 76 MiB weight transform
+        x = _rand(rng, (1, cin, size, size), dtype)
+        w = _rand(rng, (cin, cin, 3, 3), dtype)
+        y = convfast.conv2d(x, w, padding=dilation, dilation=dilation)
+        assert _core.last_algorithm().startswith(f"winograd F({tile},3)"), (dtype, size, _core.last_algorithm())
+        expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding=dilation, dilation=dilation)
+        assert_close(y, expected, dtype, reduction_size=9 * cin)

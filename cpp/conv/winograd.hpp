@@ -1,34 +1,34 @@
-// Winograd minimal filtering F(2, 3) for stride-1 convolutions whose taps along two or three axes
-// are 3 (dilated or not; forward or the stride-1 transposed form, whose taps run backwards),
-// the other axes having one tap.
+// Winograd minimal filtering F(m, 3), m = 2 or 4, for stride-1 convolutions whose taps along two
+// or three axes are 3 (dilated or not; forward or the stride-1 transposed form, whose taps run
+// backwards), the other axes having one tap.
 //
-// Along each 3-tap ("Winograd") axis an output tile of 2 outputs, `spacing` apart (the dilation),
-// reads 4 inputs and costs 4 multiplications instead of 6; an N-D tile is the tensor product,
-// 4^w transform points for 2^w outputs (2-D 3x3: 16 for 4, 2.25x fewer multiply-adds; 3-D 3x3x3:
-// 64 for 8, 3.4x fewer). Per transform point p the products are one GEMM,
+// Along each 3-tap ("Winograd") axis an output tile of m outputs, `spacing` apart (the dilation),
+// reads m + 2 inputs and costs m + 2 multiplications instead of 3m; an N-D tile is the tensor
+// product, (m + 2)^w transform points for m^w outputs (2-D 3x3: F(2, 3) 16 for 4, 2.25x fewer
+// multiply-adds, F(4, 3) 36 for 16, 4x; 3-D 3x3x3: 64 for 8, 3.4x, and 216 for 64, 8x). Per
+// transform point p the products are one GEMM,
 //
 //   M[p][tile][co] = sum_ci V[p][tile][ci] * U[p][ci][co],
 //
-// run by the engine's micro-kernel on panels the input transform writes directly (V) and panels
+// run by the engine's direct micro-kernel on rows the input transform writes (V) and panels
 // packed once per plan (U, the weight transform, computed in double precision). The output
-// transform then sums the 4^w products of each tile into its 2^w outputs and adds the bias.
-//
-// Transforms (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), 1-D:
-//   input  B^T d = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
-//   weight G g   = (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)
-//   output A^T m = (m0 + m1 + m2, m1 - m2 - m3)
-// Their coefficients are 0, +-1 and 1/2, so integer-valued data stays exact while it fits the
-// mantissa; the rounding error is a small multiple of the direct sum's (measured in the tests).
+// transform then sums the products of each tile into its outputs and adds the bias. The
+// transforms are listed above input_line below. F(2, 3)'s coefficients are 0, +-1 and 1/2, so
+// integer-valued data stays exact while it fits the mantissa, and its rounding error is a small
+// multiple of the direct sum's (measured in the tests); F(4, 3)'s are larger (up to 8, and 1/6,
+// 1/24 in G) and it is used in float64 only.
 //
 // Included inside gather_gemm.cpp's anonymous namespace (it uses map_padded_index only).
 #pragma once
 
 namespace winograd {
 
-constexpr int kMaxPoints = 64;   // 4^3
+constexpr int kMaxPoints = 216;  // 6^3 (F(4, 3) in 3-D)
+constexpr int kMaxOutputs = 64;  // 4^3
 
 struct Axis {
-  int taps = 1;             // 3: a Winograd axis (tiles of 2 outputs, 4 inputs); 1: one output per tile
+  int taps = 1;             // 3: a Winograd axis (tiles of m outputs, m + 2 inputs); 1: one output per tile
+  int m = 2;                // outputs per tile on a Winograd axis: F(2, 3) or F(4, 3)
   int64_t count = 1;        // outputs along the axis (of the phase: y coordinate out_start + j * out_step)
   int64_t out_start = 0, out_step = 1;
   int64_t in_size = 1;
@@ -40,20 +40,28 @@ struct Axis {
   std::vector<int64_t> origin;    // per tile: its first output
   std::vector<int64_t> in_index;  // per tile and tile input: the mapped input coordinate, or -1
 
-  int points() const { return taps == 3 ? 4 : 1; }
-  int outputs() const { return taps == 3 ? 2 : 1; }
+  int points() const { return taps == 3 ? m + 2 : 1; }
+  int outputs() const { return taps == 3 ? m : 1; }
 
-  // Tiles: outputs o and o + spacing, for o = b * 2 * spacing + r, r < spacing (so that dilated
-  // tiles interleave and cover every output once); a tile whose second output is past the end
-  // computes it and drops it.
+  // Tiles: outputs o + e * spacing (e < m), for o = b * m * spacing + r, r < spacing (so that
+  // dilated tiles interleave and cover every output once); a tile's outputs past the end are
+  // computed and dropped.
+  // Tiles along the axis with m outputs per tile (the count make_tiles gives).
+  int64_t tiles_for(int tile_m) const {
+    if (taps == 1) return count;
+    int64_t n = 0;
+    for (int64_t b = 0; b * tile_m * spacing < count; ++b) n += std::min(spacing, count - b * tile_m * spacing);
+    return n;
+  }
+
   void make_tiles() {
     origin.clear();
     in_index.clear();
     if (taps == 1) {
       for (int64_t j = 0; j < count; ++j) origin.push_back(j);
     } else {
-      for (int64_t b = 0; b * 2 * spacing < count; ++b)
-        for (int64_t r = 0; r < spacing && b * 2 * spacing + r < count; ++r) origin.push_back(b * 2 * spacing + r);
+      for (int64_t b = 0; b * m * spacing < count; ++b)
+        for (int64_t r = 0; r < spacing && b * m * spacing + r < count; ++r) origin.push_back(b * m * spacing + r);
     }
     for (const int64_t o : origin)
       for (int e = 0; e < points(); ++e) {
@@ -63,37 +71,77 @@ struct Axis {
   }
 };
 
-// The 1-D transforms along one axis of buf, laid out [n0][n1][n2][lanes] with n_a = 4 on Winograd
-// axes and 1 elsewhere; `stride` is the distance (in lane groups) between consecutive points of
-// the axis, `outer`/`inner` the counts of lines before and after it.
+// The 1-D transforms along one axis of buf, laid out [n0][n1][n2][lanes] with n_a = m + 2 on
+// Winograd axes and 1 elsewhere; `s` is the distance between consecutive points of the axis.
+// F(2, 3) (Lavin & Gray, section 4.1):
+//   input  B^T d = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
+//   weight G g   = (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)
+//   output A^T m = (m0 + m1 + m2, m1 - m2 - m3)
+// F(4, 3) (section 4.2, points 0, +-1, +-2, infinity):
+//   input  B^T d = (4 d0 - 5 d2 + d4, -4 d1 - 4 d2 + d3 + d4, 4 d1 - 4 d2 - d3 + d4,
+//                   -2 d1 - d2 + 2 d3 + d4, 2 d1 - d2 - 2 d3 + d4, 4 d1 - 5 d3 + d5)
+//   weight G g   = (g0 / 4, -(g0 + g1 + g2) / 6, -(g0 - g1 + g2) / 6, g0 / 24 + g1 / 12 + g2 / 6,
+//                   g0 / 24 - g1 / 12 + g2 / 6, g2)
+//   output A^T m = (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 (m3 - m4), m1 + m2 + 4 (m3 + m4),
+//                   m1 - m2 + 8 (m3 - m4) + m5)
 template <typename V>
-inline void input_line(V* b, int64_t s, int lanes) {
-  for (int l = 0; l < lanes; ++l) {
-    const V d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l];
-    b[l] = d0 - d2;
-    b[s + l] = d1 + d2;
-    b[2 * s + l] = d2 - d1;
-    b[3 * s + l] = d1 - d3;
-  }
+inline void input_line(V* b, int64_t s, int lanes, int m) {
+  if (m == 2)
+    for (int l = 0; l < lanes; ++l) {
+      const V d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l];
+      b[l] = d0 - d2;
+      b[s + l] = d1 + d2;
+      b[2 * s + l] = d2 - d1;
+      b[3 * s + l] = d1 - d3;
+    }
+  else
+    for (int l = 0; l < lanes; ++l) {
+      const V d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l], d4 = b[4 * s + l], d5 = b[5 * s + l];
+      b[l] = V(4) * d0 - V(5) * d2 + d4;
+      b[s + l] = d3 + d4 - V(4) * (d1 + d2);
+      b[2 * s + l] = d4 - d3 + V(4) * (d1 - d2);
+      b[3 * s + l] = d4 - d2 + V(2) * (d3 - d1);
+      b[4 * s + l] = d4 - d2 - V(2) * (d3 - d1);
+      b[5 * s + l] = V(4) * d1 - V(5) * d3 + d5;
+    }
 }
 template <typename V>
-inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 and 1
-  for (int l = 0; l < lanes; ++l) {
-    const V m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l];
-    b[l] = m0 + m1 + m2;
-    b[s + l] = m1 - m2 - m3;
-  }
+inline void output_line(V* b, int64_t s, int lanes, int m) {  // results in points 0 .. m - 1
+  if (m == 2)
+    for (int l = 0; l < lanes; ++l) {
+      const V m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l];
+      b[l] = m0 + m1 + m2;
+      b[s + l] = m1 - m2 - m3;
+    }
+  else
+    for (int l = 0; l < lanes; ++l) {
+      const V m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l], m4 = b[4 * s + l], m5 = b[5 * s + l];
+      const V sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
+      b[l] = m0 + sum12 + sum34;
+      b[s + l] = diff12 + V(2) * diff34;
+      b[2 * s + l] = sum12 + V(4) * sum34;
+      b[3 * s + l] = diff12 + V(8) * diff34 + m5;
+    }
 }
-inline void weight_line(double* b, int64_t s, int64_t lanes) {  // g in points 0..2 -> 4 points
+inline void weight_line(double* b, int64_t s, int64_t lanes, int m) {  // g in points 0..2 -> m + 2 points
   for (int64_t l = 0; l < lanes; ++l) {
     const double g0 = b[l], g1 = b[s + l], g2 = b[2 * s + l];
-    b[s + l] = (g0 + g1 + g2) * 0.5;
-    b[2 * s + l] = (g0 - g1 + g2) * 0.5;
-    b[3 * s + l] = g2;
+    if (m == 2) {
+      b[s + l] = (g0 + g1 + g2) * 0.5;
+      b[2 * s + l] = (g0 - g1 + g2) * 0.5;
+      b[3 * s + l] = g2;
+    } else {
+      b[l] = g0 / 4;
+      b[s + l] = -(g0 + g1 + g2) / 6;
+      b[2 * s + l] = -(g0 - g1 + g2) / 6;
+      b[3 * s + l] = g0 / 24 + g1 / 12 + g2 / 6;
+      b[4 * s + l] = g0 / 24 - g1 / 12 + g2 / 6;
+      b[5 * s + l] = g2;
+    }
   }
 }
 
-// Applies line(b, stride, lanes) to every line along every Winograd axis of a [4|1]^3 x lanes buffer.
+// Applies line(offset, stride) to every line along every Winograd axis of a [m+2|1]^3 x lanes buffer.
 template <typename Line>
 inline void along_axes(const Axis* axes, int lanes, Line&& line) {
   int64_t n[3];
@@ -105,7 +153,7 @@ inline void along_axes(const Axis* axes, int lanes, Line&& line) {
     int64_t outer = 1;
     for (int b = 0; b < a; ++b) outer *= n[b];
     for (int64_t o = 0; o < outer; ++o)
-      for (int64_t i = 0; i < inner; i += lanes) line(o * 4 * inner + i, inner);
+      for (int64_t i = 0; i < inner; i += lanes) line(o * n[a] * inner + i, inner);
   }
 }
 
@@ -120,7 +168,8 @@ struct Conv {
   Axis axes[3];
   int64_t points = 1, outputs = 1, tiles = 1;
   int64_t tiles_along[3] = {1, 1, 1};
-  int64_t out_point[8] = {};  // the transform point holding each output of a tile
+  int64_t out_point[kMaxOutputs] = {};  // the transform point holding each output of a tile
+  int m = 2;                            // outputs per tile along each Winograd axis
   int64_t cin = 0, cout = 0, groups = 1;
   UkernelInfo<T> uk;
   int variant = 0, mro = 0, pw = 0;
@@ -134,6 +183,7 @@ struct Conv {
         mro(kDirectChannelTiles[variant_]), pw(ukernel.pw[variant_]) {
     for (int a = 0; a < 3; ++a) {
       axes[a] = planned[a];
+      if (axes[a].taps == 3) m = axes[a].m;
       axes[a].make_tiles();
       tiles_along[a] = (int64_t)axes[a].origin.size();
       points *= axes[a].points();
@@ -191,7 +241,7 @@ struct Conv {
               double* b = buf + ((e0 * n[1] + e1) * n[2] + e2) * cin;
               for (int64_t ci = 0; ci < cin; ++ci) b[ci] = static_cast<double>(w[ci * p.w_stride_ci]);
             }
-        along_axes(axes, (int)cin, [&](int64_t base, int64_t st) { weight_line(buf + base, st, cin); });
+        along_axes(axes, (int)cin, [&](int64_t base, int64_t st) { weight_line(buf + base, st, cin, m); });
       }
       T* dst = u->get() + (g * n_tiles + co / mro) * points * panel + co % mro;
       for (int64_t q = 0; q < points; ++q)
@@ -227,23 +277,18 @@ struct Conv {
     }
   }
 
-  // The 4 points of n tiles 2 apart along a row: d_e[i] = src[2 i + e].
-  static void split_span(const T* __restrict src, int64_t n, T* __restrict d0, T* __restrict d1, T* __restrict d2,
-                         T* __restrict d3) {
-    for (int64_t i = 0; i < n; ++i) {
-      d0[i] = src[2 * i];
-      d1[i] = src[2 * i + 1];
-      d2[i] = src[2 * i + 2];
-      d3[i] = src[2 * i + 3];
-    }
+  // The M + 2 points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e].
+  template <int M>
+  static void split_span(const T* __restrict src, int64_t n, T* __restrict d, int64_t pitch) {
+    for (int e = 0; e < M + 2; ++e)
+      for (int64_t i = 0; i < n; ++i) d[e * pitch + i] = src[M * i + e];
   }
 
-  // y[2 i] = a[i] + b, y[2 i + 1] = a2[i] + b for i < n (restrict: the sources are thread scratch).
-  static void store_pairs(const T* __restrict a, const T* __restrict a2, T b, int64_t n, T* __restrict y) {
-    for (int64_t i = 0; i < n; ++i) {
-      y[2 * i] = a[i] + b;
-      y[2 * i + 1] = a2[i] + b;
-    }
+  // y[M i + e] = a[e * pitch + i] + b for e < M, i < n (restrict: the sources are thread scratch).
+  template <int M>
+  static void store_run(const T* __restrict a, int64_t pitch, T b, int64_t n, T* __restrict y) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int e = 0; e < M; ++e) y[M * i + e] = a[e * pitch + i] + b;
   }
 
   // Tile m's coordinate index along each axis.
@@ -281,16 +326,18 @@ struct Conv {
         int64_t t[3];
         if (m < m1) tile_coords(m, t);
         auto contiguous = [&](int64_t t2) {
-          const int64_t* i2 = &axes[2].in_index[t2 * 4];
-          return i2[0] >= 0 && i2[1] == i2[0] + 1 && i2[2] == i2[0] + 2 && i2[3] == i2[0] + 3;
+          const int64_t* i2 = &axes[2].in_index[t2 * np[2]];
+          bool run = i2[0] >= 0;
+          for (int64_t e = 1; e < np[2] && run; ++e) run = i2[e] == i2[0] + e;
+          return run;
         };
         int v = w;
         if (spans && m < m1)
           while (v < pw && c0 + v < m1 && t[2] + (v - w) < tiles_along[2] && contiguous(t[2] + (v - w)) &&
-                 (v == w || axes[2].in_index[(t[2] + v - w) * 4] == axes[2].in_index[(t[2] + v - w - 1) * 4] + 2))
+                 (v == w || axes[2].in_index[(t[2] + v - w) * np[2]] == axes[2].in_index[(t[2] + v - w - 1) * np[2]] + m))
             ++v;
         if (v - w >= 2) {
-          runs.insert(runs.end(), {w, v, axes[2].in_index[t[2] * 4]});
+          runs.insert(runs.end(), {w, v, axes[2].in_index[t[2] * np[2]]});
           for (int64_t e0 = 0; e0 < np[0]; ++e0)
             for (int64_t e1 = 0; e1 < np[1]; ++e1) {
               const int64_t i0 = axes[0].in_index[t[0] * np[0] + e0], i1 = axes[1].in_index[t[1] * np[1] + e1];
@@ -323,12 +370,16 @@ struct Conv {
         for (size_t r = 0; r < runs.size(); r += run_size) {
           const int64_t wb = runs[r], n = runs[r + 1] - wb;
           for (int64_t row = 0; row < rows_per_tile; ++row) {
-            T* b = buf + row * 4 * pw + wb;
+            T* b = buf + row * np[2] * pw + wb;
             if (runs[r + 3 + row] == kOutside) {
-              for (int e = 0; e < 4; ++e) std::fill(b + e * pw, b + e * pw + n, T(0));
+              for (int64_t e = 0; e < np[2]; ++e) std::fill(b + e * pw, b + e * pw + n, T(0));
               continue;
             }
-            split_span(plane + runs[r + 3 + row] + runs[r + 2], n, b, b + pw, b + 2 * pw, b + 3 * pw);
+            const T* src = plane + runs[r + 3 + row] + runs[r + 2];
+            if (m == 2)
+              split_span<2>(src, n, b, pw);
+            else
+              split_span<4>(src, n, b, pw);
           }
         }
         for (int i = 0; i < n_single; ++i) {
@@ -340,7 +391,7 @@ struct Conv {
             std::memcpy(buf + q * pw + w, &v, sizeof(T));
           }
         }
-        along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line(buf + base, st, pw); });
+        along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line(buf + base, st, pw, m); });
         for (int64_t q = 0; q < points; ++q)
           std::memcpy(V + (q * cin + ci) * B + (c0 - m0), buf + q * pw, sizeof(T) * pw);
       }
@@ -403,19 +454,25 @@ struct Conv {
           }
     }
     // Channels-first rows at unit spacing along the last axis: a tile's two outputs there are
-    // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved pairs
+    // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved outputs
     // (vectorisable); other outputs are stored one by one.
     std::vector<int64_t>& runs = s.runs;
     runs.clear();  // per run of tiles: output index, first tile, tiles, y offset
     const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
-    for (int64_t e = 0; e < outputs && pairs; e += 2) {
+    for (int64_t e = 0; e < outputs && pairs; e += m) {
       int64_t* yo = off + e * pw;
+      auto whole = [&](int v) {  // all m outputs of tile v along the row exist
+        bool all = true;
+        for (int k = 0; k < m && all; ++k) all = yo[k * pw + v] != kOutside;
+        return all;
+      };
       for (int w = 0; w < pw;) {
         int v = w;
-        while (v < pw && yo[v] != kOutside && yo[pw + v] != kOutside && (v == w || yo[v] == yo[v - 1] + 2)) ++v;
+        while (v < pw && whole(v) && (v == w || yo[v] == yo[v - 1] + m)) ++v;
         if (v - w >= 2) {
           runs.insert(runs.end(), {e, w, v - w, yo[w]});
-          for (int i = w; i < v; ++i) yo[i] = yo[pw + i] = kOutside;  // stored by the run
+          for (int i = w; i < v; ++i)
+            for (int k = 0; k < m; ++k) yo[k * pw + i] = kOutside;  // stored by the run
         }
         w = std::max(v, w + 1);
       }
@@ -431,7 +488,7 @@ struct Conv {
   // the bias, for n-tile nt of image n, group g.
   void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, const Scratch& s) const {
     const int64_t lanes = (int64_t)mro * pw;
-    along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line(block + base, st, lanes); });
+    along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line(block + base, st, lanes, m); });
     const std::vector<int64_t>& runs = s.runs;
     const std::vector<int64_t>& left = s.left;
     for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
@@ -439,9 +496,11 @@ struct Conv {
       const T b = p.bias ? p.bias[co * p.bias_stride] : T(0);
       T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
       for (size_t i = 0; i < runs.size(); i += 4) {
-        const T* r0 = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
-        const T* r1 = block + out_point[runs[i] + 1] * lanes + r * pw + runs[i + 1];
-        store_pairs(r0, r1, b, runs[i + 2], yc + runs[i + 3]);
+        const T* first = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
+        if (m == 2)
+          store_run<2>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
+        else
+          store_run<4>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
       }
       for (size_t i = 0; i < left.size(); i += 2) yc[left[i + 1]] = block[left[i] + r * pw] + b;
     }

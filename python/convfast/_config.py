@@ -68,7 +68,7 @@ def config() -> dict:
         "openmp": _core.openmp_version,
         "numpy": np.__version__,
         "cuda": cuda,
-        "algorithm": ("per layer: Winograd F(2,3) for stride-1 3x3 / 3x3x3 layers with >= 64 (3-D: 32) channels per "
+        "algorithm": ("per layer: Winograd F(2,3) or F(4,3) (float64) for stride-1 3x3 / 3x3x3 layers with >= 64 (3-D: 32) channels per "
                       "group, else gather (implicit) GEMM or direct rows over strided views; transposed "
                       "convolution by stride-phase split (CONVFAST_ALGO=winograd|gemm|direct forces one)"),
     }

@@ -42,7 +42,7 @@ the same source indices). A transposed slice is never one input long when the wh
 because the engine treats the stride of a one-input axis as 1, which would merge stride phases and
 change the K blocking of the GEMM. The one thing a block call can change is the engine's choice
 between its two algorithms (GEMM and direct rows), a heuristic that looks at the sizes, which
-gives the same bits. Layers that run Winograd F(2, 3) (stride 1, 3x3 or 3x3x3 taps, at least 64
+gives the same bits. Layers that run Winograd F(m, 3) (stride 1, 3x3 or 3x3x3 taps, at least 64
 channels per group) agree within rounding only: its tiles start at each block's origin
 (CONVFAST_ALGO=gemm makes them bitwise again; see docs/dask.md).
 
