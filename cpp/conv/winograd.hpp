@@ -322,9 +322,9 @@ struct Conv {
       int n_single = 0;
       int* single = s.single.get();
       for (int w = 0; w < pw;) {
-        const int64_t m = c0 + w;
+        const int64_t tile = c0 + w;
         int64_t t[3];
-        if (m < m1) tile_coords(m, t);
+        if (tile < m1) tile_coords(tile, t);
         auto contiguous = [&](int64_t t2) {
           const int64_t* i2 = &axes[2].in_index[t2 * np[2]];
           bool run = i2[0] >= 0;
@@ -332,7 +332,7 @@ struct Conv {
           return run;
         };
         int v = w;
-        if (spans && m < m1)
+        if (spans && tile < m1)
           while (v < pw && c0 + v < m1 && t[2] + (v - w) < tiles_along[2] && contiguous(t[2] + (v - w)) &&
                  (v == w || axes[2].in_index[(t[2] + v - w) * np[2]] == axes[2].in_index[(t[2] + v - w - 1) * np[2]] + m))
             ++v;
@@ -352,7 +352,7 @@ struct Conv {
           for (int64_t e1 = 0; e1 < np[1]; ++e1)
             for (int64_t e2 = 0; e2 < np[2]; ++e2, ++q) {
               int64_t o = kOutside;
-              if (m < m1) {
+              if (tile < m1) {
                 const int64_t i0 = axes[0].in_index[t[0] * np[0] + e0], i1 = axes[1].in_index[t[1] * np[1] + e1],
                               i2 = axes[2].in_index[t[2] * np[2] + e2];
                 if (i0 >= 0 && i1 >= 0 && i2 >= 0) o = i0 * p.x_stride[0] + i1 * p.x_stride[1] + i2 * p.x_stride[2];
@@ -434,14 +434,14 @@ struct Conv {
     int64_t* off = s.off.get();
     const int64_t lanes = (int64_t)mro * pw;
     for (int w = 0; w < pw; ++w) {
-      const int64_t m = c0 + w;
+      const int64_t tile = c0 + w;
       int64_t t[3];
-      if (m < m1) tile_coords(m, t);
+      if (tile < m1) tile_coords(tile, t);
       for (int64_t e0 = 0, e = 0; e0 < axes[0].outputs(); ++e0)
         for (int64_t e1 = 0; e1 < axes[1].outputs(); ++e1)
           for (int64_t e2 = 0; e2 < axes[2].outputs(); ++e2, ++e) {
             int64_t o = kOutside;  // past the end, or no tile
-            if (m < m1) {
+            if (tile < m1) {
               const int64_t j0 = axes[0].origin[t[0]] + e0 * axes[0].spacing,
                             j1 = axes[1].origin[t[1]] + e1 * axes[1].spacing,
                             j2 = axes[2].origin[t[2]] + e2 * axes[2].spacing;
