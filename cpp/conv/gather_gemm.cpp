@@ -571,7 +571,7 @@ struct ConvPlan<T>::Impl {
     const int64_t cout = p.cout_per_group;
     int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
     if (variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) variant = 2;  // as choose_algorithm
-    if (uk.direct[variant] == nullptr) return false;
+    if (uk.direct[variant] == nullptr || uk.pw[variant] % winograd::kLaneBlock != 0) return false;
     wino.reset(new winograd::Conv<T>(p, planned, uk, variant, get_num_threads()));
     return true;
   }

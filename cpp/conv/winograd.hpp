@@ -84,44 +84,57 @@ struct Axis {
 //                   g0 / 24 - g1 / 12 + g2 / 6, g2)
 //   output A^T m = (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 (m3 - m4), m1 + m2 + 4 (m3 + m4),
 //                   m1 - m2 + 8 (m3 - m4) + m5)
-template <typename V>
-inline void input_line(V* b, int64_t s, int lanes, int m) {
-  if (m == 2)
-    for (int l = 0; l < lanes; ++l) {
-      const V d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l];
-      b[l] = d0 - d2;
-      b[s + l] = d1 + d2;
-      b[2 * s + l] = d2 - d1;
-      b[3 * s + l] = d1 - d3;
-    }
-  else
-    for (int l = 0; l < lanes; ++l) {
-      const V d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l], d4 = b[4 * s + l], d5 = b[5 * s + l];
-      b[l] = V(4) * d0 - V(5) * d2 + d4;
-      b[s + l] = d3 + d4 - V(4) * (d1 + d2);
-      b[2 * s + l] = d4 - d3 + V(4) * (d1 - d2);
-      b[3 * s + l] = d4 - d2 + V(2) * (d3 - d1);
-      b[4 * s + l] = d4 - d2 - V(2) * (d3 - d1);
-      b[5 * s + l] = V(4) * d1 - V(5) * d3 + d5;
-    }
+// The lanes are walked in blocks of 4 through local arrays (every tile width is a multiple of 4),
+// which the compiler vectorises without the aliasing checks a runtime point stride would need.
+constexpr int kLaneBlock = 4;
+
+template <int M, typename V>
+inline void input_line(V* b, int64_t s, int lanes) {
+  constexpr int Q = kLaneBlock, m = M;
+  for (int l0 = 0; l0 < lanes; l0 += Q) {
+    V d[6][Q], r[6][Q];
+    for (int e = 0; e < m + 2; ++e) std::memcpy(d[e], b + e * s + l0, sizeof(d[e]));
+    if constexpr (M == 2)
+      for (int l = 0; l < Q; ++l) {
+        r[0][l] = d[0][l] - d[2][l];
+        r[1][l] = d[1][l] + d[2][l];
+        r[2][l] = d[2][l] - d[1][l];
+        r[3][l] = d[1][l] - d[3][l];
+      }
+    else
+      for (int l = 0; l < Q; ++l) {
+        r[0][l] = V(4) * d[0][l] - V(5) * d[2][l] + d[4][l];
+        r[1][l] = d[3][l] + d[4][l] - V(4) * (d[1][l] + d[2][l]);
+        r[2][l] = d[4][l] - d[3][l] + V(4) * (d[1][l] - d[2][l]);
+        r[3][l] = d[4][l] - d[2][l] + V(2) * (d[3][l] - d[1][l]);
+        r[4][l] = d[4][l] - d[2][l] - V(2) * (d[3][l] - d[1][l]);
+        r[5][l] = V(4) * d[1][l] - V(5) * d[3][l] + d[5][l];
+      }
+    for (int e = 0; e < m + 2; ++e) std::memcpy(b + e * s + l0, r[e], sizeof(r[e]));
+  }
 }
-template <typename V>
-inline void output_line(V* b, int64_t s, int lanes, int m) {  // results in points 0 .. m - 1
-  if (m == 2)
-    for (int l = 0; l < lanes; ++l) {
-      const V m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l];
-      b[l] = m0 + m1 + m2;
-      b[s + l] = m1 - m2 - m3;
-    }
-  else
-    for (int l = 0; l < lanes; ++l) {
-      const V m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l], m4 = b[4 * s + l], m5 = b[5 * s + l];
-      const V sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
-      b[l] = m0 + sum12 + sum34;
-      b[s + l] = diff12 + V(2) * diff34;
-      b[2 * s + l] = sum12 + V(4) * sum34;
-      b[3 * s + l] = diff12 + V(8) * diff34 + m5;
-    }
+template <int M, typename V>
+inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 .. M - 1
+  constexpr int Q = kLaneBlock, m = M;
+  for (int l0 = 0; l0 < lanes; l0 += Q) {
+    V d[6][Q], r[4][Q];
+    for (int e = 0; e < m + 2; ++e) std::memcpy(d[e], b + e * s + l0, sizeof(d[e]));
+    if constexpr (M == 2)
+      for (int l = 0; l < Q; ++l) {
+        r[0][l] = d[0][l] + d[1][l] + d[2][l];
+        r[1][l] = d[1][l] - d[2][l] - d[3][l];
+      }
+    else
+      for (int l = 0; l < Q; ++l) {
+        const V sum12 = d[1][l] + d[2][l], diff12 = d[1][l] - d[2][l], sum34 = d[3][l] + d[4][l],
+                diff34 = d[3][l] - d[4][l];
+        r[0][l] = d[0][l] + sum12 + sum34;
+        r[1][l] = diff12 + V(2) * diff34;
+        r[2][l] = sum12 + V(4) * sum34;
+        r[3][l] = diff12 + V(8) * diff34 + d[5][l];
+      }
+    for (int e = 0; e < m; ++e) std::memcpy(b + e * s + l0, r[e], sizeof(r[e]));
+  }
 }
 inline void weight_line(double* b, int64_t s, int64_t lanes, int m) {  // g in points 0..2 -> m + 2 points
   for (int64_t l = 0; l < lanes; ++l) {
@@ -391,9 +404,15 @@ struct Conv {
             std::memcpy(buf + q * pw + w, &v, sizeof(T));
           }
         }
-        along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line(buf + base, st, pw, m); });
-        for (int64_t q = 0; q < points; ++q)
-          std::memcpy(V + (q * cin + ci) * B + (c0 - m0), buf + q * pw, sizeof(T) * pw);
+        if (m == 2)
+          along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line<2>(buf + base, st, pw); });
+        else
+          along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line<4>(buf + base, st, pw); });
+        for (int64_t q = 0; q < points; ++q) {  // in lane blocks: constant-size copies inline
+          T* dst = V + (q * cin + ci) * B + (c0 - m0);
+          for (int l0 = 0; l0 < pw; l0 += kLaneBlock)
+            std::memcpy(dst + l0, buf + q * pw + l0, sizeof(T) * kLaneBlock);
+        }
       }
     }
     const T** rows = s.rows.data();
@@ -488,7 +507,10 @@ struct Conv {
   // the bias, for n-tile nt of image n, group g.
   void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, const Scratch& s) const {
     const int64_t lanes = (int64_t)mro * pw;
-    along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line(block + base, st, lanes, m); });
+    if (m == 2)
+      along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line<2>(block + base, st, lanes); });
+    else
+      along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line<4>(block + base, st, lanes); });
     const std::vector<int64_t>& runs = s.runs;
     const std::vector<int64_t>& left = s.left;
     for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
