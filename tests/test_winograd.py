@@ -261,3 +261,15 @@ def test_tile_size_choice(monkeypatch):
         assert _core.last_algorithm().startswith(f"winograd F({tile},3)"), (dtype, size, _core.last_algorithm())
         expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding=dilation, dilation=dilation)
         assert_close(y, expected, dtype, reduction_size=9 * cin)
+
+
+def test_weight_transform_memory_cap(monkeypatch):
+    # A weight transform over 48 MiB (3-D 3x3x3, 384 channels, float64: 64 x 384^2 x 8 bytes =
+    # 72 MiB) leaves the layer to the GEMM path, whose packed weights are 27/64 of that.
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    x = np.zeros((1, 384, 2, 2, 2))
+    w = np.zeros((384, 384, 3, 3, 3))
+    convfast.conv3d(x, w, padding=1)
+    assert not _ran_winograd(), _core.last_algorithm()
+    convfast.conv3d(x[:, :256], w[:256, :256], padding=1)  # 32 MiB
+    assert _ran_winograd(), _core.last_algorithm()

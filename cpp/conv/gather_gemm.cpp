@@ -563,11 +563,18 @@ struct ConvPlan<T>::Impl {
           points4 *= 6.0;
         }
       const double transform4 = points4 * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T);
-      if (cost4 * 1.2 < cost2 && transform4 <= double(32 << 20))
+      if (cost4 * 1.2 < cost2 && double(p.groups) * transform4 <= double(32 << 20))
         for (winograd::Axis& w : planned) w.m = 4;
     }
     const int64_t kMinChannels = winograd_axes == 3 ? 32 : 64;
     if (force != "winograd" && (p.cin_per_group < kMinChannels || p.cout_per_group < kMinChannels)) return false;
+    // Working memory: the weight transform is (points / taps) times the packed weights (16/9 in
+    // 2-D, 64/27 in 3-D, more with F(4, 3) below); past 48 MiB (a 3-D 512-channel float64 layer
+    // would need 134 MiB) the GEMM path keeps the documented bound.
+    const double points2 = winograd_axes == 3 ? 64.0 : 16.0;
+    if (force != "winograd" &&
+        points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) > double(48 << 20))
+      return false;
     const int64_t cout = p.cout_per_group;
     int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
     if (variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) variant = 2;  // as choose_algorithm
