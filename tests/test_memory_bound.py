@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("algo", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("algo", ["auto", "winograd", "gemm", "direct"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_vgg_layer_extra_memory_below_64_mib(algo, dtype):
     if not sys.platform.startswith("linux"):
