@@ -273,3 +273,32 @@ def test_weight_transform_memory_cap(monkeypatch):
     assert not _ran_winograd(), _core.last_algorithm()
     convfast.conv3d(x[:, :256], w[:256, :256], padding=1)  # 32 MiB
     assert _ran_winograd(), _core.last_algorithm()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf"])
+def test_non_finite_values_recomputed_exactly(dtype, where, monkeypatch):
+    # An infinity inside a Winograd tile becomes Inf - Inf = NaN in the transforms where the direct
+    # sum gives +-Inf; an output holding Inf or NaN sends the call to the exact-chain GEMM, so the
+    # result is the GEMM path's bit for bit (the NaN/Inf pattern of PyTorch and the oracle).
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rng = np.random.default_rng(4)
+    x = _rand(rng, (2, 64, 10, 11), dtype)
+    w = _rand(rng, (64, 64, 3, 3), dtype)
+    if where == "input_inf":
+        x[1, 3, 4, 5] = np.inf
+        x[0, 7, 0, 0] = -np.inf
+    elif where == "input_nan":
+        x[0, 2, 9, 10] = np.nan
+    else:
+        w[5, 6, 1, 2] = np.inf
+    y = convfast.conv2d(x, w, padding=1)
+    assert "after winograd" in _core.last_algorithm(), _core.last_algorithm()
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    exact = convfast.conv2d(x, w, padding=1)
+    assert np.array_equal(y, exact, equal_nan=True)
+    if where == "input_inf":
+        assert np.isinf(y).any()
+    monkeypatch.delenv("CONVFAST_ALGO")
+    convfast.conv2d(np.nan_to_num(x, posinf=1.0, neginf=-1.0, nan=0.0), np.nan_to_num(w, posinf=1.0), padding=1)
+    assert _core.last_algorithm().startswith("winograd")  # finite data stays on Winograd

@@ -430,7 +430,10 @@ struct ConvPlan<T>::Impl {
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
   std::unique_ptr<winograd::Conv<T>> wino;  // set when the layer runs as Winograd F(2, 3) (winograd.hpp)
 
-  explicit Impl(const ConvProblem<T>& p) : shape(p), uk(active_ukernel<T>()), isa(active_ukernels().isa) {
+  // allow_winograd = false: the exact-chain paths only (the fallback of a Winograd plan whose
+  // output came out non-finite, see execute).
+  explicit Impl(const ConvProblem<T>& p, bool allow_winograd = true)
+      : shape(p), uk(active_ukernel<T>()), isa(active_ukernels().isa) {
     for (int a = 0; a < kSpatialRank; ++a) {
       if (p.kind == ConvKind::Forward)
         axes[a].push_back(forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
@@ -452,7 +455,7 @@ struct ConvPlan<T>::Impl {
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
     max_k = checked_mul(max_taps, cin);
 
-    if (choose_winograd(p)) return;
+    if (allow_winograd && choose_winograd(p)) return;
     choose_algorithm(p);
     if (direct) {
       tile_m = uk.pw[direct_variant];
@@ -1093,7 +1096,16 @@ struct ConvPlan<T>::Impl {
       if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
     if (outputs_uncovered) fill_with_bias(p);
     if (wino) {
-      wino->execute(p, get_num_threads());
+      // Non-finite values: an infinity in a tile spreads through the transforms into Inf - Inf =
+      // NaN where the direct sum gives +-Inf, so an output holding any Inf or NaN is recomputed
+      // by the exact-chain GEMM / direct plan (built here: this is rare, and costs one plan), whose
+      // IEEE results are those of PyTorch's. Checking the outputs as they are stored costs a
+      // multiply-add per output; checking the input instead would read it twice.
+      if (!wino->execute(p, get_num_threads())) {
+        Impl(p, false).execute(p);
+        t_last_algorithm += " (after winograd: non-finite output)";
+        return;
+      }
       t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
       return;
     }

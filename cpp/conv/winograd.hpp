@@ -270,12 +270,14 @@ struct Conv {
     std::vector<int64_t> runs;  // per chunk: runs of tiles read as spans, then of paired outputs
     std::unique_ptr<int[]> single;  // per chunk: the tiles gathered point by point
     std::vector<int64_t> left;      // per chunk: outputs stored one by one
+    T probe = 0;                    // sum of 0 * every output stored: NaN iff one was Inf or NaN
     Scratch(int64_t v_size, int64_t out_size, int64_t off_size, int64_t n_rows, int pw)
         : v(v_size), out(out_size), buf(off_size), off(off_size), keep(new Bits[off_size]),
           rows(static_cast<size_t>(n_rows)), single(new int[pw]) {}
   };
 
-  void execute(const ConvProblem<T>& p, int nthreads_max) const {
+  // Returns false if any output is an infinity or NaN (the caller recomputes then).
+  bool execute(const ConvProblem<T>& p, int nthreads_max) const {
     const int64_t blocks = ceil_div(tiles, block_tiles), items = checked_mul(checked_mul(p.batch, groups), blocks);
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, items)));
     std::vector<std::unique_ptr<Scratch>> scratch;
@@ -288,6 +290,9 @@ struct Conv {
       const int64_t n = i / (groups * blocks), g = (i / blocks) % groups, b = i % blocks;
       run_block(p, n, g, b * block_tiles, std::min(tiles, (b + 1) * block_tiles), *scratch[omp_get_thread_num()]);
     }
+    bool finite = true;
+    for (const auto& sc : scratch) finite = finite && sc->probe == T(0);
+    return finite;
   }
 
   // The M + 2 points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e].
@@ -298,10 +303,19 @@ struct Conv {
   }
 
   // y[M i + e] = a[e * pitch + i] + b for e < M, i < n (restrict: the sources are thread scratch).
+  // Returns the sum of 0 * each value stored (NaN iff one of them was Inf or NaN).
   template <int M>
-  static void store_run(const T* __restrict a, int64_t pitch, T b, int64_t n, T* __restrict y) {
+  static T store_run(const T* __restrict a, int64_t pitch, T b, int64_t n, T* __restrict y) {
+    T probe[M] = {};
     for (int64_t i = 0; i < n; ++i)
-      for (int e = 0; e < M; ++e) y[M * i + e] = a[e * pitch + i] + b;
+      for (int e = 0; e < M; ++e) {
+        const T v = a[e * pitch + i] + b;
+        y[M * i + e] = v;
+        probe[e] += v * T(0);
+      }
+    T sum = 0;
+    for (int e = 0; e < M; ++e) sum += probe[e];
+    return sum;
   }
 
   // Tile m's coordinate index along each axis.
@@ -505,7 +519,7 @@ struct Conv {
 
   // The output transform of one [point][mro][pw] product block (in place) and its stores, with
   // the bias, for n-tile nt of image n, group g.
-  void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, const Scratch& s) const {
+  void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, Scratch& s) const {
     const int64_t lanes = (int64_t)mro * pw;
     if (m == 2)
       along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line<2>(block + base, st, lanes); });
@@ -519,12 +533,16 @@ struct Conv {
       T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
       for (size_t i = 0; i < runs.size(); i += 4) {
         const T* first = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
-        if (m == 2)
-          store_run<2>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
-        else
-          store_run<4>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
+        s.probe += m == 2 ? store_run<2>(first, lanes, b, runs[i + 2], yc + runs[i + 3])
+                          : store_run<4>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
       }
-      for (size_t i = 0; i < left.size(); i += 2) yc[left[i + 1]] = block[left[i] + r * pw] + b;
+      T probe = 0;
+      for (size_t i = 0; i < left.size(); i += 2) {
+        const T v = block[left[i] + r * pw] + b;
+        yc[left[i + 1]] = v;
+        probe += v * T(0);
+      }
+      s.probe += probe;
     }
   }
 };
