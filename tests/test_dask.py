@@ -428,6 +428,7 @@ def test_winograd_layer_within_rounding_or_bitwise(monkeypatch):
     """A 3x3 stride-1 layer with 64 channels runs Winograd F(2, 3), whose tiles start at each
     block's origin: chunked results agree with the in-memory call within rounding. With
     CONVFAST_ALGO=gemm both take the exact-chain GEMM and agree bit for bit (docs/dask.md)."""
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 64, 23, 21))
     w = rng.standard_normal((64, 64, 3, 3))

@@ -31,6 +31,13 @@ def _ran_winograd():
     return _core.last_algorithm().startswith("winograd")
 
 
+@pytest.fixture(autouse=True)
+def automatic_choice(monkeypatch):
+    """These tests are about Winograd whatever algorithm a CI pass forces (CONVFAST_ALGO=gemm
+    excludes it): each starts from the automatic choice and forces what it needs itself."""
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+
+
 @pytest.fixture
 def forced(monkeypatch):
     monkeypatch.setenv("CONVFAST_ALGO", "winograd")
