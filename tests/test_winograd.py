@@ -172,18 +172,21 @@ def test_excluded_when_another_algorithm_is_forced(algo, monkeypatch):
 
 
 @pytest.mark.parametrize("rank", [2, 3])
-def test_integer_data_is_exact(rank):
-    # The transforms' coefficients are 0, +-1 and 1/2, so small integers stay exact: the result
-    # equals the exact integer convolution bit for bit (float32, sums far below 2**24).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_integer_data_is_exact(rank, dtype):
+    # F(2, 3)'s coefficients are 0, +-1 and 1/2, so small integers stay exact: the result equals
+    # the exact integer convolution bit for bit (float32: sums far below 2**24). float64 layers
+    # whose weights are all integers keep F(2, 3) for this (F(4, 3)'s 1/6 would round), which
+    # keeps integer inputs (computed in float64) exact.
     rng = np.random.default_rng(rank)
     spatial = (11, 10) if rank == 2 else (6, 7, 5)
-    x = rng.integers(-8, 9, (2, 64) + spatial).astype(np.float32)
-    w = rng.integers(-4, 5, (64, 64) + (3,) * rank).astype(np.float32)
-    b = rng.integers(-3, 4, 64).astype(np.float32)
+    x = rng.integers(-8, 9, (2, 64) + spatial).astype(dtype)
+    w = rng.integers(-4, 5, (64, 64) + (3,) * rank).astype(dtype)
+    b = rng.integers(-3, 4, 64).astype(dtype)
     y = CONV[rank](x, w, b, padding=1)
-    assert _ran_winograd()
+    assert _core.last_algorithm().startswith("winograd F(2,3)"), _core.last_algorithm()
     exact = REF_CONV[rank](x.astype(np.int64), w.astype(np.int64), b.astype(np.int64), padding=1)
-    assert np.array_equal(y, exact.astype(np.float32))
+    assert np.array_equal(y, exact.astype(y.dtype))
 
 
 def test_error_close_to_the_direct_sum():
@@ -309,3 +312,45 @@ def test_non_finite_values_recomputed_exactly(dtype, where, monkeypatch):
     monkeypatch.delenv("CONVFAST_ALGO")
     convfast.conv2d(np.nan_to_num(x, posinf=1.0, neginf=-1.0, nan=0.0), np.nan_to_num(w, posinf=1.0), padding=1)
     assert _core.last_algorithm().startswith("winograd")  # finite data stays on Winograd
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("kw", [dict(stride=2, padding=1), dict(stride=2), dict(stride=3, padding=1, output_padding=2),
+                                dict(stride=2, padding=1, output_padding=1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transposed_stride_phases_with_two_taps(rank, kw, dtype, forced):
+    # Even kernels of strided transposed convolutions (k4 s2, k6 s3): every stride phase has 2 taps
+    # per axis and runs as its own F(2, 2) convolution writing its interleaved outputs.
+    k = 2 * kw["stride"]
+    rng = np.random.default_rng(rank * 7 + k)
+    spatial = {2: (5, 7), 3: (3, 4, 5)}[rank]
+    x = _rand(rng, (2, 6) + spatial, dtype)
+    w = _rand(rng, (6, 5) + (k,) * rank, dtype)
+    b = _rand(rng, (5,), dtype)
+    y = CONVT[rank](x, w, b, **kw)
+    assert _core.last_algorithm().startswith("winograd F(2,2)"), _core.last_algorithm()
+    expected = REF_CONVT[rank](x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
+    assert_close(y, expected, dtype, reduction_size=6 * k ** rank)
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (2, 3), (3, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_two_tap_axes_forward(kernel, dtype, forced):
+    # 2-tap axes in a forward convolution, alone or next to a 3-tap axis (F(2, 2) x F(m, 3)).
+    rng = np.random.default_rng(sum(kernel))
+    x = _rand(rng, (2, 5, 9, 8), dtype)
+    w = _rand(rng, (7, 5) + kernel, dtype)
+    y = convfast.conv2d(x, w, padding="same", padding_mode="reflect")
+    assert _ran_winograd()
+    expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding="same", padding_mode="reflect")
+    assert_close(y, expected, dtype, reduction_size=5 * kernel[0] * kernel[1])
+
+
+def test_transposed_phase_choice():
+    rng = np.random.default_rng(2)
+    x = _rand(rng, (1, 64, 6, 6), np.float32)
+    convfast.conv_transpose2d(x, _rand(rng, (64, 64, 4, 4), np.float32), stride=2, padding=1)
+    assert _core.last_algorithm().startswith("winograd F(2,2)") and "phases=4" in _core.last_algorithm()
+    # k3 s2: the phases have 1 or 2 taps per axis, some no Winograd axis at all: the GEMM runs all.
+    convfast.conv_transpose2d(x, _rand(rng, (64, 64, 3, 3), np.float32), stride=2, padding=1, output_padding=1)
+    assert not _ran_winograd()

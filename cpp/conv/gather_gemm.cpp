@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -428,7 +429,7 @@ struct ConvPlan<T>::Impl {
   int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
   int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
-  std::unique_ptr<winograd::Conv<T>> wino;  // set when the layer runs as Winograd F(2, 3) (winograd.hpp)
+  std::vector<std::unique_ptr<winograd::Conv<T>>> wino;  // per phase, when the layer runs Winograd (winograd.hpp)
 
   // allow_winograd = false: the exact-chain paths only (the fallback of a Winograd plan whose
   // output came out non-finite, see execute).
@@ -516,65 +517,96 @@ struct ConvPlan<T>::Impl {
   // never take it. Measured (float32, AVX2, 8 x C x 56 x 56, 3x3, 1 thread, against the GEMM):
   // 0.72x at 16 channels, 0.80x at 32, 1.03x at 48, 1.37x at 64; 3-D 3x3x3 (2 x C x 24^3): 0.87x
   // at 16, 1.67x at 32, where a tile saves 3.4x of the products instead of 2.25x.
+  // Whether every weight is an integer: such layers keep F(2, 3), whose transform coefficients
+  // (0, +-1, 1/2) compute integer data exactly (integer inputs are computed in float64, exactly,
+  // as documented), where F(4, 3)'s 1/6 and 1/24 would round.
+  static bool integer_weights(const ConvProblem<T>& p) {
+    for (int64_t g = 0; g < p.groups; ++g)
+      for (int64_t co = 0; co < p.cout_per_group; ++co)
+        for (int64_t ci = 0; ci < p.cin_per_group; ++ci)
+          for (int64_t k0 = 0; k0 < p.kernel[0]; ++k0)
+            for (int64_t k1 = 0; k1 < p.kernel[1]; ++k1)
+              for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2) {
+                const T v = p.w[g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci + k0 * p.w_stride[0] +
+                                k1 * p.w_stride[1] + k2 * p.w_stride[2]];
+                if (v != std::nearbyint(v)) return false;
+              }
+    return true;
+  }
+
   bool choose_winograd(const ConvProblem<T>& p) {
     const char* forced = std::getenv("CONVFAST_ALGO");
     const std::string force = forced ? forced : "";
-    if (force == "gemm" || force == "direct" || phases.size() != 1 || p.cin_per_group < 1)
-      return false;
-    winograd::Axis planned[kSpatialRank];
+    // (No phases: a transposed convolution whose outputs no tap reaches, all bias.)
+    if (force == "gemm" || force == "direct" || p.cin_per_group < 1 || phases.empty()) return false;
+    // Every phase must qualify (a transposed convolution's stride phases each become one
+    // Winograd convolution writing its own outputs; k4 s2: four phases of 2 x 2 taps).
+    std::vector<std::array<winograd::Axis, kSpatialRank>> planned(phases.size());
     int winograd_axes = 0;
-    for (int a = 0; a < kSpatialRank; ++a) {
-      const AxisPlan& ap = *phases[0][a];
-      winograd::Axis& w = planned[a];
-      w.count = ap.count;
-      w.out_start = ap.out_start;
-      w.out_step = ap.out_step;
-      w.in_size = ap.in_size;
-      w.in_step = ap.in_step;
-      w.mode = ap.mode;
-      if (ap.taps.size() == 1) {
-        w.first = ap.tap_offset[0];
-        w.kernel_index[0] = ap.taps[0];
-        continue;
+    double points2 = 0;  // the weight transforms' points, all phases, with F(2, *) tiles
+    for (size_t ph = 0; ph < phases.size(); ++ph) {
+      int axes_here = 0;
+      double points_here = 1;
+      for (int a = 0; a < kSpatialRank; ++a) {
+        const AxisPlan& ap = *phases[ph][a];
+        winograd::Axis& w = planned[ph][a];
+        w.count = ap.count;
+        w.out_start = ap.out_start;
+        w.out_step = ap.out_step;
+        w.in_size = ap.in_size;
+        w.in_step = ap.in_step;
+        w.mode = ap.mode;
+        const int nt = static_cast<int>(ap.taps.size());
+        if (nt == 1) {
+          w.first = ap.tap_offset[0];
+          w.kernel_index[0] = ap.taps[0];
+          continue;
+        }
+        if ((nt != 2 && nt != 3) || ap.in_step != 1) return false;
+        int order[3] = {0, 1, 2};
+        std::sort(order, order + nt, [&](int i, int j) { return ap.tap_offset[i] < ap.tap_offset[j]; });
+        const int64_t spacing = ap.tap_offset[order[1]] - ap.tap_offset[order[0]];
+        if (spacing < 1 || (nt == 3 && ap.tap_offset[order[2]] - ap.tap_offset[order[1]] != spacing)) return false;
+        w.taps = nt;
+        w.first = ap.tap_offset[order[0]];
+        w.spacing = spacing;
+        for (int e = 0; e < nt; ++e) w.kernel_index[e] = ap.taps[order[e]];
+        ++axes_here;
+        points_here *= nt + 1;
       }
-      if (ap.taps.size() != 3 || ap.in_step != 1) return false;
-      int order[3] = {0, 1, 2};
-      std::sort(order, order + 3, [&](int i, int j) { return ap.tap_offset[i] < ap.tap_offset[j]; });
-      const int64_t spacing = ap.tap_offset[order[1]] - ap.tap_offset[order[0]];
-      if (spacing < 1 || ap.tap_offset[order[2]] - ap.tap_offset[order[1]] != spacing) return false;
-      w.taps = 3;
-      w.first = ap.tap_offset[order[0]];
-      w.spacing = spacing;
-      for (int e = 0; e < 3; ++e) w.kernel_index[e] = ap.taps[order[e]];
-      ++winograd_axes;
+      if (axes_here < 2) return false;
+      winograd_axes = std::max(winograd_axes, axes_here);
+      points2 += points_here;
     }
-    if (winograd_axes < 2) return false;
-    // Tile size: F(2, 3), or in float64 F(4, 3) (36 points for 16 outputs in 2-D, 4x fewer
-    // products than the direct sum against 2.25x; its larger transform coefficients cost float64
-    // no measurable accuracy, while in float32 they would approach the documented error bound)
-    // where the products it saves beat its coarser tiles' waste at the edges by 20 % (the model
-    // overestimated F(4, 3) by 10-15 % on the layer suite) and its weight transform (points x
-    // C_in/G x C_out/G) is at most 32 MiB: 1-thread-pair A/B, float64, F(4, 3) over F(2, 3):
-    // ResNet 64x56 1.56x, 128x28 1.29x, 256x14 1.47x, U-Net 1.63x, dilation 2 1.13x; VGG 512x14
-    // (76 MiB) 0.94x, dilation 6 at 32 (equal modelled cost) 0.89x.
-    if (sizeof(T) == 8) {
+    // Tile size along 3-tap axes: F(2, 3), or in float64 F(4, 3) (36 points for 16 outputs in
+    // 2-D, 4x fewer products than the direct sum against 2.25x; its larger transform coefficients
+    // cost float64 no measurable accuracy, while in float32 they would approach the documented
+    // error bound) where the products it saves beat its coarser tiles' waste at the edges by 20 %
+    // (the model overestimated F(4, 3) by 10-15 % on the layer suite) and its weight transform
+    // (points x C_in/G x C_out/G) is at most 32 MiB: 1-thread-pair A/B, float64, F(4, 3) over
+    // F(2, 3): ResNet 64x56 1.56x, 128x28 1.29x, 256x14 1.47x, U-Net 1.63x, dilation 2 1.13x; VGG
+    // 512x14 (76 MiB) 0.94x, dilation 6 at 32 (equal modelled cost) 0.89x. 2-tap axes (stride
+    // phases of even kernels) take F(2, 2): 3 points for 2 outputs, coefficients 0 and +-1.
+    if (sizeof(T) == 8 && phases.size() == 1 && !integer_weights(p)) {
       double cost2 = 1, cost4 = 1, points4 = 1;
-      for (const winograd::Axis& w : planned)
+      for (const winograd::Axis& w : planned[0])
         if (w.taps == 3) {
           cost2 *= 4.0 * double(w.tiles_for(2));
           cost4 *= 6.0 * double(w.tiles_for(4));
           points4 *= 6.0;
+        } else if (w.taps == 2) {
+          points4 *= 3.0;
         }
       const double transform4 = points4 * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T);
       if (cost4 * 1.2 < cost2 && double(p.groups) * transform4 <= double(32 << 20))
-        for (winograd::Axis& w : planned) w.m = 4;
+        for (winograd::Axis& w : planned[0])
+          if (w.taps == 3) w.m = 4;
     }
     const int64_t kMinChannels = winograd_axes == 3 ? 32 : 64;
     if (force != "winograd" && (p.cin_per_group < kMinChannels || p.cout_per_group < kMinChannels)) return false;
-    // Working memory: the weight transform is (points / taps) times the packed weights (16/9 in
-    // 2-D, 64/27 in 3-D, more with F(4, 3) below); past 48 MiB (a 3-D 512-channel float64 layer
+    // Working memory: the weight transforms are (points / taps) times the packed weights (16/9 in
+    // 2-D, 64/27 in 3-D, more with F(4, 3) above); past 48 MiB (a 3-D 512-channel float64 layer
     // would need 134 MiB) the GEMM path keeps the documented bound.
-    const double points2 = winograd_axes == 3 ? 64.0 : 16.0;
     if (force != "winograd" &&
         points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) > double(48 << 20))
       return false;
@@ -582,7 +614,10 @@ struct ConvPlan<T>::Impl {
     int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
     if (variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) variant = 2;  // as choose_algorithm
     if (uk.direct[variant] == nullptr || uk.pw[variant] % winograd::kLaneBlock != 0) return false;
-    wino.reset(new winograd::Conv<T>(p, planned, uk, variant, get_num_threads()));
+    for (const auto& axes_of_phase : planned) {
+      winograd::Axis ax[kSpatialRank] = {axes_of_phase[0], axes_of_phase[1], axes_of_phase[2]};
+      wino.emplace_back(new winograd::Conv<T>(p, ax, uk, variant, get_num_threads()));
+    }
     return true;
   }
 
@@ -1095,13 +1130,15 @@ struct ConvPlan<T>::Impl {
     for (int a = 0; a < kSpatialRank; ++a)
       if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
     if (outputs_uncovered) fill_with_bias(p);
-    if (wino) {
+    if (!wino.empty()) {
       // Non-finite values: an infinity in a tile spreads through the transforms into Inf - Inf =
       // NaN where the direct sum gives +-Inf, so an output holding any Inf or NaN is recomputed
       // by the exact-chain GEMM / direct plan (built here: this is rare, and costs one plan), whose
       // IEEE results are those of PyTorch's. Checking the outputs as they are stored costs a
       // multiply-add per output; checking the input instead would read it twice.
-      if (!wino->execute(p, get_num_threads())) {
+      bool finite = true;
+      for (const auto& phase : wino) finite = phase->execute(p, get_num_threads()) && finite;
+      if (!finite) {
         Impl(p, false).execute(p);
         t_last_algorithm += " (after winograd: non-finite output)";
         return;
@@ -1157,9 +1194,13 @@ struct ConvPlan<T>::Impl {
   }
 
   std::string describe() const {
-    if (wino)
-      return std::string("winograd F(") + std::to_string(wino->m) + ",3) " + isa + " " + std::to_string(wino->points) + " points " +
-             std::to_string(wino->pw) + "x" + std::to_string(wino->mro);
+    if (!wino.empty()) {  // the tile of phase 0's first Winograd axis, e.g. "F(2,3)"
+      const winograd::Conv<T>& w0 = *wino[0];
+      const winograd::Axis& ax = w0.axes[0].winograd() ? w0.axes[0] : w0.axes[1];
+      return std::string("winograd F(") + std::to_string(ax.m) + "," + std::to_string(ax.taps) + ") " + isa + " " +
+             std::to_string(w0.points) + " points " + std::to_string(w0.pw) + "x" + std::to_string(w0.mro) +
+             " phases=" + std::to_string(wino.size());
+    }
     return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "");
   }

@@ -1,6 +1,7 @@
-// Winograd minimal filtering F(m, 3), m = 2 or 4, for stride-1 convolutions whose taps along two
-// or three axes are 3 (dilated or not; forward or the stride-1 transposed form, whose taps run
-// backwards), the other axes having one tap.
+// Winograd minimal filtering F(m, 3), m = 2 or 4, and F(2, 2) for one stride phase whose inputs
+// advance one per output along every axis, with 3 or 2 taps along two or three axes (dilated or
+// not; forward, or transposed, whose taps run backwards) and one tap on the others. F(2, 2):
+//   input (d0 - d1, d1, d2 - d1), weight (g0, g0 + g1, g1), output (m0 + m1, m1 + m2).
 //
 // Along each 3-tap ("Winograd") axis an output tile of m outputs, `spacing` apart (the dilation),
 // reads m + 2 inputs and costs m + 2 multiplications instead of 3m; an N-D tile is the tensor
@@ -27,8 +28,8 @@ constexpr int kMaxPoints = 216;  // 6^3 (F(4, 3) in 3-D)
 constexpr int kMaxOutputs = 64;  // 4^3
 
 struct Axis {
-  int taps = 1;             // 3: a Winograd axis (tiles of m outputs, m + 2 inputs); 1: one output per tile
-  int m = 2;                // outputs per tile on a Winograd axis: F(2, 3) or F(4, 3)
+  int taps = 1;             // 2 or 3: a Winograd axis (tiles of m outputs, m + taps - 1 inputs); 1: one output per tile
+  int m = 2;                // outputs per tile on a Winograd axis: F(2, 3), F(4, 3) or F(2, 2)
   int64_t count = 1;        // outputs along the axis (of the phase: y coordinate out_start + j * out_step)
   int64_t out_start = 0, out_step = 1;
   int64_t in_size = 1;
@@ -40,8 +41,9 @@ struct Axis {
   std::vector<int64_t> origin;    // per tile: its first output
   std::vector<int64_t> in_index;  // per tile and tile input: the mapped input coordinate, or -1
 
-  int points() const { return taps == 3 ? m + 2 : 1; }
-  int outputs() const { return taps == 3 ? m : 1; }
+  bool winograd() const { return taps > 1; }
+  int points() const { return taps > 1 ? m + taps - 1 : 1; }
+  int outputs() const { return taps > 1 ? m : 1; }
 
   // Tiles: outputs o + e * spacing (e < m), for o = b * m * spacing + r, r < spacing (so that
   // dilated tiles interleave and cover every output once); a tile's outputs past the end are
@@ -88,13 +90,19 @@ struct Axis {
 // which the compiler vectorises without the aliasing checks a runtime point stride would need.
 constexpr int kLaneBlock = 4;
 
-template <int M, typename V>
+template <int M, int R, typename V>
 inline void input_line(V* b, int64_t s, int lanes) {
-  constexpr int Q = kLaneBlock, m = M;
+  constexpr int Q = kLaneBlock, m = M + R - 3;  // m + 2 = the points
   for (int l0 = 0; l0 < lanes; l0 += Q) {
     V d[6][Q], r[6][Q];
     for (int e = 0; e < m + 2; ++e) std::memcpy(d[e], b + e * s + l0, sizeof(d[e]));
-    if constexpr (M == 2)
+    if constexpr (R == 2)
+      for (int l = 0; l < Q; ++l) {
+        r[0][l] = d[0][l] - d[1][l];
+        r[1][l] = d[1][l];
+        r[2][l] = d[2][l] - d[1][l];
+      }
+    else if constexpr (M == 2)
       for (int l = 0; l < Q; ++l) {
         r[0][l] = d[0][l] - d[2][l];
         r[1][l] = d[1][l] + d[2][l];
@@ -113,13 +121,18 @@ inline void input_line(V* b, int64_t s, int lanes) {
     for (int e = 0; e < m + 2; ++e) std::memcpy(b + e * s + l0, r[e], sizeof(r[e]));
   }
 }
-template <int M, typename V>
+template <int M, int R, typename V>
 inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 .. M - 1
-  constexpr int Q = kLaneBlock, m = M;
+  constexpr int Q = kLaneBlock, m = M + R - 3;  // m + 2 = the points
   for (int l0 = 0; l0 < lanes; l0 += Q) {
     V d[6][Q], r[4][Q];
     for (int e = 0; e < m + 2; ++e) std::memcpy(d[e], b + e * s + l0, sizeof(d[e]));
-    if constexpr (M == 2)
+    if constexpr (R == 2)
+      for (int l = 0; l < Q; ++l) {
+        r[0][l] = d[0][l] + d[1][l];
+        r[1][l] = d[1][l] + d[2][l];
+      }
+    else if constexpr (M == 2)
       for (int l = 0; l < Q; ++l) {
         r[0][l] = d[0][l] + d[1][l] + d[2][l];
         r[1][l] = d[1][l] - d[2][l] - d[3][l];
@@ -133,11 +146,17 @@ inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 ..
         r[2][l] = sum12 + V(4) * sum34;
         r[3][l] = diff12 + V(8) * diff34 + d[5][l];
       }
-    for (int e = 0; e < m; ++e) std::memcpy(b + e * s + l0, r[e], sizeof(r[e]));
+    for (int e = 0; e < M; ++e) std::memcpy(b + e * s + l0, r[e], sizeof(r[e]));
   }
 }
-inline void weight_line(double* b, int64_t s, int64_t lanes, int m) {  // g in points 0..2 -> m + 2 points
+inline void weight_line(double* b, int64_t s, int64_t lanes, int m, int taps) {  // g -> m + taps - 1 points
   for (int64_t l = 0; l < lanes; ++l) {
+    if (taps == 2) {
+      const double g0 = b[l], g1 = b[s + l];
+      b[s + l] = g0 + g1;
+      b[2 * s + l] = g1;
+      continue;
+    }
     const double g0 = b[l], g1 = b[s + l], g2 = b[2 * s + l];
     if (m == 2) {
       b[s + l] = (g0 + g1 + g2) * 0.5;
@@ -154,19 +173,19 @@ inline void weight_line(double* b, int64_t s, int64_t lanes, int m) {  // g in p
   }
 }
 
-// Applies line(offset, stride) to every line along every Winograd axis of a [m+2|1]^3 x lanes buffer.
+// Applies line(offset, stride, axis) to every line along every Winograd axis of a [m+2|1]^3 x lanes buffer.
 template <typename Line>
 inline void along_axes(const Axis* axes, int lanes, Line&& line) {
   int64_t n[3];
   for (int a = 0; a < 3; ++a) n[a] = axes[a].points();
   for (int a = 0; a < 3; ++a) {
-    if (axes[a].taps != 3) continue;
+    if (!axes[a].winograd()) continue;
     int64_t inner = lanes;
     for (int b = a + 1; b < 3; ++b) inner *= n[b];
     int64_t outer = 1;
     for (int b = 0; b < a; ++b) outer *= n[b];
     for (int64_t o = 0; o < outer; ++o)
-      for (int64_t i = 0; i < inner; i += lanes) line(o * n[a] * inner + i, inner);
+      for (int64_t i = 0; i < inner; i += lanes) line(o * n[a] * inner + i, inner, axes[a]);
   }
 }
 
@@ -182,7 +201,6 @@ struct Conv {
   int64_t points = 1, outputs = 1, tiles = 1;
   int64_t tiles_along[3] = {1, 1, 1};
   int64_t out_point[kMaxOutputs] = {};  // the transform point holding each output of a tile
-  int m = 2;                            // outputs per tile along each Winograd axis
   int64_t cin = 0, cout = 0, groups = 1;
   UkernelInfo<T> uk;
   int variant = 0, mro = 0, pw = 0;
@@ -196,7 +214,6 @@ struct Conv {
         mro(kDirectChannelTiles[variant_]), pw(ukernel.pw[variant_]) {
     for (int a = 0; a < 3; ++a) {
       axes[a] = planned[a];
-      if (axes[a].taps == 3) m = axes[a].m;
       axes[a].make_tiles();
       tiles_along[a] = (int64_t)axes[a].origin.size();
       points *= axes[a].points();
@@ -254,7 +271,8 @@ struct Conv {
               double* b = buf + ((e0 * n[1] + e1) * n[2] + e2) * cin;
               for (int64_t ci = 0; ci < cin; ++ci) b[ci] = static_cast<double>(w[ci * p.w_stride_ci]);
             }
-        along_axes(axes, (int)cin, [&](int64_t base, int64_t st) { weight_line(buf + base, st, cin, m); });
+        along_axes(axes, (int)cin,
+                   [&](int64_t base, int64_t st, const Axis& ax) { weight_line(buf + base, st, cin, ax.m, ax.taps); });
       }
       T* dst = u->get() + (g * n_tiles + co / mro) * points * panel + co % mro;
       for (int64_t q = 0; q < points; ++q)
@@ -295,10 +313,10 @@ struct Conv {
     return finite;
   }
 
-  // The M + 2 points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e].
-  template <int M>
+  // The P points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e].
+  template <int M, int P>
   static void split_span(const T* __restrict src, int64_t n, T* __restrict d, int64_t pitch) {
-    for (int e = 0; e < M + 2; ++e)
+    for (int e = 0; e < P; ++e)
       for (int64_t i = 0; i < n; ++i) d[e * pitch + i] = src[M * i + e];
   }
 
@@ -341,7 +359,8 @@ struct Conv {
     // read inputs 2 apart, 4 each, so a run of them is read as one contiguous span per row of the
     // tile (split into the 4 points by stride-2 loads); other tiles (row ends, padding, other
     // layouts) gather point by point through offsets.
-    const bool spans = axes[2].taps == 3 && axes[2].spacing == 1 && p.x_stride[2] == 1;
+    const bool spans = axes[2].winograd() && axes[2].spacing == 1 && p.x_stride[2] == 1;
+    const int m2 = axes[2].m;  // outputs per tile along the last axis
     const int64_t rows_per_tile = points / np[2];
     std::vector<int64_t>& runs = s.runs;
     for (int64_t c0 = m0; c0 < m1; c0 += pw) {
@@ -361,7 +380,7 @@ struct Conv {
         int v = w;
         if (spans && tile < m1)
           while (v < pw && c0 + v < m1 && t[2] + (v - w) < tiles_along[2] && contiguous(t[2] + (v - w)) &&
-                 (v == w || axes[2].in_index[(t[2] + v - w) * np[2]] == axes[2].in_index[(t[2] + v - w - 1) * np[2]] + m))
+                 (v == w || axes[2].in_index[(t[2] + v - w) * np[2]] == axes[2].in_index[(t[2] + v - w - 1) * np[2]] + m2))
             ++v;
         if (v - w >= 2) {
           runs.insert(runs.end(), {w, v, axes[2].in_index[t[2] * np[2]]});
@@ -403,10 +422,12 @@ struct Conv {
               continue;
             }
             const T* src = plane + runs[r + 3 + row] + runs[r + 2];
-            if (m == 2)
-              split_span<2>(src, n, b, pw);
+            if (np[2] == 3)
+              split_span<2, 3>(src, n, b, pw);
+            else if (m2 == 2)
+              split_span<2, 4>(src, n, b, pw);
             else
-              split_span<4>(src, n, b, pw);
+              split_span<4, 6>(src, n, b, pw);
           }
         }
         for (int i = 0; i < n_single; ++i) {
@@ -418,10 +439,14 @@ struct Conv {
             std::memcpy(buf + q * pw + w, &v, sizeof(T));
           }
         }
-        if (m == 2)
-          along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line<2>(buf + base, st, pw); });
-        else
-          along_axes(axes, pw, [&](int64_t base, int64_t st) { input_line<4>(buf + base, st, pw); });
+        along_axes(axes, pw, [&](int64_t base, int64_t st, const Axis& ax) {
+          if (ax.taps == 2)
+            input_line<2, 2>(buf + base, st, pw);
+          else if (ax.m == 2)
+            input_line<2, 3>(buf + base, st, pw);
+          else
+            input_line<4, 3>(buf + base, st, pw);
+        });
         for (int64_t q = 0; q < points; ++q) {  // in lane blocks: constant-size copies inline
           T* dst = V + (q * cin + ci) * B + (c0 - m0);
           for (int l0 = 0; l0 < pw; l0 += kLaneBlock)
@@ -491,7 +516,8 @@ struct Conv {
     // (vectorisable); other outputs are stored one by one.
     std::vector<int64_t>& runs = s.runs;
     runs.clear();  // per run of tiles: output index, first tile, tiles, y offset
-    const bool pairs = axes[2].taps == 3 && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
+    const bool pairs = axes[2].winograd() && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
+    const int m = axes[2].m;
     for (int64_t e = 0; e < outputs && pairs; e += m) {
       int64_t* yo = off + e * pw;
       auto whole = [&](int v) {  // all m outputs of tile v along the row exist
@@ -521,10 +547,14 @@ struct Conv {
   // the bias, for n-tile nt of image n, group g.
   void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, Scratch& s) const {
     const int64_t lanes = (int64_t)mro * pw;
-    if (m == 2)
-      along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line<2>(block + base, st, lanes); });
-    else
-      along_axes(axes, lanes, [&](int64_t base, int64_t st) { output_line<4>(block + base, st, lanes); });
+    along_axes(axes, lanes, [&](int64_t base, int64_t st, const Axis& ax) {
+      if (ax.taps == 2)
+        output_line<2, 2>(block + base, st, lanes);
+      else if (ax.m == 2)
+        output_line<2, 3>(block + base, st, lanes);
+      else
+        output_line<4, 3>(block + base, st, lanes);
+    });
     const std::vector<int64_t>& runs = s.runs;
     const std::vector<int64_t>& left = s.left;
     for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
@@ -533,7 +563,7 @@ struct Conv {
       T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
       for (size_t i = 0; i < runs.size(); i += 4) {
         const T* first = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
-        s.probe += m == 2 ? store_run<2>(first, lanes, b, runs[i + 2], yc + runs[i + 3])
+        s.probe += axes[2].m == 2 ? store_run<2>(first, lanes, b, runs[i + 2], yc + runs[i + 3])
                           : store_run<4>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
       }
       T probe = 0;
