@@ -235,7 +235,7 @@ struct Conv {
     const int64_t per_tile =
         checked_mul(points * (int64_t)sizeof(T), group_chunks ? checked_add(cin, n_tiles * mro) : cin);
     int64_t block = std::max<int64_t>(pw, (int64_t(group_chunks ? 2 : 1) << 20) / per_tile / pw * pw);
-    const int64_t images = checked_mul(p.batch, groups);
+    const int64_t images = std::max<int64_t>(1, checked_mul(p.batch, groups));  // batch 0: no items, any block
     const int64_t want_items = 4 * (int64_t)std::max(nthreads, 1);
     if (images < want_items)
       block = std::min(block, std::max<int64_t>(pw, ceil_div(ceil_div(tiles, ceil_div(want_items, images)), pw) * pw));
