@@ -509,14 +509,6 @@ struct ConvPlan<T>::Impl {
     }
   }
 
-  // Winograd F(2, 3) (winograd.hpp) where it applies: one stride-1 phase whose axes have 3 taps
-  // equally spaced (any dilation, forward or transposed) or 1 tap, at least two of them 3 (a 1-D
-  // tile saves only a third of the products, which the transforms eat). Chosen automatically when
-  // both channel counts per group reach kMinChannels (64 in 2-D, 32 in 3-D), where the GEMMs of the transform points
-  // amortise the transforms; CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct
-  // never take it. Measured (float32, AVX2, 8 x C x 56 x 56, 3x3, 1 thread, against the GEMM):
-  // 0.72x at 16 channels, 0.80x at 32, 1.03x at 48, 1.37x at 64; 3-D 3x3x3 (2 x C x 24^3): 0.87x
-  // at 16, 1.67x at 32, where a tile saves 3.4x of the products instead of 2.25x.
   // Whether every weight is an integer: such layers keep F(2, 3), whose transform coefficients
   // (0, +-1, 1/2) compute integer data exactly (integer inputs are computed in float64, exactly,
   // as documented), where F(4, 3)'s 1/6 and 1/24 would round.
@@ -534,6 +526,15 @@ struct ConvPlan<T>::Impl {
     return true;
   }
 
+  // Winograd (winograd.hpp) where it applies: every stride phase reads its inputs at unit step
+  // along each axis with 3 or 2 equally spaced taps (any dilation, forward or transposed) or 1 tap,
+  // at least two axes with more than one (a 1-D tile saves only a third of the products, which the
+  // transforms eat). Chosen automatically when both channel counts per group reach kMinChannels
+  // (64 in 2-D, 32 in 3-D), where the GEMMs of the transform points amortise the transforms;
+  // CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct never take it. Measured
+  // (float32, AVX2, 8 x C x 56 x 56, 3x3, 1 thread, against the GEMM): 0.72x at 16 channels, 0.80x
+  // at 32, 1.03x at 48, 1.37x at 64; 3-D 3x3x3 (2 x C x 24^3): 0.87x at 16, 1.67x at 32, where a
+  // tile saves 3.4x of the products instead of 2.25x.
   bool choose_winograd(const ConvProblem<T>& p) {
     const char* forced = std::getenv("CONVFAST_ALGO");
     const std::string force = forced ? forced : "";
@@ -610,15 +611,22 @@ struct ConvPlan<T>::Impl {
     if (force != "winograd" &&
         points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) > double(48 << 20))
       return false;
-    const int64_t cout = p.cout_per_group;
-    int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
-    if (variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) variant = 2;  // as choose_algorithm
+    const int variant = direct_variant_for(p.cout_per_group);
     if (uk.direct[variant] == nullptr || uk.pw[variant] % winograd::kLaneBlock != 0) return false;
     for (const auto& axes_of_phase : planned) {
       winograd::Axis ax[kSpatialRank] = {axes_of_phase[0], axes_of_phase[1], axes_of_phase[2]};
       wino.emplace_back(new winograd::Conv<T>(p, ax, uk, variant, get_num_threads()));
     }
     return true;
+  }
+
+  // The direct micro-kernel's channel tile (index into kDirectChannelTiles) for C_out/G channels:
+  // the smallest that holds them, up to 6. 6-channel tiles have the best loads-per-FMA ratio, but
+  // a C_out/G that is a multiple of 4 and that 6-channel tiles overshoot by more than 10 % (8, 16,
+  // 20, 32, ...: 32 channels would be computed as 36) takes 4-channel tiles, which waste none.
+  static int direct_variant_for(int64_t cout) {
+    const int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
+    return variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11 ? 2 : variant;
   }
 
   // GEMM (pixels x output channels, output channels in the vector lanes) or direct (output
@@ -635,11 +643,7 @@ struct ConvPlan<T>::Impl {
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
     const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
     const bool unit_stride = p.kind == ConvKind::Forward && p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
-    direct_variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 4 ? 2 : 3;
-    // 6-channel tiles have the best loads-per-FMA ratio, but a C_out/G that is a multiple of 4 and
-    // that 6-channel tiles overshoot by more than 10 % (8, 16, 20, 32, ...: 32 channels would be
-    // computed as 36) takes 4-channel tiles, which waste none.
-    if (direct_variant == 3 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11) direct_variant = 2;
+    direct_variant = direct_variant_for(cout);
     const int pw = uk.pw[direct_variant];
     bool possible = uk.direct[0] != nullptr && max_k <= 16384;
     double fill = 1.0;

@@ -21,11 +21,11 @@
 //
 // Included inside gather_gemm.cpp's anonymous namespace (it uses map_padded_index only).
 #pragma once
+#include <type_traits>
 
 namespace winograd {
 
-constexpr int kMaxPoints = 216;  // 6^3 (F(4, 3) in 3-D)
-constexpr int kMaxOutputs = 64;  // 4^3
+constexpr int kMaxOutputs = 64;  // 4^3 (F(4, 3) in 3-D)
 
 struct Axis {
   int taps = 1;             // 2 or 3: a Winograd axis (tiles of m outputs, m + taps - 1 inputs); 1: one output per tile
@@ -45,10 +45,7 @@ struct Axis {
   int points() const { return taps > 1 ? m + taps - 1 : 1; }
   int outputs() const { return taps > 1 ? m : 1; }
 
-  // Tiles: outputs o + e * spacing (e < m), for o = b * m * spacing + r, r < spacing (so that
-  // dilated tiles interleave and cover every output once); a tile's outputs past the end are
-  // computed and dropped.
-  // Tiles along the axis with m outputs per tile (the count make_tiles gives).
+  // Tiles along the axis with tile_m outputs per tile (the count make_tiles gives).
   int64_t tiles_for(int tile_m) const {
     if (taps == 1) return count;
     int64_t n = 0;
@@ -56,6 +53,9 @@ struct Axis {
     return n;
   }
 
+  // Tiles: outputs o + e * spacing (e < m), for o = b * m * spacing + r, r < spacing (so that
+  // dilated tiles interleave and cover every output once); a tile's outputs past the end are
+  // computed and dropped.
   void make_tiles() {
     origin.clear();
     in_index.clear();
@@ -187,6 +187,20 @@ inline void along_axes(const Axis* axes, int lanes, Line&& line) {
     for (int64_t o = 0; o < outer; ++o)
       for (int64_t i = 0; i < inner; i += lanes) line(o * n[a] * inner + i, inner, axes[a]);
   }
+}
+
+// Calls f(M, R) with the axis's tile as compile-time constants (std::integral_constant): M
+// outputs per tile, R taps, so that the transforms, span reads and run stores are instantiated per
+// tile: F(2, 2), F(2, 3) or F(4, 3).
+template <typename F>
+inline void with_tile(const Axis& ax, F&& f) {
+  using two = std::integral_constant<int, 2>;
+  if (ax.taps == 2)
+    f(two{}, two{});
+  else if (ax.m == 2)
+    f(two{}, std::integral_constant<int, 3>{});
+  else
+    f(std::integral_constant<int, 4>{}, std::integral_constant<int, 3>{});
 }
 
 // One planned Winograd convolution: axes, the packed weight transform, blocking. The products run
@@ -347,7 +361,6 @@ struct Conv {
   // chunk of pw tiles and output-channel tile the points' products and the output transform into y.
   void run_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t m0, int64_t m1, Scratch& s) const {
     const T* xg = p.x + n * p.x_stride_n + g * cin * p.x_stride_c;
-    T* yg = p.y + n * p.y_stride_n + g * cout * p.y_stride_c;
     const int64_t B = block_tiles;
     int64_t np[3];
     for (int a = 0; a < 3; ++a) np[a] = axes[a].points();
@@ -356,9 +369,9 @@ struct Conv {
     int64_t* off = s.off.get();
     Bits* keep = s.keep.get();
     // Row runs: along a unit-stride last axis at spacing 1, consecutive interior tiles of one row
-    // read inputs 2 apart, 4 each, so a run of them is read as one contiguous span per row of the
-    // tile (split into the 4 points by stride-2 loads); other tiles (row ends, padding, other
-    // layouts) gather point by point through offsets.
+    // read inputs m apart, m + taps - 1 each, so a run of them is read as one contiguous span per
+    // row of the tile (split into its points by stride-m loads); other tiles (row ends, padding,
+    // other layouts) gather point by point through offsets.
     const bool spans = axes[2].winograd() && axes[2].spacing == 1 && p.x_stride[2] == 1;
     const int m2 = axes[2].m;  // outputs per tile along the last axis
     const int64_t rows_per_tile = points / np[2];
@@ -422,12 +435,7 @@ struct Conv {
               continue;
             }
             const T* src = plane + runs[r + 3 + row] + runs[r + 2];
-            if (np[2] == 3)
-              split_span<2, 3>(src, n, b, pw);
-            else if (m2 == 2)
-              split_span<2, 4>(src, n, b, pw);
-            else
-              split_span<4, 6>(src, n, b, pw);
+            with_tile(axes[2], [&](auto M, auto R) { split_span<M, M + R - 1>(src, n, b, pw); });
           }
         }
         for (int i = 0; i < n_single; ++i) {
@@ -440,12 +448,7 @@ struct Conv {
           }
         }
         along_axes(axes, pw, [&](int64_t base, int64_t st, const Axis& ax) {
-          if (ax.taps == 2)
-            input_line<2, 2>(buf + base, st, pw);
-          else if (ax.m == 2)
-            input_line<2, 3>(buf + base, st, pw);
-          else
-            input_line<4, 3>(buf + base, st, pw);
+          with_tile(ax, [&](auto M, auto R) { input_line<M, R>(buf + base, st, pw); });
         });
         for (int64_t q = 0; q < points; ++q) {  // in lane blocks: constant-size copies inline
           T* dst = V + (q * cin + ci) * B + (c0 - m0);
@@ -486,8 +489,8 @@ struct Conv {
     }
   }
 
-  // Where each output of each tile of the chunk at c0 lands in y: runs of paired outputs
-  // (s.runs) and the rest one by one (s.left).
+  // Where each output of each tile of the chunk at c0 lands in y: runs of tiles whose outputs are
+  // contiguous (s.runs) and the rest one by one (s.left).
   void chunk_outputs(const ConvProblem<T>& p, int64_t c0, int64_t m1, Scratch& s) const {
     int64_t* off = s.off.get();
     const int64_t lanes = (int64_t)mro * pw;
@@ -511,7 +514,7 @@ struct Conv {
             off[e * pw + w] = o;
           }
     }
-    // Channels-first rows at unit spacing along the last axis: a tile's two outputs there are
+    // Channels-first rows at unit spacing along the last axis: a tile's m outputs there are
     // adjacent and the next tile's follow, so runs of tiles store contiguous interleaved outputs
     // (vectorisable); other outputs are stored one by one.
     std::vector<int64_t>& runs = s.runs;
@@ -548,12 +551,7 @@ struct Conv {
   void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, Scratch& s) const {
     const int64_t lanes = (int64_t)mro * pw;
     along_axes(axes, lanes, [&](int64_t base, int64_t st, const Axis& ax) {
-      if (ax.taps == 2)
-        output_line<2, 2>(block + base, st, lanes);
-      else if (ax.m == 2)
-        output_line<2, 3>(block + base, st, lanes);
-      else
-        output_line<4, 3>(block + base, st, lanes);
+      with_tile(ax, [&](auto M, auto R) { output_line<M, R>(block + base, st, lanes); });
     });
     const std::vector<int64_t>& runs = s.runs;
     const std::vector<int64_t>& left = s.left;
@@ -563,8 +561,7 @@ struct Conv {
       T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
       for (size_t i = 0; i < runs.size(); i += 4) {
         const T* first = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
-        s.probe += axes[2].m == 2 ? store_run<2>(first, lanes, b, runs[i + 2], yc + runs[i + 3])
-                          : store_run<4>(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
+        with_tile(axes[2], [&](auto M, auto) { s.probe += store_run<M>(first, lanes, b, runs[i + 2], yc + runs[i + 3]); });
       }
       T probe = 0;
       for (size_t i = 0; i < left.size(); i += 2) {
