@@ -256,6 +256,23 @@ def test_weight_transform_in_and_beyond_l2(cin, cout, dtype, forced):
     assert_close(y, expected, dtype, reduction_size=9 * cin)
 
 
+@pytest.mark.parametrize("cin,cout,groups", [(130, 70, 1), (200, 14, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_weight_transform_channel_blocks(cin, cout, groups, transposed, forced):
+    # The weight transform runs per output-channel tile and block of 64 input channels: several
+    # blocks with a partial last one, a partial last tile, groups, and the transposed weight layout
+    # (C_in, C_out / G, k, k), whose strides differ.
+    rng = np.random.default_rng(cin + transposed)
+    x = _rand(rng, (2, cin, 9, 11), np.float64)
+    shape = (cin, cout // groups, 3, 3) if transposed else (cout, cin // groups, 3, 3)
+    w = _rand(rng, shape, np.float64)
+    fn = "conv_transpose2d" if transposed else "conv2d"
+    y = getattr(convfast, fn)(x, w, padding=1, groups=groups)
+    assert _ran_winograd()
+    expected = getattr(ref, fn)(x, w, padding=1, groups=groups)
+    assert_close(y, expected, np.float64, reduction_size=9 * cin)
+
+
 def test_tile_size_choice(monkeypatch):
     # float32 always F(2, 3); float64 F(4, 3) where its saved products beat its coarser tiles'
     # edge waste by 20 % and its weight transform stays within 32 MiB.
