@@ -647,6 +647,7 @@ _WG_CASES = [
     (1, 2, 21, 30, 3, (200,), (1,), (1,), (1,), ((0, 0),)),                   # 1x1, K = 400
     (2, 2, 20, 9, 1, (8, 11), (2, 2), (2, 3), (1, 1), ((0, 1), (1, 0))),       # disjoint taps: a in place
     (3, 2, 24, 13, 1, (6, 4, 6), (2, 1, 2), (2, 1, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 0))),
+    (2, 2, 200, 20, 1, (9, 10), (1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))),      # 25 / 13 a tiles: uneven blocks
     # depthwise and channel multipliers (Ca_g = 1, Cb_g <= 4): the streaming path; rows longer than
     # its 8 lanes, strides (the scalar loop), dilation, edges in every padding mode
     (2, 2, 6, 6, 6, (9, 27), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
@@ -732,7 +733,7 @@ def test_weight_grad_kernel_transposed_matches_torch(case, dtype):
         _close(gw, tgw, dtype, n * math.prod(sizes) * 4)
 
 
-@pytest.mark.parametrize("case", [_WG_CASES[i] for i in (0, 2, 3, 6, 8, 10, *_DEPTHWISE_WG)], ids=_wg_case_id)
+@pytest.mark.parametrize("case", [_WG_CASES[i] for i in (0, 2, 3, 6, 8, 10, 16, *_DEPTHWISE_WG)], ids=_wg_case_id)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_weight_grad_kernel_bitwise_identical_across_thread_counts(case, dtype):
     r, n, cin, cout, g, sizes, k, stride, dilation, pads = case
@@ -744,7 +745,7 @@ def test_weight_grad_kernel_bitwise_identical_across_thread_counts(case, dtype):
     before = convfast.get_num_threads()
     results = []
     try:
-        for threads in (1, 2, 3):
+        for threads in (1, 2, 3, 4):
             convfast.set_num_threads(threads)
             _, gw, _ = BACK[r](gy, x, w, None, stride, pads, dilation, g, padding_mode="circular",
                                needs=(False, True, False))

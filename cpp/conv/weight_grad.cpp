@@ -499,6 +499,34 @@ struct WeightGrad {
       else
         b_per = ceil_div(b_per, 2);
     }
+    // A last block of fewer a tiles or taps leaves threads idle at the end: 32 a tiles in blocks of
+    // 6 ran on 2 threads as 18 + 14 (the 1x1 256->64 layer's weight gradient in float64; blocks of
+    // 4 run as 16 + 16, measured 1.1x). So where the items are few, the a and tap block sizes down
+    // to half the chosen ones are tried, one at a time, and the one whose greedy schedule (what
+    // schedule(dynamic) does: each item to the thread that is free first, in order) ends first is
+    // kept, with the fewest items on ties. Costs count tile x tap products.
+    if (count() < 16 * threads) {
+      auto makespan = [&](int64_t tp, int64_t ap) {
+        std::vector<int64_t> busy(static_cast<size_t>(threads), 0);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t bt = 0; bt < b_tiles; bt += b_per)
+            for (int64_t at = 0; at < a_tiles; at += ap)
+              for (int64_t t = 0; t < slots; t += tp)
+                *std::min_element(busy.begin(), busy.end()) += (std::min(b_tiles, bt + b_per) - bt) *
+                                                               (std::min(a_tiles, at + ap) - at) *
+                                                               (std::min(slots, t + tp) - t);
+        return *std::max_element(busy.begin(), busy.end());
+      };
+      int64_t best_tap = tap_per, best_a = a_per, best = makespan(tap_per, a_per);
+      auto consider = [&](int64_t tp, int64_t ap) {
+        const int64_t m = makespan(tp, ap);
+        if (m < best) best = m, best_tap = tp, best_a = ap;
+      };
+      for (int64_t ap = a_per - 1; ap >= ceil_div(a_per, 2); --ap) consider(tap_per, ap);
+      for (int64_t tp = tap_per - 1; tp >= ceil_div(tap_per, 2); --tp) consider(tp, a_per);
+      tap_per = best_tap;
+      a_per = best_a;
+    }
     std::vector<Item> items;
     items.reserve(static_cast<size_t>(count()));
     for (int64_t g = 0; g < G; ++g)
