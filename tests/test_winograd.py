@@ -371,3 +371,175 @@ def test_transposed_phase_choice():
     # k3 s2: the phases have 1 or 2 taps per axis, some no Winograd axis at all: the GEMM runs all.
     convfast.conv_transpose2d(x, _rand(rng, (64, 64, 3, 3), np.float32), stride=2, padding=1, output_padding=1)
     assert not _ran_winograd()
+
+
+# ---- The weight gradient (cpp/conv/weight_grad.cpp, WeightGrad::run_winograd) ----
+# The adjoint of F(2, 3) with respect to the weights, for stride-1 undilated layers with 3 taps
+# along two or three axes and one tap on the others. Checked against a NumPy-only sum over windows
+# of the padded input.
+
+BACK = {2: convfast.conv2d_backward, 3: convfast.conv3d_backward}
+BACKT = {2: convfast.conv_transpose2d_backward, 3: convfast.conv_transpose3d_backward}
+NP_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap", "symmetric": "symmetric"}
+
+
+def _ran_winograd_weight_grad():
+    return _core.last_algorithm().startswith("weight_grad winograd")
+
+
+def _grad_weight(fn, *args, **kw):
+    """fn(*args, needs=(False, True, False), **kw)'s grad_weight; the last algorithm is reset first
+    (by a forward call), so that _core.last_algorithm() describes this call's weight gradient."""
+    convfast.conv1d(np.zeros((1, 1, 3)), np.zeros((1, 1, 1)))
+    return fn(*args, needs=(False, True, False), **kw)[1]
+
+
+def _weight_grad_reference(x, gy, kernel, padding, mode, groups, dtype=np.float64):
+    """sum over n and o of gy[n, co, o] * padded x[n, ci, o + t] (stride 1, dilation 1), in dtype."""
+    r = x.ndim - 2
+    xp = np.pad(x.astype(dtype), [(0, 0), (0, 0)] + [(p, p) for p in padding], mode=NP_PAD[mode])
+    windows = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=tuple(range(2, 2 + r)))
+    cin, cout = x.shape[1] // groups, gy.shape[1] // groups
+    sp, ks = "xyz"[:r], "uvw"[:r]
+    out = np.empty((gy.shape[1], cin) + tuple(kernel), dtype)
+    for g in range(groups):
+        out[g * cout:(g + 1) * cout] = np.einsum(f"nc{sp}{ks},nd{sp}->dc{ks}", windows[:, g * cin:(g + 1) * cin],
+                                                 gy[:, g * cout:(g + 1) * cout].astype(dtype))
+    return out
+
+
+WG_CASES = [
+    # rank, batch, C_in, C_out, groups, spatial, kernel, padding
+    (2, 2, 5, 7, 1, (9, 10), (3, 3), (1, 1)),
+    (2, 1, 5, 4, 1, (4, 3), (3, 3), (0, 0)),        # 2 x 1 outputs: one partial tile
+    (2, 2, 10, 8, 2, (7, 8), (3, 3), (2, 1)),       # groups; odd output counts
+    (3, 1, 4, 5, 1, (5, 6, 7), (3, 3, 3), (1, 1, 1)),
+    (3, 2, 10, 8, 2, (4, 5, 3), (1, 3, 3), (0, 1, 1)),  # a one-tap axis; groups
+    (3, 1, 17, 9, 1, (3, 6, 5), (3, 1, 3), (1, 0, 2)),
+]
+
+
+@pytest.mark.parametrize("case", WG_CASES, ids=lambda c: f"{c[0]}d-{c[2]}x{c[3]}g{c[4]}-{'x'.join(map(str, c[6]))}")
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular", "replicate", "symmetric"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_matches_numpy(case, mode, dtype, forced):
+    r, n, cin, cout, g, sizes, kernel, padding = case
+    rng = np.random.default_rng(abs(hash((case, mode))) % 2**32)
+    x = _rand(rng, (n, cin) + sizes, dtype)
+    w = _rand(rng, (cout, cin // g) + kernel, dtype)
+    out = tuple(s + 2 * p - k + 1 for s, p, k in zip(sizes, padding, kernel))
+    gy = _rand(rng, (n, cout) + out, dtype)
+    gw = _grad_weight(BACK[r], gy, x, w, padding=padding, groups=g, padding_mode=mode)
+    assert _ran_winograd_weight_grad(), _core.last_algorithm()
+    assert_close(gw, _weight_grad_reference(x, gy, kernel, padding, mode, g), dtype, reduction_size=n * np.prod(out))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_channels_last_and_transposed(dtype, forced, monkeypatch):
+    rng = np.random.default_rng(7)
+    x = _rand(rng, (2, 6, 7, 9), dtype)
+    w = _rand(rng, (5, 6, 3, 3), dtype)
+    gy = _rand(rng, (2, 5, 7, 9), dtype)
+    expected = _weight_grad_reference(x, gy, (3, 3), (1, 1), "zeros", 1)
+    gw = _grad_weight(BACK[2], np.moveaxis(gy, 1, -1), np.moveaxis(x, 1, -1), w, padding=1,
+                      data_format="channels_last")
+    assert _ran_winograd_weight_grad()
+    assert_close(gw, expected, dtype, reduction_size=2 * 63)
+    # The transposed convolution's weight gradient correlates its output gradient (a) with x (b);
+    # stride 1 qualifies. Against the exact-chain GEMM.
+    wt = _rand(rng, (6, 4, 3, 3), dtype)
+    gyt = _rand(rng, (2, 4, 5, 7), dtype)
+    gw_wino = _grad_weight(BACKT[2], gyt, x, wt, padding=2)
+    assert _ran_winograd_weight_grad()
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    gw_gemm = _grad_weight(BACKT[2], gyt, x, wt, padding=2)
+    assert _core.last_algorithm().startswith("weight_grad gemm")
+    assert_close(gw_wino, gw_gemm, dtype, reduction_size=2 * 63)
+
+
+def test_weight_grad_automatic_choice(monkeypatch):
+    rng = np.random.default_rng(3)
+
+    def algorithm(rank, cin, cout, **kw):
+        x = _rand(rng, (1, cin) + (6,) * rank, np.float32)
+        w = _rand(rng, (cout, cin) + (3,) * rank, np.float32)
+        y = CONV[rank](x, w, **kw)
+        _grad_weight(BACK[rank], np.ones_like(y), x, w, **kw)
+        return _core.last_algorithm().split(" threads")[0]
+
+    assert algorithm(2, 64, 64, padding=1).startswith("weight_grad winograd F(2,3) 16 points")
+    assert algorithm(3, 32, 32, padding=1).startswith("weight_grad winograd F(2,3) 64 points")
+    assert algorithm(2, 63, 64, padding=1) == "weight_grad gemm"
+    assert algorithm(3, 32, 31, padding=1) == "weight_grad gemm"
+    assert algorithm(2, 64, 64, stride=2) == "weight_grad gemm"
+    assert algorithm(2, 64, 64, dilation=2) == "weight_grad gemm"
+    for forced_algorithm in ("gemm", "direct"):
+        monkeypatch.setenv("CONVFAST_ALGO", forced_algorithm)
+        assert algorithm(2, 64, 64, padding=1) == "weight_grad gemm"
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_integer_data_is_exact(rank, dtype, forced):
+    # The coefficients are 0, +-1 and 1/2 (in G^T, applied to even sums): integer-valued data whose
+    # sums fit the mantissa comes out exact.
+    rng = np.random.default_rng(rank)
+    x = rng.integers(-3, 4, (2, 6) + (5,) * rank).astype(dtype)
+    gy = rng.integers(-3, 4, (2, 5) + (5,) * rank).astype(dtype)
+    w = np.zeros((5, 6) + (3,) * rank, dtype)
+    gw = _grad_weight(BACK[rank], gy, x, w, padding=1, padding_mode="reflect")
+    assert _ran_winograd_weight_grad()
+    expected = _weight_grad_reference(x.astype(np.int64), gy.astype(np.int64), (3,) * rank, (1,) * rank, "reflect", 1,
+                                      dtype=np.int64)
+    np.testing.assert_array_equal(gw, expected.astype(dtype))
+
+
+def test_weight_grad_error_close_to_the_gemm(monkeypatch):
+    rng = np.random.default_rng(11)
+    x = _rand(rng, (4, 64, 12, 12), np.float32)
+    w = _rand(rng, (64, 64, 3, 3), np.float32)
+    gy = _rand(rng, (4, 64, 12, 12), np.float32)
+    exact = _weight_grad_reference(x, gy, (3, 3), (1, 1), "zeros", 1)
+    gw_wino = _grad_weight(BACK[2], gy, x, w, padding=1)
+    assert _ran_winograd_weight_grad()
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    gw_gemm = _grad_weight(BACK[2], gy, x, w, padding=1)
+    err_wino, err_gemm = (float(np.abs(g - exact).max()) for g in (gw_wino, gw_gemm))
+    assert err_wino <= 4 * err_gemm, (err_wino, err_gemm)
+
+
+@pytest.mark.parametrize("where", ["x_inf", "x_nan", "grad_output_inf"])
+def test_weight_grad_non_finite_values_recomputed_exactly(where, forced, monkeypatch):
+    # Inf - Inf inside a transform is NaN where the direct sums give +-Inf: an output that is not
+    # finite sends the call to the exact-chain GEMM, whose result it then equals bit for bit.
+    rng = np.random.default_rng(5)
+    x = _rand(rng, (2, 6, 8, 8), np.float64)
+    w = _rand(rng, (5, 6, 3, 3), np.float64)
+    gy = _rand(rng, (2, 5, 8, 8), np.float64)
+    target, value = {"x_inf": (x, np.inf), "x_nan": (x, np.nan), "grad_output_inf": (gy, -np.inf)}[where]
+    target[1, 2, 3, 4] = value
+    gw = _grad_weight(BACK[2], gy, x, w, padding=1)
+    assert "after winograd" in _core.last_algorithm()
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    gw_gemm = _grad_weight(BACK[2], gy, x, w, padding=1)
+    np.testing.assert_array_equal(gw, gw_gemm)
+    assert not np.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_bitwise_identical_across_thread_counts(dtype, forced):
+    rng = np.random.default_rng(13)
+    x = _rand(rng, (3, 40, 9, 10), dtype)
+    w = _rand(rng, (36, 40, 3, 3), dtype)
+    gy = _rand(rng, (3, 36, 9, 10), dtype)
+    before = convfast.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 4):
+            convfast.set_num_threads(threads)
+            results.append(_grad_weight(BACK[2], gy, x, w, padding=1, padding_mode="circular"))
+            assert _ran_winograd_weight_grad()
+    finally:
+        convfast.set_num_threads(before)
+    for gw in results[1:]:
+        np.testing.assert_array_equal(gw, results[0])

@@ -1235,6 +1235,7 @@ std::string ConvPlan<T>::describe() const {
 }
 
 std::string last_algorithm() { return t_last_algorithm; }
+void set_last_algorithm(std::string description) { t_last_algorithm = std::move(description); }
 
 template <typename T>
 void run_convolution(const ConvProblem<T>& p) {

@@ -32,6 +32,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -42,6 +43,7 @@
 #include <vector>
 
 #include "convfast/dispatch.hpp"
+#include "convfast/engine.hpp"
 #include "convfast/scratch.hpp"
 
 namespace convfast {
@@ -153,6 +155,101 @@ struct PixelCursor {
   }
 };
 
+// The Winograd weight gradient's transforms along one axis (see WeightGrad::run_winograd), on
+// `lanes` independent lanes whose entries along the axis are s apart.
+// B^T d: a tile's 4 inputs -> 4 points.
+template <typename T>
+inline void input_points(T* __restrict b, int64_t s, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l];
+    b[l] = d0 - d2;
+    b[s + l] = d1 + d2;
+    b[2 * s + l] = d2 - d1;
+    b[3 * s + l] = d1 - d3;
+  }
+}
+// A dy: the gradients of a tile's 2 outputs (entries 0 and 1) -> 4 points.
+template <typename T>
+inline void gradient_points(T* __restrict b, int64_t s, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T g0 = b[l], g1 = b[s + l];
+    b[s + l] = g0 + g1;
+    b[2 * s + l] = g0 - g1;
+    b[3 * s + l] = -g1;
+  }
+}
+// G^T m: 4 points -> the 3 taps (entries 0..2).
+inline void tap_values(double* __restrict b, int64_t s, int64_t lanes) {
+  for (int64_t l = 0; l < lanes; ++l) {
+    const double m0 = b[l], m1 = b[s + l], m2 = b[2 * s + l], m3 = b[3 * s + l];
+    b[l] = m0 + (m1 + m2) * 0.5;
+    b[s + l] = (m1 - m2) * 0.5;
+    b[2 * s + l] = (m1 + m2) * 0.5 + m3;
+  }
+}
+
+// Calls line(offset, stride) for every line along each axis a with along[a] of an
+// n[0] x n[1] x n[2] x lanes buffer.
+template <typename Line>
+inline void for_each_line(const bool along[kSpatialRank], const int64_t n[kSpatialRank], int64_t lanes, Line&& line) {
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (!along[a]) continue;
+    int64_t inner = lanes, outer = 1;
+    for (int b = a + 1; b < kSpatialRank; ++b) inner *= n[b];
+    for (int b = 0; b < a; ++b) outer *= n[b];
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t i = 0; i < inner; i += lanes) line(o * n[a] * inner + i, inner);
+  }
+}
+
+// A channel-contiguous view of an (N, C, S0, S1, S2) tensor src with element strides sn, sc, ss:
+// src itself when its channel stride is 1 (channels-last), C is 1 or in_place is set, else a
+// channels-last copy (N, S0, S1, S2, C) made in `copy`. Returns the view's data; its batch and
+// spatial strides go to view_n, view_s (channels at stride 1).
+template <typename T>
+const T* channels_last(const T* src, int64_t batch, int64_t C, const int64_t size[kSpatialRank], int64_t sn, int64_t sc,
+                       const int64_t ss[kSpatialRank], bool in_place, int nthreads,
+                       std::unique_ptr<AlignedBuffer<T>>& copy, int64_t& view_n, int64_t view_s[kSpatialRank]) {
+  if (sc == 1 || C == 1 || in_place) {
+    view_n = sn;
+    for (int a = 0; a < kSpatialRank; ++a) view_s[a] = ss[a];
+    return src;
+  }
+  const int64_t rows = checked_mul(checked_mul(batch, size[0]), size[1]);
+  copy = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(rows, size[2]), C));
+  T* base = copy->get();
+  view_s[2] = C;
+  view_s[1] = size[2] * C;
+  view_s[0] = size[1] * view_s[1];
+  view_n = size[0] * view_s[0];
+  // Blocks of kSeg positions, walked kCb channels at a time: kCb source rows are read along
+  // their length while each position's kCb channels are written as one contiguous run (writing
+  // one channel at a time would stride the destination by C, which thrashes the cache sets).
+  constexpr int64_t kSeg = 64, kCb = 16;
+  const int64_t segs = ceil_div(size[2], kSeg), jobs = checked_mul(rows, segs);
+  const int64_t row_stride = view_s[1];
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t job = 0; job < jobs; ++job) {
+    const int64_t row = job / segs, i2b = (job % segs) * kSeg, len = std::min(kSeg, size[2] - i2b);
+    const int64_t n = row / (size[0] * size[1]), i0 = (row / size[1]) % size[0], i1 = row % size[1];
+    const T* from = src + n * sn + i0 * ss[0] + i1 * ss[1] + i2b * ss[2];
+    T* dst = base + row * row_stride + i2b * C;
+    const int64_t s2 = ss[2];
+    for (int64_t c0 = 0; c0 < C; c0 += kCb) {
+      const T* fc = from + c0 * sc;
+      T* dc = dst + c0;
+      if (C - c0 >= kCb) {
+        for (int64_t j = 0; j < len; ++j)
+          for (int64_t c = 0; c < kCb; ++c) dc[j * C + c] = fc[c * sc + j * s2];
+      } else {
+        for (int64_t j = 0; j < len; ++j)
+          for (int64_t c = 0; c < C - c0; ++c) dc[j * C + c] = fc[c * sc + j * s2];
+      }
+    }
+  }
+  return base;
+}
+
 template <typename T>
 struct Scratch {
   AlignedBuffer<T> panels;  // kKc x (the item's a-tiles x their width)
@@ -205,13 +302,71 @@ struct WeightGrad {
     K = checked_mul(p.batch, P);
     auto fill = [](int64_t n, int w) { return n > 0 ? double(n) / double(ceil_div(n, w) * w) : 1.0; };
     const int64_t stack = ca_g > 0 && 2 * ca_g <= mr && taps > 1 ? std::min<int64_t>(mr / ca_g, taps) : 1;
-    swapped = fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
+    // Winograd (normal orientation: its chosen channel counts fill either tile alike).
+    winograd = choose_winograd();
+    swapped = !winograd && fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
     bw = swapped ? nr : mr;
     aw = swapped ? mr : nr;
     b_tiles = ceil_div(cb_g, bw);
     a_tiles = ceil_div(ca_g, aw);
     if (swapped) q = stack;
     slots = ceil_div(taps, q);
+    if (winograd)
+      for (int a = 0; a < kSpatialRank; ++a) {
+        wino_axis[a] = p.kernel[a] == 3;
+        points_along[a] = wino_axis[a] ? 4 : 1;
+        tiles_along[a] = wino_axis[a] ? ceil_div(O[a], 2) : O[a];
+        points *= points_along[a];
+        tiles_per_image = checked_mul(tiles_per_image, tiles_along[a]);
+      }
+  }
+
+  // ---- Winograd F(2, 3) (run_winograd) ----
+  // The forward F(2, 3) computes a tile of 2 outputs from 4 inputs d as y = A^T [(G g) . (B^T d)];
+  // its adjoint with respect to the 3 weights g is dg = G^T [(A dy) . (B^T d)]. Summed over the
+  // tiles (which partition the outputs), per transform point q the products form one GEMM,
+  //
+  //   M[q][cb][ca] = sum over tiles k of all images  DY[q][k][cb] * X[q][k][ca],
+  //
+  // with X = B^T d the input transform and DY = A dy the output gradient's, and then
+  // out[cb][ca] = G^T M[.][cb][ca] G (along each 3-tap axis; one-tap axes are trivial). A 2-D 3x3
+  // layer has 16 points per 2 x 2 outputs against 9 taps x 4 outputs: 2.25x fewer products (3-D
+  // 3x3x3: 64 per 8 against 216, 3.4x). The coefficients are 0, +-1 and 1/2 (in G^T), so
+  // integer-valued data stays exact. Applies to stride-1, undilated 3-tap axes (at least two) and
+  // one-tap axes, any padding mode, groups, normal orientation; chosen when both channel counts
+  // per group reach 64 (2-D) or 32 (3-D), as for the forward Winograd; CONVFAST_ALGO=winograd
+  // forces it wherever it applies, gemm|direct exclude it.
+  bool winograd = false;
+  bool wino_axis[kSpatialRank] = {false, false, false};
+  int64_t points_along[kSpatialRank] = {1, 1, 1}, tiles_along[kSpatialRank] = {1, 1, 1};
+  int64_t points = 1, tiles_per_image = 1;
+  // b's channel-contiguous view (as cl for a).
+  const T* gl = nullptr;
+  int64_t gl_n = 0, gl_s[kSpatialRank] = {0, 0, 0};
+  std::unique_ptr<AlignedBuffer<T>> gl_copy;
+
+  bool choose_winograd() const {
+    const char* forced = std::getenv("CONVFAST_ALGO");
+    const std::string force = forced ? forced : "";
+    if (force == "gemm" || force == "direct") return false;
+    int axes = 0;
+    for (int a = 0; a < kSpatialRank; ++a) {
+      if (p.kernel[a] == 3) {
+        if (p.stride[a] != 1 || p.dilation[a] != 1) return false;
+        ++axes;
+      } else if (p.kernel[a] != 1) {
+        return false;
+      }
+    }
+    if (axes < 2) return false;
+    // M (points x the weight gradient) within the working-memory bound, as the forward's transform.
+    constexpr int64_t kMaxProductsBytes = int64_t(48) << 20;
+    int64_t pts = 1;
+    for (int a = 0; a < kSpatialRank; ++a) pts *= p.kernel[a] == 3 ? 4 : 1;
+    if ((double)G * pts * (ceil_div(cb_g, mr) * mr) * (ceil_div(ca_g, nr) * nr) * sizeof(T) > (double)kMaxProductsBytes)
+      return false;
+    const int64_t min_channels = axes == 3 ? 32 : 64;
+    return force == "winograd" || (ca_g >= min_channels && cb_g >= min_channels);
   }
 
   // ---- b -> panels [g][tile][k][bw] (zero entries past Cb_g) ----
@@ -244,46 +399,8 @@ struct WeightGrad {
 
   // ---- a -> channel-contiguous view ----
   void prepare_a(int nthreads) {
-    const int64_t Ca = p.a_channels;
-    if (p.a_stride_c == 1 || Ca == 1 || direct_a) {  // channel-contiguous (channels-last), or direct: in place
-      cl = p.a;
-      cl_n = p.a_stride_n;
-      for (int a = 0; a < kSpatialRank; ++a) cl_s[a] = p.a_stride[a];
-      return;
-    }
-    const int64_t rows = checked_mul(checked_mul(p.batch, L[0]), L[1]);
-    cl_copy = std::make_unique<AlignedBuffer<T>>(checked_mul(checked_mul(rows, L[2]), Ca));
-    T* base = cl_copy->get();
-    cl = base;
-    cl_s[2] = Ca;
-    cl_s[1] = L[2] * Ca;
-    cl_s[0] = L[1] * cl_s[1];
-    cl_n = L[0] * cl_s[0];
-    // Blocks of kSeg positions, walked kCb channels at a time: kCb source rows are read along
-    // their length while each position's kCb channels are written as one contiguous run (writing
-    // one channel at a time would stride the destination by Ca, which thrashes the cache sets).
-    constexpr int64_t kSeg = 64, kCb = 16;
-    const int64_t segs = ceil_div(L[2], kSeg), jobs = checked_mul(rows, segs);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t row = job / segs, i2b = (job % segs) * kSeg, len = std::min(kSeg, L[2] - i2b);
-      const int64_t n = row / (L[0] * L[1]), i0 = (row / L[1]) % L[0], i1 = row % L[1];
-      const T* src = p.a + n * p.a_stride_n + i0 * p.a_stride[0] + i1 * p.a_stride[1] + i2b * p.a_stride[2];
-      T* dst = base + row * cl_s[1] + i2b * Ca;
-      const int64_t s2 = p.a_stride[2];
-      const int64_t cs = p.a_stride_c;
-      for (int64_t c0 = 0; c0 < Ca; c0 += kCb) {
-        const T* sc = src + c0 * cs;
-        T* dc = dst + c0;
-        if (Ca - c0 >= kCb) {
-          for (int64_t j = 0; j < len; ++j)
-            for (int64_t c = 0; c < kCb; ++c) dc[j * Ca + c] = sc[c * cs + j * s2];
-        } else {
-          for (int64_t j = 0; j < len; ++j)
-            for (int64_t c = 0; c < Ca - c0; ++c) dc[j * Ca + c] = sc[c * cs + j * s2];
-        }
-      }
-    }
+    cl = channels_last(p.a, p.batch, p.a_channels, L, p.a_stride_n, p.a_stride_c, p.a_stride, direct_a, nthreads,
+                       cl_copy, cl_n, cl_s);
   }
 
   // The runs of the k-block [k0, k0 + kc).
@@ -457,6 +574,142 @@ struct WeightGrad {
       }
   }
 
+  // Transforms tile k (the chunk's kk-th) of every group, all channels of a group at once:
+  // X[q][g][at][kk][nr] from a's channel-contiguous view, DY[q][g][bt][kk][mr] from b's. buf:
+  // points x max(a_tiles * nr, b_tiles * mr).
+  void transform_tile(int64_t k, int64_t kk, int64_t chunk, T* buf, T* xt, T* dyt) const {
+    int64_t t[kSpatialRank], rem = k;
+    for (int a = kSpatialRank - 1; a >= 0; --a) {
+      t[a] = rem % tiles_along[a];
+      rem /= tiles_along[a];
+    }
+    const int64_t n = rem, *np = points_along;
+    int64_t in[kSpatialRank][4];  // the tile's inputs along each axis, mapped (-1: zero)
+    for (int a = 0; a < kSpatialRank; ++a)
+      for (int64_t j = 0; j < np[a]; ++j)
+        in[a][j] = map_padded_index(wino_axis[a] ? t[a] * 2 + j - p.pad_before[a] : t[a] * p.stride[a] - p.pad_before[a],
+                                    L[a], p.mode);
+    const int64_t lanes_a = a_tiles * nr, lanes_b = b_tiles * mr;
+    // One channel row (C/G values, zeros up to `lanes`) per buffer entry.
+    auto put_row = [](T* dst, const T* src, int64_t valid, int64_t lanes) {
+      if (src)
+        std::memcpy(dst, src, sizeof(T) * static_cast<size_t>(valid));
+      else
+        std::fill(dst, dst + valid, T(0));
+      std::fill(dst + valid, dst + lanes, T(0));
+    };
+    for (int64_t g = 0; g < G; ++g) {
+      const T* x = cl + n * cl_n + g * ca_g;
+      for (int64_t j0 = 0; j0 < np[0]; ++j0)
+        for (int64_t j1 = 0; j1 < np[1]; ++j1)
+          for (int64_t j2 = 0; j2 < np[2]; ++j2) {
+            const bool inside = in[0][j0] >= 0 && in[1][j1] >= 0 && in[2][j2] >= 0;
+            put_row(buf + ((j0 * np[1] + j1) * np[2] + j2) * lanes_a,
+                    inside ? x + in[0][j0] * cl_s[0] + in[1][j1] * cl_s[1] + in[2][j2] * cl_s[2] : nullptr, ca_g, lanes_a);
+          }
+      for_each_line(wino_axis, np, lanes_a, [&](int64_t off, int64_t st) { input_points(buf + off, st, lanes_a); });
+      for (int64_t q = 0; q < points; ++q)
+        for (int64_t at = 0; at < a_tiles; ++at)
+          copy_lanes(xt + (((q * G + g) * a_tiles + at) * chunk + kk) * nr, buf + q * lanes_a + at * nr, nr);
+
+      // The gradients of the tile's outputs at entries 0 and 1 along each Winograd axis (the
+      // transform overwrites the other entries, whatever they hold).
+      const T* dy = gl + n * gl_n + g * cb_g;
+      for (int64_t e0 = 0; e0 < (wino_axis[0] ? 2 : 1); ++e0)
+        for (int64_t e1 = 0; e1 < (wino_axis[1] ? 2 : 1); ++e1)
+          for (int64_t e2 = 0; e2 < (wino_axis[2] ? 2 : 1); ++e2) {
+            const int64_t o0 = wino_axis[0] ? t[0] * 2 + e0 : t[0], o1 = wino_axis[1] ? t[1] * 2 + e1 : t[1],
+                          o2 = wino_axis[2] ? t[2] * 2 + e2 : t[2];
+            const bool inside = o0 < O[0] && o1 < O[1] && o2 < O[2];  // past the end: no gradient
+            put_row(buf + ((e0 * np[1] + e1) * np[2] + e2) * lanes_b,
+                    inside ? dy + o0 * gl_s[0] + o1 * gl_s[1] + o2 * gl_s[2] : nullptr, cb_g, lanes_b);
+          }
+      for_each_line(wino_axis, np, lanes_b, [&](int64_t off, int64_t st) { gradient_points(buf + off, st, lanes_b); });
+      for (int64_t q = 0; q < points; ++q)
+        for (int64_t bt = 0; bt < b_tiles; ++bt)
+          copy_lanes(dyt + (((q * G + g) * b_tiles + bt) * chunk + kk) * mr, buf + q * lanes_b + bt * mr, mr);
+    }
+  }
+
+  // Size in bytes of M (below): points x the weight gradient rounded to whole tiles.
+  int64_t winograd_products_bytes() const {
+    return checked_mul(checked_mul(checked_mul(G, points), b_tiles * mr), checked_mul(a_tiles * nr, (int64_t)sizeof(T)));
+  }
+
+  // Returns false if an output is an infinity or NaN (where the direct sums may differ: Inf - Inf
+  // inside a transform is NaN); the caller recomputes then.
+  //
+  // Chunks of tiles (in order) are transformed in parallel over the tiles, then their products
+  // accumulated into M[q][g][cb][ca] in parallel over (q, g, a tile), each running its chunk in
+  // K blocks in order: every entry of M is one multiply-add chain over the tiles in order, for
+  // any thread count. A chunk's transforms take about M's size, within [4, 16] MiB, so that M,
+  // re-read once per chunk, costs no more traffic than the transforms. Extra memory: channels-last
+  // copies of a and b (unless they are channels-last), M (at most 48 MiB, see choose_winograd),
+  // a chunk's transforms (at most 16 MiB, or 32 tiles' worth).
+  bool run_winograd(int threads) {
+    const int64_t rows_g = b_tiles * mr, lanes_g = a_tiles * nr, m_block = rows_g * lanes_g;
+    const int64_t per_tile = checked_mul(checked_mul(points, G), lanes_g + rows_g) * (int64_t)sizeof(T);
+    const int64_t KT = checked_mul(p.batch, tiles_per_image);
+    const int64_t budget = std::min<int64_t>(16 << 20, std::max<int64_t>(4 << 20, winograd_products_bytes()));
+    const int64_t chunk = std::min(KT, std::max<int64_t>(32, budget / per_tile));
+    AlignedBuffer<T> m(checked_mul(checked_mul(G, points), m_block));
+    AlignedBuffer<T> xt(checked_mul(checked_mul(points * G, lanes_g), chunk));
+    AlignedBuffer<T> dyt(checked_mul(checked_mul(points * G, rows_g), chunk));
+    std::vector<std::unique_ptr<AlignedBuffer<T>>> bufs;
+    std::vector<std::unique_ptr<AlignedBuffer<double>>> rows;
+    for (int t = 0; t < threads; ++t) {
+      bufs.emplace_back(new AlignedBuffer<T>(checked_mul(points, std::max(lanes_g, rows_g))));
+      rows.emplace_back(new AlignedBuffer<double>(checked_mul(points, std::max<int64_t>(ca_g, 1))));
+    }
+    direct_a = false;
+    prepare_a(threads);
+    gl = channels_last(p.b, p.batch, p.b_channels, O, p.b_stride_n, p.b_stride_c, p.b_stride, false, threads, gl_copy,
+                       gl_n, gl_s);
+    const int64_t items = checked_mul(G * points, a_tiles);
+    for (int64_t k0 = 0; k0 < KT; k0 += chunk) {
+      const int64_t kc = std::min(chunk, KT - k0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t kk = 0; kk < kc; ++kk)
+        transform_tile(k0 + kk, kk, chunk, bufs[omp_get_thread_num()]->get(), xt.get(), dyt.get());
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t item = 0; item < items; ++item) {
+        const int64_t qg = item / a_tiles, at = item % a_tiles;  // qg = q * G + g
+        const T* xp = xt.get() + (qg * a_tiles + at) * chunk * nr;
+        const T* dp = dyt.get() + qg * b_tiles * chunk * mr;
+        T* mq = m.get() + qg * m_block + at * nr;
+        for (int64_t k1 = 0; k1 < kc; k1 += kKc) {
+          const int64_t kn = std::min(kKc, kc - k1);
+          for (int64_t bt = 0; bt < b_tiles; ++bt)
+            uk.fn(kn, dp + (bt * chunk + k1) * mr, xp + k1 * nr, mq + bt * mr * lanes_g, lanes_g, k0 + k1 > 0);
+        }
+      }
+    }
+    // out[cb][ca] = G^T M[.][cb][ca] G, in double, a row of C_a/G at a time.
+    const int64_t* np = points_along;
+    bool finite = true;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(&& : finite)
+    for (int64_t cbg = 0; cbg < p.b_channels; ++cbg) {
+      const int64_t g = cbg / cb_g, cb = cbg % cb_g;
+      double* v = rows[omp_get_thread_num()]->get();
+      for (int64_t q = 0; q < points; ++q) {
+        const T* src = m.get() + (q * G + g) * m_block + cb * lanes_g;
+        for (int64_t ca = 0; ca < ca_g; ++ca) v[q * ca_g + ca] = static_cast<double>(src[ca]);
+      }
+      for_each_line(wino_axis, np, ca_g, [&](int64_t off, int64_t st) { tap_values(v + off, st, ca_g); });
+      for (int64_t ca = 0; ca < ca_g; ++ca) {
+        T* o = p.out + (cbg * ca_g + ca) * taps;
+        for (int64_t j0 = 0; j0 < p.kernel[0]; ++j0)
+          for (int64_t j1 = 0; j1 < p.kernel[1]; ++j1)
+            for (int64_t j2 = 0; j2 < p.kernel[2]; ++j2) {
+              const T value = static_cast<T>(v[((j0 * np[1] + j1) * np[2] + j2) * ca_g + ca]);
+              finite = finite && std::isfinite(value);
+              o[(j0 * p.kernel[1] + j1) * p.kernel[2] + j2] = value;
+            }
+      }
+    }
+    return finite;
+  }
+
   void run() {
     const int64_t out_count = checked_mul(checked_mul(p.b_channels, ca_g), taps);
     if (out_count == 0) return;
@@ -467,6 +720,15 @@ struct WeightGrad {
       return;
     }
     const int threads = std::max(1, get_num_threads());
+    const std::string suffix = " threads=" + std::to_string(threads);
+    if (winograd) {
+      set_last_algorithm("weight_grad winograd F(2,3) " + std::to_string(points) + " points" + suffix);
+      if (run_winograd(threads)) return;
+      winograd = false;  // an infinity or NaN: the exact-chain sums below decide it
+      set_last_algorithm("weight_grad gemm (after winograd: non-finite output)" + suffix);
+    } else {
+      set_last_algorithm(std::string("weight_grad gemm") + (swapped ? " swapped" : "") + suffix);
+    }
     // Tiles per item, chosen from the shapes and the thread count only (the split changes no
     // multiply-add chain, so results do not depend on it). Rows: as many as keep the row panels of a
     // k-block (kKc x rows) in about half the L2 budget, with one lane tile's C buffer. Lanes: as many
@@ -639,8 +901,10 @@ void depthwise_weight_grad(const WeightGradProblem<T>& p) {
 template <typename T>
 void weight_grad(const WeightGradProblem<T>& p) {
   validate(p);
-  if (p.a_channels == p.groups && p.b_channels <= kMaxMultiplier * p.groups)
+  if (p.a_channels == p.groups && p.b_channels <= kMaxMultiplier * p.groups) {
+    set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
     return depthwise_weight_grad(p);
+  }
   WeightGrad<T>(p).run();
 }
 

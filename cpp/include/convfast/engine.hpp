@@ -28,8 +28,10 @@ class ConvPlan {
 template <typename T>
 void run_convolution(const ConvProblem<T>& p);
 
-// The algorithm the last call on this thread chose (for CONVFAST_VERBOSE / show_config).
+// The algorithm the last call on this thread chose (for CONVFAST_VERBOSE / show_config); the weight
+// gradient (weight_grad.hpp) records its own.
 std::string last_algorithm();
+void set_last_algorithm(std::string description);
 
 // N-D padding of a strided array of any element size into a C-contiguous output.
 // pad_before/pad_after per axis; `fill` holds 2*ndim constants (before/after per axis, each
