@@ -155,19 +155,11 @@ struct PixelCursor {
   }
 };
 
-// The Winograd weight gradient's transforms along one axis (see WeightGrad::run_winograd), on
-// `lanes` independent lanes whose entries along the axis are s apart.
-// B^T d: a tile's 4 inputs -> 4 points.
-template <typename T>
-inline void input_points(T* __restrict b, int64_t s, int64_t lanes) {
-  for (int64_t l = 0; l < lanes; ++l) {
-    const T d0 = b[l], d1 = b[s + l], d2 = b[2 * s + l], d3 = b[3 * s + l];
-    b[l] = d0 - d2;
-    b[s + l] = d1 + d2;
-    b[2 * s + l] = d2 - d1;
-    b[3 * s + l] = d1 - d3;
-  }
-}
+// The forward's transforms (winograd::input_line<2, 3> is the B^T d used below).
+#include "winograd_transforms.hpp"
+
+// The Winograd weight gradient's other transforms along one axis (see WeightGrad::run_winograd),
+// on `lanes` independent lanes whose entries along the axis are s apart.
 // A dy: the gradients of a tile's 2 outputs (entries 0 and 1) -> 4 points.
 template <typename T>
 inline void gradient_points(T* __restrict b, int64_t s, int64_t lanes) {
@@ -365,12 +357,9 @@ struct WeightGrad {
       }
     }
     if (axes < 2) return false;
-    // M (points x the weight gradient) within the working-memory bound, as the forward's transform.
-    constexpr int64_t kMaxProductsBytes = int64_t(48) << 20;
-    int64_t pts = 1;
-    for (int a = 0; a < kSpatialRank; ++a) pts *= p.kernel[a] == 3 ? 4 : 1;
-    if ((double)G * pts * (ceil_div(cb_g, mr) * mr) * (ceil_div(ca_g, nr) * nr) * sizeof(T) > (double)kMaxProductsBytes)
-      return false;
+    // M within the working-memory bound, as the forward's transform.
+    constexpr double kMaxProductsBytes = double(int64_t(48) << 20);
+    if (winograd_products_bytes() > kMaxProductsBytes) return false;
     const int64_t min_channels = axes == 3 ? 32 : 64;
     return force == "winograd" || (ca_g >= min_channels && cb_g >= min_channels);
   }
@@ -613,7 +602,9 @@ struct WeightGrad {
             put_row(buf + ((j0 * np[1] + j1) * np[2] + j2) * lanes_a,
                     inside ? x + in[0][j0] * cl_s[0] + in[1][j1] * cl_s[1] + in[2][j2] * cl_s[2] : nullptr, ca_g, lanes_a);
           }
-      for_each_line(wino_axis, np, lanes_a, [&](int64_t off, int64_t st) { input_points(buf + off, st, lanes_a); });
+      // (lanes_a is a multiple of 4, the input transform's lane block: every NR is.)
+      for_each_line(wino_axis, np, lanes_a,
+                    [&](int64_t off, int64_t st) { winograd::input_line<2, 3>(buf + off, st, static_cast<int>(lanes_a)); });
       for (int64_t q = 0; q < points; ++q)
         for (int64_t at = 0; at < a_tiles; ++at)
           copy_lanes(xt + (((q * G + g) * a_tiles + at) * chunk + kk) * nr, buf + q * lanes_a + at * nr, nr);
@@ -637,9 +628,12 @@ struct WeightGrad {
     }
   }
 
-  // Size in bytes of M (below): points x the weight gradient rounded to whole tiles.
-  int64_t winograd_products_bytes() const {
-    return checked_mul(checked_mul(checked_mul(G, points), b_tiles * mr), checked_mul(a_tiles * nr, (int64_t)sizeof(T)));
+  // Size in bytes of M (run_winograd): points x the weight gradient rounded to whole tiles (normal
+  // orientation), as a double: choose_winograd asks before any size is checked for overflow.
+  double winograd_products_bytes() const {
+    double pts = 1;
+    for (int a = 0; a < kSpatialRank; ++a) pts *= p.kernel[a] == 3 ? 4 : 1;
+    return double(G) * pts * double(ceil_div(cb_g, mr) * mr) * double(ceil_div(ca_g, nr) * nr) * double(sizeof(T));
   }
 
   // Returns false if an output is an infinity or NaN (where the direct sums may differ: Inf - Inf
@@ -656,7 +650,8 @@ struct WeightGrad {
     const int64_t rows_g = b_tiles * mr, lanes_g = a_tiles * nr, m_block = rows_g * lanes_g;
     const int64_t per_tile = checked_mul(checked_mul(points, G), lanes_g + rows_g) * (int64_t)sizeof(T);
     const int64_t KT = checked_mul(p.batch, tiles_per_image);
-    const int64_t budget = std::min<int64_t>(16 << 20, std::max<int64_t>(4 << 20, winograd_products_bytes()));
+    const int64_t budget =
+        std::min<int64_t>(16 << 20, std::max<int64_t>(4 << 20, static_cast<int64_t>(winograd_products_bytes())));
     const int64_t chunk = std::min(KT, std::max<int64_t>(32, budget / per_tile));
     AlignedBuffer<T> m(checked_mul(checked_mul(G, points), m_block));
     AlignedBuffer<T> xt(checked_mul(checked_mul(points * G, lanes_g), chunk));
