@@ -304,10 +304,13 @@ template <typename T>
 void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t mcount, int mr,
                         int64_t mt, int64_t k0, int64_t kc, TapRead* kind, int64_t* base, int64_t* step, T* dst) {
   const int64_t m_first = mt * mr, valid = std::min<int64_t>(mr, mcount - m_first);
-  switch (mr) {
+  switch (mr) {  // MR (pixels in the broadcast rows) or NR (pixels in the vector lanes, pixel_lanes)
     case 4: return pack_tile<4>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
     case 6: return pack_tile<6>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+    case 8: return pack_tile<8>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
     case 12: return pack_tile<12>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+    case 16: return pack_tile<16>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+    case 32: return pack_tile<32>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
     default: return;  // unreachable: the plan refuses other heights (no exception inside OpenMP)
   }
 }
@@ -398,6 +401,10 @@ struct ConvPlan<T>::Impl {
   UkernelInfo<T> uk;
   const char* isa = "";
   bool direct = false;   // pixel-vector kernel (depthwise / small groups) instead of GEMM
+  // GEMM with the roles of A and B swapped (see pixel_lanes_item): the packed weights are the
+  // broadcast rows (MR output channels) and the packed input patches the vector lanes (NR pixels),
+  // so C comes out channel-major, as channels-first y is.
+  bool pixel_lanes = false;
   bool outputs_uncovered = false;  // transposed: some outputs receive no product (stride > kernel span)
   // GEMM, several phases of equal pixel counts (a transposed convolution whose output is stride x
   // its input, the common case): one work item runs a pixel block through every phase and then
@@ -464,18 +471,30 @@ struct ConvPlan<T>::Impl {
       kc_max = std::max<int64_t>(max_k, 1);
       mc_max = tile_m;
     } else {
-      tile_m = uk.mr;
-      tile_n = uk.nr;
-      if (tile_m != 4 && tile_m != 6 && tile_m != 12)
+      pixel_lanes = choose_pixel_lanes(p);
+      tile_m = pixel_lanes ? uk.nr : uk.mr;
+      tile_n = pixel_lanes ? uk.mr : uk.nr;
+      if (tile_m != 4 && tile_m != 6 && tile_m != 8 && tile_m != 12 && tile_m != 16 && tile_m != 32)
         throw std::logic_error("convfast: no input packing routine for micro-kernel height " + std::to_string(tile_m));
       // Cache blocking: a KC x NR panel of B stays in L1 (~16 KiB) while MC x KC of A streams from L2.
-      kc_max = std::max<int64_t>(64, std::min<int64_t>(512, 16384 / (tile_n * (int64_t)sizeof(T))));
+      // (Both orientations take the same KC, so that their K blocks and results are identical.)
+      kc_max = std::max<int64_t>(64, std::min<int64_t>(512, 16384 / (uk.nr * (int64_t)sizeof(T))));
       mc_max = std::max<int64_t>(tile_m, (131072 / (kc_max * (int64_t)sizeof(T))) / tile_m * tile_m);
     }
     n_tiles = ceil_div(cout, tile_n);
-    nt_per_block = direct ? n_tiles : std::max<int64_t>(1, 256 / tile_n);
+    nt_per_block = direct || pixel_lanes ? n_tiles : std::max<int64_t>(1, 256 / tile_n);
     ldc = std::min<int64_t>(n_tiles, nt_per_block) * tile_n;
-    fuse_phases = !direct && phases.size() > 1 && (int64_t)phases.size() <= kMaxFusedPhases;
+    if (pixel_lanes) {
+      // C is [channel][pixel] for all channels of the group, its pitch the pixel block. The block
+      // takes a panel of up to 256 KiB (half of L2: as read from x, each channel's run of pixels is
+      // one sequential stream, and longer runs were slightly faster on the 1x1 256->64 layer: 128 px
+      // 15.0 ms, 256 px 14.8 ms, f32, 2 threads; f64 64 px 29.8 ms, 128 px 29.2 ms) and a C of up to
+      // 128 KiB, down to one tile.
+      constexpr int64_t kPanelBytes = 262144, kCBytes = 131072;
+      mc_max = std::max<int64_t>(tile_m, std::min(kPanelBytes / (kc_max * (int64_t)sizeof(T)),
+                                                  kCBytes / (ldc * (int64_t)sizeof(T))) / tile_m * tile_m);
+    }
+    fuse_phases = !direct && !pixel_lanes && phases.size() > 1 && (int64_t)phases.size() <= kMaxFusedPhases;
     for (const Phase& ph : phases)
       for (int a = 0; a < kSpatialRank; ++a)
         fuse_phases = fuse_phases && ph[a]->count == phases[0][a]->count && ph[a]->out_step == phases[0][a]->out_step;
@@ -1026,9 +1045,67 @@ struct ConvPlan<T>::Impl {
     for (int64_t u = end; u < rb.length; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
   }
 
+  // Pixels in the vector lanes: one-tap phases (1x1 layers) with channels-first outputs. There the
+  // usual orientation (pixels broadcast, channels in the lanes) spends its time outside the
+  // micro-kernel: packing six pixels per k and transposing C into y's channel-major rows; swapped,
+  // a k of the panel is NR pixels (a row's contiguous run, one copy) and C's rows are y's rows.
+  // CONVFAST_PIXEL_LANES=0|1 excludes or forces it (tests use it).
+  bool choose_pixel_lanes(const ConvProblem<T>& p) const {
+    const char* forced = std::getenv("CONVFAST_PIXEL_LANES");
+    if (forced && std::string(forced) == "0") return false;
+    if (forced && std::string(forced) == "1") return true;
+    return max_taps == 1 && phases.size() == 1 && p.y_stride_c != 1 && p.y_stride[2] * phases[0][2]->out_step == 1;
+  }
+
+  // One item of the pixel-lanes GEMM: pixels [m0, m1) of one phase, all output channels of the
+  // group. Per K block, the pixels' patches are packed as B panels [kc][NR] (pack_input_patches,
+  // NR pixels per k) and every (pixel tile, channel tile) runs the GEMM micro-kernel with the
+  // weights' [K][MR] panels as A, into C [channel][pixel] (pitch mc_max); then C + bias is copied
+  // to y along the pixels' runs. Each output is the same chain over k, in the same K blocks, as in
+  // the usual orientation: the results are bitwise identical.
+  void pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
+    const Phase& ph = phases[it.phase];
+    const PhaseShape shape(ph);
+    const int64_t cin = p.cin_per_group, cout = p.cout_per_group, T_ = shape.num_taps, K = T_ * cin;
+    const int64_t mcount = it.m1 - it.m0, p_tiles = ceil_div(mcount, (int64_t)tile_m);
+    const int nr = tile_m, mr = tile_n;
+    const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
+    const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
+    int64_t* yoff = s.y_offsets.get();
+    block_offsets(p, ph, shape, it.m0, mcount, s.x_offsets.get(), yoff);
+    T* C = s.c_block.get();
+    T* panel = s.a_panel.get();
+    const int64_t ldc_ = mc_max;
+    if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(n_tiles * mr * ldc_));
+    for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, K - k0);
+      for (int64_t pt = 0; pt < p_tiles; ++pt)
+        pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, nr, pt, k0, kc, s.tap_kind.data(),
+                           s.tap_base.data(), s.tap_step.data(), panel + pt * nr * kc);
+      for (int64_t pt = 0; pt < p_tiles; ++pt)
+        for (int64_t ct = 0; ct < n_tiles; ++ct)
+          uk.fn(kc, wp + ct * K * mr + k0 * mr, panel + pt * nr * kc, C + ct * mr * ldc_ + pt * nr, ldc_, k0 > 0);
+    }
+    // y: runs of pixels contiguous in y (whole rows, or the whole block for a contiguous plane).
+    T* yg = p.y + it.n * p.y_stride_n + it.g * cout * p.y_stride_c;
+    const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
+    for (int64_t r0 = 0; r0 < mcount;) {
+      int64_t r1 = r0 + 1;
+      while (r1 < mcount && yoff[r1] == yoff[r0] + (r1 - r0)) ++r1;
+      for (int64_t co = 0; co < cout; ++co) {
+        const T b = bg ? bg[co * p.bias_stride] : T(0);
+        const T* __restrict src = C + co * ldc_ + r0;
+        T* __restrict dst = yg + co * p.y_stride_c + yoff[r0];
+        for (int64_t q = 0; q < r1 - r0; ++q) dst[q] = src[q] + b;
+      }
+      r0 = r1;
+    }
+  }
+
   void run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
     if (plane_mode) return direct_planes(p, it, s);
     if (direct) return direct_rows(p, it, s);
+    if (pixel_lanes) return pixel_lanes_item(p, it, s);
     const int64_t cin = p.cin_per_group, cout = p.cout_per_group, mcount = it.m1 - it.m0;
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
     int64_t* yoff = s.y_offsets.get();
@@ -1205,7 +1282,7 @@ struct ConvPlan<T>::Impl {
              std::to_string(w0.points) + " points " + std::to_string(w0.pw) + "x" + std::to_string(w0.mro) +
              " phases=" + std::to_string(wino.size());
     }
-    return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
+    return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : pixel_lanes ? "pixel_lanes_gemm" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "");
   }
 };
