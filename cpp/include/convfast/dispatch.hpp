@@ -28,6 +28,10 @@ constexpr int kDirectChannelTiles[] = {1, 2, 4, 6};  // MRO variants
 // output stored channel-major (channels-first outputs, L pixels contiguous per channel).
 template <typename T>
 using TransposeStore = void (*)(const T* c, int64_t ldc, const T* bias, T* y, int64_t ys);
+// y[j * ys + 2 * i + h] = c_h[i * ldc + j] + bias[j] for h = 0, 1 (c_0 = ca, c_1 = cb), i, j < lanes:
+// two such blocks whose outputs interleave along the row (stride-2 transposed phases).
+template <typename T>
+using TransposePairStore = void (*)(const T* ca, const T* cb, int64_t ldc, const T* bias, T* y, int64_t ys);
 
 template <typename T>
 struct UkernelInfo {
@@ -37,6 +41,7 @@ struct UkernelInfo {
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
   TransposeStore<T> store_transposed = nullptr;
+  TransposePairStore<T> store_transposed_pair = nullptr;
   int lanes = 0;                                             // L of store_transposed (the vector width)
 };
 
