@@ -1,7 +1,8 @@
 """The pixel-lanes GEMM (cpp/conv/gather_gemm.cpp, pixel_lanes_item): the GEMM with the roles of its
 operands swapped, so that pixels fill the vector lanes and output channels the broadcast rows. It is
-chosen for one-tap layers (1x1, and the single phase of a 1x1 transposed convolution at stride 1)
-with channels-first outputs; CONVFAST_PIXEL_LANES=1 forces it on every GEMM layer, =0 excludes it.
+chosen, for channels-first outputs, where the usual orientation would pack every tile anyway: one-tap
+layers (1x1, and the single phase of a 1x1 transposed convolution at stride 1) and strided layers whose
+inputs are not read in place (k2s2, stride 3 and more); CONVFAST_PIXEL_LANES=1 forces it on every GEMM layer, =0 excludes it.
 
 Each output is the same multiply-add chain over k, in the same K blocks, in both orientations, so
 the two must agree bit for bit; both are checked against the float64 NumPy oracle too.
@@ -125,4 +126,12 @@ def test_chosen_for_channels_first_one_by_one(monkeypatch):
     convfast.conv2d(x.transpose(0, 2, 3, 1), w1, data_format="channels_last")
     assert not _core.last_algorithm().startswith("pixel_lanes_gemm")
     convfast.conv2d(x, rng.standard_normal((48, 32, 3, 3)).astype(np.float32), padding=1)
+    assert not _core.last_algorithm().startswith("pixel_lanes_gemm")
+    # Strided layers whose tiles the usual orientation would pack anyway (k2s2, stride 3) take it;
+    # a stride-2 3x3 layer, whose interior tiles are read in place, does not.
+    convfast.conv2d(x, rng.standard_normal((48, 32, 2, 2)).astype(np.float32), stride=2)
+    assert _core.last_algorithm().startswith("pixel_lanes_gemm")
+    convfast.conv2d(x, rng.standard_normal((48, 32, 3, 3)).astype(np.float32), stride=3)
+    assert _core.last_algorithm().startswith("pixel_lanes_gemm")
+    convfast.conv2d(x, rng.standard_normal((48, 32, 3, 3)).astype(np.float32), stride=2, padding=1)
     assert not _core.last_algorithm().startswith("pixel_lanes_gemm")

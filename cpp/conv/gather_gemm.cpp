@@ -1061,7 +1061,8 @@ struct ConvPlan<T>::Impl {
     for (int64_t u = end; u < rb.length; ++u) dst[u] = src[u] >= 0 ? x_row[src[u] * xs2] : T(0);
   }
 
-  // Pixels in the vector lanes: one-tap phases (1x1 layers) with channels-first outputs. There the
+  // Pixels in the vector lanes: single-phase layers with channels-first outputs whose every tile
+  // gemm_block would pack (one-tap layers, strided layers not read in place). There the
   // usual orientation (pixels broadcast, channels in the lanes) spends its time outside the
   // micro-kernel: packing six pixels per k and transposing C into y's channel-major rows; swapped,
   // a k of the panel is NR pixels (a row's contiguous run, one copy) and C's rows are y's rows.
@@ -1070,7 +1071,12 @@ struct ConvPlan<T>::Impl {
     const char* forced = std::getenv("CONVFAST_PIXEL_LANES");
     if (forced && std::string(forced) == "0") return false;
     if (forced && std::string(forced) == "1") return true;
-    return max_taps == 1 && phases.size() == 1 && p.y_stride_c != 1 && p.y_stride[2] * phases[0][2]->out_step == 1;
+    if (phases.size() != 1 || p.y_stride_c == 1 || p.y_stride[2] * phases[0][2]->out_step != 1) return false;
+    // Where gemm_block reads no tile in place (see there) and packs them all anyway: one tap; or
+    // pixels whose inputs are not 1 or 2 apart along the row; or 2 apart with at most 2 taps along
+    // the row (the k2s2 convolution, the grad_input of k2s2 up-convolutions: 1.05-1.2x measured).
+    const int64_t step = phases[0][2]->in_step * p.x_stride[2];
+    return max_taps == 1 || (step != 1 && step != 2) || (step == 2 && (int64_t)phases[0][2]->taps.size() <= 2);
   }
 
   // One item of the pixel-lanes GEMM: pixels [m0, m1) of one phase, all output channels of the
