@@ -1180,48 +1180,27 @@ struct ConvPlan<T>::Impl {
       return;
     }
     const int L = uk.lanes;
-    if (!row_pairs.empty() && count == (int64_t)phases.size() && uk.store_transposed_pair && p.y_stride[2] == 1 &&
-        co_end - co_begin >= L) {
-      // Paired phases: runs of L pixels 2 apart in y (one output row) store both phases of each
-      // pair as 2L contiguous outputs per channel; other pixels and leftover channels are scattered.
-      const int64_t co_vec_end = co_begin + (co_end - co_begin) / L * L;
-      for (int64_t mv = 0; mv < mcount;) {
-        bool run = mv + L <= mcount;
-        for (int j = 1; j < L && run; ++j) run = yoff[mv + j] == yoff[mv] + 2 * j;
-        if (!run) {
-          scatter(co_begin, co_end, mv, mv + 1);
-          ++mv;
-          continue;
-        }
-        for (int64_t co = co_begin; co < co_vec_end; co += L) {
-          T bias_block[64 / sizeof(T)];
-          for (int j = 0; j < L; ++j) bias_block[j] = bias_of(co + j);
-          T* y0 = yg + co * ysc + yoff[mv];
-          const T* c0 = C + mv * ldc + (co - co_begin);
-          for (const auto& [a, b] : row_pairs)
-            uk.store_transposed_pair(c0 + a * c_size, c0 + b * c_size, ldc, bias_block, y0 + delta[a], ysc);
-        }
-        scatter(co_vec_end, co_end, mv, mv + L);
-        mv += L;
-      }
-      return;
-    }
-    // Consecutive pixels of a row are adjacent in y only at unit output step (not for the stride
-    // phases of a transposed convolution, which interleave).
+    // Vector stores take runs of L pixels: at unit output step, L contiguous outputs per channel
+    // (store_transposed); for paired phases, outputs 2 apart in one row, both phases of each pair
+    // zipped into 2L contiguous outputs (store_transposed_pair). Consecutive pixels of a phase are
+    // otherwise not adjacent in y (the stride phases of a transposed convolution interleave).
+    const bool paired = !row_pairs.empty() && count == (int64_t)phases.size() && uk.store_transposed_pair &&
+                        p.y_stride[2] == 1;
     const bool rows_contiguous = p.y_stride[2] * phases[first][2]->out_step == 1;
     const int64_t co_vec_end =
-        uk.store_transposed && rows_contiguous ? co_begin + (co_end - co_begin) / L * L : co_begin;
+        paired || (uk.store_transposed && rows_contiguous) ? co_begin + (co_end - co_begin) / L * L : co_begin;
     if (co_vec_end == co_begin) {
       for (int64_t m0 = 0; m0 < mcount; m0 += kPixelBlock)
         scatter(co_begin, co_end, m0, std::min(mcount, m0 + kPixelBlock));
       return;
     }
-    // Greedy runs: a pixel that does not start L contiguous outputs (a row's end) is stored alone,
-    // and the next run starts after it, so rows shorter than a block still vectorise.
+    const int64_t run_step = paired ? 2 : 1;
+    // Greedy runs: a pixel that does not start a run (a row's end) is stored alone, and the next
+    // run starts after it, so rows shorter than a block still vectorise.
     for (int64_t mv = 0; mv < mcount;) {
-      bool contiguous = mv + L <= mcount;
-      for (int j = 1; j < L && contiguous; ++j) contiguous = yoff[mv + j] == yoff[mv] + j;
-      if (!contiguous) {
+      bool run = mv + L <= mcount;
+      for (int j = 1; j < L && run; ++j) run = yoff[mv + j] == yoff[mv] + run_step * j;
+      if (!run) {
         scatter(co_begin, co_end, mv, mv + 1);
         ++mv;
         continue;
@@ -1230,8 +1209,12 @@ struct ConvPlan<T>::Impl {
         T bias_block[64 / sizeof(T)];
         for (int j = 0; j < L; ++j) bias_block[j] = bias_of(co + j);
         T* y0 = yg + co * ysc + yoff[mv];
-        for (int64_t q = 0; q < count; ++q)
-          uk.store_transposed(C + q * c_size + mv * ldc + (co - co_begin), ldc, bias_block, y0 + delta[q], ysc);
+        const T* c0 = C + mv * ldc + (co - co_begin);
+        if (paired)
+          for (const auto& [a, b] : row_pairs)
+            uk.store_transposed_pair(c0 + a * c_size, c0 + b * c_size, ldc, bias_block, y0 + delta[a], ysc);
+        else
+          for (int64_t q = 0; q < count; ++q) uk.store_transposed(c0 + q * c_size, ldc, bias_block, y0 + delta[q], ysc);
       }
       scatter(co_vec_end, co_end, mv, mv + L);
       mv += L;
