@@ -468,24 +468,34 @@ struct WeightGrad {
       while (j_lo < r.len && first + j_lo * s2 < 0) ++j_lo;
       while (j_hi > j_lo && first + (j_hi - 1) * s2 >= L2) --j_hi;
       const int64_t step = s2 * as2;
+      // The run's ends outside the interior (padding, mapped by the mode), and the lanes past
+      // `lanes` (zeros), element by element.
       for (int l = 0; l < w; ++l) {
         T* d = dst + l;
-        if (l >= lanes) {
-          for (int64_t j = 0; j < r.len; ++j) d[j * w] = T(0);
-          continue;
-        }
         const T* src = row + l * cs;
-        for (int64_t j = 0; j < r.len; ++j) {
-          if (j == j_lo && j < j_hi) {  // the interior
-            const T* s0 = src + (first + j * s2) * as2;
-            if (step == 1)
-              for (; j < j_hi; ++j) d[j * w] = s0[j - j_lo];
-            else
-              for (int64_t u = 0; j < j_hi; ++j, ++u) d[j * w] = s0[u * step];
-            if (j == r.len) break;
+        auto edge = [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t m = l < lanes ? map_padded_index(first + j * s2, L2, p.mode) : -1;
+            d[j * w] = m < 0 ? T(0) : src[m * as2];
           }
-          const int64_t m = map_padded_index(first + j * s2, L2, p.mode);
-          d[j * w] = m < 0 ? T(0) : src[m * as2];
+        };
+        edge(0, j_lo);
+        edge(j_hi, r.len);
+        if (l >= lanes)
+          for (int64_t j = j_lo; j < j_hi; ++j) d[j * w] = T(0);
+      }
+      // The interior, in blocks of positions, so that the panel lines being written (w values per
+      // position) stay in L1 while each lane fills its column of the block.
+      constexpr int64_t kBlock = 64;
+      for (int64_t jb = j_lo; jb < j_hi; jb += kBlock) {
+        const int64_t je = std::min(j_hi, jb + kBlock);
+        for (int l = 0; l < lanes; ++l) {
+          const T* __restrict s0 = row + l * cs + (first + j_lo * s2) * as2 - j_lo * step;
+          T* __restrict d = dst + l;
+          if (step == 1)
+            for (int64_t j = jb; j < je; ++j) d[j * w] = s0[j];
+          else
+            for (int64_t j = jb; j < je; ++j) d[j * w] = s0[j * step];
         }
       }
       dst += r.len * w;
