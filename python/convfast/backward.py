@@ -201,11 +201,14 @@ def pad_adjoint(grad, pad_width, mode="constant"):
 
 # Bound on the tap slab (the im2col columns of one chunk of kernel taps), in bytes.
 _SLAB_BYTES = 64 << 20
-# Groups with at most this many (C_in/G x C_out/G) weights per tap (depthwise: 1, channel
-# multipliers, ResNeXt's 4 x 4) are contracted per tap by NumPy's einsum: as a GEMM each group
-# would be a product a few pixels high and a few channels wide, filling a micro-kernel tile
-# (6 x 16 with AVX2) to a few percent.
-_SMALL_GROUP = 16
+# Groups with at most this many (C_in/G x C_out/G) weights per tap (2 x 2, 1 x 5..7; depthwise
+# and channel multipliers up to 4 take the compiled depthwise path instead) are contracted per tap
+# by NumPy's einsum: as a GEMM each group fills a micro-kernel tile (6 x 16 with AVX2) to a few
+# percent. From 8 weights on, the compiled GEMM wins even so, being multi-threaded. Measured
+# (grad_weight alone, 2 threads, einsum / compiled): ResNeXt 4 x 4, 32 groups at 56x56, 77 / 48 ms
+# float32, 150 / 56 ms float64; 2 x 8 and 1 x 16 at 28x28 1.7-3.1x; 1 x 8 and 8 x 1 at 56x56
+# 0.92-0.98x float32, 1.33-1.85x float64; but 2 x 2 (64 groups at 56x56) 0.40x / 0.77x.
+_SMALL_GROUP = 7
 # Ca/G = 1 and at most this many output channels per group: the compiled kernel's depthwise path
 # (kMaxMultiplier in cpp/conv/weight_grad.cpp).
 _DEPTHWISE_MULTIPLIER = 4
@@ -234,7 +237,7 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
       vector lanes = Ca/G, multi-threaded and bitwise independent of the thread count. The same
       entry point handles depthwise and channel-multiplier groups (Ca/G = 1, Cb/G <= 4) with a
       streaming kernel, one output channel per thread.
-    * other groups with at most ``_SMALL_GROUP`` weights per tap (ResNeXt-like 4 x 4), or depthwise
+    * other groups with at most ``_SMALL_GROUP`` weights per tap (2 x 2, 1 x 5..7), or depthwise
       groups of other array types: ``np.einsum`` per tap over strided windows of the padded ``a``.
     * other array types (arrays that implement NumPy's ``__array_function__``, which the compiled
       kernel cannot read): the strided windows of the padded ``a``, one per tap
