@@ -765,6 +765,10 @@ struct ConvPlan<T>::Impl {
     max_cache_entries = 0;
   }
 
+  // Whether gemm_block reads a tile whose pixels' inputs are `step` apart (for every tap) in place,
+  // with `row_taps` taps along the row (see below).
+  static bool steps_in_place(int64_t step, int64_t row_taps) { return step == 1 || (step == 2 && row_taps > 2); }
+
   // A tile whose MR pixels read MR inputs 1 or 2 apart for every tap (an interior run of one output
   // row at stride 1, or at stride 2 with more than 2 taps along the row) is not packed: the
   // micro-kernel reads its rows in place (its step-2 variant for stride 2: 1.06-1.08x on the 3-D
@@ -797,7 +801,7 @@ struct ConvPlan<T>::Impl {
         // Step 2 only where the taps along the row overlap (more than 2 of them): there the lines a
         // tile reads serve several taps; with k = s = 2 (the adjoint of a k2s2 up-convolution) every
         // k reads two lines of its own, once per output-channel tile, and packing was 1.6x faster.
-        in_place = in_place && (st == 1 || (st == 2 && shape.taps[2] > 2));
+        in_place = in_place && steps_in_place(st, shape.taps[2]);
         for (int64_t t = 0; t < T_ && in_place; ++t)
           for (int r = 0; r < mr && in_place; ++r) in_place = o[t] != kOutside && o[r * T_ + t] == o[t] + r * st;
         bool follows = in_place && last >= 0 && step[last] == st;
@@ -1072,11 +1076,11 @@ struct ConvPlan<T>::Impl {
     if (forced && std::string(forced) == "0") return false;
     if (forced && std::string(forced) == "1") return true;
     if (phases.size() != 1 || p.y_stride_c == 1 || p.y_stride[2] * phases[0][2]->out_step != 1) return false;
-    // Where gemm_block reads no tile in place (see there) and packs them all anyway: one tap; or
-    // pixels whose inputs are not 1 or 2 apart along the row; or 2 apart with at most 2 taps along
-    // the row (the k2s2 convolution, the grad_input of k2s2 up-convolutions: 1.05-1.2x measured).
-    const int64_t step = phases[0][2]->in_step * p.x_stride[2];
-    return max_taps == 1 || (step != 1 && step != 2) || (step == 2 && (int64_t)phases[0][2]->taps.size() <= 2);
+    // Where gemm_block reads no tile in place and packs them all anyway: one tap (gemm_block packs
+    // one-tap phases), or a step along the row it does not read in place (stride 3 and more; the
+    // k2s2 convolution, the grad_input of k2s2 up-convolutions: 1.05-1.2x measured).
+    return max_taps == 1 ||
+           !steps_in_place(phases[0][2]->in_step * p.x_stride[2], (int64_t)phases[0][2]->taps.size());
   }
 
   // One item of the pixel-lanes GEMM: pixels [m0, m1) of one phase, all output channels of the

@@ -468,21 +468,23 @@ struct WeightGrad {
       while (j_lo < r.len && first + j_lo * s2 < 0) ++j_lo;
       while (j_hi > j_lo && first + (j_hi - 1) * s2 >= L2) --j_hi;
       const int64_t step = s2 * as2;
-      // The run's ends outside the interior (padding, mapped by the mode), and the lanes past
-      // `lanes` (zeros), element by element.
+      // The lanes past `lanes` (zeros), and the run's ends outside the interior (padding, mapped by
+      // the mode), element by element.
       for (int l = 0; l < w; ++l) {
         T* d = dst + l;
+        if (l >= lanes) {
+          for (int64_t j = 0; j < r.len; ++j) d[j * w] = T(0);
+          continue;
+        }
         const T* src = row + l * cs;
         auto edge = [&](int64_t j0, int64_t j1) {
           for (int64_t j = j0; j < j1; ++j) {
-            const int64_t m = l < lanes ? map_padded_index(first + j * s2, L2, p.mode) : -1;
+            const int64_t m = map_padded_index(first + j * s2, L2, p.mode);
             d[j * w] = m < 0 ? T(0) : src[m * as2];
           }
         };
         edge(0, j_lo);
         edge(j_hi, r.len);
-        if (l >= lanes)
-          for (int64_t j = j_lo; j < j_hi; ++j) d[j * w] = T(0);
       }
       // The interior, in blocks of positions, so that the panel lines being written (w values per
       // position) stay in L1 while each lane fills its column of the block.
