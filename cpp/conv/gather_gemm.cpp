@@ -324,7 +324,8 @@ struct ThreadScratch {
   std::vector<const T*> src_rows, panel_rows;
   std::vector<int64_t> cache_key0, cache_key1, cache_stamp;  // direct path: row-buffer cache entries
   std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile
-  std::vector<int64_t> tile_anchor, tile_offset, tile_step;  // GEMM: per m-tile, read in place (see gemm_block)
+  std::vector<int64_t> tile_anchor, tile_step;  // GEMM: per m-tile, read in place (see gemm_block)
+  std::vector<int64_t> tile_pixel;              // GEMM: per pixel of an in-place tile, its offset from the anchor's
   std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
   std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
@@ -333,7 +334,8 @@ struct ThreadScratch {
         x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
         src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
         tap_kind(static_cast<size_t>(std::max<int64_t>(max_taps, 1))),
-        tile_anchor(static_cast<size_t>(mc)), tile_offset(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
+        tile_anchor(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
+        tile_pixel(static_cast<size_t>(mc)),  // GEMM blocks are whole tiles: mc is a multiple of MR
         a_rows(static_cast<size_t>(in_place_rows)),
         tap_base(tap_kind.size()),
         tap_step(tap_kind.size()) {}
@@ -413,6 +415,7 @@ struct ConvPlan<T>::Impl {
   // run_item and the shared patches below, 1.3-1.5x.
   bool fuse_phases = false;
   static constexpr int64_t kMaxFusedPhases = 64;  // run_item keeps one output offset per phase
+  static constexpr int kMaxTilePixels = 64;       // the widest direct tile (4 AVX-512 float vectors)
   // Fused phases whose outputs interleave along the row (stride 2 along the last axis: residues 0
   // and 1 of the same rows), paired for the micro-kernel table's pair store: with the scalar scatter
   // they replace, storing took 40-75 % of run_item on k2s2 up-convolutions and on the grad_input
@@ -472,6 +475,7 @@ struct ConvPlan<T>::Impl {
     choose_algorithm(p);
     if (direct) {
       tile_m = uk.pw[direct_variant];
+      if (tile_m > kMaxTilePixels) throw std::logic_error("direct tile wider than kMaxTilePixels");
       tile_n = kDirectChannelTiles[direct_variant];
       kc_max = std::max<int64_t>(max_k, 1);
       mc_max = tile_m;
@@ -769,48 +773,55 @@ struct ConvPlan<T>::Impl {
   // with `row_taps` taps along the row (see below).
   static bool steps_in_place(int64_t step, int64_t row_taps) { return step == 1 || (step == 2 && row_taps > 2); }
 
-  // A tile whose MR pixels read MR inputs 1 or 2 apart for every tap (an interior run of one output
-  // row at stride 1, or at stride 2 with more than 2 taps along the row) is not packed: the
-  // micro-kernel reads its rows in place (its step-2 variant for stride 2: 1.06-1.08x on the 3-D
-  // stride-2 layer, both dtypes), through one pointer per k shared by the tiles that follow it
-  // along the row (tile_anchor) at their pixel offset (tile_offset) and step (tile_step). Other
-  // tiles (row ends, padding, other strides) are packed, and so are all tiles of a
-  // one-tap phase (1x1 layers, k = s transposed phases): there every k of the micro-kernel would
-  // read another channel plane, another page (256 per tile for 256 channels), for each output-
-  // channel tile, where packing reads them once per block; measured at 2 threads, packing is 6-10 %
-  // faster on the 1x1 256->64 layer in float64 (equal in float32) and on the 3-D k2s2 up-convolution
-  // in both dtypes, while in-place reads are 12 % faster on ResNet's 3x3. reuse_patches: the scratch
+  // A tile whose MR pixels read, for every tap, the same inputs as its first pixel shifted by one
+  // offset per pixel (no padding, no tile end inside the block) is not packed: the micro-kernel reads
+  // its rows in place, through one pointer per k shared by the tiles that follow it (tile_anchor),
+  // at each pixel's offset from the anchor (tile_pixel): the rows variant where the pixels are 1 or 2
+  // apart (tile_step; the step-2 variant for stride 2: 1.06-1.08x on the 3-D stride-2 layer, both
+  // dtypes), the pixels variant for tiles that wrap to the next output row. This is done where
+  // neighbouring pixels of a row read inputs 1 apart, or 2 apart with more than 2 taps along the
+  // row, so that the lines a tile reads serve several taps: with k = s = 2 (the adjoint of a k2s2
+  // up-convolution) every k reads two lines of its own, once per output-channel tile, and packing
+  // was 1.6x faster. Other tiles (padding, reflected edges, other strides) are packed, and so are
+  // all tiles of a one-tap phase (1x1 layers, k = s transposed phases): there every k of the
+  // micro-kernel would read another channel plane, another page (256 per tile for 256 channels),
+  // for each output-channel tile, where packing reads them once per block; measured at 2 threads,
+  // packing is 6-10 % faster on the 1x1 256->64 layer in float64 (equal in float32) and on the 3-D
+  // k2s2 up-convolution in both dtypes, while in-place reads are 12 % faster on ResNet's 3x3.
+  // row_step: the input step between neighbouring pixels of a row. reuse_patches: the scratch
   // already holds this block's patches for all of K (K <= kc_max), from the previous fused phase.
   void gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
-                  ThreadScratch<T>& s, T* C, bool reuse_patches) const {
+                  int64_t row_step, ThreadScratch<T>& s, T* C, bool reuse_patches) const {
     const int mr = tile_m, nr = tile_n;
     const int64_t T_ = shape.num_taps, cin = p.cin_per_group, cs = p.x_stride_c;
     const int64_t K = T_ * cin, mcount = it.m1 - it.m0, m_tiles = ceil_div(mcount, mr);
     const int64_t* xoff = s.x_offsets.get();
     int64_t* anchor = s.tile_anchor.data();
-    int64_t* offset = s.tile_offset.data();
+    int64_t* pixel = s.tile_pixel.data();
     int64_t* step = s.tile_step.data();
     T* A = s.a_panel.get();
     const T** rows = s.a_rows.data();
+    const bool reads_in_place = T_ > 1 && steps_in_place(row_step, shape.taps[2]);
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(m_tiles * mr * ldc));
     if (!reuse_patches)
       for (int64_t mt = 0, last = -1; mt < m_tiles; ++mt) {
         const int64_t* o = xoff + mt * mr * T_;
-        bool in_place = T_ > 1 && (mt + 1) * mr <= mcount && o[0] != kOutside && o[T_] != kOutside;
-        const int64_t st = in_place ? o[T_] - o[0] : 0;  // the pixels' step in x, 1 or 2 (stride 2)
-        // Step 2 only where the taps along the row overlap (more than 2 of them): there the lines a
-        // tile reads serve several taps; with k = s = 2 (the adjoint of a k2s2 up-convolution) every
-        // k reads two lines of its own, once per output-channel tile, and packing was 1.6x faster.
-        in_place = in_place && steps_in_place(st, shape.taps[2]);
-        for (int64_t t = 0; t < T_ && in_place; ++t)
-          for (int r = 0; r < mr && in_place; ++r) in_place = o[t] != kOutside && o[r * T_ + t] == o[t] + r * st;
-        bool follows = in_place && last >= 0 && step[last] == st;
+        bool in_place = reads_in_place && (mt + 1) * mr <= mcount;
+        for (int r = 0; r < mr && in_place; ++r)
+          for (int64_t t = 0; t < T_ && in_place; ++t)
+            in_place = o[r * T_ + t] != kOutside && o[r * T_ + t] - o[t] == o[r * T_] - o[0];
         const int64_t* oa = xoff + std::max<int64_t>(last, 0) * mr * T_;
-        for (int64_t t = 0; t < T_ && follows; ++t) follows = o[t] - oa[t] == (mt - last) * mr * st;
+        bool follows = in_place && last >= 0;
+        for (int64_t t = 0; t < T_ && follows; ++t) follows = o[t] - oa[t] == o[0] - oa[0];
         anchor[mt] = !in_place ? -1 : follows ? last : mt;
-        offset[mt] = in_place ? (mt - anchor[mt]) * mr * st : 0;
-        step[mt] = in_place ? st : 0;
         last = in_place ? anchor[mt] : -1;
+        int64_t* px = pixel + mt * mr;
+        const int64_t shift = follows ? o[0] - oa[0] : 0;
+        for (int r = 0; r < mr && in_place; ++r) px[r] = shift + o[r * T_] - o[0];
+        const int64_t st = in_place && mr > 1 ? px[1] - px[0] : 1;
+        bool uniform = in_place && (st == 1 || st == 2);
+        for (int r = 2; r < mr && uniform; ++r) uniform = px[r] == px[0] + r * st;
+        step[mt] = uniform ? st : 0;
       }
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
@@ -831,10 +842,13 @@ struct ConvPlan<T>::Impl {
         const T* B = wp + (it.nt0 + nt) * K * nr + k0 * nr;
         for (int64_t mt = 0; mt < m_tiles; ++mt) {
           T* Ct = C + mt * mr * ldc + nt * nr;
+          const int64_t* px = pixel + mt * mr;
           if (anchor[mt] < 0)
             uk.fn(kc, A + mt * mr * kc, B, Ct, ldc, k0 > 0);
+          else if (step[mt] > 0)
+            uk.fn_rows[step[mt] - 1](kc, rows + anchor[mt] * kc_max, px[0], B, Ct, ldc, k0 > 0);
           else
-            uk.fn_rows[step[mt] - 1](kc, rows + anchor[mt] * kc_max, offset[mt], B, Ct, ldc, k0 > 0);
+            uk.fn_pixels(kc, rows + anchor[mt] * kc_max, px, B, Ct, ldc, k0 > 0);
         }
       }
     }
@@ -946,6 +960,12 @@ struct ConvPlan<T>::Impl {
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * cs;
     const T** rows = s.src_rows.data();
     T* slabs = s.row_buffers.get();
+    // A tile's lanes, split at the pitch into pieces of one output row each (lanes past the row's
+    // last output are dropped). The split is found once per tile, not once per output channel.
+    struct Piece {
+      int64_t lane, y_offset, count;
+    };
+    Piece pieces[kMaxTilePixels];  // each piece holds at least one lane
     for (int64_t m = it.m0; m < it.m1; ++m) {
       const int64_t j0 = m / blocks1, first = (m % blocks1) * plane_rows;
       const int64_t rows_out = std::min(plane_rows, cnt1 - first), rows_in = rows_out + span1;
@@ -982,21 +1002,25 @@ struct ConvPlan<T>::Impl {
       const int64_t total = rows_out * P;
       for (int64_t q0 = 0; q0 < total; q0 += pw) {
         const int64_t npix = std::min<int64_t>(pw, total - q0);
+        int num_pieces = 0;
+        for (int64_t lane = 0; lane < npix;) {
+          const int64_t q = q0 + lane, j1 = q / P, j2 = q % P, run = std::min(npix - lane, P - j2);
+          if (j2 < cnt2)
+            pieces[num_pieces++] = {lane,
+                                    (a1.out_start + (first + j1) * a1.out_step) * p.y_stride[1] +
+                                        (a2.out_start + j2 * a2.out_step) * p.y_stride[2],
+                                    std::min(run, cnt2 - j2)};
+          lane += run;
+        }
         direct_tile(p, K, rows, q0, wp, it.g, s, [&](const T* o, T b, int64_t cg) {
           T* yc = y_plane + cg * p.y_stride_c;
-          // The tile's lanes, split at the pitch: each piece is part of one output row.
-          for (int64_t lane = 0; lane < npix;) {
-            const int64_t q = q0 + lane, j1 = q / P, j2 = q % P, run = std::min(npix - lane, P - j2);
-            if (j2 < cnt2) {
-              const int64_t valid = std::min(run, cnt2 - j2);
-              T* y_row = yc + (a1.out_start + (first + j1) * a1.out_step) * p.y_stride[1];
-              if (y_unit)
-                store_with_bias(o + lane, b, valid, y_row + a2.out_start + j2);
-              else
-                for (int64_t v = 0; v < valid; ++v)
-                  y_row[(a2.out_start + (j2 + v) * a2.out_step) * p.y_stride[2]] = o[lane + v] + b;
-            }
-            lane += run;
+          for (int i = 0; i < num_pieces; ++i) {
+            const Piece& pc = pieces[i];
+            if (y_unit)
+              store_with_bias(o + pc.lane, b, pc.count, yc + pc.y_offset);
+            else
+              for (int64_t v = 0; v < pc.count; ++v)
+                yc[pc.y_offset + v * a2.out_step * p.y_stride[2]] = o[pc.lane + v] + b;
           }
         });
       }
@@ -1148,7 +1172,7 @@ struct ConvPlan<T>::Impl {
       const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + first + q];
       const bool reuse = q > 0 && phases_share_patches && shape.num_taps * cin <= kc_max;
       if (!reuse) block_offsets(p, ph, shape, it.m0, mcount, s.x_offsets.get(), q == 0 ? yoff : nullptr);
-      gemm_block(p, shape, it, wp, xg, s, s.c_block.get() + q * c_size, reuse);
+      gemm_block(p, shape, it, wp, xg, ph[2]->in_step * p.x_stride[2], s, s.c_block.get() + q * c_size, reuse);
     }
     // Scatter the blocks to y, adding the bias; the phases of one pixel are written together. C is
     // pixel-major and y channel-major: walking blocks of 16 pixels keeps the C lines being read

@@ -9,12 +9,14 @@
 // The MR*NR/L accumulators stay in registers; per k the kernel issues NR/L vector loads, MR
 // broadcasts and MR*NR/L FMAs.
 
-// a_row(k) gives the MR scalars of row k of A: a packed panel, or (gemm_rows_ukernel) MR contiguous
-// input pixels read in place, which spares the packing of interior tiles.
-// A_STEP: the distance between row k's MR scalars (1 packed; 2 for the in-place rows of a stride-2
-// convolution, where it costs nothing: each scalar is a broadcast load with its own displacement).
-template <typename T, int MR, int VECTOR_BYTES, int NV, int A_STEP, typename ARow>
-inline void gemm_core(int64_t kc, ARow a_row, const T* __restrict b, T* __restrict c, int64_t ldc, int accumulate) {
+// a_row(k) gives row k of A, whose scalar r is a_row(k)[a_index(r)]: a packed panel (index r), or
+// input pixels read in place, which spares the packing of interior tiles: MR pixels 1 or 2 apart
+// (gemm_rows_ukernel; 2 for the in-place rows of a stride-2 convolution, where it costs nothing:
+// each scalar is a broadcast load with its own displacement), or at any MR offsets shared by all
+// k (gemm_pixels_ukernel: a tile that wraps to the next output row, or strides other than 1 and 2).
+template <typename T, int MR, int VECTOR_BYTES, int NV, typename ARow, typename AIndex>
+inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restrict b, T* __restrict c, int64_t ldc,
+                      int accumulate) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   // Unaligned-safe alias for loads/stores of caller memory.
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
@@ -32,7 +34,7 @@ inline void gemm_core(int64_t kc, ARow a_row, const T* __restrict b, T* __restri
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vec_u*>(b + k * NR + v * L);
     const T* __restrict a = a_row(k);
     for (int r = 0; r < MR; ++r) {
-      const T ar = a[r * A_STEP];
+      const T ar = a[a_index(r)];
       for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
     }
   }
@@ -43,14 +45,26 @@ inline void gemm_core(int64_t kc, ARow a_row, const T* __restrict b, T* __restri
 template <typename T, int MR, int VECTOR_BYTES, int NV>
 void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c, int64_t ldc,
                   int accumulate) {
-  gemm_core<T, MR, VECTOR_BYTES, NV, 1>(kc, [a](int64_t k) { return a + k * MR; }, b, c, ldc, accumulate);
+  gemm_core<T, MR, VECTOR_BYTES, NV>(
+      kc, [a](int64_t k) { return a + k * MR; }, [](int r) { return r; }, b, c, ldc, accumulate);
 }
 
 template <typename T, int MR, int VECTOR_BYTES, int NV, int A_STEP>
 void gemm_rows_ukernel(int64_t kc, const T* const* __restrict rows, int64_t offset, const T* __restrict b,
                        T* __restrict c, int64_t ldc, int accumulate) {
-  gemm_core<T, MR, VECTOR_BYTES, NV, A_STEP>(kc, [rows, offset](int64_t k) { return rows[k] + offset; }, b, c,
-                                             ldc, accumulate);
+  gemm_core<T, MR, VECTOR_BYTES, NV>(
+      kc, [rows, offset](int64_t k) { return rows[k] + offset; }, [](int r) { return r * A_STEP; }, b, c, ldc,
+      accumulate);
+}
+
+// Row k of A is rows[k][pixel[r]]: the MR offsets, copied to locals, live in registers for all k.
+template <typename T, int MR, int VECTOR_BYTES, int NV>
+void gemm_pixels_ukernel(int64_t kc, const T* const* __restrict rows, const int64_t* __restrict pixel,
+                         const T* __restrict b, T* __restrict c, int64_t ldc, int accumulate) {
+  int64_t at[MR];
+  for (int r = 0; r < MR; ++r) at[r] = pixel[r];
+  gemm_core<T, MR, VECTOR_BYTES, NV>(
+      kc, [rows](int64_t k) { return rows[k]; }, [&at](int r) { return at[r]; }, b, c, ldc, accumulate);
 }
 
 // The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][offset + PW), PW = NV * L.
@@ -151,6 +165,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
   return {isa,
           {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 2>},
+           &gemm_pixels_ukernel<float, MR, VECTOR_BYTES, 2>,
            MR,
            2 * L32,
            {&direct_ukernel<float, 1, VECTOR_BYTES, 4>, &direct_ukernel<float, 2, VECTOR_BYTES, 4>,
@@ -159,6 +174,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
+           &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
            MR,
            2 * L64,
            {&direct_ukernel<double, 1, VECTOR_BYTES, 4>, &direct_ukernel<double, 2, VECTOR_BYTES, 4>,

@@ -14,6 +14,10 @@ using GemmUkernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t l
 template <typename T>
 using GemmRowsUkernel = void (*)(int64_t kc, const T* const* rows, int64_t offset, const T* b, T* c, int64_t ldc,
                                  int accumulate);
+// The same with row k of A read in place at MR offsets shared by every k: rows[k][pixel[r]].
+template <typename T>
+using GemmPixelsUkernel = void (*)(int64_t kc, const T* const* rows, const int64_t* pixel, const T* b, T* c,
+                                   int64_t ldc, int accumulate);
 
 // out[r][0..PW) = sum_k w[k][r] * src[k][offset + 0..PW) for r < MRO: PW pixels in vector
 // registers, one broadcast weight per output channel (the "direct" orientation: no packing of the
@@ -37,6 +41,7 @@ template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
   GemmRowsUkernel<T> fn_rows[2] = {nullptr, nullptr};  // [step - 1]: A's scalars 1 or 2 apart
+  GemmPixelsUkernel<T> fn_pixels = nullptr;              // A's scalars at any MR offsets
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant

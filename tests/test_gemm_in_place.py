@@ -1,0 +1,94 @@
+"""The GEMM's in-place tiles (cpp/conv/gather_gemm.cpp, gemm_block): a tile of MR pixels whose
+inputs, for every tap, are the first pixel's shifted by one offset per pixel is not packed; the
+micro-kernel reads it where it lies, through the rows variant (pixels 1 or 2 apart) or the pixels
+variant (any offsets: tiles that wrap from one output row to the next, or across planes).
+
+Unpadded layers whose rows are not a multiple of the tile make every wrapping tile take the pixels
+variant; padded layers keep packing the tiles that touch the padding. Each output is the same
+multiply-add chain whichever way its tile is read, and the same as the direct path's, so the GEMM
+must agree bit for bit with the direct path; both are checked against the float64 NumPy oracle.
+"""
+import numpy as np
+import pytest
+
+import convfast
+from convfast import _core
+from convfast import reference as ref
+from conftest import assert_close
+
+
+def _gemm_and_direct(monkeypatch, fn, *args, **kwargs):
+    out = []
+    for algo in ("gemm", "direct"):
+        monkeypatch.setenv("CONVFAST_ALGO", algo)
+        out.append((fn(*args, **kwargs), _core.last_algorithm()))
+    (gemm, gemm_algo), (direct, direct_algo) = out
+    assert gemm_algo.startswith("gather_gemm"), gemm_algo
+    assert direct_algo.startswith("direct"), direct_algo
+    return gemm, direct
+
+
+@pytest.fixture(autouse=True)
+def usual_orientation(monkeypatch):
+    """The usual GEMM orientation (pixels as the broadcast rows) is the one that reads in place."""
+    monkeypatch.setenv("CONVFAST_PIXEL_LANES", "0")
+    monkeypatch.delenv("CONVFAST_DIRECT", raising=False)
+
+
+# (rank, batch, C_in, C_out, spatial, kernel, kwargs). Row lengths 5, 7, 11, 13... wrap the tile
+# (MR = 6 for AVX2, 14 for AVX-512 float32, 4 for the baseline) at every row; strides 1, 2, 3;
+# dilation; K beyond one K block; C_out over several channel tiles; 1-D, 2-D, 3-D; groups.
+CASES = [
+    (2, 2, 5, 7, (9, 11), (3, 3), {}),
+    (2, 1, 3, 17, (12, 13), (3, 3), dict(stride=2)),
+    (2, 2, 4, 9, (15, 17), (3, 3), dict(stride=3)),
+    (2, 1, 6, 5, (14, 15), (3, 3), dict(dilation=2)),
+    (2, 1, 40, 20, (10, 9), (3, 3), {}),
+    (2, 2, 8, 12, (11, 10), (5, 3), dict(stride=(1, 2))),
+    (1, 3, 7, 9, (41,), (5,), dict(stride=2)),
+    (3, 1, 4, 6, (7, 9, 11), (3, 3, 3), dict(stride=2)),
+    (3, 2, 3, 5, (6, 7, 8), (2, 3, 3), {}),
+    (2, 2, 8, 8, (13, 9), (3, 3), dict(groups=2, stride=2)),
+    (2, 1, 5, 6, (12, 11), (3, 3), dict(padding=1, stride=2)),
+    (2, 1, 5, 6, (12, 11), (3, 3), dict(padding=(2, 1), padding_mode="reflect")),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rank,batch,cin,cout,spatial,kernel,kw", CASES)
+def test_in_place_tiles_match_direct_bitwise_and_oracle(monkeypatch, dtype, rank, batch, cin, cout, spatial, kernel,
+                                                        kw):
+    rng = np.random.default_rng(7)
+    groups = kw.get("groups", 1)
+    x = rng.standard_normal((batch, cin) + spatial).astype(dtype)
+    w = rng.standard_normal((cout, cin // groups) + kernel).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    fn = getattr(convfast, f"conv{rank}d")
+    gemm, direct = _gemm_and_direct(monkeypatch, fn, x, w, b, **kw)
+    np.testing.assert_array_equal(gemm, direct)
+    assert_close(gemm, getattr(ref, f"conv{rank}d")(x, w, b, **kw), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_transposed_phases_with_wrapping_tiles(monkeypatch, dtype):
+    """The stride phases of a transposed layer are stride-1 convolutions over the input; their rows
+    (7 wide here) wrap the tiles too."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 5, 7)).astype(dtype)
+    w = rng.standard_normal((6, 4, 4, 4)).astype(dtype)
+    gemm, direct = _gemm_and_direct(monkeypatch, convfast.conv_transpose2d, x, w, stride=2, padding=1)
+    np.testing.assert_array_equal(gemm, direct)
+    assert_close(gemm, ref.conv_transpose2d(x, w, stride=2, padding=1), dtype)
+
+
+def test_strided_input_views(monkeypatch):
+    """A non-contiguous input (every other row, a reversed axis) is read in place through its strides."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2, 5, 26, 13)).astype("float32")
+    w = rng.standard_normal((7, 5, 3, 3)).astype("float32")
+    for x in (base[:, :, ::2, :], base[:, :, :, ::-1], base[:, :, ::-1, :]):
+        gemm, direct = _gemm_and_direct(monkeypatch, convfast.conv2d, x, w, stride=(1, 2))
+        np.testing.assert_array_equal(gemm, direct)
+        gemm, direct = _gemm_and_direct(monkeypatch, convfast.conv2d, x, w)
+        np.testing.assert_array_equal(gemm, direct)
+        assert_close(gemm, ref.conv2d(x, w), "float32")
