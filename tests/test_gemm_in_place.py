@@ -51,6 +51,14 @@ CASES = [
     (2, 2, 8, 8, (13, 9), (3, 3), dict(groups=2, stride=2)),
     (2, 1, 5, 6, (12, 11), (3, 3), dict(padding=1, stride=2)),
     (2, 1, 5, 6, (12, 11), (3, 3), dict(padding=(2, 1), padding_mode="reflect")),
+    # Padded: the edge pixels go last in each block, so rows are stored in pieces shorter than a
+    # vector (output channels beyond one vector of them, for the vector stores).
+    (2, 2, 6, 20, (13, 15), (3, 3), dict(padding=1)),
+    (2, 1, 8, 17, (19, 12), (3, 5), dict(padding=(1, 2), dilation=(2, 1))),
+    (2, 1, 4, 16, (21, 14), (5, 5), dict(padding="same", stride=2)),
+    (3, 1, 4, 24, (9, 10, 11), (3, 3, 3), dict(padding=1, stride=2)),
+    (1, 2, 5, 18, (50,), (7,), dict(padding=3)),
+    (2, 1, 6, 20, (13, 15), (3, 3), dict(padding=1, padding_mode="circular")),
 ]
 
 
@@ -92,3 +100,15 @@ def test_strided_input_views(monkeypatch):
         gemm, direct = _gemm_and_direct(monkeypatch, convfast.conv2d, x, w)
         np.testing.assert_array_equal(gemm, direct)
         assert_close(gemm, ref.conv2d(x, w), "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_padded_channels_last(monkeypatch, dtype):
+    """Channels-last output takes C's rows as they are, in the block's pixel order (edges last)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 13, 11, 6)).astype(dtype)
+    w = rng.standard_normal((20, 6, 3, 3)).astype(dtype)
+    b = rng.standard_normal(20).astype(dtype)
+    gemm, direct = _gemm_and_direct(monkeypatch, convfast.conv2d, x, w, b, padding=1, data_format="channels_last")
+    np.testing.assert_array_equal(gemm, direct)
+    assert_close(gemm, ref.conv2d(x, w, b, padding=1, data_format="channels_last"), dtype)

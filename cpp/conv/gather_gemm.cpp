@@ -351,38 +351,71 @@ struct ThreadScratch {
 };
 
 // Where each pixel of the block reads for each tap (spatial offset into x, or kOutside for a zero), and
-// (unless yoff is null) where it writes.
+// (unless yoff is null) where it writes. Pixels are in row-major order, or with edges_last the block's
+// interior pixels (whose taps all read unmapped inputs inside x) first, in row-major order, then its
+// edge pixels: a tile of MR interior pixels is read in place by gemm_block even where it wraps to
+// the next row, so only the edge pixels are packed.
+// An interior pixel's offsets are its own offset plus each tap's (tap_scratch: num_taps entries).
 template <typename T>
 void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& shape, int64_t m0, int64_t mcount,
-                   int64_t* xoff, int64_t* yoff) {
+                   int64_t* tap_scratch, int64_t* xoff, int64_t* yoff, bool edges_last = false) {
   const int64_t T_ = shape.num_taps;
-  // Pixel m of the phase is (j0, j1, j2) in row-major order; step it incrementally.
-  int64_t j2 = m0 % shape.count[2];
-  int64_t j1 = (m0 / shape.count[2]) % shape.count[1];
-  int64_t j0 = m0 / (shape.count[2] * shape.count[1]);
-  for (int64_t mi = 0; mi < mcount; ++mi) {
-    if (yoff)
-      yoff[mi] = (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
-                 (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
-                 (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
-    int64_t* row = xoff + mi * T_;
-    for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0) {
-      const int64_t i0 = ph[0]->index(j0, t0);
-      for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1) {
-        const int64_t i1 = ph[1]->index(j1, t1);
-        const bool outer_inside = i0 >= 0 && i1 >= 0;
-        const int64_t outer = i0 * p.x_stride[0] + i1 * p.x_stride[1];
-        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2) {
-          const int64_t i2 = ph[2]->index(j2, t2);
-          *row++ = outer_inside && i2 >= 0 ? outer + i2 * p.x_stride[2] : kOutside;
+  // Per axis, the outputs [lo, hi) whose taps all read inside x.
+  int64_t lo[kSpatialRank], hi[kSpatialRank];
+  for (int a = 0; a < kSpatialRank; ++a) {
+    const AxisPlan& ax = *ph[a];
+    const auto [first, last] = std::minmax_element(ax.tap_offset.begin(), ax.tap_offset.end());
+    lo[a] = *first >= 0 ? 0 : ceil_div(-*first, ax.in_step);
+    hi[a] = ax.in_size - *last <= 0 ? 0 : ceil_div(ax.in_size - *last, ax.in_step);
+    hi[a] = std::max(lo[a], std::min(hi[a], shape.count[a]));
+  }
+  int64_t* tap_rel = tap_scratch;
+  for (int64_t t0 = 0, t = 0; t0 < shape.taps[0]; ++t0)
+    for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
+      for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
+        tap_rel[t++] = ph[0]->tap_offset[t0] * p.x_stride[0] + ph[1]->tap_offset[t1] * p.x_stride[1] +
+                       ph[2]->tap_offset[t2] * p.x_stride[2];
+  int64_t written = 0;
+  for (int pass = edges_last ? 0 : 2; pass < (edges_last ? 2 : 3); ++pass) {  // 0: interior, 1: edges, 2: all
+    // Pixel m of the phase is (j0, j1, j2) in row-major order; step it incrementally.
+    int64_t j2 = m0 % shape.count[2];
+    int64_t j1 = (m0 / shape.count[2]) % shape.count[1];
+    int64_t j0 = m0 / (shape.count[2] * shape.count[1]);
+    for (int64_t mi = 0; mi < mcount; ++mi) {
+      const bool interior =
+          j0 >= lo[0] && j0 < hi[0] && j1 >= lo[1] && j1 < hi[1] && j2 >= lo[2] && j2 < hi[2];
+      if (pass == 2 || interior == (pass == 0)) {
+        if (yoff)
+          yoff[written] = (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
+                          (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
+                          (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
+        int64_t* row = xoff + written * T_;
+        ++written;
+        if (interior) {
+          const int64_t base = j0 * ph[0]->in_step * p.x_stride[0] + j1 * ph[1]->in_step * p.x_stride[1] +
+                               j2 * ph[2]->in_step * p.x_stride[2];
+          for (int64_t t = 0; t < T_; ++t) row[t] = base + tap_rel[t];
+        } else {  // padding: zeros (kOutside) or mapped indices
+          for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0) {
+            const int64_t i0 = ph[0]->index(j0, t0);
+            for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1) {
+              const int64_t i1 = ph[1]->index(j1, t1);
+              const bool outer_inside = i0 >= 0 && i1 >= 0;
+              const int64_t outer = i0 * p.x_stride[0] + i1 * p.x_stride[1];
+              for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2) {
+                const int64_t i2 = ph[2]->index(j2, t2);
+                *row++ = outer_inside && i2 >= 0 ? outer + i2 * p.x_stride[2] : kOutside;
+              }
+            }
+          }
         }
       }
-    }
-    if (++j2 == shape.count[2]) {
-      j2 = 0;
-      if (++j1 == shape.count[1]) {
-        j1 = 0;
-        ++j0;
+      if (++j2 == shape.count[2]) {
+        j2 = 0;
+        if (++j1 == shape.count[1]) {
+          j1 = 0;
+          ++j0;
+        }
       }
     }
   }
@@ -772,6 +805,9 @@ struct ConvPlan<T>::Impl {
   // Whether gemm_block reads a tile whose pixels' inputs are `step` apart (for every tap) in place,
   // with `row_taps` taps along the row (see below).
   static bool steps_in_place(int64_t step, int64_t row_taps) { return step == 1 || (step == 2 && row_taps > 2); }
+  static bool reads_in_place(const PhaseShape& shape, int64_t row_step) {
+    return shape.num_taps > 1 && steps_in_place(row_step, shape.taps[2]);
+  }
 
   // A tile whose MR pixels read, for every tap, the same inputs as its first pixel shifted by one
   // offset per pixel (no padding, no tile end inside the block) is not packed: the micro-kernel reads
@@ -801,12 +837,11 @@ struct ConvPlan<T>::Impl {
     int64_t* step = s.tile_step.data();
     T* A = s.a_panel.get();
     const T** rows = s.a_rows.data();
-    const bool reads_in_place = T_ > 1 && steps_in_place(row_step, shape.taps[2]);
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(m_tiles * mr * ldc));
     if (!reuse_patches)
       for (int64_t mt = 0, last = -1; mt < m_tiles; ++mt) {
         const int64_t* o = xoff + mt * mr * T_;
-        bool in_place = reads_in_place && (mt + 1) * mr <= mcount;
+        bool in_place = reads_in_place(shape, row_step) && (mt + 1) * mr <= mcount;
         for (int r = 0; r < mr && in_place; ++r)
           for (int64_t t = 0; t < T_ && in_place; ++t)
             in_place = o[r * T_ + t] != kOutside && o[r * T_ + t] - o[t] == o[r * T_] - o[0];
@@ -1122,7 +1157,7 @@ struct ConvPlan<T>::Impl {
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
     const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
     int64_t* yoff = s.y_offsets.get();
-    block_offsets(p, ph, shape, it.m0, mcount, s.x_offsets.get(), yoff);
+    block_offsets(p, ph, shape, it.m0, mcount, s.tap_base.data(), s.x_offsets.get(), yoff);
     T* C = s.c_block.get();
     T* panel = s.a_panel.get();
     const int64_t ldc_ = mc_max;
@@ -1171,8 +1206,14 @@ struct ConvPlan<T>::Impl {
       for (int a = 0; a < kSpatialRank; ++a) delta[q] += (ph[a]->out_start - phases[first][a]->out_start) * p.y_stride[a];
       const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + first + q];
       const bool reuse = q > 0 && phases_share_patches && shape.num_taps * cin <= kc_max;
-      if (!reuse) block_offsets(p, ph, shape, it.m0, mcount, s.x_offsets.get(), q == 0 ? yoff : nullptr);
-      gemm_block(p, shape, it, wp, xg, ph[2]->in_step * p.x_stride[2], s, s.c_block.get() + q * c_size, reuse);
+      // A single phase's edge pixels go last (block_offsets), so that its interior tiles are all read in
+      // place; fused phases keep row-major order, which their shared pixel rows of C rely on.
+      const int64_t row_step = ph[2]->in_step * p.x_stride[2];
+      const bool edges_last = count == 1 && phases.size() == 1 && reads_in_place(shape, row_step);
+      if (!reuse)
+        block_offsets(p, ph, shape, it.m0, mcount, s.tap_base.data(), s.x_offsets.get(), q == 0 ? yoff : nullptr,
+                      edges_last);
+      gemm_block(p, shape, it, wp, xg, row_step, s, s.c_block.get() + q * c_size, reuse);
     }
     // Scatter the blocks to y, adding the bias; the phases of one pixel are written together. C is
     // pixel-major and y channel-major: walking blocks of 16 pixels keeps the C lines being read
@@ -1224,17 +1265,28 @@ struct ConvPlan<T>::Impl {
     }
     const int64_t run_step = paired ? 2 : 1;
     // Greedy runs: a pixel that does not start a run (a row's end) is stored alone, and the next
-    // run starts after it, so rows shorter than a block still vectorise.
+    // run starts after it, so rows shorter than a block still vectorise. A shorter run of a single
+    // phase (2 to L - 1 pixels: the pieces of rows between the edge pixels that block_offsets puts
+    // last) is transposed whole into a scratch block, of which its pixels are copied.
+    T bias_block[64 / sizeof(T)], partial[(64 / sizeof(T)) * (64 / sizeof(T))];
     for (int64_t mv = 0; mv < mcount;) {
-      bool run = mv + L <= mcount;
-      for (int j = 1; j < L && run; ++j) run = yoff[mv + j] == yoff[mv] + run_step * j;
-      if (!run) {
-        scatter(co_begin, co_end, mv, mv + 1);
-        ++mv;
+      int64_t n = 1;
+      while (n < L && mv + n < mcount && yoff[mv + n] == yoff[mv] + run_step * n) ++n;
+      if (n < L) {
+        if (n >= 2 && count == 1 && !paired && mv + L <= mc_max) {
+          for (int64_t co = co_begin; co < co_vec_end; co += L) {
+            for (int j = 0; j < L; ++j) bias_block[j] = bias_of(co + j);
+            uk.store_transposed(C + mv * ldc + (co - co_begin), ldc, bias_block, partial, L);
+            for (int j = 0; j < L; ++j) std::memcpy(yg + (co + j) * ysc + yoff[mv], partial + j * L, sizeof(T) * n);
+          }
+          scatter(co_vec_end, co_end, mv, mv + n);
+        } else {
+          scatter(co_begin, co_end, mv, mv + n);
+        }
+        mv += n;
         continue;
       }
       for (int64_t co = co_begin; co < co_vec_end; co += L) {
-        T bias_block[64 / sizeof(T)];
         for (int j = 0; j < L; ++j) bias_block[j] = bias_of(co + j);
         T* y0 = yg + co * ysc + yoff[mv];
         const T* c0 = C + mv * ldc + (co - co_begin);
