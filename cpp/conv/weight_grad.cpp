@@ -911,12 +911,123 @@ void depthwise_weight_grad(const WeightGradProblem<T>& p) {
   }
 }
 
+// Few input channels per group (Ca/G <= kMaxRowsInputs), with the output gradient's rows contiguous: the GEMM would pack b transposed (a pass over the largest
+// operand, written and read again) and a per tap for a tile of at most Ca/G x taps rows, and was
+// memory-bound (the 3-D 1 -> 32 layer: 22 ms on 1 or 2 threads). Here nothing of b is copied: a is
+// first copied padded (by the padding mode, so that every tap reads a whole row; a is the small
+// operand), each row split into its stride phases (so that a tap's inputs are consecutive), then each item -- a group's block of kWgradRowsMB output channels -- streams its
+// gradient rows once, and the row micro-kernel multiplies kWgradRowsMB gradient rows by
+// kWgradRowsTB tap-shifted input rows, pixels in the vector lanes, into per-lane partial sums,
+// summed in lane order at the end. One item owns its outputs and runs all of K in a fixed order,
+// so the result is the same for any thread count. Memory: the padded a, and per thread
+// kWgradRowsMB x Ca/G x taps vectors.
+constexpr int64_t kMaxRowsInputs = 4;
+
+template <typename T>
+bool rows_weight_grad_applies(const WeightGradProblem<T>& p) {
+  const UkernelInfo<T>& uk = active_ukernel<T>();
+  return uk.wgrad_rows && p.a_channels / p.groups <= kMaxRowsInputs && p.b_stride[2] == 1 &&
+         p.b_size[2] >= uk.lanes && p.b_channels / p.groups >= kWgradRowsMB;
+}
+
+template <typename T>
+void rows_weight_grad(const WeightGradProblem<T>& p) {
+  const UkernelInfo<T>& uk = active_ukernel<T>();
+  constexpr int MB = kWgradRowsMB, TB = kWgradRowsTB;
+  const int L = uk.lanes;
+  const int64_t G = p.groups, ca_g = p.a_channels / G, cb_g = p.b_channels / G;
+  const int64_t K0 = p.kernel[0], K1 = p.kernel[1], K2 = p.kernel[2], t2_blocks = ceil_div(K2, (int64_t)TB);
+  // The padded input: along each axis the E positions the taps of all outputs read, from -pad_before.
+  int64_t E[kSpatialRank];
+  std::vector<std::vector<int64_t>> source(kSpatialRank);  // per axis and position: the input index, or -1
+  for (int a = 0; a < kSpatialRank; ++a) {
+    E[a] = checked_add(checked_mul(p.b_size[a] - 1, p.stride[a]), checked_mul(p.kernel[a] - 1, p.dilation[a])) + 1;
+    source[a].resize(static_cast<size_t>(E[a]));
+    for (int64_t e = 0; e < E[a]; ++e) source[a][e] = map_padded_index(e - p.pad_before[a], p.a_size[a], p.mode);
+  }
+  // A padded row is stored as its s2 stride phases, each P2 long (position e2 at phase e2 mod s2,
+  // index e2 / s2), so that every tap reads consecutive inputs for consecutive outputs.
+  const int64_t s2 = p.stride[2], P2 = ceil_div(E[2], s2), row_size = checked_mul(s2, P2);
+  const int64_t plane = checked_mul(E[1], row_size), volume = checked_mul(E[0], plane);
+  const int64_t channels = checked_mul(p.batch, p.a_channels);
+  AlignedBuffer<T> padded(checked_mul(channels, volume));
+  const int64_t blocks = ceil_div(cb_g, (int64_t)MB), items = checked_mul(G, blocks);
+  const int64_t acc_size = checked_mul(checked_mul(ca_g * K0 * K1, t2_blocks), (int64_t)MB * TB * L);
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), items)));
+  std::vector<std::unique_ptr<AlignedBuffer<T>>> partials;
+  for (int t = 0; t < nthreads; ++t) partials.emplace_back(new AlignedBuffer<T>(acc_size));
+  T* ap = padded.get();
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t job = 0; job < channels * E[0]; ++job) {
+    const int64_t nc = job / E[0], e0 = job % E[0], n = nc / p.a_channels, c = nc % p.a_channels;
+    T* dst = ap + nc * volume + e0 * plane;
+    const int64_t i0 = source[0][e0];
+    for (int64_t e1 = 0; e1 < E[1]; ++e1) {
+      const int64_t i1 = source[1][e1];
+      T* row = dst + e1 * row_size;
+      if (i0 < 0 || i1 < 0) {
+        std::fill(row, row + row_size, T(0));
+        continue;
+      }
+      const T* src = p.a + n * p.a_stride_n + c * p.a_stride_c + i0 * p.a_stride[0] + i1 * p.a_stride[1];
+      for (int64_t e2 = 0; e2 < E[2]; ++e2) {
+        const int64_t i2 = source[2][e2];
+        row[(e2 % s2) * P2 + e2 / s2] = i2 < 0 ? T(0) : src[i2 * p.a_stride[2]];
+      }
+      for (int64_t e2 = E[2]; e2 < row_size; ++e2) row[(e2 % s2) * P2 + e2 / s2] = T(0);  // never read
+    }
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t g = item / blocks, cb0 = (item % blocks) * MB, valid = std::min<int64_t>(MB, cb_g - cb0);
+    T* acc = partials[omp_get_thread_num()]->get();
+    std::fill(acc, acc + acc_size, T(0));
+    const T* gy[MB];
+    const T* x[TB];
+    for (int64_t n = 0; n < p.batch; ++n)
+      for (int64_t o0 = 0; o0 < p.b_size[0]; ++o0) {
+        for (int m = 0; m < MB; ++m)  // channels past the group's last are computed from its first, and dropped
+          gy[m] = p.b + n * p.b_stride_n + (g * cb_g + cb0 + (m < valid ? m : 0)) * p.b_stride_c + o0 * p.b_stride[0];
+        for (int64_t ca = 0; ca < ca_g; ++ca)
+          for (int64_t t0 = 0; t0 < K0; ++t0)
+            for (int64_t t1 = 0; t1 < K1; ++t1) {
+              const T* x_row = ap + (n * p.a_channels + g * ca_g + ca) * volume +
+                               (o0 * p.stride[0] + t0 * p.dilation[0]) * plane + t1 * p.dilation[1] * row_size;
+              for (int64_t tb = 0; tb < t2_blocks; ++tb) {
+                for (int t = 0; t < TB; ++t) {  // taps past the last are computed from it, and dropped
+                  const int64_t e2 = std::min<int64_t>(tb * TB + t, K2 - 1) * p.dilation[2];
+                  x[t] = x_row + (e2 % s2) * P2 + e2 / s2;
+                }
+                T* block = acc + (((ca * K0 + t0) * K1 + t1) * t2_blocks + tb) * (MB * TB * L);
+                uk.wgrad_rows(p.b_size[1], p.b_size[2], gy, p.b_stride[1], x, p.stride[1] * row_size, block);
+              }
+            }
+      }
+    for (int64_t m = 0; m < valid; ++m)
+      for (int64_t ca = 0; ca < ca_g; ++ca)
+        for (int64_t t0 = 0; t0 < K0; ++t0)
+          for (int64_t t1 = 0; t1 < K1; ++t1)
+            for (int64_t t2 = 0; t2 < K2; ++t2) {
+              const T* lanes = acc + (((ca * K0 + t0) * K1 + t1) * t2_blocks + t2 / TB) * (MB * TB * L) +
+                               (m * TB + t2 % TB) * L;
+              T sum = T(0);
+              for (int l = 0; l < L; ++l) sum += lanes[l];
+              p.out[((((g * cb_g + cb0 + m) * ca_g + ca) * K0 + t0) * K1 + t1) * K2 + t2] = sum;
+            }
+  }
+}
+
 template <typename T>
 void weight_grad(const WeightGradProblem<T>& p) {
   validate(p);
   if (p.a_channels == p.groups && p.b_channels <= kMaxMultiplier * p.groups) {
     set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
     return depthwise_weight_grad(p);
+  }
+  const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");  // "1": the GEMM below (tests compare both)
+  if (rows_weight_grad_applies(p) && !(force_gemm && std::string(force_gemm) == "1")) {
+    set_last_algorithm("weight_grad rows threads=" + std::to_string(get_num_threads()));
+    return rows_weight_grad(p);
   }
   WeightGrad<T>(p).run();
 }

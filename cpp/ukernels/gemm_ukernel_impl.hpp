@@ -92,6 +92,41 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, 
     for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(out + r * NV * L + v * L) = acc[r][v];
 }
 
+// The weight gradient's row kernel (few input channels, see cpp/conv/weight_grad.cpp):
+// acc[m][t][0..L) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] over the rows r < rows and pixels j < n,
+// for MB output-gradient rows m and TB input rows t (taps); lane l sums the pixels j = l (mod L) of
+// the whole vectors, in order, and lane 0 then the ragged tail. The MB x TB chains are independent.
+template <typename T, int VECTOR_BYTES, int MB, int TB>
+void wgrad_rows_ukernel(int64_t rows, int64_t n, const T* const* __restrict gy, int64_t gy_rs,
+                        const T* const* __restrict x, int64_t x_rs, T* __restrict acc) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec a[MB][TB];
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TB; ++t) a[m][t] = *reinterpret_cast<const vec_u*>(acc + (m * TB + t) * L);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g[MB];
+    const T* xr[TB];
+    for (int m = 0; m < MB; ++m) g[m] = gy[m] + r * gy_rs;
+    for (int t = 0; t < TB; ++t) xr[t] = x[t] + r * x_rs;
+    int64_t j = 0;
+    for (; j + L <= n; j += L) {
+      vec gv[MB];
+      for (int m = 0; m < MB; ++m) gv[m] = *reinterpret_cast<const vec_u*>(g[m] + j);
+      for (int t = 0; t < TB; ++t) {
+        const vec xv = *reinterpret_cast<const vec_u*>(xr[t] + j);
+        for (int m = 0; m < MB; ++m) a[m][t] += gv[m] * xv;
+      }
+    }
+    for (; j < n; ++j)
+      for (int m = 0; m < MB; ++m)
+        for (int t = 0; t < TB; ++t) a[m][t][0] += g[m][j] * xr[t][j];
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int t = 0; t < TB; ++t) *reinterpret_cast<vec_u*>(acc + (m * TB + t) * L) = a[m][t];
+}
+
 // The transposing store: y[j * ys + i] = c[i * ldc + j] + bias[j] for i, j < L (L = vector lanes).
 // An L x L block of the pixel-major GEMM output lands in the channels-first output (L pixels
 // contiguous per channel) through log2(L) butterfly stages of two-input shuffles, each swapping
@@ -171,7 +206,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            {&direct_ukernel<float, 1, VECTOR_BYTES, 4>, &direct_ukernel<float, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<float, 4, VECTOR_BYTES, 2>, &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
            {4 * L32, 4 * L32, 2 * L32, 2 * L32},
-           &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32},
+           &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32,
+           &wgrad_rows_ukernel<float, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -180,5 +216,6 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            {&direct_ukernel<double, 1, VECTOR_BYTES, 4>, &direct_ukernel<double, 2, VECTOR_BYTES, 4>,
             &direct_ukernel<double, 4, VECTOR_BYTES, 2>, &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
            {4 * L64, 4 * L64, 2 * L64, 2 * L64},
-           &transpose_store<double, VECTOR_BYTES>, &transpose_pair_store<double, VECTOR_BYTES>, L64}};
+           &transpose_store<double, VECTOR_BYTES>, &transpose_pair_store<double, VECTOR_BYTES>, L64,
+           &wgrad_rows_ukernel<double, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>}};
 }

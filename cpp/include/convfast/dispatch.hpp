@@ -37,6 +37,14 @@ using TransposeStore = void (*)(const T* c, int64_t ldc, const T* bias, T* y, in
 template <typename T>
 using TransposePairStore = void (*)(const T* ca, const T* cb, int64_t ldc, const T* bias, T* y, int64_t ys);
 
+// acc[m][t][0..lanes) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] for r < rows, j < n (whole vectors
+// in lanes, the tail in lane 0), m < kWgradRowsMB, t < kWgradRowsTB: the weight gradient of layers
+// with few input channels (rows of pixels in the vector lanes, no packing).
+constexpr int kWgradRowsMB = 4, kWgradRowsTB = 3;
+template <typename T>
+using WgradRowsUkernel = void (*)(int64_t rows, int64_t n, const T* const* gy, int64_t gy_rs, const T* const* x,
+                                  int64_t x_rs, T* acc);
+
 template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
@@ -48,6 +56,7 @@ struct UkernelInfo {
   TransposeStore<T> store_transposed = nullptr;
   TransposePairStore<T> store_transposed_pair = nullptr;
   int lanes = 0;                                             // L of store_transposed (the vector width)
+  WgradRowsUkernel<T> wgrad_rows = nullptr;
 };
 
 struct UkernelSet {

@@ -1,0 +1,115 @@
+"""The weight gradient's rows path (cpp/conv/weight_grad.cpp, rows_weight_grad): layers with at most 4
+input channels per group and a channels-first output gradient, whose rows are multiplied in the
+vector lanes without packing (a padded copy of the input first, its rows split into stride phases).
+
+Checked against a float64 NumPy oracle written here from the definition (independent of the C++),
+against the GEMM path (CONVFAST_WGRAD_GEMM=1; another summation order, so to rounding), and for
+bitwise independence of the thread count.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import convfast
+from convfast import _core
+from convfast import reference as ref
+from conftest import assert_close
+
+NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _oracle(x, gy, kernel, stride, pads, dilation, groups, mode):
+    """gw[cb, ca, t] = sum_{n, o} gy[n, cb, o] * xpad[n, G(cb) * Ca_g + ca, o * s + t * d], in float64."""
+    x, gy = x.astype(np.float64), gy.astype(np.float64)
+    xp = np.pad(x, ((0, 0), (0, 0)) + tuple(pads), mode=NP_MODES[mode])
+    cb, ca_g = gy.shape[1], x.shape[1] // groups
+    out_sp = gy.shape[2:]
+    gw = np.zeros((cb, ca_g) + tuple(kernel))
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        win = xp[(slice(None), slice(None)) + tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
+                                                    for t, d, o, s in zip(tap, dilation, out_sp, stride))]
+        for g in range(groups):
+            a = win[:, g * ca_g:(g + 1) * ca_g].reshape(x.shape[0], ca_g, -1)
+            b = gy[:, g * (cb // groups):(g + 1) * (cb // groups)].reshape(x.shape[0], cb // groups, -1)
+            gw[(slice(g * (cb // groups), (g + 1) * (cb // groups)), slice(None)) + tap] = np.einsum("nbk,nak->ba", b, a)
+    return gw
+
+
+def _grad_weight(monkeypatch, rank, x, w, gy, gemm=False, **kw):
+    if gemm:
+        monkeypatch.setenv("CONVFAST_WGRAD_GEMM", "1")
+    else:
+        monkeypatch.delenv("CONVFAST_WGRAD_GEMM", raising=False)
+    _, gw, _ = getattr(convfast, f"conv{rank}d_backward")(gy, x, w, needs=(False, True, False), **kw)
+    return gw, _core.last_algorithm()
+
+
+# (rank, batch, C_in, C_out, spatial, kernel, kwargs): C_out/G not a multiple of the 4-row block,
+# kernel rows of 1 to 7 taps (3-tap blocks), row lengths with tails, dilation, strides along the
+# outer axes, every padding mode, groups, 1-D to 3-D.
+CASES = [
+    (3, 2, 1, 8, (6, 7, 19), (3, 3, 3), dict(padding=1)),
+    (2, 1, 3, 9, (11, 21), (3, 3), dict(padding=1)),
+    (2, 2, 2, 5, (9, 13), (2, 5), dict(padding=(1, 2), dilation=(1, 2))),
+    (2, 1, 4, 6, (14, 17), (3, 7), dict(stride=(2, 1), padding=(1, 3))),
+    (1, 3, 1, 12, (40,), (4,), dict(padding="same")),
+    (2, 1, 2, 8, (10, 12), (3, 3), dict(padding=2, padding_mode="reflect")),
+    (2, 1, 3, 8, (10, 12), (3, 3), dict(padding=1, padding_mode="replicate")),
+    (3, 1, 2, 7, (5, 6, 12), (2, 3, 1), dict(padding=(1, 0, 0), padding_mode="circular")),
+    (2, 2, 4, 16, (9, 16), (3, 3), dict(padding=1, groups=2)),
+    (2, 1, 6, 12, (13, 20), (5, 3), dict(stride=(3, 1), dilation=(2, 3), groups=3)),
+    # Strided rows: the padded copy holds each row as its stride phases.
+    (2, 1, 3, 8, (15, 40), (7, 7), dict(stride=2, padding=3)),
+    (1, 2, 2, 6, (60,), (5,), dict(stride=3, dilation=2, padding=2)),
+    (2, 1, 1, 9, (12, 33), (3, 4), dict(stride=(1, 2), padding=(1, 2), padding_mode="reflect")),
+    (3, 1, 2, 4, (5, 7, 30), (2, 2, 3), dict(stride=(1, 2, 2), padding=1, padding_mode="replicate")),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rank,batch,cin,cout,spatial,kernel,kw", CASES)
+def test_rows_weight_grad_matches_oracle_and_gemm(monkeypatch, dtype, rank, batch, cin, cout, spatial, kernel, kw):
+    rng = np.random.default_rng(21)
+    groups = kw.get("groups", 1)
+    x = rng.standard_normal((batch, cin) + spatial).astype(dtype)
+    w = rng.standard_normal((cout, cin // groups) + kernel).astype(dtype)
+    spec = ref.conv_spec("t", rank, x, w, None, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                         groups, kw.get("padding_mode", "zeros"), "channels_first")
+    gy = rng.standard_normal(spec.output_shape()).astype(dtype)
+    rows, algo = _grad_weight(monkeypatch, rank, x, w, gy, **kw)
+    assert algo.startswith("weight_grad rows"), algo
+    gemm, gemm_algo = _grad_weight(monkeypatch, rank, x, w, gy, gemm=True, **kw)
+    assert gemm_algo.startswith("weight_grad gemm"), gemm_algo
+    expected = _oracle(x, gy, kernel, spec.stride, spec.pads, spec.dilation, groups, spec.padding_mode)
+    k_w = batch * int(np.prod(spec.out_spatial))
+    assert_close(rows, expected, dtype, k_w)
+    assert_close(gemm, expected, dtype, k_w)
+
+
+def test_rows_weight_grad_threads_and_layouts(monkeypatch):
+    """Bitwise the same for 1 to 4 threads; a channels-last input takes the path too (it is copied),
+    a channels-last gradient does not (its rows are not contiguous)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 2, 12, 18)).astype("float32")
+    w = rng.standard_normal((10, 2, 3, 3)).astype("float32")
+    gy = rng.standard_normal((2, 10, 12, 18)).astype("float32")
+    before = convfast.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 4):
+            convfast.set_num_threads(n)
+            results.append(_grad_weight(monkeypatch, 2, x, w, gy, padding=1)[0])
+    finally:
+        convfast.set_num_threads(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    x_cl = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    gy_cl = np.ascontiguousarray(np.moveaxis(gy, 1, -1))
+    _, gw, _ = convfast.conv2d_backward(gy, np.moveaxis(x_cl, -1, 1), w, padding=1, needs=(False, True, False))
+    assert _core.last_algorithm().startswith("weight_grad rows")
+    np.testing.assert_array_equal(gw, results[0])
+    _, gw_cl, _ = convfast.conv2d_backward(gy_cl, x_cl, w, padding=1, needs=(False, True, False),
+                                           data_format="channels_last")
+    assert _core.last_algorithm().startswith("weight_grad gemm")
+    assert_close(gw_cl, results[0], "float32", 2 * 12 * 18)
