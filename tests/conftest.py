@@ -51,3 +51,11 @@ def assert_torch_close(actual, expected, dtype, reduction_size=1):
     err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
     bound = 2 * tolerance(dtype, reduction_size) * scale
     assert err <= bound, f"max abs error {err} > {bound}"
+
+
+def conv_operands(rng, batch, cin, cout, spatial, kernel, groups=1, dtype="float32"):
+    """Standard-normal (x, weight, bias) of a convolution layer, in dtype."""
+    x = rng.standard_normal((batch, cin) + tuple(spatial)).astype(dtype)
+    w = rng.standard_normal((cout, cin // groups) + tuple(kernel)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    return x, w, b

@@ -14,7 +14,7 @@ import pytest
 import convfast
 from convfast import _core
 from convfast import reference as ref
-from conftest import assert_close
+from conftest import assert_close, conv_operands
 
 
 def _gemm_and_direct(monkeypatch, fn, *args, **kwargs):
@@ -66,11 +66,7 @@ CASES = [
 @pytest.mark.parametrize("rank,batch,cin,cout,spatial,kernel,kw", CASES)
 def test_in_place_tiles_match_direct_bitwise_and_oracle(monkeypatch, dtype, rank, batch, cin, cout, spatial, kernel,
                                                         kw):
-    rng = np.random.default_rng(7)
-    groups = kw.get("groups", 1)
-    x = rng.standard_normal((batch, cin) + spatial).astype(dtype)
-    w = rng.standard_normal((cout, cin // groups) + kernel).astype(dtype)
-    b = rng.standard_normal(cout).astype(dtype)
+    x, w, b = conv_operands(np.random.default_rng(7), batch, cin, cout, spatial, kernel, kw.get("groups", 1), dtype)
     fn = getattr(convfast, f"conv{rank}d")
     gemm, direct = _gemm_and_direct(monkeypatch, fn, x, w, b, **kw)
     np.testing.assert_array_equal(gemm, direct)

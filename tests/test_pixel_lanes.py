@@ -13,7 +13,7 @@ import pytest
 import convfast
 from convfast import _core
 from convfast import reference as ref
-from conftest import assert_close
+from conftest import assert_close, conv_operands
 
 MODES = ("zeros", "reflect", "replicate", "circular", "symmetric")
 
@@ -62,11 +62,7 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_orientations_agree_bitwise_and_with_reference(case, dtype, monkeypatch):
     rank, n, cin, cout, spatial, kernel, kwargs = CASES[case]
-    groups = kwargs.get("groups", 1)
-    rng = np.random.default_rng(case)
-    x = rng.standard_normal((n, cin) + spatial).astype(dtype)
-    w = rng.standard_normal((cout, cin // groups) + kernel).astype(dtype)
-    b = rng.standard_normal(cout).astype(dtype)
+    x, w, b = conv_operands(np.random.default_rng(case), n, cin, cout, spatial, kernel, kwargs.get("groups", 1), dtype)
     fn = getattr(convfast, f"conv{rank}d")
     lanes, rows = _run_both(monkeypatch, fn, x, w, b, **kwargs)
     np.testing.assert_array_equal(lanes, rows)
