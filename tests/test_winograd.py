@@ -452,6 +452,7 @@ def test_weight_grad_channels_last_and_transposed(dtype, forced, monkeypatch):
     gw_wino = _grad_weight(BACKT[2], gyt, x, wt, padding=2)
     assert _ran_winograd_weight_grad()
     monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    monkeypatch.setenv("CONVFAST_WGRAD_GEMM", "1")  # 4 input channels: else the rows path
     gw_gemm = _grad_weight(BACKT[2], gyt, x, wt, padding=2)
     assert _core.last_algorithm().startswith("weight_grad gemm")
     assert_close(gw_wino, gw_gemm, dtype, reduction_size=2 * 63)

@@ -1024,12 +1024,15 @@ void weight_grad(const WeightGradProblem<T>& p) {
     set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
     return depthwise_weight_grad(p);
   }
-  const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");  // "1": the GEMM below (tests compare both)
-  if (rows_weight_grad_applies(p) && !(force_gemm && std::string(force_gemm) == "1")) {
+  WeightGrad<T> gemm(p);
+  // Winograd, where chosen (or forced by CONVFAST_ALGO=winograd), comes first; CONVFAST_WGRAD_GEMM=1
+  // takes the GEMM instead of the rows path (tests compare both).
+  const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");
+  if (!gemm.winograd && rows_weight_grad_applies(p) && !(force_gemm && std::string(force_gemm) == "1")) {
     set_last_algorithm("weight_grad rows threads=" + std::to_string(get_num_threads()));
     return rows_weight_grad(p);
   }
-  WeightGrad<T>(p).run();
+  gemm.run();
 }
 
 template void weight_grad<float>(const WeightGradProblem<float>&);
