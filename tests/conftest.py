@@ -1,4 +1,5 @@
 """Shared test helpers: tolerances, hypothesis profiles, the optional PyTorch oracle."""
+import itertools
 import os
 
 import numpy as np
@@ -59,3 +60,29 @@ def conv_operands(rng, batch, cin, cout, spatial, kernel, groups=1, dtype="float
     w = rng.standard_normal((cout, cin // groups) + tuple(kernel)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
     return x, w, b
+
+
+NP_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap",
+               "symmetric": "symmetric"}
+
+
+def weight_grad_oracle(x, gy, kernel, pads, mode="zeros", groups=1, stride=None, dilation=None, dtype=np.float64):
+    """The weight gradient from its definition, independent of convfast: gw[cb, ca, t] =
+    sum_{n, o} gy[n, cb, o] * xpad[n, G(cb) * Ca_g + ca, o * stride + t * dilation], with xpad = x
+    padded by the (before, after) pairs ``pads`` in ``mode``; computed in ``dtype``."""
+    rank = len(kernel)
+    stride = stride or (1,) * rank
+    dilation = dilation or (1,) * rank
+    xp = np.pad(x.astype(dtype), ((0, 0), (0, 0)) + tuple(tuple(p) for p in pads), mode=NP_PAD_MODE[mode])
+    gy = gy.astype(dtype)
+    n, ca_g, cb_g = x.shape[0], x.shape[1] // groups, gy.shape[1] // groups
+    out_spatial = gy.shape[2:]
+    gw = np.empty((gy.shape[1], ca_g) + tuple(kernel), dtype)
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window = xp[(slice(None), slice(None)) + tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
+                                                       for t, d, o, s in zip(tap, dilation, out_spatial, stride))]
+        for g in range(groups):
+            a = window[:, g * ca_g:(g + 1) * ca_g].reshape(n, ca_g, -1)
+            b = gy[:, g * cb_g:(g + 1) * cb_g].reshape(n, cb_g, -1)
+            gw[(slice(g * cb_g, (g + 1) * cb_g), slice(None)) + tap] = np.einsum("nbk,nak->ba", b, a)
+    return gw

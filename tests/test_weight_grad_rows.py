@@ -2,11 +2,10 @@
 input channels per group and a channels-first output gradient, whose rows are multiplied in the
 vector lanes without packing (a padded copy of the input first, its rows split into stride phases).
 
-Checked against a float64 NumPy oracle written here from the definition (independent of the C++),
+Checked against a float64 NumPy oracle written from the definition (conftest.weight_grad_oracle, independent of the C++),
 against the GEMM path (CONVFAST_WGRAD_GEMM=1; another summation order, so to rounding), and for
 bitwise independence of the thread count.
 """
-import itertools
 
 import numpy as np
 import pytest
@@ -14,27 +13,7 @@ import pytest
 import convfast
 from convfast import _core
 from convfast import reference as ref
-from conftest import assert_close
-
-NP_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
-
-
-def _oracle(x, gy, kernel, stride, pads, dilation, groups, mode):
-    """gw[cb, ca, t] = sum_{n, o} gy[n, cb, o] * xpad[n, G(cb) * Ca_g + ca, o * s + t * d], in float64."""
-    x, gy = x.astype(np.float64), gy.astype(np.float64)
-    xp = np.pad(x, ((0, 0), (0, 0)) + tuple(pads), mode=NP_MODES[mode])
-    cb, ca_g = gy.shape[1], x.shape[1] // groups
-    out_sp = gy.shape[2:]
-    gw = np.zeros((cb, ca_g) + tuple(kernel))
-    for tap in itertools.product(*(range(k) for k in kernel)):
-        win = xp[(slice(None), slice(None)) + tuple(slice(t * d, t * d + (o - 1) * s + 1, s)
-                                                    for t, d, o, s in zip(tap, dilation, out_sp, stride))]
-        for g in range(groups):
-            a = win[:, g * ca_g:(g + 1) * ca_g].reshape(x.shape[0], ca_g, -1)
-            b = gy[:, g * (cb // groups):(g + 1) * (cb // groups)].reshape(x.shape[0], cb // groups, -1)
-            gw[(slice(g * (cb // groups), (g + 1) * (cb // groups)), slice(None)) + tap] = np.einsum("nbk,nak->ba", b, a)
-    return gw
-
+from conftest import assert_close, weight_grad_oracle
 
 @pytest.fixture(autouse=True)
 def no_forced_algorithm(monkeypatch):
@@ -87,7 +66,7 @@ def test_rows_weight_grad_matches_oracle_and_gemm(monkeypatch, dtype, rank, batc
     assert algo.startswith("weight_grad rows"), algo
     gemm, gemm_algo = _grad_weight(monkeypatch, rank, x, w, gy, gemm=True, **kw)
     assert gemm_algo.startswith("weight_grad gemm"), gemm_algo
-    expected = _oracle(x, gy, kernel, spec.stride, spec.pads, spec.dilation, groups, spec.padding_mode)
+    expected = weight_grad_oracle(x, gy, kernel, spec.pads, spec.padding_mode, groups, spec.stride, spec.dilation)
     k_w = batch * int(np.prod(spec.out_spatial))
     assert_close(rows, expected, dtype, k_w)
     assert_close(gemm, expected, dtype, k_w)

@@ -14,7 +14,7 @@ import pytest
 import convfast
 from convfast import _core
 from convfast import reference as ref
-from conftest import assert_close
+from conftest import assert_close, weight_grad_oracle
 
 CONV = {2: convfast.conv2d, 3: convfast.conv3d}
 CONVT = {2: convfast.conv_transpose2d, 3: convfast.conv_transpose3d}
@@ -380,9 +380,6 @@ def test_transposed_phase_choice():
 
 BACK = {2: convfast.conv2d_backward, 3: convfast.conv3d_backward}
 BACKT = {2: convfast.conv_transpose2d_backward, 3: convfast.conv_transpose3d_backward}
-NP_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap", "symmetric": "symmetric"}
-
-
 def _ran_winograd_weight_grad():
     return _core.last_algorithm().startswith("weight_grad winograd")
 
@@ -392,20 +389,6 @@ def _grad_weight(fn, *args, **kw):
     (by a forward call), so that _core.last_algorithm() describes this call's weight gradient."""
     convfast.conv1d(np.zeros((1, 1, 3)), np.zeros((1, 1, 1)))
     return fn(*args, needs=(False, True, False), **kw)[1]
-
-
-def _weight_grad_reference(x, gy, kernel, padding, mode, groups, dtype=np.float64):
-    """sum over n and o of gy[n, co, o] * padded x[n, ci, o + t] (stride 1, dilation 1), in dtype."""
-    r = x.ndim - 2
-    xp = np.pad(x.astype(dtype), [(0, 0), (0, 0)] + [(p, p) for p in padding], mode=NP_PAD[mode])
-    windows = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=tuple(range(2, 2 + r)))
-    cin, cout = x.shape[1] // groups, gy.shape[1] // groups
-    sp, ks = "xyz"[:r], "uvw"[:r]
-    out = np.empty((gy.shape[1], cin) + tuple(kernel), dtype)
-    for g in range(groups):
-        out[g * cout:(g + 1) * cout] = np.einsum(f"nc{sp}{ks},nd{sp}->dc{ks}", windows[:, g * cin:(g + 1) * cin],
-                                                 gy[:, g * cout:(g + 1) * cout].astype(dtype))
-    return out
 
 
 WG_CASES = [
@@ -431,7 +414,7 @@ def test_weight_grad_matches_numpy(case, mode, dtype, forced):
     gy = _rand(rng, (n, cout) + out, dtype)
     gw = _grad_weight(BACK[r], gy, x, w, padding=padding, groups=g, padding_mode=mode)
     assert _ran_winograd_weight_grad(), _core.last_algorithm()
-    assert_close(gw, _weight_grad_reference(x, gy, kernel, padding, mode, g), dtype, reduction_size=n * np.prod(out))
+    assert_close(gw, weight_grad_oracle(x, gy, kernel, [(p, p) for p in padding], mode, g), dtype, reduction_size=n * np.prod(out))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -440,7 +423,7 @@ def test_weight_grad_channels_last_and_transposed(dtype, forced, monkeypatch):
     x = _rand(rng, (2, 6, 7, 9), dtype)
     w = _rand(rng, (5, 6, 3, 3), dtype)
     gy = _rand(rng, (2, 5, 7, 9), dtype)
-    expected = _weight_grad_reference(x, gy, (3, 3), (1, 1), "zeros", 1)
+    expected = weight_grad_oracle(x, gy, (3, 3), [(1, 1)] * 2)
     gw = _grad_weight(BACK[2], np.moveaxis(gy, 1, -1), np.moveaxis(x, 1, -1), w, padding=1,
                       data_format="channels_last")
     assert _ran_winograd_weight_grad()
@@ -490,8 +473,8 @@ def test_weight_grad_integer_data_is_exact(rank, dtype, forced):
     w = np.zeros((5, 6) + (3,) * rank, dtype)
     gw = _grad_weight(BACK[rank], gy, x, w, padding=1, padding_mode="reflect")
     assert _ran_winograd_weight_grad()
-    expected = _weight_grad_reference(x.astype(np.int64), gy.astype(np.int64), (3,) * rank, (1,) * rank, "reflect", 1,
-                                      dtype=np.int64)
+    expected = weight_grad_oracle(x.astype(np.int64), gy.astype(np.int64), (3,) * rank, [(1, 1)] * rank, "reflect",
+                                  dtype=np.int64)
     np.testing.assert_array_equal(gw, expected.astype(dtype))
 
 
@@ -500,7 +483,7 @@ def test_weight_grad_error_close_to_the_gemm(monkeypatch):
     x = _rand(rng, (4, 64, 12, 12), np.float32)
     w = _rand(rng, (64, 64, 3, 3), np.float32)
     gy = _rand(rng, (4, 64, 12, 12), np.float32)
-    exact = _weight_grad_reference(x, gy, (3, 3), (1, 1), "zeros", 1)
+    exact = weight_grad_oracle(x, gy, (3, 3), [(1, 1)] * 2)
     gw_wino = _grad_weight(BACK[2], gy, x, w, padding=1)
     assert _ran_winograd_weight_grad()
     monkeypatch.setenv("CONVFAST_ALGO", "gemm")

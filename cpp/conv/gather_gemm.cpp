@@ -837,11 +837,12 @@ struct ConvPlan<T>::Impl {
     int64_t* step = s.tile_step.data();
     T* A = s.a_panel.get();
     const T** rows = s.a_rows.data();
+    const bool layer_in_place = reads_in_place(shape, row_step);
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(m_tiles * mr * ldc));
     if (!reuse_patches)
       for (int64_t mt = 0, last = -1; mt < m_tiles; ++mt) {
         const int64_t* o = xoff + mt * mr * T_;
-        bool in_place = reads_in_place(shape, row_step) && (mt + 1) * mr <= mcount;
+        bool in_place = layer_in_place && (mt + 1) * mr <= mcount;
         for (int r = 0; r < mr && in_place; ++r)
           for (int64_t t = 0; t < T_ && in_place; ++t)
             in_place = o[r * T_ + t] != kOutside && o[r * T_ + t] - o[t] == o[r * T_] - o[0];
@@ -1206,10 +1207,11 @@ struct ConvPlan<T>::Impl {
       for (int a = 0; a < kSpatialRank; ++a) delta[q] += (ph[a]->out_start - phases[first][a]->out_start) * p.y_stride[a];
       const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + first + q];
       const bool reuse = q > 0 && phases_share_patches && shape.num_taps * cin <= kc_max;
-      // A single phase's edge pixels go last (block_offsets), so that its interior tiles are all read in
-      // place; fused phases keep row-major order, which their shared pixel rows of C rely on.
+      // A single-phase plan puts each block's edge pixels last (block_offsets), so that its interior
+      // tiles are all read in place. With several phases the order stays row-major: fused phases
+      // share C's pixel rows, and for them edges last (over the union of their edges) measured level.
       const int64_t row_step = ph[2]->in_step * p.x_stride[2];
-      const bool edges_last = count == 1 && phases.size() == 1 && reads_in_place(shape, row_step);
+      const bool edges_last = phases.size() == 1 && reads_in_place(shape, row_step);
       if (!reuse)
         block_offsets(p, ph, shape, it.m0, mcount, s.tap_base.data(), s.x_offsets.get(), q == 0 ? yoff : nullptr,
                       edges_last);
@@ -1273,7 +1275,7 @@ struct ConvPlan<T>::Impl {
       int64_t n = 1;
       while (n < L && mv + n < mcount && yoff[mv + n] == yoff[mv] + run_step * n) ++n;
       if (n < L) {
-        if (n >= 2 && count == 1 && !paired && mv + L <= mc_max) {
+        if (n >= 2 && count == 1 && mv + L <= mc_max) {  // (one phase: never paired)
           for (int64_t co = co_begin; co < co_vec_end; co += L) {
             for (int j = 0; j < L; ++j) bias_block[j] = bias_of(co + j);
             uk.store_transposed(C + mv * ldc + (co - co_begin), ldc, bias_block, partial, L);

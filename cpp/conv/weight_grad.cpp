@@ -911,16 +911,17 @@ void depthwise_weight_grad(const WeightGradProblem<T>& p) {
   }
 }
 
-// Few input channels per group (Ca/G <= kMaxRowsInputs), with the output gradient's rows contiguous: the GEMM would pack b transposed (a pass over the largest
-// operand, written and read again) and a per tap for a tile of at most Ca/G x taps rows, and was
-// memory-bound (the 3-D 1 -> 32 layer: 22 ms on 1 or 2 threads). Here nothing of b is copied: a is
-// first copied padded (by the padding mode, so that every tap reads a whole row; a is the small
-// operand), each row split into its stride phases (so that a tap's inputs are consecutive), then each item -- a group's block of kWgradRowsMB output channels -- streams its
-// gradient rows once, and the row micro-kernel multiplies kWgradRowsMB gradient rows by
-// kWgradRowsTB tap-shifted input rows, pixels in the vector lanes, into per-lane partial sums,
-// summed in lane order at the end. One item owns its outputs and runs all of K in a fixed order,
-// so the result is the same for any thread count. Memory: the padded a, and per thread
-// kWgradRowsMB x Ca/G x taps vectors.
+// Few input channels per group (Ca/G <= kMaxRowsInputs), with the output gradient's rows
+// contiguous: the GEMM would pack b transposed (a pass over the largest operand, written and read
+// again) and a per tap for a tile of at most Ca/G x taps rows, and was memory-bound (the 3-D 1 -> 32
+// layer: 22 ms on 1 or 2 threads). Here nothing of b is copied. a (the small operand) is first
+// copied padded by the padding mode, so that every tap reads a whole row, and each row split into
+// its stride phases, so that a tap's inputs are consecutive. Then each item -- a group's block of
+// kWgradRowsMB output channels -- streams its gradient rows once, and the row micro-kernel
+// multiplies kWgradRowsMB gradient rows by kWgradRowsTB tap-shifted input rows, pixels in the
+// vector lanes, into per-lane partial sums, summed in lane order at the end. One item owns its
+// outputs and runs all of K in a fixed order, so the result is the same for any thread count.
+// Memory: the padded a, and per thread kWgradRowsMB x Ca/G x taps vectors.
 constexpr int64_t kMaxRowsInputs = 4;
 
 template <typename T>
