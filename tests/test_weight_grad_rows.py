@@ -44,6 +44,10 @@ CASES = [
     (3, 1, 2, 7, (5, 6, 12), (2, 3, 1), dict(padding=(1, 0, 0), padding_mode="circular")),
     (2, 2, 4, 16, (9, 16), (3, 3), dict(padding=1, groups=2)),
     (2, 1, 6, 12, (13, 20), (5, 3), dict(stride=(3, 1), dilation=(2, 3), groups=3)),
+    # 5 to 8 input channels per group, the path's upper range.
+    (2, 2, 8, 10, (9, 19), (3, 3), dict(padding=1)),
+    (3, 1, 5, 4, (4, 5, 17), (3, 2, 3), dict(padding=(1, 0, 1), padding_mode="reflect")),
+    (2, 1, 14, 8, (8, 21), (2, 4), dict(stride=(1, 2), padding="same", groups=2)),
     # Strided rows: the padded copy holds each row as its stride phases.
     (2, 1, 3, 8, (15, 40), (7, 7), dict(stride=2, padding=3)),
     (1, 2, 2, 6, (60,), (5,), dict(stride=3, dilation=2, padding=2)),
