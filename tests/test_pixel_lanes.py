@@ -109,6 +109,26 @@ def test_strided_views_and_out(monkeypatch):
     assert_close(results[0][:, :, :, ::2], ref.conv2d(x, w))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_rows_with_gaps(monkeypatch, dtype):
+    # Pixel tiles are written straight into y only where their pixels are consecutive there: with
+    # `out=` rows of 13 inside rows of 20, tiles that cross a row end go through the C block. 24
+    # output channels fill the channel tiles (a multiple of every ISA's MR), which direct writes need.
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 8, 9, 13)).astype(dtype)
+    w = rng.standard_normal((24, 8, 1, 1)).astype(dtype)
+    b = rng.standard_normal(24).astype(dtype)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("CONVFAST_PIXEL_LANES", flag)
+        base = np.full((2, 24, 9, 20), np.nan, dtype)
+        convfast.conv2d(x, w, b, out=base[..., :13])
+        results.append(base)
+    np.testing.assert_array_equal(results[0], results[1])
+    assert np.isnan(results[0][..., 13:]).all()  # nothing written outside the view
+    assert_close(results[0][..., :13], ref.conv2d(x, w, b), dtype, 8)
+
+
 def test_chosen_for_channels_first_one_by_one(monkeypatch):
     # The automatic choice: 1x1 channels-first takes the pixel lanes; channels-last and 3x3 do not.
     monkeypatch.delenv("CONVFAST_ALGO")
