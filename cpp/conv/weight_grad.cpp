@@ -886,9 +886,17 @@ void depthwise_weight_grad(const WeightGradProblem<T>& p) {
                 for (int l = 0; l < kLanes; ++l) lane[l] = acc[l];
                 const int64_t shift = t2 * d2 - pad2;
                 int64_t o2 = first[t2];
-                if (s2 == 1 && as2 == 1 && bs2 == 1)
+                if (s2 == 1 && as2 == 1 && bs2 == 1) {
                   for (; o2 + kLanes <= last[t2]; o2 += kLanes)
                     for (int l = 0; l < kLanes; ++l) lane[l] += arow[o2 + shift + l] * brow[o2 + l];
+                } else {  // strided rows or views: the same lanes, the loads at their steps. One chain
+                          // through the row ran at FMA latency: the stride-2 layer took 7.2 ms, now 6.6
+                          // (splitting each row into its stride phases first, per tap row: 9.8 ms)
+                  const int64_t step_a = s2 * as2;
+                  const T* a0 = arow + shift * as2;
+                  for (; o2 + kLanes <= last[t2]; o2 += kLanes)
+                    for (int l = 0; l < kLanes; ++l) lane[l] += a0[(o2 + l) * step_a] * brow[(o2 + l) * bs2];
+                }
                 for (; o2 < last[t2]; ++o2) lane[0] += arow[(o2 * s2 + shift) * as2] * brow[o2 * bs2];
                 if (!zeros) {  // the row's ends read the padding mode's values
                   auto edge = [&](int64_t e) {
