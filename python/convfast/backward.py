@@ -236,7 +236,7 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
       padding mode, in any layout, packs ``b`` once and runs the micro-kernel with rows = Cb/G,
       vector lanes = Ca/G, multi-threaded and bitwise independent of the thread count. The same
       entry point handles depthwise and channel-multiplier groups (Ca/G = 1, Cb/G <= 4) with a
-      streaming kernel, one output channel per thread, and layers with at most 4 input channels per
+      streaming kernel, one output channel per thread, and layers with at most 8 input channels per
       group (RGB stems, 3-D 1 -> 32) by rows of pixels in the vector lanes, without packing.
     * other groups with at most ``_SMALL_GROUP`` weights per tap (2 x 2, 1 x 5..7), or depthwise
       groups of other array types: ``np.einsum`` per tap over strided windows of the padded ``a``.
