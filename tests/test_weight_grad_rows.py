@@ -1,9 +1,9 @@
-"""The weight gradient's rows path (cpp/conv/weight_grad.cpp, rows_weight_grad): layers with at most 4
+"""The weight gradient's rows path (cpp/conv/weight_grad.cpp, rows_weight_grad): layers with at most 8
 input channels per group and a channels-first output gradient, whose rows are multiplied in the
 vector lanes without packing (a padded copy of the input first, its rows split into stride phases).
 
-Checked against a float64 NumPy oracle written from the definition (conftest.weight_grad_oracle, independent of the C++),
-against the GEMM path (CONVFAST_WGRAD_GEMM=1; another summation order, so to rounding), and for
+Checked against a float64 NumPy oracle written from the definition (conftest.weight_grad_oracle,
+independent of the C++), against the GEMM path (CONVFAST_WGRAD_GEMM=1; another summation order, so to rounding), and for
 bitwise independence of the thread count.
 """
 

@@ -326,6 +326,7 @@ struct ThreadScratch {
   std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile
   std::vector<int64_t> tile_anchor, tile_step;  // GEMM: per m-tile, read in place (see gemm_block)
   std::vector<int64_t> tile_pixel;              // GEMM: per pixel of an in-place tile, its offset from the anchor's
+  std::vector<char> tile_in_y;                  // pixel lanes: per pixel tile, written straight into y
   std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
   std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
@@ -336,6 +337,7 @@ struct ThreadScratch {
         tap_kind(static_cast<size_t>(std::max<int64_t>(max_taps, 1))),
         tile_anchor(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
         tile_pixel(static_cast<size_t>(mc)),  // GEMM blocks are whole tiles: mc is a multiple of MR
+        tile_in_y(static_cast<size_t>(mc)),
         a_rows(static_cast<size_t>(in_place_rows)),
         tap_base(tap_kind.size()),
         tap_step(tap_kind.size()) {}
@@ -978,6 +980,16 @@ struct ConvPlan<T>::Impl {
     for (int64_t q = 0; q < n; ++q) y[q] = tile[q] + bias;
   }
 
+  // The bias of a tile the micro-kernel wrote straight into y (rows output channels of n pixels,
+  // y_stride_c apart), added to the finished sums as store_with_bias adds it.
+  static void add_bias_rows(const T* bias, int64_t bias_stride, int64_t rows, int64_t n, T* y, int64_t y_stride_c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T b = bias[r * bias_stride];
+      T* __restrict yr = y + r * y_stride_c;
+      for (int64_t q = 0; q < n; ++q) yr[q] += b;
+    }
+  }
+
   // Plane mode: item rows are (output plane j0, block of plane_rows output rows along axis 1). The
   // slabs hold, per (axis-0 tap, input channel, axis-1 slot, axis-2 slot), the rows the block reads,
   // each a full pitch P wide; output (j1, j2) of the block is flat pixel q = (j1 - first) * P + j2
@@ -1072,7 +1084,8 @@ struct ConvPlan<T>::Impl {
   // One pixel tile of the direct path, at offset of the K source rows: every output-channel tile of
   // the group through the micro-kernel, then write(results, bias, channel) per output channel. With
   // y_tile (the tile's first output in the group's first channel row: its pw outputs consecutive in
-  // y), whole channel tiles are written straight into y and then get their bias; the copy of every
+  // y; callers pass one only from their <true> loops, which run with several channel tiles), whole
+  // channel tiles are written straight into y and then get their bias; the copy of every
   // output through the scratch tile took 11 % of the 3-D 1 -> 32 layer (1.09-1.11x measured, the
   // stem 1.03-1.06x, 3 -> 16 1.03-1.04x). Only with several channel tiles: with one (depthwise, the
   // 4 -> 4 groups of the grouped layer), where a tile's kernel is short and its stores dominate, it
@@ -1099,15 +1112,10 @@ struct ConvPlan<T>::Impl {
       offset = 0;
     }
     for (int64_t nt = 0; nt < n_tiles; ++nt) {
-      if (y_tile && n_tiles > 1 && K > 0 && (nt + 1) * mro <= cout) {
+      if (y_tile && K > 0 && (nt + 1) * mro <= cout) {
         T* y0 = y_tile + nt * mro * p.y_stride_c;
         uk.direct[direct_variant](K, src, offset, wp + nt * K * mro, y0, p.y_stride_c);
-        if (p.bias)
-          for (int r = 0; r < mro; ++r) {
-            const T b = p.bias[(g * cout + nt * mro + r) * p.bias_stride];
-            T* __restrict yr = y0 + r * p.y_stride_c;
-            for (int q = 0; q < pw; ++q) yr[q] += b;
-          }
+        if (p.bias) add_bias_rows(p.bias + (g * cout + nt * mro) * p.bias_stride, p.bias_stride, mro, pw, y0, p.y_stride_c);
         continue;
       }
       if (K > 0)
@@ -1194,13 +1202,13 @@ struct ConvPlan<T>::Impl {
     const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
     // The channel tiles cover n_tiles * mr >= cout rows: a tile in y needs them all to be y's.
     const bool whole_channel_tiles = n_tiles * mr == cout;
-    auto in_y = [&](int64_t pt) {  // the tile's NR pixels all exist and are consecutive in y
+    char* in_y = s.tile_in_y.data();  // per tile: its NR pixels all exist and are consecutive in y
+    for (int64_t pt = 0; pt < p_tiles; ++pt) {
       const int64_t r0 = pt * nr;
-      if (!whole_channel_tiles || r0 + nr > mcount) return false;
-      for (int64_t r = 1; r < nr; ++r)
-        if (yoff[r0 + r] != yoff[r0] + r) return false;
-      return true;
-    };
+      bool consecutive = K > 0 && whole_channel_tiles && r0 + nr <= mcount;
+      for (int64_t r = 1; r < nr && consecutive; ++r) consecutive = yoff[r0 + r] == yoff[r0] + r;
+      in_y[pt] = consecutive;
+    }
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(n_tiles * mr * mc_max));
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
@@ -1208,9 +1216,8 @@ struct ConvPlan<T>::Impl {
         pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, nr, pt, k0, kc, s.tap_kind.data(),
                            s.tap_base.data(), s.tap_step.data(), panel + pt * nr * kc);
       for (int64_t pt = 0; pt < p_tiles; ++pt) {
-        const bool direct_to_y = K > 0 && in_y(pt);
-        T* c_tile = direct_to_y ? yg + yoff[pt * nr] : C + pt * nr;
-        const int64_t ldc_ = direct_to_y ? p.y_stride_c : mc_max;
+        T* c_tile = in_y[pt] ? yg + yoff[pt * nr] : C + pt * nr;
+        const int64_t ldc_ = in_y[pt] ? p.y_stride_c : mc_max;
         for (int64_t ct = 0; ct < n_tiles; ++ct)
           uk.fn(kc, wp + ct * K * mr + k0 * mr, panel + pt * nr * kc, c_tile + ct * mr * ldc_, ldc_, k0 > 0);
       }
@@ -1218,13 +1225,8 @@ struct ConvPlan<T>::Impl {
     // The rest of y: each tile's bias, or its runs of pixels contiguous in y copied from C.
     for (int64_t pt = 0; pt < p_tiles; ++pt) {
       const int64_t tile_end = std::min(mcount, (pt + 1) * nr);
-      if (K > 0 && in_y(pt)) {
-        if (!bg) continue;
-        for (int64_t co = 0; co < cout; ++co) {
-          const T b = bg[co * p.bias_stride];
-          T* __restrict dst = yg + co * p.y_stride_c + yoff[pt * nr];
-          for (int64_t q = 0; q < nr; ++q) dst[q] += b;
-        }
+      if (in_y[pt]) {
+        if (bg) add_bias_rows(bg, p.bias_stride, cout, nr, yg + yoff[pt * nr], p.y_stride_c);
         continue;
       }
       for (int64_t r0 = pt * nr; r0 < tile_end;) {

@@ -886,7 +886,8 @@ void depthwise_weight_grad(const WeightGradProblem<T>& p) {
                 for (int l = 0; l < kLanes; ++l) lane[l] = acc[l];
                 const int64_t shift = t2 * d2 - pad2;
                 int64_t o2 = first[t2];
-                if (s2 == 1 && as2 == 1 && bs2 == 1) {
+                if (s2 == 1 && as2 == 1 && bs2 == 1) {  // the strided loop below with unit steps, kept
+                                                         // apart so that the compiler sees them and vectorises
                   for (; o2 + kLanes <= last[t2]; o2 += kLanes)
                     for (int l = 0; l < kLanes; ++l) lane[l] += arow[o2 + shift + l] * brow[o2 + l];
                 } else {  // strided rows or views: the same lanes, the loads at their steps. One chain
