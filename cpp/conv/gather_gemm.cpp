@@ -424,6 +424,7 @@ void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& s
 }
 
 #include "winograd.hpp"
+#include "channel_lanes.hpp"
 
 }  // namespace
 
@@ -480,6 +481,7 @@ struct ConvPlan<T>::Impl {
   int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
   std::vector<std::unique_ptr<winograd::Conv<T>>> wino;  // per phase, when the layer runs Winograd (winograd.hpp)
+  std::unique_ptr<channel_lanes::Conv<T>> lanes;         // depthwise layers with channels in the lanes
 
   // allow_winograd = false: the exact-chain paths only (the fallback of a Winograd plan whose
   // output came out non-finite, see execute).
@@ -507,6 +509,7 @@ struct ConvPlan<T>::Impl {
     max_k = checked_mul(max_taps, cin);
 
     if (allow_winograd && choose_winograd(p)) return;
+    if (choose_channel_lanes(p)) return;
     choose_algorithm(p);
     if (direct) {
       tile_m = uk.pw[direct_variant];
@@ -692,6 +695,20 @@ struct ConvPlan<T>::Impl {
       wino.emplace_back(new winograd::Conv<T>(p, ax, uk, variant, get_num_threads()));
     }
     return true;
+  }
+
+  // Depthwise layers (one channel in and out per group) with at least a vector's width of groups
+  // take the channel-lanes path (channel_lanes.hpp); CONVFAST_ALGO=lanes forces it wherever it
+  // applies, gemm|direct|winograd never take it.
+  bool choose_channel_lanes(const ConvProblem<T>& p) {
+    const char* forced = std::getenv("CONVFAST_ALGO");
+    const std::string force = forced ? forced : "";
+    if (!channel_lanes::Conv<T>::applies(p, phases, uk) || (force.empty() ? p.groups < uk.lanes : force != "lanes"))
+      return false;
+    bool ok = false;
+    lanes.reset(new channel_lanes::Conv<T>(p, phases[0], uk, ok));
+    if (!ok) lanes.reset();
+    return ok;
   }
 
   // The direct micro-kernel's channel tile (index into kDirectChannelTiles) for C_out/G channels:
@@ -1398,6 +1415,11 @@ struct ConvPlan<T>::Impl {
       t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
       return;
     }
+    if (lanes) {
+      lanes->execute(p, get_num_threads());
+      t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
+      return;
+    }
     // Items are ordered block by block with the stride phases of a block adjacent: the phases of a
     // transposed convolution interleave their outputs (stride 2: every other element of every other
     // row), so running a block's phases back to back on one thread writes each output cache line
@@ -1453,6 +1475,9 @@ struct ConvPlan<T>::Impl {
              std::to_string(w0.points) + " points " + std::to_string(w0.pw) + "x" + std::to_string(w0.mro) +
              " phases=" + std::to_string(wino.size());
     }
+    if (lanes)
+      return std::string("channel_lanes ") + isa + " " + std::to_string(lanes->L) + " lanes rows=" +
+             std::to_string(lanes->rows_per_item);
     return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : pixel_lanes ? "pixel_lanes_gemm" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "") +
            (row_pairs.empty() ? "" : " paired");

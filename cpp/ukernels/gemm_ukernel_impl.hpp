@@ -141,23 +141,30 @@ struct Transpose {
   typedef index mask __attribute__((vector_size(VECTOR_BYTES)));
   static constexpr int L = VECTOR_BYTES / sizeof(T);
 
+  // One butterfly stage: row i (i & h == 0) takes row i + h's low half-blocks, row i + h row i's
+  // high ones. The masks are built from compile-time indices, so that they are constants the
+  // compiler maps onto single shuffles (unpck, vperm2f128, ...); filled in a loop they were left to
+  // run time, and the 8 x 8 float transpose took ~110 shuffle, blend and insert instructions.
+  template <int H, size_t... K>
+  static inline void stage(vec (&r)[L], std::index_sequence<K...>) {
+    const mask low = {static_cast<index>((K & H) ? L + K - H : K)...};
+    const mask high = {static_cast<index>((K & H) ? L + K : K + H)...};
+    for (int i = 0; i < L; ++i)
+      if (!(i & H)) {
+        const vec a = r[i], b = r[i + H];
+        r[i] = __builtin_shuffle(a, b, low);
+        r[i + H] = __builtin_shuffle(a, b, high);
+      }
+  }
+
   // r[j][i] = c[i * ldc + j] for i, j < L.
   static inline void load(const T* __restrict c, int64_t ldc, vec (&r)[L]) {
     for (int i = 0; i < L; ++i) r[i] = *reinterpret_cast<const vec_u*>(c + i * ldc);
-#pragma GCC unroll 8
-    for (int h = L / 2; h >= 1; h /= 2) {
-      mask low, high;  // row i takes row i + h's low half-blocks, row i + h row i's high ones
-      for (int k = 0; k < L; ++k) {
-        low[k] = (k & h) ? L + k - h : k;
-        high[k] = (k & h) ? L + k : k + h;
-      }
-      for (int i = 0; i < L; ++i)
-        if (!(i & h)) {
-          const vec a = r[i], b = r[i + h];
-          r[i] = __builtin_shuffle(a, b, low);
-          r[i + h] = __builtin_shuffle(a, b, high);
-        }
-    }
+    constexpr auto lanes = std::make_index_sequence<L>{};
+    if constexpr (L >= 16) stage<8>(r, lanes);
+    if constexpr (L >= 8) stage<4>(r, lanes);
+    if constexpr (L >= 4) stage<2>(r, lanes);
+    stage<1>(r, lanes);
   }
 };
 
@@ -167,6 +174,47 @@ void transpose_store(const T* __restrict c, int64_t ldc, const T* __restrict bia
   typename Tr::vec r[Tr::L];
   Tr::load(c, ldc, r);
   for (int j = 0; j < Tr::L; ++j) *reinterpret_cast<typename Tr::vec_u*>(y + j * ys) = r[j] + bias[j];
+}
+
+template <typename T, int VECTOR_BYTES>
+void transpose_block(const T* __restrict c, int64_t ldc, T* __restrict y, int64_t ys) {
+  using Tr = Transpose<T, VECTOR_BYTES>;
+  typename Tr::vec r[Tr::L];
+  Tr::load(c, ldc, r);
+  for (int j = 0; j < Tr::L; ++j) *reinterpret_cast<typename Tr::vec_u*>(y + j * ys) = r[j];
+}
+
+// The channel-lanes kernel (depthwise layers): NJ outputs at a time, each one vector of L channels
+// and one chain over the taps; per tap one weight vector serves the NJ outputs.
+template <typename T, int VECTOR_BYTES, int NJ>
+inline void channel_lanes_block(int64_t j, int64_t taps, const T* const* __restrict src, int64_t step,
+                                const T* __restrict w, T* __restrict out) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec acc[NJ];
+  for (int q = 0; q < NJ; ++q) acc[q] = vec{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const vec wv = *reinterpret_cast<const vec_u*>(w + t * L);
+    const T* s = src[t] + j * step;
+    for (int q = 0; q < NJ; ++q) acc[q] += *reinterpret_cast<const vec_u*>(s + q * step) * wv;
+  }
+  for (int q = 0; q < NJ; ++q) *reinterpret_cast<vec_u*>(out + (j + q) * L) = acc[q];
+}
+
+template <typename T, int VECTOR_BYTES>
+void channel_lanes_ukernel(int64_t n, int64_t taps, const T* const* __restrict src, int64_t step,
+                           const T* __restrict w, T* __restrict out) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) channel_lanes_block<T, VECTOR_BYTES, 8>(j, taps, src, step, w, out);
+  for (; j + 4 <= n; j += 4) channel_lanes_block<T, VECTOR_BYTES, 4>(j, taps, src, step, w, out);
+  for (; j < n; ++j) channel_lanes_block<T, VECTOR_BYTES, 1>(j, taps, src, step, w, out);
+}
+
+// The zip mask from compile-time indices (constants, as in Transpose::stage): k -> (k % 2) * L + first + k / 2.
+template <typename Tr, int FIRST, size_t... K>
+inline typename Tr::mask zip_mask(std::index_sequence<K...>) {
+  return typename Tr::mask{static_cast<typename Tr::index>((K % 2) * Tr::L + FIRST + K / 2)...};
 }
 
 // The transposing store of two blocks whose outputs interleave along the row (the residue-0 and
@@ -181,11 +229,9 @@ void transpose_pair_store(const T* __restrict ca, const T* __restrict cb, int64_
   typename Tr::vec ra[L], rb[L];
   Tr::load(ca, ldc, ra);
   Tr::load(cb, ldc, rb);
-  typename Tr::mask low, high;  // zip: a0 b0 a1 b1 ... (the low halves), then the high halves
-  for (int k = 0; k < L; ++k) {
-    low[k] = (k % 2) * L + k / 2;
-    high[k] = (k % 2) * L + L / 2 + k / 2;
-  }
+  // zip: a0 b0 a1 b1 ... (the low halves), then the high halves
+  const typename Tr::mask low = zip_mask<Tr, 0>(std::make_index_sequence<L>{});
+  const typename Tr::mask high = zip_mask<Tr, L / 2>(std::make_index_sequence<L>{});
   for (int j = 0; j < L; ++j) {
     const typename Tr::vec a = ra[j] + bias[j], b = rb[j] + bias[j];
     *reinterpret_cast<typename Tr::vec_u*>(y + j * ys) = __builtin_shuffle(a, b, low);
@@ -208,7 +254,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
             &direct_ukernel<float, 4, VECTOR_BYTES, 2>, &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
            {4 * L32, 4 * L32, 2 * L32, 2 * L32},
            &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32,
-           &wgrad_rows_ukernel<float, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>},
+           &wgrad_rows_ukernel<float, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
+           &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -218,5 +265,6 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
             &direct_ukernel<double, 4, VECTOR_BYTES, 2>, &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
            {4 * L64, 4 * L64, 2 * L64, 2 * L64},
            &transpose_store<double, VECTOR_BYTES>, &transpose_pair_store<double, VECTOR_BYTES>, L64,
-           &wgrad_rows_ukernel<double, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>}};
+           &wgrad_rows_ukernel<double, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
+           &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>}};
 }

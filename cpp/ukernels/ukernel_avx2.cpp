@@ -2,6 +2,7 @@
 // broadcast. Compiled with -mavx2 -mfma; selected only when the CPU (and OS) support both.
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "convfast/dispatch.hpp"
 

@@ -2,6 +2,7 @@
 // broadcast. Compiled with -mavx512f; selected only when the CPU (and OS) support it.
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "convfast/dispatch.hpp"
 

@@ -1,6 +1,7 @@
 // Portable baseline: 16-byte vectors (SSE2 on x86-64, NEON on aarch64), no FMA assumed.
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "convfast/dispatch.hpp"
 

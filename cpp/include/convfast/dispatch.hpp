@@ -37,6 +37,18 @@ using TransposeStore = void (*)(const T* c, int64_t ldc, const T* bias, T* y, in
 template <typename T>
 using TransposePairStore = void (*)(const T* ca, const T* cb, int64_t ldc, const T* bias, T* y, int64_t ys);
 
+// y[j * ys + i] = c[i * ldc + j] for i, j < lanes: the same transpose without a bias (values unchanged,
+// -0.0 included): L channel rows of a channels-first input into L pixels of L channel lanes each.
+template <typename T>
+using TransposeBlock = void (*)(const T* c, int64_t ldc, T* y, int64_t ys);
+
+// out[j * lanes + l] = sum_t w[t * lanes + l] * src[t][j * step + l] for j < n, over the taps t < taps in
+// order (one chain per output, as in the direct kernel): channels in the vector lanes (depthwise
+// layers, see cpp/conv/channel_lanes.hpp); src[t] is tap t's input for output 0 in a buffer of
+// pixels of `lanes` channels each, and consecutive outputs read `step` elements apart.
+template <typename T>
+using ChannelLanesUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* w, T* out);
+
 // acc[m][t][0..lanes) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] for r < rows, j < n (whole vectors
 // in lanes, the tail in lane 0), m < kWgradRowsMB, t < kWgradRowsTB: the weight gradient of layers
 // with few input channels (rows of pixels in the vector lanes, no packing).
@@ -57,6 +69,8 @@ struct UkernelInfo {
   TransposePairStore<T> store_transposed_pair = nullptr;
   int lanes = 0;                                             // L of store_transposed (the vector width)
   WgradRowsUkernel<T> wgrad_rows = nullptr;
+  TransposeBlock<T> transpose_block = nullptr;               // L x L, as store_transposed without a bias
+  ChannelLanesUkernel<T> channel_lanes = nullptr;
 };
 
 struct UkernelSet {

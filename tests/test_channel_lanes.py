@@ -1,0 +1,139 @@
+"""The channel-lanes path for depthwise layers (cpp/conv/channel_lanes.hpp): L groups (the vector
+width) in the lanes, the input window of a block of output rows buffered as pixels of L channels
+(transposed L x L from channels-first input, copied from channels-last), the padding written in.
+
+Each output is one multiply-add chain over the taps in the direct kernel's order and the bias is
+added to the finished sum, so the path must equal the direct path bit for bit; both are checked
+against the NumPy oracle. Cases cover partial channel blocks (groups not a multiple of L), every
+padding mode, stride and dilation, 1-D to 3-D, both layouts, strided and negative-stride views,
+`out=` views, transposed layers with one stride phase, and thread-count independence.
+"""
+import numpy as np
+import pytest
+
+import convfast
+from convfast import _core
+from convfast import reference as ref
+from conftest import assert_close
+
+# (rank, batch, groups, spatial, kernel, kwargs); groups from under one vector (forced only) to
+# several blocks with a partial last one.
+CASES = [
+    (2, 2, 16, (13, 11), (3, 3), dict(stride=2, padding=1)),
+    (2, 1, 24, (9, 20), (3, 3), dict(padding=1)),
+    (2, 2, 17, (10, 9), (3, 5), dict(stride=(1, 2), padding=(1, 2), padding_mode="reflect")),
+    (2, 1, 9, (8, 8), (3, 3), dict(dilation=2, padding=2, padding_mode="circular")),
+    (2, 1, 32, (12, 12), (5, 5), dict(stride=2, padding="same", padding_mode="replicate")),
+    (2, 2, 8, (7, 30), (2, 4), dict(stride=3, padding=(0, 3))),
+    (1, 2, 12, (40,), (7,), dict(stride=2, padding=3, padding_mode="reflect")),
+    (1, 1, 8, (5,), (3,), dict()),
+    (3, 1, 16, (6, 7, 9), (3, 3, 3), dict(padding=1)),
+    (3, 2, 20, (5, 8, 8), (3, 2, 3), dict(stride=2, padding=(1, 0, 1), padding_mode="replicate")),
+    (2, 1, 4, (9, 9), (3, 3), dict(padding=1)),  # fewer groups than lanes: CONVFAST_ALGO=lanes only
+]
+
+
+def _run(monkeypatch, algo, rank, x, w, b, op="conv", out=None, **kw):
+    if algo:
+        monkeypatch.setenv("CONVFAST_ALGO", algo)
+    else:
+        monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    y = getattr(convfast, f"{op}{rank}d")(x, w, b, out=out, **kw)
+    return y, _core.last_algorithm()
+
+
+def _operands(case, dtype, layout="channels_first"):
+    rank, batch, groups, spatial, kernel, kw = CASES[case]
+    rng = np.random.default_rng(case)
+    x = rng.standard_normal((batch, groups) + spatial).astype(dtype)
+    w = rng.standard_normal((groups, 1) + kernel).astype(dtype)
+    b = rng.standard_normal(groups).astype(dtype)
+    return rank, x, w, b, dict(kw, groups=groups)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_lanes_equal_direct_and_reference(case, dtype, layout, monkeypatch):
+    rank, x, w, b, kw = _operands(case, dtype)
+    expected = getattr(ref, f"conv{rank}d")(x, w, b, **kw)
+    if layout == "channels_last":
+        x = np.moveaxis(x, 1, -1).copy()
+        kw["data_format"] = layout
+    default, algo = _run(monkeypatch, None, rank, x, w, b, **kw)
+    if kw["groups"] >= 16:  # at least one vector's worth of groups on every ISA
+        assert algo.startswith("channel_lanes"), algo
+    forced, forced_algo = _run(monkeypatch, "lanes", rank, x, w, b, **kw)
+    assert forced_algo.startswith("channel_lanes"), forced_algo
+    np.testing.assert_array_equal(forced, default)
+    direct, direct_algo = _run(monkeypatch, "direct", rank, x, w, b, **kw)
+    assert direct_algo.startswith("direct_"), direct_algo
+    np.testing.assert_array_equal(forced, direct)
+    got = np.moveaxis(forced, -1, 1) if layout == "channels_last" else forced
+    assert_close(got, expected, dtype, int(np.prod(CASES[case][4])))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_views_and_out(dtype, monkeypatch):
+    # A negative-stride, channel-strided input view and an `out=` view with gaps between rows and
+    # channels: the buffer and the stores take any strides; nothing outside `out` is written.
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((2, 40, 15, 19)).astype(dtype)
+    x = base[:, ::2, :, ::-1]  # 20 channels, 2 apart; rows read backwards
+    w = rng.standard_normal((20, 1, 3, 3)).astype(dtype)
+    b = rng.standard_normal(20).astype(dtype)
+    kw = dict(stride=2, padding=1, groups=20)
+    expected = ref.conv2d(np.ascontiguousarray(x), w, b, **kw)
+    results = []
+    for algo in ("lanes", "direct"):
+        big = np.full((2, 40, 8, 14), np.nan, dtype)
+        view = big[:, ::2, :, :10]
+        y, used = _run(monkeypatch, algo, 2, x, w, b, out=view, **kw)
+        assert y is view
+        assert used.startswith("channel_lanes" if algo == "lanes" else "direct_"), used
+        assert np.isnan(big[:, 1::2]).all() and np.isnan(big[..., 10:]).all()
+        results.append(view.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+    assert_close(results[0], expected, dtype, 9)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, kernel_size=1), dict(padding=(0, 1), dilation=2)])
+def test_transposed_single_phase(kw, monkeypatch):
+    # Transposed depthwise layers with one stride phase (stride 1, or kernel 1 at stride 2: every
+    # other output is only the bias) run with the channels in the lanes too.
+    kw = dict(kw)
+    k = kw.pop("kernel_size", 3)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 16, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((16, 1, k, k)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    kw["groups"] = 16
+    expected = ref.conv_transpose2d(x, w, b, **kw)
+    default, algo = _run(monkeypatch, None, 2, x, w, b, op="conv_transpose", **kw)
+    assert algo.startswith("channel_lanes"), algo
+    direct, _ = _run(monkeypatch, "direct", 2, x, w, b, op="conv_transpose", **kw)
+    np.testing.assert_array_equal(default, direct)
+    assert_close(default, expected, np.float32, k * k)
+
+
+def test_thread_count_independent(monkeypatch):
+    rank, x, w, b, kw = _operands(0, np.float32)
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    results = []
+    before = convfast.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            convfast.set_num_threads(threads)
+            results.append(convfast.conv2d(x, w, b, **kw))
+    finally:
+        convfast.set_num_threads(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_input_not_mutated(monkeypatch):
+    rank, x, w, b, kw = _operands(1, np.float64)
+    copies = [a.copy() for a in (x, w, b)]
+    _run(monkeypatch, "lanes", rank, x, w, b, **kw)
+    for a, c in zip((x, w, b), copies):
+        np.testing.assert_array_equal(a, c)
