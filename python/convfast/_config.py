@@ -69,8 +69,9 @@ def config() -> dict:
         "numpy": np.__version__,
         "cuda": cuda,
         "algorithm": ("per layer: Winograd F(2,3) or F(4,3) (float64) for stride-1 3x3 / 3x3x3 layers with >= 64 (3-D: 32) channels per "
-                      "group, else gather (implicit) GEMM or direct rows over strided views; transposed "
-                      "convolution by stride-phase split (CONVFAST_ALGO=winograd|gemm|direct forces one)"),
+                      "group, depthwise layers with the channels in the vector lanes, else gather (implicit) GEMM "
+                      "or direct rows over strided views; transposed convolution by stride-phase split "
+                      "(CONVFAST_ALGO=winograd|gemm|direct|lanes forces one)"),
     }
 
 
