@@ -6,7 +6,8 @@ Each output is one multiply-add chain over the taps in the direct kernel's order
 added to the finished sum, so the path must equal the direct path bit for bit; both are checked
 against the NumPy oracle. Cases cover partial channel blocks (groups not a multiple of L), every
 padding mode, stride and dilation, 1-D to 3-D, both layouts, strided and negative-stride views,
-`out=` views, transposed layers with one stride phase, and thread-count independence.
+`out=` views, transposed layers (several stride phases, the pair store, outputs no tap reaches),
+and thread-count independence.
 """
 import numpy as np
 import pytest
@@ -97,23 +98,44 @@ def test_views_and_out(dtype, monkeypatch):
     assert_close(results[0], expected, dtype, 9)
 
 
-@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, kernel_size=1), dict(padding=(0, 1), dilation=2)])
-def test_transposed_single_phase(kw, monkeypatch):
-    # Transposed depthwise layers with one stride phase (stride 1, or kernel 1 at stride 2: every
-    # other output is only the bias) run with the channels in the lanes too.
-    kw = dict(kw)
-    k = kw.pop("kernel_size", 3)
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 16, 9, 11)).astype(np.float32)
-    w = rng.standard_normal((16, 1, k, k)).astype(np.float32)
-    b = rng.standard_normal(16).astype(np.float32)
-    kw["groups"] = 16
-    expected = ref.conv_transpose2d(x, w, b, **kw)
-    default, algo = _run(monkeypatch, None, 2, x, w, b, op="conv_transpose", **kw)
+TRANSPOSED = [
+    (2, (9, 11), (3, 3), dict(padding=1)),
+    (2, (9, 11), (1, 1), dict(stride=2)),  # one phase at step 2: every other output is only the bias
+    (2, (9, 11), (3, 3), dict(padding=(0, 1), dilation=2)),
+    (2, (9, 11), (3, 3), dict(stride=2, padding=1, output_padding=1)),  # four phases, rows stored in pairs
+    (2, (7, 10), (4, 4), dict(stride=2, padding=1)),
+    (2, (6, 13), (3, 5), dict(stride=(3, 2), padding=(1, 2), output_padding=(2, 0))),
+    (2, (5, 6), (2, 3), dict(stride=3, dilation=(2, 1))),  # outputs no tap reaches
+    (1, (30,), (5,), dict(stride=2, padding=2, output_padding=1)),
+    (3, (4, 5, 7), (3, 3, 3), dict(stride=2, padding=1, output_padding=(1, 0, 1))),
+]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(TRANSPOSED)))
+def test_transposed(case, dtype, layout, monkeypatch):
+    # Transposed depthwise layers (the grad_input of depthwise layers): every stride phase along the
+    # row is computed from one buffer; two phases at step 2 are stored by the pair store.
+    rank, spatial, kernel, kw = TRANSPOSED[case]
+    rng = np.random.default_rng(10 + case)
+    groups = 19 if case % 3 == 2 else 16  # 19: a partial channel block
+    x = rng.standard_normal((2, groups) + spatial).astype(dtype)
+    w = rng.standard_normal((groups, 1) + kernel).astype(dtype)
+    b = rng.standard_normal(groups).astype(dtype)
+    kw = dict(kw, groups=groups)
+    expected = getattr(ref, f"conv_transpose{rank}d")(x, w, b, **kw)
+    if layout == "channels_last":
+        x = np.moveaxis(x, 1, -1).copy()
+        kw["data_format"] = layout
+    default, algo = _run(monkeypatch, None, rank, x, w, b, op="conv_transpose", **kw)
     assert algo.startswith("channel_lanes"), algo
-    direct, _ = _run(monkeypatch, "direct", 2, x, w, b, op="conv_transpose", **kw)
+    if kw.get("stride") == 2 and kernel[-1] > 1:  # two phases along the row
+        assert "paired" in algo, algo
+    direct, _ = _run(monkeypatch, "direct", rank, x, w, b, op="conv_transpose", **kw)
     np.testing.assert_array_equal(default, direct)
-    assert_close(default, expected, np.float32, k * k)
+    got = np.moveaxis(default, -1, 1) if layout == "channels_last" else default
+    assert_close(got, expected, dtype, int(np.prod(kernel)))
 
 
 def test_thread_count_independent(monkeypatch):

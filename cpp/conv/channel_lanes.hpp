@@ -8,7 +8,12 @@
 // distances between the pixels an output reads, so a strided layer reads its buffer at a step
 // instead of splitting it into stride phases.
 //
-// The direct path (pixels in the lanes, one channel per tile) spends a stride-2 depthwise layer
+// Transposed layers come as stride phases (AxisPlans per axis, gather_gemm.cpp). An item takes one
+// phase plan along axes 0 and 1 and every phase plan along axis 2: those read the same input rows
+// (at different taps), so one buffer serves them, and their outputs interleave along the row. Two
+// phases at step 2 (stride 2) are stored together by the pair store, contiguous rows of 2L outputs.
+//
+// The direct path (pixels in the lanes, one channel per tile) spent a stride-2 depthwise layer
 // filling its stride-phase slabs and splitting tiles at row ends (the kernel itself was 13 % of
 // its time); here the buffer is filled once with whole-vector transposes.
 //
@@ -16,7 +21,7 @@
 // starting from zero, the bias added to the finished sum: bitwise the direct path's and the
 // GEMM's results.
 //
-// Included inside gather_gemm.cpp's anonymous namespace (it uses AxisPlan, Phase and PhaseShape).
+// Included inside gather_gemm.cpp's anonymous namespace (it uses AxisPlan).
 #pragma once
 
 namespace channel_lanes {
@@ -27,81 +32,132 @@ struct Conv {
   static constexpr int64_t kBudgetBytes = 192 * 1024;
   static constexpr int64_t kMaxBufferBytes = int64_t(8) << 20;  // one row's window past this: not taken
 
+  // The buffered rows of one axis-1 plan: an item's output rows and the input rows they read.
+  struct RowPlan {
+    int64_t min1 = 0, span1 = 0, rows_per_item = 1, pitch = 0;
+  };
+  // One phase: its taps' buffer offsets (for output (first row of the item, 0)) and weights.
+  struct PhasePlan {
+    std::vector<int64_t> tap_offset;
+    int64_t wpack_offset = 0;
+  };
+  struct Item {
+    int64_t p0, p1, j0, r0, r1;  // axis-0 plan and its output j0, axis-1 plan and its outputs [r0, r1)
+  };
+
   const UkernelInfo<T>& uk;
-  Phase ph;
-  PhaseShape shape;
   int L;
+  std::vector<const AxisPlan*> plans[kSpatialRank];  // the phase plans along each axis
   int64_t blocks = 0;          // channel blocks of L groups (the last may be partial)
-  int64_t min1 = 0, min2 = 0;  // the smallest tap offsets along axes 1 and 2
-  int64_t cols = 0;            // buffered pixels per row (axis 2)
-  int64_t rows_per_item = 1;   // output rows (axis 1) per item
-  int64_t span1 = 0;           // buffered rows one output row reads
-  int64_t pitch = 0;           // buffered rows per axis-0 slice (an item's most)
+  int64_t min2 = 0, cols = 0;  // buffered pixels per row (axis 2), from input coordinate min2
   int64_t buffer_size = 0;     // elements per thread
-  std::vector<int64_t> tap_offset;  // per tap: buffer offset for output (first row of the item, 0)
-  std::unique_ptr<AlignedBuffer<T>> wpack;  // [block][tap][L], zero for lanes past the last group
+  int64_t out_size = 0;        // one output row of every axis-2 plan, elements
+  bool pair_store = false;     // two axis-2 plans at step 2, residues 0 and 1
+  std::vector<RowPlan> rows;   // per axis-1 plan
+  std::vector<PhasePlan> phase_plans;  // per (p0, p1, p2), row-major
+  std::vector<Item> items;     // per image and channel block
+  std::unique_ptr<AlignedBuffer<T>> wpack;  // per phase [block][tap][L], zero for lanes past the last group
 
   // Whether the layer can run here (else the caller keeps its other paths).
   static bool applies(const ConvProblem<T>& p, const std::vector<Phase>& phases, const UkernelInfo<T>& uk) {
     return uk.channel_lanes && uk.transpose_block && p.cin_per_group == 1 && p.cout_per_group == 1 &&
-           phases.size() == 1;
+           !phases.empty();
   }
 
-  static int64_t window(const AxisPlan& a, int64_t outputs, int64_t& lowest) {
-    const auto [lo, hi] = std::minmax_element(a.tap_offset.begin(), a.tap_offset.end());
-    lowest = *lo;
-    return (outputs - 1) * a.in_step + (*hi - *lo) + 1;
-  }
+  static int64_t taps(const AxisPlan& a) { return static_cast<int64_t>(a.taps.size()); }
+  static int64_t lowest(const AxisPlan& a) { return *std::min_element(a.tap_offset.begin(), a.tap_offset.end()); }
+  static int64_t highest(const AxisPlan& a) { return *std::max_element(a.tap_offset.begin(), a.tap_offset.end()); }
 
-  Conv(const ConvProblem<T>& p, const Phase& phase, const UkernelInfo<T>& ukernel, bool& ok)
-      : uk(ukernel), ph(phase), shape(phase), L(ukernel.lanes) {
+  Conv(const ConvProblem<T>& p, const std::vector<AxisPlan> (&axes)[kSpatialRank], const UkernelInfo<T>& ukernel,
+       bool& ok)
+      : uk(ukernel), L(ukernel.lanes) {
     ok = false;
     blocks = ceil_div(p.groups, L);
-    const int64_t T0 = shape.taps[0];
-    int64_t lo0;
-    window(*ph[0], 1, lo0);
-    cols = window(*ph[2], shape.count[2], min2);
-    span1 = window(*ph[1], 1, min1);
+    for (int a = 0; a < kSpatialRank; ++a)
+      for (const AxisPlan& plan : axes[a])
+        if (plan.count > 0) plans[a].push_back(&plan);
+    int64_t max2 = INT64_MIN, max_taps0 = 1;
+    min2 = INT64_MAX;
+    for (const AxisPlan* a2 : plans[2]) {
+      min2 = std::min(min2, lowest(*a2));
+      max2 = std::max(max2, (a2->count - 1) * a2->in_step + highest(*a2));
+      out_size = checked_add(out_size, checked_mul(a2->count, L));
+    }
+    for (const AxisPlan* a0 : plans[0]) max_taps0 = std::max(max_taps0, taps(*a0));
+    cols = max2 - min2 + 1;
     const int64_t slice_elements = checked_mul(cols, L);
-    if (checked_mul(checked_mul(T0 * span1, slice_elements), sizeof(T)) > kMaxBufferBytes) return;
-    // Rows per item: the most whose window fits the budget, and at least one.
-    const int64_t per_row = checked_mul(T0 * ph[1]->in_step, slice_elements);
-    const int64_t fixed = checked_mul(T0 * span1, slice_elements) - per_row;
-    rows_per_item = std::max<int64_t>(1, std::min<int64_t>(shape.count[1], (kBudgetBytes / (int64_t)sizeof(T) - fixed) /
-                                                                             std::max<int64_t>(per_row, 1)));
-    pitch = window(*ph[1], rows_per_item, min1);
-    buffer_size = checked_mul(T0 * pitch, slice_elements);
-    for (int64_t t0 = 0; t0 < T0; ++t0)
-      for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
-        for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
-          tap_offset.push_back(((t0 * pitch + (ph[1]->tap_offset[t1] - min1)) * cols + (ph[2]->tap_offset[t2] - min2)) *
-                               L);
-    // Weights: group c's kernel, at the phase's taps, in lane c % L of block c / L.
-    const int64_t taps = shape.num_taps;
-    wpack.reset(new AlignedBuffer<T>(checked_mul(checked_mul(blocks, taps), L)));
-    T* wp = wpack->get();
-    std::fill(wp, wp + blocks * taps * L, T(0));
-    for (int64_t c = 0; c < p.groups; ++c)
-      for (int64_t t0 = 0, t = 0; t0 < T0; ++t0)
-        for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
-          for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2, ++t)
-            wp[((c / L) * taps + t) * L + c % L] =
-                p.w[c * p.w_stride_g + ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
-                    ph[2]->taps[t2] * p.w_stride[2]];
+    for (const AxisPlan* a1 : plans[1]) {
+      RowPlan r;
+      r.min1 = lowest(*a1);
+      r.span1 = highest(*a1) - r.min1 + 1;
+      if (checked_mul(checked_mul(max_taps0 * r.span1, slice_elements), sizeof(T)) > kMaxBufferBytes) return;
+      // Rows per item: the most whose window fits the budget, and at least one.
+      const int64_t per_row = checked_mul(max_taps0 * a1->in_step, slice_elements);
+      const int64_t fixed = checked_mul(max_taps0 * r.span1, slice_elements) - per_row;
+      r.rows_per_item = std::max<int64_t>(
+          1, std::min<int64_t>(a1->count, (kBudgetBytes / (int64_t)sizeof(T) - fixed) / std::max<int64_t>(per_row, 1)));
+      r.pitch = (r.rows_per_item - 1) * a1->in_step + r.span1;
+      buffer_size = std::max(buffer_size, checked_mul(max_taps0 * r.pitch, slice_elements));
+      rows.push_back(r);
+    }
+    pair_store = plans[2].size() == 2 && plans[2][0]->out_step == 2 && plans[2][0]->out_start == 0 &&
+                 plans[2][1]->out_start == 1 && plans[2][0]->count - plans[2][1]->count <= 1;
+    // Phases and their packed weights: group c's kernel, at the phase's taps, in lane c % L of block c / L.
+    int64_t wpack_size = 0;
+    for (const AxisPlan* a0 : plans[0])
+      for (size_t i1 = 0; i1 < plans[1].size(); ++i1)
+        for (const AxisPlan* a2 : plans[2]) {
+          const AxisPlan* a1 = plans[1][i1];
+          PhasePlan ph;
+          for (int64_t t0 = 0; t0 < taps(*a0); ++t0)
+            for (int64_t t1 = 0; t1 < taps(*a1); ++t1)
+              for (int64_t t2 = 0; t2 < taps(*a2); ++t2)
+                ph.tap_offset.push_back(
+                    ((t0 * rows[i1].pitch + (a1->tap_offset[t1] - rows[i1].min1)) * cols + (a2->tap_offset[t2] - min2)) * L);
+          ph.wpack_offset = wpack_size;
+          wpack_size = checked_add(wpack_size, checked_mul(checked_mul(blocks, (int64_t)ph.tap_offset.size()), L));
+          phase_plans.push_back(std::move(ph));
+        }
+    wpack.reset(new AlignedBuffer<T>(wpack_size));
+    std::fill(wpack->get(), wpack->get() + wpack_size, T(0));
+    size_t phase = 0;
+    for (const AxisPlan* a0 : plans[0])
+      for (const AxisPlan* a1 : plans[1])
+        for (const AxisPlan* a2 : plans[2]) {
+          const int64_t n_taps = (int64_t)phase_plans[phase].tap_offset.size();
+          T* wp = wpack->get() + phase_plans[phase++].wpack_offset;
+          for (int64_t c = 0; c < p.groups; ++c)
+            for (int64_t t0 = 0, t = 0; t0 < taps(*a0); ++t0)
+              for (int64_t t1 = 0; t1 < taps(*a1); ++t1)
+                for (int64_t t2 = 0; t2 < taps(*a2); ++t2, ++t)
+                  wp[((c / L) * n_taps + t) * L + c % L] =
+                      p.w[c * p.w_stride_g + a0->taps[t0] * p.w_stride[0] + a1->taps[t1] * p.w_stride[1] +
+                          a2->taps[t2] * p.w_stride[2]];
+        }
+    for (int64_t p0 = 0; p0 < (int64_t)plans[0].size(); ++p0)
+      for (int64_t j0 = 0; j0 < plans[0][p0]->count; ++j0)
+        for (int64_t p1 = 0; p1 < (int64_t)plans[1].size(); ++p1)
+          for (int64_t r0 = 0; r0 < plans[1][p1]->count; r0 += rows[p1].rows_per_item)
+            items.push_back({p0, p1, j0, r0, std::min(plans[1][p1]->count, r0 + rows[p1].rows_per_item)});
     ok = true;
   }
 
   struct Scratch {
-    AlignedBuffer<T> buffer, out_row;
+    AlignedBuffer<T> buffer, out_rows;
     std::vector<const T*> src;
-    Scratch(int64_t buffer_size, int64_t out_row_size, int64_t taps)
-        : buffer(buffer_size), out_row(out_row_size), src(static_cast<size_t>(taps)) {}
+    Scratch(int64_t buffer_size, int64_t out_size, int64_t max_taps)
+        : buffer(buffer_size), out_rows(out_size), src(static_cast<size_t>(max_taps)) {}
   };
 
+  int64_t max_taps() const {
+    int64_t m = 1;
+    for (const PhasePlan& ph : phase_plans) m = std::max(m, (int64_t)ph.tap_offset.size());
+    return m;
+  }
+
   // One buffered row: pixels v = min2 + u (u < cols) of the input row x_row (lane l: channel l's
-  // row, lanes past `lanes` zero), mapped by the padding mode.
-  void fill_row(const ConvProblem<T>& p, const T* x_row, int64_t lanes, T* dst) const {
-    const AxisPlan& a2 = *ph[2];
+  // row, lanes past `lanes` zero), mapped by the padding mode of `a2` (the axis's plans share it).
+  void fill_row(const ConvProblem<T>& p, const AxisPlan& a2, const T* x_row, int64_t lanes, T* dst) const {
     const int64_t xsc = p.x_stride_c, xs2 = p.x_stride[2];
     // The interior: buffered pixels that read x[v] for v in [0, in_size).
     const int64_t u_begin = std::min(cols, std::max<int64_t>(0, -min2));
@@ -124,43 +180,66 @@ struct Conv {
     for (; u < cols; ++u) pixel(u, map_padded_index(min2 + u, a2.in_size, a2.mode));
   }
 
-  // Output rows [r0, r1) of output plane j0 for channel block cb of image n.
-  void run_item(const ConvProblem<T>& p, int64_t n, int64_t cb, int64_t j0, int64_t r0, int64_t r1, const T* bias,
-                Scratch& s) const {
-    const AxisPlan &a0 = *ph[0], &a1 = *ph[1], &a2 = *ph[2];
+  void run_item(const ConvProblem<T>& p, int64_t n, int64_t cb, const Item& it, const T* bias, Scratch& s) const {
+    const AxisPlan &a0 = *plans[0][it.p0], &a1 = *plans[1][it.p1];
+    const RowPlan& rp = rows[it.p1];
     const int64_t c0 = cb * L, lanes = std::min<int64_t>(L, p.groups - c0);
-    const int64_t rows_in = (r1 - r0 - 1) * a1.in_step + span1;
+    const int64_t rows_in = (it.r1 - it.r0 - 1) * a1.in_step + rp.span1;
     T* buf = s.buffer.get();
     const T* xc = p.x + n * p.x_stride_n + c0 * p.x_stride_c;
-    for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0) {
-      const int64_t i0 = a0.index(j0, t0);
+    for (int64_t t0 = 0; t0 < taps(a0); ++t0) {
+      const int64_t i0 = a0.index(it.j0, t0);
       for (int64_t u1 = 0; u1 < rows_in; ++u1) {
-        T* dst = buf + (t0 * pitch + u1) * cols * L;
-        const int64_t i1 = map_padded_index(r0 * a1.in_step + min1 + u1, a1.in_size, a1.mode);
+        T* dst = buf + (t0 * rp.pitch + u1) * cols * L;
+        const int64_t i1 = map_padded_index(it.r0 * a1.in_step + rp.min1 + u1, a1.in_size, a1.mode);
         if (i0 < 0 || i1 < 0)
           std::fill(dst, dst + cols * L, T(0));
         else
-          fill_row(p, xc + i0 * p.x_stride[0] + i1 * p.x_stride[1], lanes, dst);
+          fill_row(p, *plans[2][0], xc + i0 * p.x_stride[0] + i1 * p.x_stride[1], lanes, dst);
       }
     }
-    const int64_t taps = shape.num_taps, count2 = shape.count[2];
-    const T* wp = wpack->get() + cb * taps * L;
     const T* bias_block = bias + c0;
-    T* out = s.out_row.get();
-    T* yc = p.y + n * p.y_stride_n + c0 * p.y_stride_c + (a0.out_start + j0 * a0.out_step) * p.y_stride[0];
-    const int64_t ys2 = p.y_stride[2] * a2.out_step, ysc = p.y_stride_c;
-    const bool transpose = lanes == L && ys2 == 1 && ysc != 1;  // channels-first rows: L x L transposes
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t row_offset = (r - r0) * a1.in_step * cols * L;
-      for (int64_t t = 0; t < taps; ++t) s.src[t] = buf + row_offset + tap_offset[t];
-      uk.channel_lanes(count2, taps, s.src.data(), a2.in_step * L, wp, out);
-      T* yr = yc + (a1.out_start + r * a1.out_step) * p.y_stride[1] + a2.out_start * p.y_stride[2];
-      int64_t j = 0;
-      if (transpose)
-        for (; j + L <= count2; j += L) uk.store_transposed(out + j * L, L, bias_block, yr + j, ysc);
-      for (; j < count2; ++j)
-        for (int64_t l = 0; l < lanes; ++l) yr[j * ys2 + l * ysc] = out[j * L + l] + bias_block[l];
+    T* yc = p.y + n * p.y_stride_n + c0 * p.y_stride_c + (a0.out_start + it.j0 * a0.out_step) * p.y_stride[0];
+    const int64_t ysc = p.y_stride_c;
+    // Channels-first rows get L x L transposes (pairs of them for two interleaved phases).
+    const bool transpose = lanes == L && ysc != 1 && p.y_stride[2] == 1;
+    const size_t first_phase = (it.p0 * plans[1].size() + it.p1) * plans[2].size();
+    for (int64_t r = it.r0; r < it.r1; ++r) {
+      const int64_t row_offset = (r - it.r0) * a1.in_step * cols * L;
+      T* yr = yc + (a1.out_start + r * a1.out_step) * p.y_stride[1];
+      T* out = s.out_rows.get();
+      for (size_t p2 = 0; p2 < plans[2].size(); ++p2) {
+        const AxisPlan& a2 = *plans[2][p2];
+        const PhasePlan& ph = phase_plans[first_phase + p2];
+        const int64_t n_taps = (int64_t)ph.tap_offset.size();
+        for (int64_t t = 0; t < n_taps; ++t) s.src[t] = buf + row_offset + ph.tap_offset[t];
+        uk.channel_lanes(a2.count, n_taps, s.src.data(), a2.in_step * L, wpack->get() + ph.wpack_offset + cb * n_taps * L,
+                         out);
+        int64_t j = 0;
+        if (transpose && pair_store && p2 == 0) {  // with phase 1's row, computed next: both stored below
+          out += a2.count * L;
+          continue;
+        }
+        if (transpose && pair_store) {  // phase 0's row, then this one's (phase 1): outputs 2j and 2j + 1
+          const T* even = s.out_rows.get();
+          for (; j + L <= a2.count; j += L)
+            uk.store_transposed_pair(even + j * L, out + j * L, L, bias_block, yr + 2 * j, ysc);
+          store_scalar(even, plans[2][0]->count, j, lanes, bias_block, yr, 2, 0, ysc);
+        } else if (transpose && a2.out_step == 1) {
+          for (; j + L <= a2.count; j += L) uk.store_transposed(out + j * L, L, bias_block, yr + a2.out_start + j, ysc);
+        }
+        store_scalar(out, a2.count, j, lanes, bias_block, yr, a2.out_step * p.y_stride[2], a2.out_start * p.y_stride[2],
+                     ysc);
+        out += a2.count * L;
+      }
     }
+  }
+
+  // Outputs [j, count) of one phase's row: y[start + j * step + l * ysc] = out[j][l] + bias[l].
+  void store_scalar(const T* out, int64_t count, int64_t j, int64_t lanes, const T* bias, T* yr, int64_t step,
+                    int64_t start, int64_t ysc) const {
+    for (; j < count; ++j)
+      for (int64_t l = 0; l < lanes; ++l) yr[start + j * step + l * ysc] = out[j * L + l] + bias[l];
   }
 
   void execute(const ConvProblem<T>& p, int nthreads_max) const {
@@ -168,19 +247,14 @@ struct Conv {
     std::vector<T> bias(static_cast<size_t>(blocks * L), T(0));
     if (p.bias)
       for (int64_t c = 0; c < p.groups; ++c) bias[c] = p.bias[c * p.bias_stride];
-    const int64_t row_blocks = ceil_div(shape.count[1], rows_per_item);
-    const int64_t items = p.batch * blocks * shape.count[0] * row_blocks;
-    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, items)));
+    const int64_t per_image = blocks * (int64_t)items.size(), total = p.batch * per_image;
+    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, total)));
     std::vector<std::unique_ptr<Scratch>> scratch;
-    for (int t = 0; t < nthreads; ++t)
-      scratch.emplace_back(new Scratch(buffer_size, checked_mul(shape.count[2], L), shape.num_taps));
+    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(buffer_size, out_size, max_taps()));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t rb = i % row_blocks, j0 = (i / row_blocks) % shape.count[0];
-      const int64_t cb = (i / (row_blocks * shape.count[0])) % blocks, n = i / (row_blocks * shape.count[0] * blocks);
-      const int64_t r0 = rb * rows_per_item, r1 = std::min(shape.count[1], r0 + rows_per_item);
-      run_item(p, n, cb, j0, r0, r1, bias.data(), *scratch[omp_get_thread_num()]);
-    }
+    for (int64_t i = 0; i < total; ++i)
+      run_item(p, i / per_image, (i % per_image) / (int64_t)items.size(), items[i % (int64_t)items.size()], bias.data(),
+               *scratch[omp_get_thread_num()]);
   }
 };
 

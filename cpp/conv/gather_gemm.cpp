@@ -706,7 +706,7 @@ struct ConvPlan<T>::Impl {
     if (!channel_lanes::Conv<T>::applies(p, phases, uk) || (force.empty() ? p.groups < uk.lanes : force != "lanes"))
       return false;
     bool ok = false;
-    lanes.reset(new channel_lanes::Conv<T>(p, phases[0], uk, ok));
+    lanes.reset(new channel_lanes::Conv<T>(p, axes, uk, ok));
     if (!ok) lanes.reset();
     return ok;
   }
@@ -1477,7 +1477,8 @@ struct ConvPlan<T>::Impl {
     }
     if (lanes)
       return std::string("channel_lanes ") + isa + " " + std::to_string(lanes->L) + " lanes rows=" +
-             std::to_string(lanes->rows_per_item);
+             std::to_string(lanes->rows[0].rows_per_item) + " phases=" + std::to_string(lanes->phase_plans.size()) +
+             (lanes->pair_store ? " paired" : "");
     return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : pixel_lanes ? "pixel_lanes_gemm" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "") +
            (row_pairs.empty() ? "" : " paired");
