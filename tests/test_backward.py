@@ -793,3 +793,53 @@ def test_weight_grad_core_checks():
         core.weight_grad(a, b, out, **dict(ok, stride=(1, 0, 1)))
     with pytest.raises(TypeError):
         core.weight_grad(a.astype(np.int32), b.astype(np.int32), out.astype(np.int32), **ok)
+
+
+# 1x1 (one-tap) axes with a stride: the weight gradient reads a[first + o * stride] there, and when
+# those pixels all lie inside a the kernel runs on that strided view at stride 1 (the GEMM's
+# channels-last copy then holds only the pixels read). Padding that reaches outside a (here with
+# reflect), groups, 3-D, channels-last and the transposed layer's gradient (whose a is grad_output)
+# are checked against the definition.
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rank, spatial, kernel, kw", [
+    (2, (13, 17), (1, 1), dict(stride=2)),
+    (2, (13, 17), (1, 1), dict(stride=(3, 2), padding=(0, 1))),
+    (2, (12, 12), (1, 3), dict(stride=2, padding=(0, 1))),
+    (3, (5, 7, 9), (1, 1, 1), dict(stride=(2, 1, 3))),
+    (1, (40,), (1,), dict(stride=4)),
+    (2, (10, 11), (1, 1), dict(stride=2, padding=1, padding_mode="reflect")),
+    (2, (9, 9), (1, 1), dict(stride=2, groups=4)),
+])
+def test_one_tap_strided_weight_grad(rank, spatial, kernel, kw, dtype, layout):
+    from conftest import assert_close, weight_grad_oracle
+    rng = np.random.default_rng(len(spatial) * 10 + sum(spatial))
+    groups = kw.get("groups", 1)
+    x = rng.standard_normal((2, 8) + spatial).astype(dtype)
+    w = rng.standard_normal((12, 8 // groups) + kernel).astype(dtype)
+    conv, conv_backward = getattr(convfast, f"conv{rank}d"), getattr(convfast, f"conv{rank}d_backward")
+    spec_kw = dict(kw)
+    y = conv(x, w, None, **spec_kw)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    pad = kw.get("padding", 0)
+    pads = [(p, p) for p in (pad if isinstance(pad, tuple) else (pad,) * rank)]
+    stride = kw["stride"] if isinstance(kw["stride"], tuple) else (kw["stride"],) * rank
+    expected = weight_grad_oracle(x, gy, kernel, pads, kw.get("padding_mode", "zeros"), groups, stride)
+    xin, gyin = x, gy
+    if layout == "channels_last":
+        xin, gyin = np.moveaxis(x, 1, -1).copy(), np.moveaxis(gy, 1, -1).copy()
+        spec_kw["data_format"] = layout
+    gw = conv_backward(gyin, xin, w, None, needs=(False, True, False), **spec_kw).grad_weight
+    assert_close(gw, expected, dtype, x.shape[0] * int(np.prod(y.shape[2:])))
+    if "padding_mode" not in kw:  # the transposed layer's weight gradient: a = its grad_output
+        kt = dict(spec_kw)
+        wt = rng.standard_normal((8, 12 // groups) + kernel).astype(dtype)
+        yt = getattr(convfast, f"conv_transpose{rank}d")(xin, wt, None, **kt)
+        gyt = rng.standard_normal(yt.shape).astype(dtype)
+        gwt = getattr(convfast, f"conv_transpose{rank}d_backward")(gyt, xin, wt, None, needs=(False, True, False),
+                                                                    **kt).grad_weight
+        gyt_cf = np.moveaxis(gyt, -1, 1) if layout == "channels_last" else gyt
+        # d/dW of the transposed layer: its grad_output (a) correlated with its input (b), shaped
+        # (C_in, C_out/G, k) like its weight.
+        expected_t = weight_grad_oracle(gyt_cf, x, kernel, pads, "zeros", groups, stride)
+        assert_close(gwt, expected_t, dtype, x.shape[0] * int(np.prod(x.shape[2:])))
