@@ -1226,13 +1226,43 @@ struct ConvPlan<T>::Impl {
       for (int64_t r = 1; r < nr && consecutive; ++r) consecutive = yoff[r0 + r] == yoff[r0] + r;
       in_y[pt] = consecutive;
     }
+    // One tap and the block's pixels consecutive in x (a 1x1 stride-1 layer on a contiguous plane):
+    // the whole tiles are packed channel by channel, each channel's run of the block read once,
+    // front to back, into every tile's panel, instead of tile by tile (each tile reading 64 bytes
+    // from every channel plane: more streams than the hardware prefetcher follows). The values
+    // and their places in the panels are the same.
+    const int64_t* xoff = s.x_offsets.get();
+    bool consecutive = T_ == 1 && mcount >= nr && xoff[0] != kOutside;
+    for (int64_t m = 1; m < mcount && consecutive; ++m) consecutive = xoff[m] == xoff[0] + m;
+    const int64_t run_tiles = consecutive ? mcount / nr : 0;
+    constexpr int64_t kPrefetchChannels = 8;
+    const T* const run_start = consecutive ? xg + xoff[0] : nullptr;
     if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(n_tiles * mr * mc_max));
     for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, K - k0);
-      for (int64_t pt = 0; pt < p_tiles; ++pt)
+      if (run_tiles > 0)
+        for (int64_t kk = 0; kk < kc; ++kk) {
+          const T* __restrict src = run_start + (k0 + kk) * p.x_stride_c;
+          if (kk + kPrefetchChannels < kc)
+            for (int64_t e = 0; e < run_tiles * nr; e += 64 / (int64_t)sizeof(T))
+              __builtin_prefetch(src + kPrefetchChannels * p.x_stride_c + e);
+          for (int64_t pt = 0; pt < run_tiles; ++pt) {
+            T* __restrict dst = panel + (pt * kc + kk) * nr;
+            for (int r = 0; r < nr; ++r) dst[r] = src[pt * nr + r];  // inline: a memcpy call per 64 bytes cost more
+          }
+        }
+      for (int64_t pt = run_tiles; pt < p_tiles; ++pt)
         pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, nr, pt, k0, kc, s.tap_kind.data(),
                            s.tap_base.data(), s.tap_step.data(), panel + pt * nr * kc);
+      // While the tiles compute, the next block's channel runs (the same pixels' successors in x,
+      // most likely the next item's) are prefetched, a share per tile, so that its packing does not
+      // wait on memory.
+      const int64_t next_lines = run_tiles > 0 && it.m1 + mcount <= PhaseShape(ph).num_pixels
+                                     ? ceil_div(mcount * (int64_t)sizeof(T), 64) : 0;
+      const int64_t share = ceil_div(kc * next_lines, p_tiles);
       for (int64_t pt = 0; pt < p_tiles; ++pt) {
+        for (int64_t q = pt * share; q < std::min(kc * next_lines, (pt + 1) * share); ++q)
+          __builtin_prefetch(run_start + mcount + (k0 + q / next_lines) * p.x_stride_c + (q % next_lines) * (64 / (int64_t)sizeof(T)), 0, 1);
         T* c_tile = in_y[pt] ? yg + yoff[pt * nr] : C + pt * nr;
         const int64_t ldc_ = in_y[pt] ? p.y_stride_c : mc_max;
         for (int64_t ct = 0; ct < n_tiles; ++ct)
