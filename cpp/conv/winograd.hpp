@@ -379,7 +379,7 @@ struct Conv {
         for (int64_t nt = 0; nt < n_tiles; ++nt) {
           const T* U = u->get() + (g * n_tiles + nt) * points * cin * mro;
           for (int64_t q = 0; q < points; ++q)
-            uk.direct[variant](cin, rows + q * cin, c * pw, U + q * cin * mro, out + q * lanes, pw);
+            uk.direct[variant](cin, rows + q * cin, c * pw, U + q * cin * mro, out + q * lanes, pw, nullptr);
           store_block(p, n, g, nt, out, s);
         }
       }
@@ -391,7 +391,8 @@ struct Conv {
         for (int64_t nt = 0; nt < n_tiles; ++nt) {
           const T* U = u->get() + ((g * n_tiles + nt) * points + q) * cin * mro;
           for (int64_t c = 0; c < chunks; ++c)
-            uk.direct[variant](cin, rows + q * cin, c * pw, U, out + ((c * n_tiles + nt) * points + q) * lanes, pw);
+            uk.direct[variant](cin, rows + q * cin, c * pw, U, out + ((c * n_tiles + nt) * points + q) * lanes, pw,
+                               nullptr);
         }
       for (int64_t c = 0; c < chunks; ++c) {
         chunk_outputs(p, m0 + c * pw, m1, s);

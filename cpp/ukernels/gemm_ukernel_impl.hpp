@@ -68,13 +68,14 @@ void gemm_pixels_ukernel(int64_t kc, const T* const* __restrict rows, const int6
 }
 
 // The direct (pixel-vector) kernel: out[MRO][PW] = sum_k w[k][MRO] * src[k][offset + PW), PW = NV * L,
-// out's rows ldo apart (a scratch tile, or y's channel rows).
+// out's rows ldo apart (a scratch tile, or y's channel rows); the bias, if given, is added to the
+// finished sums before the store, so that y is written once.
 // Each output is one chain over k in order, exactly as in the GEMM kernel, so both algorithms give
 // identical bits; the variants with few output channels take more pixel vectors (NV) instead of
 // split accumulator banks to keep enough independent chains in flight.
 template <typename T, int MRO, int VECTOR_BYTES, int NV>
 void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, const T* __restrict w,
-                    T* __restrict out, int64_t ldo) {
+                    T* __restrict out, int64_t ldo, const T* __restrict bias) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
@@ -89,6 +90,9 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, 
       for (int v = 0; v < NV; ++v) acc[r][v] += xv[v] * wr;
     }
   }
+  if (bias)  // added to the finished sum, as the other paths add it
+    for (int r = 0; r < MRO; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += bias[r];
   for (int r = 0; r < MRO; ++r)
     for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(out + r * ldo + v * L) = acc[r][v];
 }

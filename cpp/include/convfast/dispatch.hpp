@@ -19,12 +19,13 @@ template <typename T>
 using GemmPixelsUkernel = void (*)(int64_t kc, const T* const* rows, const int64_t* pixel, const T* b, T* c,
                                    int64_t ldc, int accumulate);
 
-// out[r * ldo + 0..PW) = sum_k w[k][r] * src[k][offset + 0..PW) for r < MRO: PW pixels in vector
-// registers, one broadcast weight per output channel (the "direct" orientation: no packing of the
-// input, results land as rows of the channels-first output). src[k] points into per-row buffers
-// in which each tap's inputs are contiguous.
+// out[r * ldo + 0..PW) = sum_k w[k][r] * src[k][offset + 0..PW) (+ bias[r], added to the finished sum,
+// when bias is not null) for r < MRO: PW pixels in vector registers, one broadcast weight per output
+// channel (the "direct" orientation: no packing of the input, results land as rows of the
+// channels-first output). src[k] points into per-row buffers in which each tap's inputs are contiguous.
 template <typename T>
-using DirectUkernel = void (*)(int64_t k, const T* const* src, int64_t offset, const T* w, T* out, int64_t ldo);
+using DirectUkernel = void (*)(int64_t k, const T* const* src, int64_t offset, const T* w, T* out, int64_t ldo,
+                               const T* bias);
 
 constexpr int kDirectChannelTiles[] = {1, 2, 4, 6};  // MRO variants
 
