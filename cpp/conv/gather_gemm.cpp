@@ -327,6 +327,7 @@ struct ThreadScratch {
   std::vector<int64_t> tile_anchor, tile_step;  // GEMM: per m-tile, read in place (see gemm_block)
   std::vector<int64_t> tile_pixel;              // GEMM: per pixel of an in-place tile, its offset from the anchor's
   std::vector<char> tile_in_y;                  // pixel lanes: per pixel tile, written straight into y
+  AlignedBuffer<T> row_bias;                    // pixel lanes: the group's bias, contiguous
   std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
   std::vector<int64_t> tap_base, tap_step;
   ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
@@ -337,7 +338,7 @@ struct ThreadScratch {
         tap_kind(static_cast<size_t>(std::max<int64_t>(max_taps, 1))),
         tile_anchor(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
         tile_pixel(static_cast<size_t>(mc)),  // GEMM blocks are whole tiles: mc is a multiple of MR
-        tile_in_y(static_cast<size_t>(mc)),
+        tile_in_y(static_cast<size_t>(mc)), row_bias(nc),
         a_rows(static_cast<size_t>(in_place_rows)),
         tap_base(tap_kind.size()),
         tap_step(tap_kind.size()) {}
@@ -998,16 +999,6 @@ struct ConvPlan<T>::Impl {
     for (int64_t q = 0; q < n; ++q) y[q] = tile[q] + bias;
   }
 
-  // The bias of a tile the micro-kernel wrote straight into y (rows output channels of n pixels,
-  // y_stride_c apart), added to the finished sums as store_with_bias adds it.
-  static void add_bias_rows(const T* bias, int64_t bias_stride, int64_t rows, int64_t n, T* y, int64_t y_stride_c) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T b = bias[r * bias_stride];
-      T* __restrict yr = y + r * y_stride_c;
-      for (int64_t q = 0; q < n; ++q) yr[q] += b;
-    }
-  }
-
   // Plane mode: item rows are (output plane j0, block of plane_rows output rows along axis 1). The
   // slabs hold, per (axis-0 tap, input channel, axis-1 slot, axis-2 slot), the rows the block reads,
   // each a full pitch P wide; output (j1, j2) of the block is flat pixel q = (j1 - first) * P + j2
@@ -1224,6 +1215,11 @@ struct ConvPlan<T>::Impl {
     const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
     // The channel tiles cover n_tiles * mr >= cout rows: a tile in y needs them all to be y's.
     const bool whole_channel_tiles = n_tiles * mr == cout;
+    // Tiles in y get the bias from the micro-kernel with their last K block (adding it afterwards
+    // read y back: 1x1 256->64 1.0Xx), from the group's bias made contiguous.
+    T* bias_rows = bg && whole_channel_tiles ? s.row_bias.get() : nullptr;
+    if (bias_rows)
+      for (int64_t co = 0; co < cout; ++co) bias_rows[co] = bg[co * p.bias_stride];
     char* in_y = s.tile_in_y.data();  // per tile: its NR pixels all exist and are consecutive in y
     for (int64_t pt = 0; pt < p_tiles; ++pt) {
       const int64_t r0 = pt * nr;
@@ -1271,16 +1267,17 @@ struct ConvPlan<T>::Impl {
         T* c_tile = in_y[pt] ? yg + yoff[pt * nr] : C + pt * nr;
         const int64_t ldc_ = in_y[pt] ? p.y_stride_c : mc_max;
         for (int64_t ct = 0; ct < n_tiles; ++ct)
-          uk.fn(kc, wp + ct * K * mr + k0 * mr, panel + pt * nr * kc, c_tile + ct * mr * ldc_, ldc_, k0 > 0);
+          if (in_y[pt] && bias_rows && k0 + kc == K)
+            uk.fn_row_bias(kc, wp + ct * K * mr + k0 * mr, panel + pt * nr * kc, c_tile + ct * mr * ldc_, ldc_, k0 > 0,
+                           bias_rows + ct * mr);
+          else
+            uk.fn(kc, wp + ct * K * mr + k0 * mr, panel + pt * nr * kc, c_tile + ct * mr * ldc_, ldc_, k0 > 0);
       }
     }
     // The rest of y: each tile's bias, or its runs of pixels contiguous in y copied from C.
     for (int64_t pt = 0; pt < p_tiles; ++pt) {
       const int64_t tile_end = std::min(mcount, (pt + 1) * nr);
-      if (in_y[pt]) {
-        if (bg) add_bias_rows(bg, p.bias_stride, cout, nr, yg + yoff[pt * nr], p.y_stride_c);
-        continue;
-      }
+      if (in_y[pt]) continue;  // complete, bias included
       for (int64_t r0 = pt * nr; r0 < tile_end;) {
         int64_t r1 = r0 + 1;
         while (r1 < tile_end && yoff[r1] == yoff[r0] + (r1 - r0)) ++r1;

@@ -16,7 +16,7 @@
 // k (gemm_pixels_ukernel: a tile that wraps to the next output row, or strides other than 1 and 2).
 template <typename T, int MR, int VECTOR_BYTES, int NV, typename ARow, typename AIndex>
 inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restrict b, T* __restrict c, int64_t ldc,
-                      int accumulate) {
+                      int accumulate, const T* __restrict row_bias = nullptr) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   // Unaligned-safe alias for loads/stores of caller memory.
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
@@ -38,6 +38,9 @@ inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restric
       for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
     }
   }
+  if (row_bias)  // added to the finished sums (the caller passes it with the last K block)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += row_bias[r];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(c + r * ldc + v * L) = acc[r][v];
 }
@@ -47,6 +50,15 @@ void gemm_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* _
                   int accumulate) {
   gemm_core<T, MR, VECTOR_BYTES, NV>(
       kc, [a](int64_t k) { return a + k * MR; }, [](int r) { return r; }, b, c, ldc, accumulate);
+}
+
+// gemm_ukernel plus row_bias[r] on row r of the finished C (the pixel-lanes GEMM, whose rows are
+// output channels, stores its last K block straight into y with the bias this way).
+template <typename T, int MR, int VECTOR_BYTES, int NV>
+void gemm_row_bias_ukernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c, int64_t ldc,
+                           int accumulate, const T* __restrict row_bias) {
+  gemm_core<T, MR, VECTOR_BYTES, NV>(
+      kc, [a](int64_t k) { return a + k * MR; }, [](int r) { return r; }, b, c, ldc, accumulate, row_bias);
 }
 
 template <typename T, int MR, int VECTOR_BYTES, int NV, int A_STEP>
@@ -252,6 +264,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
           {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<float, MR, VECTOR_BYTES, 2>,
+           &gemm_row_bias_ukernel<float, MR, VECTOR_BYTES, 2>,
            MR,
            2 * L32,
            {&direct_ukernel<float, 1, VECTOR_BYTES, 4>, &direct_ukernel<float, 2, VECTOR_BYTES, 4>,
@@ -263,6 +276,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
+           &gemm_row_bias_ukernel<double, MR, VECTOR_BYTES, 2>,
            MR,
            2 * L64,
            {&direct_ukernel<double, 1, VECTOR_BYTES, 4>, &direct_ukernel<double, 2, VECTOR_BYTES, 4>,

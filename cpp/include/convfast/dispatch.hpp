@@ -15,6 +15,10 @@ template <typename T>
 using GemmRowsUkernel = void (*)(int64_t kc, const T* const* rows, int64_t offset, const T* b, T* c, int64_t ldc,
                                  int accumulate);
 // The same with row k of A read in place at MR offsets shared by every k: rows[k][pixel[r]].
+// The packed product with row_bias[r] added to row r of the finished C.
+template <typename T>
+using GemmRowBiasUkernel = void (*)(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int accumulate,
+                                    const T* row_bias);
 template <typename T>
 using GemmPixelsUkernel = void (*)(int64_t kc, const T* const* rows, const int64_t* pixel, const T* b, T* c,
                                    int64_t ldc, int accumulate);
@@ -63,6 +67,7 @@ struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
   GemmRowsUkernel<T> fn_rows[2] = {nullptr, nullptr};  // [step - 1]: A's scalars 1 or 2 apart
   GemmPixelsUkernel<T> fn_pixels = nullptr;              // A's scalars at any MR offsets
+  GemmRowBiasUkernel<T> fn_row_bias = nullptr;           // fn, then row_bias[r] added to row r
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
   int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
