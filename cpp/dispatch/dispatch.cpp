@@ -58,8 +58,11 @@ bool select_isa(const std::string& name) {
     g_active.store(best_supported());
     return true;
   }
+  // The CPU first: building a variant's table runs code compiled for that ISA (the AVX-512 table's
+  // initialisation uses AVX-512 stores), which would fault on a CPU without it.
+  if (!cpu_supports(name)) return false;
   const UkernelSet* t = table_for(name);
-  if (!t || !cpu_supports(name)) return false;
+  if (!t) return false;
   g_active.store(t);
   return true;
 }
