@@ -7,7 +7,8 @@ added to the finished sum, so the path must equal the direct path bit for bit; b
 against the NumPy oracle. Cases cover partial channel blocks (groups not a multiple of L), every
 padding mode, stride and dilation, 1-D to 3-D, both layouts, strided and negative-stride views,
 `out=` views, transposed layers (several stride phases, the pair store, outputs no tap reaches),
-and thread-count independence.
+and thread-count independence. The depthwise weight gradient on the same buffers is checked against
+the definition and against the depthwise kernel it replaces (to rounding: another summation order).
 """
 import numpy as np
 import pytest
@@ -159,3 +160,86 @@ def test_input_not_mutated(monkeypatch):
     _run(monkeypatch, "lanes", rank, x, w, b, **kw)
     for a, c in zip((x, w, b), copies):
         np.testing.assert_array_equal(a, c)
+
+
+# The weight gradient of depthwise layers with the channels in the lanes (channel_lanes.hpp,
+# weight_grad): every tap one vector chain per item, the items' sums added in a fixed order. Checked
+# against the definition (conftest.weight_grad_oracle, float64) and against the depthwise kernel it
+# replaces (CONVFAST_ALGO=gemm keeps that one; another summation order, so to rounding).
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(CASES) - 1))
+def test_weight_grad(case, dtype, layout, monkeypatch):
+    from conftest import weight_grad_oracle
+    rank, x, w, b, kw = _operands(case, dtype)
+    spec = ref.conv_spec("t", rank, x, w, None, kw.get("stride", 1), kw.get("padding", 0), kw.get("dilation", 1),
+                         kw["groups"], kw.get("padding_mode", "zeros"), "channels_first")
+    gy = np.random.default_rng(100 + case).standard_normal(spec.output_shape()).astype(dtype)
+    expected = weight_grad_oracle(x, gy, CASES[case][4], spec.pads, spec.padding_mode, kw["groups"], spec.stride,
+                                  spec.dilation)
+    xin, gyin = x, gy
+    if layout == "channels_last":
+        xin, gyin = np.moveaxis(x, 1, -1).copy(), np.moveaxis(gy, 1, -1).copy()
+        kw["data_format"] = layout
+    backward = getattr(convfast, f"conv{rank}d_backward")
+    results = {}
+    for algo in (None, "gemm"):
+        if algo:
+            monkeypatch.setenv("CONVFAST_ALGO", algo)
+        else:
+            monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+        results[algo] = backward(gyin, xin, w, None, needs=(False, True, False), **kw).grad_weight
+        used = _core.last_algorithm()
+        if algo is None and kw["groups"] >= 16:
+            assert used.startswith("weight_grad channel_lanes"), used
+        if algo == "gemm":
+            assert not used.startswith("weight_grad channel_lanes"), used
+    size = x.shape[0] * int(np.prod(spec.out_spatial))
+    assert_close(results[None], expected, dtype, size)
+    assert_close(results["gemm"], expected, dtype, size)
+
+
+@pytest.mark.parametrize("case", [0, 3, 5, 8])
+def test_transposed_weight_grad(case, monkeypatch):
+    # A transposed depthwise layer's weight gradient correlates its grad_output (the larger operand)
+    # with its input: the same kernel with the roles of the operands swapped.
+    from conftest import weight_grad_oracle
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rank, spatial, kernel, kw = TRANSPOSED[case]
+    rng = np.random.default_rng(50 + case)
+    x = rng.standard_normal((2, 16) + spatial)
+    w = rng.standard_normal((16, 1) + kernel)
+    kw = dict(kw, groups=16)
+    y = getattr(convfast, f"conv_transpose{rank}d")(x, w, None, **kw)
+    gy = rng.standard_normal(y.shape)
+    gw = getattr(convfast, f"conv_transpose{rank}d_backward")(gy, x, w, None, needs=(False, True, False),
+                                                              **kw).grad_weight
+    assert _core.last_algorithm().startswith("weight_grad channel_lanes"), _core.last_algorithm()
+    stride = kw.get("stride", 1)
+    stride = stride if isinstance(stride, tuple) else (stride,) * rank
+    dilation = kw.get("dilation", 1)
+    dilation = dilation if isinstance(dilation, tuple) else (dilation,) * rank
+    pad = kw.get("padding", 0)
+    pad = pad if isinstance(pad, tuple) else (pad,) * rank
+    # gy padded by `padding` at the start (the cropped outputs) and enough zeros at the end.
+    pads = [(p, p + s * n) for p, s, n in zip(pad, stride, spatial)]
+    expected = weight_grad_oracle(gy, x, kernel, pads, "zeros", 16, stride, dilation)
+    assert_close(gw, expected, np.float64, 2 * int(np.prod(spatial)))
+
+
+def test_weight_grad_thread_count_independent(monkeypatch):
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rank, x, w, b, kw = _operands(4, np.float32)
+    y = convfast.conv2d(x, w, None, **kw)
+    gy = np.random.default_rng(9).standard_normal(y.shape).astype(np.float32)
+    before = convfast.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            convfast.set_num_threads(threads)
+            results.append(convfast.conv2d_backward(gy, x, w, None, needs=(False, True, False), **kw).grad_weight)
+            assert _core.last_algorithm().startswith("weight_grad channel_lanes")
+    finally:
+        convfast.set_num_threads(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])

@@ -121,7 +121,7 @@ struct Conv {
     wpack.reset(new AlignedBuffer<T>(wpack_size));
     std::fill(wpack->get(), wpack->get() + wpack_size, T(0));
     size_t phase = 0;
-    for (const AxisPlan* a0 : plans[0])
+    for (const AxisPlan* a0 : p.w ? plans[0] : std::vector<const AxisPlan*>())  // no weights: weight_grad
       for (const AxisPlan* a1 : plans[1])
         for (const AxisPlan* a2 : plans[2]) {
           const int64_t n_taps = (int64_t)phase_plans[phase].tap_offset.size();
@@ -180,7 +180,8 @@ struct Conv {
     for (; u < cols; ++u) pixel(u, map_padded_index(min2 + u, a2.in_size, a2.mode));
   }
 
-  void run_item(const ConvProblem<T>& p, int64_t n, int64_t cb, const Item& it, const T* bias, Scratch& s) const {
+  // The item's input window into the scratch buffer: per axis-0 tap, the rows its output rows read.
+  void fill_window(const ConvProblem<T>& p, int64_t n, int64_t cb, const Item& it, Scratch& s) const {
     const AxisPlan &a0 = *plans[0][it.p0], &a1 = *plans[1][it.p1];
     const RowPlan& rp = rows[it.p1];
     const int64_t c0 = cb * L, lanes = std::min<int64_t>(L, p.groups - c0);
@@ -198,6 +199,13 @@ struct Conv {
           fill_row(p, *plans[2][0], xc + i0 * p.x_stride[0] + i1 * p.x_stride[1], lanes, dst);
       }
     }
+  }
+
+  void run_item(const ConvProblem<T>& p, int64_t n, int64_t cb, const Item& it, const T* bias, Scratch& s) const {
+    const AxisPlan &a0 = *plans[0][it.p0], &a1 = *plans[1][it.p1];
+    const int64_t c0 = cb * L, lanes = std::min<int64_t>(L, p.groups - c0);
+    fill_window(p, n, cb, it, s);
+    const T* buf = s.buffer.get();
     const T* bias_block = bias + c0;
     T* yc = p.y + n * p.y_stride_n + c0 * p.y_stride_c + (a0.out_start + it.j0 * a0.out_step) * p.y_stride[0];
     const int64_t ysc = p.y_stride_c;
@@ -240,6 +248,58 @@ struct Conv {
                     int64_t start, int64_t ysc) const {
     for (; j < count; ++j)
       for (int64_t l = 0; l < lanes; ++l) yr[start + j * step + l * ysc] = out[j * L + l] + bias[l];
+  }
+
+  // The weight gradient of the (forward, one-phase) depthwise layer p: out[c][t] = sum over images
+  // and outputs of p.x at tap t of the output times p.y (here the output gradient, read only), as
+  // the GEMM path defines it (padding products included). Per item, the input window is buffered as
+  // for the forward and the gradient's rows as pixels of L channels, and every tap is one vector
+  // chain over the item's outputs; the items' sums are then added per channel in item order, so the
+  // result does not depend on the thread count. Memory: taps x L per item, and the forward's scratch.
+  void weight_grad(const ConvProblem<T>& p, T* out, int nthreads_max) const {
+    const int64_t taps = (int64_t)phase_plans[0].tap_offset.size(), count2 = plans[2][0]->count;
+    const int64_t per_image = blocks * (int64_t)items.size(), total = p.batch * per_image;
+    AlignedBuffer<T> partial(checked_mul(checked_mul(std::max<int64_t>(total, 1), taps), L));
+    const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, total)));
+    std::vector<std::unique_ptr<Scratch>> scratch;
+    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(buffer_size, out_size * rows[0].rows_per_item, taps));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < total; ++i) {
+      const int64_t n = i / per_image, cb = (i % per_image) / (int64_t)items.size();
+      const Item& it = items[i % (int64_t)items.size()];
+      Scratch& s = *scratch[omp_get_thread_num()];
+      fill_window(p, n, cb, it, s);
+      const AxisPlan &a0 = *plans[0][0], &a1 = *plans[1][0], &a2 = *plans[2][0];
+      const int64_t c0 = cb * L, lanes = std::min<int64_t>(L, p.groups - c0);
+      const int64_t gsc = p.y_stride_c, gs2 = p.y_stride[2];
+      T* acc = partial.get() + i * taps * L;
+      std::fill(acc, acc + taps * L, T(0));
+      T* gy_row = s.out_rows.get();
+      for (int64_t r = it.r0; r < it.r1; ++r) {
+        // The gradient's row as pixels of L channels (lanes past the last group zero).
+        const T* g = p.y + n * p.y_stride_n + c0 * gsc + (a0.out_start + it.j0 * a0.out_step) * p.y_stride[0] +
+                     (a1.out_start + r * a1.out_step) * p.y_stride[1] + a2.out_start * gs2;
+        int64_t j = 0;
+        if (lanes == L && gs2 == 1 && gsc != 1 && a2.out_step == 1)
+          for (; j + L <= count2; j += L) uk.transpose_block(g + j, gsc, gy_row + j * L, L);
+        for (; j < count2; ++j) {
+          for (int64_t l = 0; l < lanes; ++l) gy_row[j * L + l] = g[j * a2.out_step * gs2 + l * gsc];
+          for (int64_t l = lanes; l < L; ++l) gy_row[j * L + l] = T(0);
+        }
+        const int64_t row_offset = (r - it.r0) * a1.in_step * cols * L;
+        for (int64_t t = 0; t < taps; ++t) s.src[t] = s.buffer.get() + row_offset + phase_plans[0].tap_offset[t];
+        uk.channel_lanes_wgrad(count2, taps, s.src.data(), a2.in_step * L, gy_row, acc);
+      }
+    }
+    // out (C, 1, taps): each channel's sums over the items, in item order.
+    for (int64_t c = 0; c < p.groups; ++c)
+      for (int64_t t = 0; t < taps; ++t) {
+        T sum = T(0);
+        for (int64_t n = 0; n < p.batch; ++n)
+          for (int64_t k = 0; k < (int64_t)items.size(); ++k)
+            sum += partial.get()[((n * per_image + (c / L) * (int64_t)items.size() + k) * taps + t) * L + c % L];
+        out[c * taps + t] = sum;
+      }
   }
 
   void execute(const ConvProblem<T>& p, int nthreads_max) const {

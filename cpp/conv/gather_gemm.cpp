@@ -1549,9 +1549,30 @@ void run_convolution(const ConvProblem<T>& p) {
   ConvPlan<T>(p).execute(p);
 }
 
+template <typename T>
+bool depthwise_lanes_weight_grad(const ConvProblem<T>& p, T* out) {
+  const UkernelInfo<T>& uk = active_ukernel<T>();
+  if (p.kind != ConvKind::Forward || p.groups < uk.lanes) return false;
+  std::vector<AxisPlan> axes[kSpatialRank];
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (p.out_size[a] < 1) return false;
+    axes[a].push_back(forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
+                                   p.pad_before[a], p.mode));
+  }
+  const std::vector<Phase> phases = {{&axes[0][0], &axes[1][0], &axes[2][0]}};
+  if (!channel_lanes::Conv<T>::applies(p, phases, uk)) return false;
+  bool ok = false;
+  const channel_lanes::Conv<T> conv(p, axes, uk, ok);
+  if (!ok) return false;
+  conv.weight_grad(p, out, get_num_threads());
+  return true;
+}
+
 template class ConvPlan<float>;
 template class ConvPlan<double>;
 template void run_convolution<float>(const ConvProblem<float>&);
 template void run_convolution<double>(const ConvProblem<double>&);
+template bool depthwise_lanes_weight_grad<float>(const ConvProblem<float>&, float*);
+template bool depthwise_lanes_weight_grad<double>(const ConvProblem<double>&, double*);
 
 }  // namespace convfast

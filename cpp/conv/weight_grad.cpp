@@ -1053,6 +1053,36 @@ template <typename T>
 void weight_grad(const WeightGradProblem<T>& problem) {
   validate(problem);
   const WeightGradProblem<T> p = fold_one_tap_strides(problem);
+  const char* forced = std::getenv("CONVFAST_ALGO");
+  const bool lanes_excluded = forced && (std::string(forced) == "gemm" || std::string(forced) == "direct");
+  if (p.a_channels == p.groups && p.b_channels == p.groups && !lanes_excluded) {
+    // Depthwise: the channels in the vector lanes (channel_lanes.hpp), where that applies.
+    ConvProblem<T> fp;
+    fp.batch = p.batch;
+    fp.groups = p.groups;
+    fp.cin_per_group = fp.cout_per_group = 1;
+    fp.mode = p.mode;
+    for (int a = 0; a < kSpatialRank; ++a) {
+      fp.in_size[a] = p.a_size[a];
+      fp.out_size[a] = p.b_size[a];
+      fp.kernel[a] = p.kernel[a];
+      fp.stride[a] = p.stride[a];
+      fp.dilation[a] = p.dilation[a];
+      fp.pad_before[a] = p.pad_before[a];
+      fp.x_stride[a] = p.a_stride[a];
+      fp.y_stride[a] = p.b_stride[a];
+    }
+    fp.x = p.a;
+    fp.x_stride_n = p.a_stride_n;
+    fp.x_stride_c = p.a_stride_c;
+    fp.y = const_cast<T*>(p.b);  // read only: the output gradient
+    fp.y_stride_n = p.b_stride_n;
+    fp.y_stride_c = p.b_stride_c;
+    if (depthwise_lanes_weight_grad(fp, p.out)) {
+      set_last_algorithm("weight_grad channel_lanes threads=" + std::to_string(get_num_threads()));
+      return;
+    }
+  }
   if (p.a_channels == p.groups && p.b_channels <= kMaxMultiplier * p.groups) {
     set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
     return depthwise_weight_grad(p);

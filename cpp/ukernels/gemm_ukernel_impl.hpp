@@ -233,6 +233,33 @@ inline typename Tr::mask zip_mask(std::index_sequence<K...>) {
   return typename Tr::mask{static_cast<typename Tr::index>((K % 2) * Tr::L + FIRST + K / 2)...};
 }
 
+// The channel-lanes weight gradient: NT taps at a time, their NT chains in registers, one gradient
+// vector per output serving all of them.
+template <typename T, int VECTOR_BYTES, int NT>
+inline void channel_lanes_wgrad_block(int64_t n, const T* const* __restrict src, int64_t step, const T* __restrict gy,
+                                      T* __restrict acc) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec a[NT];
+  for (int q = 0; q < NT; ++q) a[q] = *reinterpret_cast<const vec_u*>(acc + q * L);
+  for (int64_t j = 0; j < n; ++j) {
+    const vec g = *reinterpret_cast<const vec_u*>(gy + j * L);
+    for (int q = 0; q < NT; ++q) a[q] += *reinterpret_cast<const vec_u*>(src[q] + j * step) * g;
+  }
+  for (int q = 0; q < NT; ++q) *reinterpret_cast<vec_u*>(acc + q * L) = a[q];
+}
+
+template <typename T, int VECTOR_BYTES>
+void channel_lanes_wgrad_ukernel(int64_t n, int64_t taps, const T* const* __restrict src, int64_t step,
+                                 const T* __restrict gy, T* __restrict acc) {
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  int64_t t = 0;
+  for (; t + 8 <= taps; t += 8) channel_lanes_wgrad_block<T, VECTOR_BYTES, 8>(n, src + t, step, gy, acc + t * L);
+  for (; t + 4 <= taps; t += 4) channel_lanes_wgrad_block<T, VECTOR_BYTES, 4>(n, src + t, step, gy, acc + t * L);
+  for (; t < taps; ++t) channel_lanes_wgrad_block<T, VECTOR_BYTES, 1>(n, src + t, step, gy, acc + t * L);
+}
+
 // The transposing store of two blocks whose outputs interleave along the row (the residue-0 and
 // residue-1 phases of a stride-2 transposed convolution): y[j * ys + 2 * i + h] =
 // c_h[i * ldc + j] + bias[j] for h = 0, 1 (c_0 = ca, c_1 = cb) and i, j < L. Both blocks are
@@ -272,7 +299,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            {4 * L32, 4 * L32, 2 * L32, 2 * L32},
            &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32,
            &wgrad_rows_ukernel<float, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
-           &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>},
+           &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>,
+           &channel_lanes_wgrad_ukernel<float, VECTOR_BYTES>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -284,5 +312,6 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            {4 * L64, 4 * L64, 2 * L64, 2 * L64},
            &transpose_store<double, VECTOR_BYTES>, &transpose_pair_store<double, VECTOR_BYTES>, L64,
            &wgrad_rows_ukernel<double, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
-           &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>}};
+           &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>,
+           &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>}};
 }

@@ -54,6 +54,12 @@ using TransposeBlock = void (*)(const T* c, int64_t ldc, T* y, int64_t ys);
 template <typename T>
 using ChannelLanesUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* w, T* out);
 
+// acc[t * lanes + l] += sum_j src[t][j * step + l] * gy[j * lanes + l] for t < taps, j < n, each tap one
+// chain over j in order: the weight gradient of depthwise layers with the channels in the lanes.
+template <typename T>
+using ChannelLanesWgradUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* gy,
+                                          T* acc);
+
 // acc[m][t][0..lanes) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] for r < rows, j < n (whole vectors
 // in lanes, the tail in lane 0), m < kWgradRowsMB, t < kWgradRowsTB: the weight gradient of layers
 // with few input channels (rows of pixels in the vector lanes, no packing).
@@ -77,6 +83,7 @@ struct UkernelInfo {
   WgradRowsUkernel<T> wgrad_rows = nullptr;
   TransposeBlock<T> transpose_block = nullptr;               // L x L, as store_transposed without a bias
   ChannelLanesUkernel<T> channel_lanes = nullptr;
+  ChannelLanesWgradUkernel<T> channel_lanes_wgrad = nullptr;
 };
 
 struct UkernelSet {

@@ -28,6 +28,14 @@ class ConvPlan {
 template <typename T>
 void run_convolution(const ConvProblem<T>& p);
 
+// The weight gradient of a depthwise layer (one channel in and out per group) with the channels in
+// the vector lanes (cpp/conv/channel_lanes.hpp): p describes the forward layer, p.x its input and
+// p.y its output gradient (read only; p.w unused); out is (C, 1, k...) C-contiguous. Returns false,
+// writing nothing, where that path does not apply (fewer groups than vector lanes, an empty axis,
+// an input window too large for its buffer).
+template <typename T>
+bool depthwise_lanes_weight_grad(const ConvProblem<T>& p, T* out);
+
 // The algorithm the last call on this thread chose (for CONVFAST_VERBOSE / show_config); the weight
 // gradient (weight_grad.hpp) records its own.
 std::string last_algorithm();
