@@ -454,6 +454,7 @@ struct ConvPlan<T>::Impl {
   static constexpr int64_t kMaxFusedPhases = 64;  // run_item keeps one output offset per phase
   static constexpr int kMaxTilePixels = 64;       // the widest direct tile (4 AVX-512 float vectors)
   static constexpr int kMaxDirectChannels = 6;    // the most output channels of a direct tile (kDirectChannelTiles)
+  static_assert(kDirectChannelTiles[3] == kMaxDirectChannels, "direct_tile's bias_tile holds the widest channel tile");
   // Fused phases whose outputs interleave along the row (stride 2 along the last axis: residues 0
   // and 1 of the same rows), paired for the micro-kernel table's pair store: with the scalar scatter
   // they replace, storing took 40-75 % of run_item on k2s2 up-convolutions and on the grad_input
@@ -1215,8 +1216,9 @@ struct ConvPlan<T>::Impl {
     const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
     // The channel tiles cover n_tiles * mr >= cout rows: a tile in y needs them all to be y's.
     const bool whole_channel_tiles = n_tiles * mr == cout;
-    // Tiles in y get the bias from the micro-kernel with their last K block (adding it afterwards
-    // read y back: 1x1 256->64 1.0Xx), from the group's bias made contiguous.
+    // Tiles in y get the bias from the micro-kernel with their last K block, from the group's bias
+    // made contiguous (adding it afterwards read y back; 1x1 256->64: 1.04-1.2x float32 at 2
+    // threads on a noisy host, level at 1 thread).
     T* bias_rows = bg && whole_channel_tiles ? s.row_bias.get() : nullptr;
     if (bias_rows)
       for (int64_t co = 0; co < cout; ++co) bias_rows[co] = bg[co * p.bias_stride];
