@@ -256,6 +256,30 @@ def test_weight_transform_in_and_beyond_l2(cin, cout, dtype, forced):
     assert_close(y, expected, dtype, reduction_size=9 * cin)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_transform_output_channel_groups(dtype, threads, forced):
+    # A large weight transform with blocks of several chunks: the products wait in scratch for a
+    # group of output-channel tiles at a time (here 34 tiles of 6 in groups of about 10, the last
+    # one partial), so every group's outputs must land in its own channels; the last block and
+    # its last chunk are partial (61 rows). Bitwise the same for 1 and 2 threads.
+    rng = np.random.default_rng(7)
+    x = _rand(rng, (1, 96, 61, 64), dtype)
+    w = _rand(rng, (200, 96, 3, 3), dtype)
+    b = _rand(rng, (200,), dtype)
+    before = convfast.get_num_threads()
+    try:
+        convfast.set_num_threads(threads)
+        y = convfast.conv2d(x, w, b, padding=1)
+        assert _ran_winograd()
+        convfast.set_num_threads(3 - threads)
+        assert np.array_equal(convfast.conv2d(x, w, b, padding=1), y)
+    finally:
+        convfast.set_num_threads(before)
+    expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), padding=1)
+    assert_close(y, expected, dtype, reduction_size=9 * 96)
+
+
 @pytest.mark.parametrize("cin,cout,groups", [(130, 70, 1), (200, 14, 2)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_weight_transform_channel_blocks(cin, cout, groups, transposed, forced):

@@ -1061,9 +1061,12 @@ struct ConvPlan<T>::Impl {
                   slab(t0, ci, lp.slot[t1], cp.slot[t2]) + lp.shift[t1] * P + cp.shift[t2];
       }
       T* y_plane = p.y + it.n * p.y_stride_n + (a0.out_start + j0 * a0.out_step) * p.y_stride[0];
-      const int64_t total = rows_out * P;
-      for (int64_t q0 = 0; q0 < total; q0 += pw) {
-        const int64_t npix = std::min<int64_t>(pw, total - q0);
+      // Rows at least a tile wide are tiled row by row (the last tile of a row overlapping the one
+      // before it: its lanes compute the same chains, so the outputs written twice are equal), so
+      // that every tile is pw consecutive outputs of one row and goes straight into y; tiles
+      // running on over the pitch split into pieces that went through the scratch tile, 24 % of
+      // the 3-D 1 -> 32 layer (32-wide rows, pitch 34). Narrower rows share tiles.
+      auto run_tile = [&](int64_t q0, int64_t npix) {
         int num_pieces = 0;
         for (int64_t lane = 0; lane < npix;) {
           const int64_t q = q0 + lane, j1 = q / P, j2 = q % P, run = std::min(npix - lane, P - j2);
@@ -1087,6 +1090,12 @@ struct ConvPlan<T>::Impl {
                 yc[pc.y_offset + v * a2.out_step * p.y_stride[2]] = o[pc.lane + v] + b;
           }
         });
+      };
+      if (cnt2 >= pw) {
+        for (int64_t j1 = 0; j1 < rows_out; ++j1)
+          for (int64_t j2 = 0; j2 < cnt2; j2 += pw) run_tile(j1 * P + std::min<int64_t>(j2, cnt2 - pw), pw);
+      } else {
+        for (int64_t q0 = 0, total = rows_out * P; q0 < total; q0 += pw) run_tile(q0, std::min<int64_t>(pw, total - q0));
       }
     }
   }

@@ -124,6 +124,7 @@ struct Conv {
   int64_t n_tiles = 0;      // output-channel tiles of mro
   int64_t block_tiles = 0;  // tiles per work item, a multiple of pw
   bool group_chunks = false;  // products of a whole block at once (large weight transforms)
+  int64_t group_tiles = 0;     // n-tiles whose products wait together (group_chunks)
   std::unique_ptr<AlignedBuffer<T>> u;  // [g][n-tile][point][ci][mro]
 
   Conv(const ConvProblem<T>& p, const Axis (&planned)[3], const UkernelInfo<T>& ukernel, int variant_, int nthreads)
@@ -145,18 +146,23 @@ struct Conv {
     // A work item transforms block_tiles tiles of every input channel once (V, about 1 MiB, re-read
     // from L2/L3 by each output-channel tile) and runs them through every n-tile. The block shrinks
     // when batch * groups is too small to give every thread several items.
-    // A weight transform larger than L2 is read once per block rather than once per chunk
-    // (group_chunks), which needs the block's products in scratch too: then V and the products
-    // share about 2 MiB.
+    // A weight transform larger than L2 (group_chunks) is streamed from L3 or memory once per
+    // block, so the block must span several chunks for each panel to be reused from L1: V grows
+    // to about 4 MiB (only one point's slice, cin x block, is hot at a time) and the products wait
+    // in scratch for groups of group_tiles n-tiles (about 512 KiB). With one chunk per block, the
+    // 512-channel 14x14 float64 layer streamed its 34 MB transform once per 8 tiles and ran at a
+    // quarter of the micro-kernel's rate.
     group_chunks = checked_mul(checked_mul(points * (int64_t)sizeof(T), cin), n_tiles * mro) > (int64_t(512) << 10);
-    const int64_t per_tile =
-        checked_mul(points * (int64_t)sizeof(T), group_chunks ? checked_add(cin, n_tiles * mro) : cin);
-    int64_t block = std::max<int64_t>(pw, (int64_t(group_chunks ? 2 : 1) << 20) / per_tile / pw * pw);
+    const int64_t per_tile = checked_mul(points * (int64_t)sizeof(T), cin);
+    int64_t block = std::max<int64_t>(pw, (int64_t(group_chunks ? 4 : 1) << 20) / per_tile / pw * pw);
     const int64_t images = std::max<int64_t>(1, checked_mul(p.batch, groups));  // batch 0: no items, any block
     const int64_t want_items = 4 * (int64_t)std::max(nthreads, 1);
     if (images < want_items)
       block = std::min(block, std::max<int64_t>(pw, ceil_div(ceil_div(tiles, ceil_div(want_items, images)), pw) * pw));
     block_tiles = std::min(block, ceil_div(tiles, pw) * pw);
+    group_tiles = group_chunks ? std::min<int64_t>(n_tiles, std::max<int64_t>(1, (int64_t(512) << 10) /
+                                                    checked_mul(points * block_tiles * mro, (int64_t)sizeof(T))))
+                               : n_tiles;
     pack_weights(p);
   }
 
@@ -226,7 +232,7 @@ struct Conv {
     std::vector<std::unique_ptr<Scratch>> scratch;
     for (int t = 0; t < nthreads; ++t)
       scratch.emplace_back(new Scratch(checked_mul(points * block_tiles, cin),
-                                       group_chunks ? checked_mul(points * block_tiles, n_tiles * mro) : points * mro * pw,
+                                       group_chunks ? checked_mul(points * block_tiles, group_tiles * mro) : points * mro * pw,
                                        std::max(points, outputs) * pw, points * cin, pw));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < items; ++i) {
@@ -385,18 +391,22 @@ struct Conv {
       }
     } else {
       // A large weight transform: each point's panels are read once per block (every chunk runs
-      // through a panel while it is in L1) and the products of the whole block wait in
+      // through a panel while it is in L1) and the products of a group of n-tiles wait in
       // out[chunk][n-tile][point] for the output transform.
-      for (int64_t q = 0; q < points; ++q)
-        for (int64_t nt = 0; nt < n_tiles; ++nt) {
-          const T* U = u->get() + ((g * n_tiles + nt) * points + q) * cin * mro;
-          for (int64_t c = 0; c < chunks; ++c)
-            uk.direct[variant](cin, rows + q * cin, c * pw, U, out + ((c * n_tiles + nt) * points + q) * lanes, pw,
-                               nullptr);
+      for (int64_t nt0 = 0; nt0 < n_tiles; nt0 += group_tiles) {
+        const int64_t nts = std::min(group_tiles, n_tiles - nt0);
+        for (int64_t q = 0; q < points; ++q)
+          for (int64_t nt = 0; nt < nts; ++nt) {
+            const T* U = u->get() + ((g * n_tiles + nt0 + nt) * points + q) * cin * mro;
+            for (int64_t c = 0; c < chunks; ++c)
+              uk.direct[variant](cin, rows + q * cin, c * pw, U, out + ((c * nts + nt) * points + q) * lanes, pw,
+                                 nullptr);
+          }
+        for (int64_t c = 0; c < chunks; ++c) {
+          chunk_outputs(p, m0 + c * pw, m1, s);
+          for (int64_t nt = 0; nt < nts; ++nt)
+            store_block(p, n, g, nt0 + nt, out + (c * nts + nt) * points * lanes, s);
         }
-      for (int64_t c = 0; c < chunks; ++c) {
-        chunk_outputs(p, m0 + c * pw, m1, s);
-        for (int64_t nt = 0; nt < n_tiles; ++nt) store_block(p, n, g, nt, out + (c * n_tiles + nt) * points * lanes, s);
       }
     }
   }
