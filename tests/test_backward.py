@@ -648,6 +648,9 @@ _WG_CASES = [
     (2, 2, 20, 9, 1, (8, 11), (2, 2), (2, 3), (1, 1), ((0, 1), (1, 0))),       # disjoint taps: a in place
     (3, 2, 24, 13, 1, (6, 4, 6), (2, 1, 2), (2, 1, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 0))),
     (2, 2, 200, 20, 1, (9, 10), (1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))),      # 25 / 13 a tiles: uneven blocks
+    # a read in place with two blocks of b tiles (float64: 25 tiles of 6 rows; float32: 50)
+    (2, 2, 12, 150, 1, (9, 10), (1, 1), (2, 2), (1, 1), ((0, 0), (1, 1))),
+    (2, 2, 10, 300, 1, (8, 8), (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),
     # depthwise and channel multipliers (Ca_g = 1, Cb_g <= 4): the streaming path; rows longer than
     # its 8 lanes, strides (the scalar loop), dilation, edges in every padding mode
     (2, 2, 6, 6, 6, (9, 27), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
