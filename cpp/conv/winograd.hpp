@@ -106,6 +106,9 @@ inline void with_tile(const Axis& ax, F&& f) {
     f(std::integral_constant<int, 4>{}, std::integral_constant<int, 3>{});
 }
 
+// Chunks (of pw tiles) per work item with a large weight transform (see Conv's constructor).
+constexpr int64_t kGroupChunks = 4;
+
 // One planned Winograd convolution: axes, the packed weight transform, blocking. The products run
 // on the engine's direct micro-kernel: tiles in the vector lanes (pw of them), mro output channels
 // broadcast, so the input transform writes whole vectors of tiles (V[point][ci][tile]) and each
@@ -147,14 +150,17 @@ struct Conv {
     // from L2/L3 by each output-channel tile) and runs them through every n-tile. The block shrinks
     // when batch * groups is too small to give every thread several items.
     // A weight transform larger than L2 (group_chunks) is streamed from L3 or memory once per
-    // block, so the block must span several chunks for each panel to be reused from L1: V grows
-    // to about 4 MiB (only one point's slice, cin x block, is hot at a time) and the products wait
+    // block, so the block spans kGroupChunks chunks for each panel to be reused from L1 (V up to
+    // about 4 MiB: only one point's slice, cin x block, is hot at a time) and the products wait
     // in scratch for groups of group_tiles n-tiles (about 512 KiB). With one chunk per block, the
-    // 512-channel 14x14 float64 layer streamed its 34 MB transform once per 8 tiles and ran at a
-    // quarter of the micro-kernel's rate.
+    // 512-channel 14x14 float64 layer streamed its 34 MB transform once per 8 tiles: 76-84 ms,
+    // 48-50 with 4 chunks (2: 56-62 ms). More chunks shrink the groups, and each group re-reads V:
+    // the 3-D 32 -> 64 float32 layer took 15.4 ms (p25) with 2 chunks, 16.0 with 4, 16.9 with 8
+    // and 22.5 with 32 (one n-tile per group).
     group_chunks = checked_mul(checked_mul(points * (int64_t)sizeof(T), cin), n_tiles * mro) > (int64_t(512) << 10);
     const int64_t per_tile = checked_mul(points * (int64_t)sizeof(T), cin);
     int64_t block = std::max<int64_t>(pw, (int64_t(group_chunks ? 4 : 1) << 20) / per_tile / pw * pw);
+    if (group_chunks) block = std::min<int64_t>(block, kGroupChunks * pw);
     const int64_t images = std::max<int64_t>(1, checked_mul(p.batch, groups));  // batch 0: no items, any block
     const int64_t want_items = 4 * (int64_t)std::max(nthreads, 1);
     if (images < want_items)
