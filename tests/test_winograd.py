@@ -260,9 +260,9 @@ def test_weight_transform_in_and_beyond_l2(cin, cout, dtype, forced):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_weight_transform_output_channel_groups(dtype, threads, forced):
     # A large weight transform with blocks of several chunks: the products wait in scratch for a
-    # group of output-channel tiles at a time (here 34 tiles of 6 in groups of about 10, the last
-    # one partial), so every group's outputs must land in its own channels; the last block and
-    # its last chunk are partial (61 rows). Bitwise the same for 1 and 2 threads.
+    # group of output-channel tiles at a time (here 34 tiles of 6 in groups of 21 in float32, 9 in
+    # float64, the last group partial), so every group's outputs must land in its own channels;
+    # the last row of tiles runs past the image (61 rows). Bitwise the same for 1 and 2 threads.
     rng = np.random.default_rng(7)
     x = _rand(rng, (1, 96, 61, 64), dtype)
     w = _rand(rng, (200, 96, 3, 3), dtype)

@@ -126,7 +126,7 @@ struct Conv {
   int variant = 0, mro = 0, pw = 0;
   int64_t n_tiles = 0;      // output-channel tiles of mro
   int64_t block_tiles = 0;  // tiles per work item, a multiple of pw
-  bool group_chunks = false;  // products of a whole block at once (large weight transforms)
+  bool group_chunks = false;  // products of a block's chunks at once (large weight transforms)
   int64_t group_tiles = 0;     // n-tiles whose products wait together (group_chunks)
   std::unique_ptr<AlignedBuffer<T>> u;  // [g][n-tile][point][ci][mro]
 
