@@ -328,19 +328,24 @@ def test_weight_transform_memory_cap(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf"])
-def test_non_finite_values_recomputed_exactly(dtype, where, monkeypatch):
+@pytest.mark.parametrize("size", [(10, 11), (5, 70)])
+def test_non_finite_values_recomputed_exactly(dtype, where, size, monkeypatch):
     # An infinity inside a Winograd tile becomes Inf - Inf = NaN in the transforms where the direct
     # sum gives +-Inf; an output holding Inf or NaN sends the call to the exact-chain GEMM, so the
-    # result is the GEMM path's bit for bit (the NaN/Inf pattern of PyTorch and the oracle).
+    # result is the GEMM path's bit for bit (the NaN/Inf pattern of PyTorch and the oracle). The
+    # 70-wide rows have runs of tiles long enough for the vector stores of the output rows, the
+    # 11-wide ones only their scalar tails.
     monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(4)
-    x = _rand(rng, (2, 64, 10, 11), dtype)
+    height, width = size
+    x = _rand(rng, (2, 64, height, width), dtype)
     w = _rand(rng, (64, 64, 3, 3), dtype)
     if where == "input_inf":
-        x[1, 3, 4, 5] = np.inf
+        x[1, 3, 2, width // 2] = np.inf
         x[0, 7, 0, 0] = -np.inf
     elif where == "input_nan":
-        x[0, 2, 9, 10] = np.nan
+        x[0, 2, height - 1, width - 1] = np.nan
+        x[1, 5, 2, width // 2 + 1] = np.nan
     else:
         w[5, 6, 1, 2] = np.inf
     y = convfast.conv2d(x, w, padding=1)

@@ -106,6 +106,9 @@ inline void with_tile(const Axis& ax, F&& f) {
     f(std::integral_constant<int, 4>{}, std::integral_constant<int, 3>{});
 }
 
+// Input planes ahead whose row spans run_block prefetches.
+constexpr int64_t kPrefetchPlanes = 2;
+
 // Chunks (of pw tiles) per work item with a large weight transform (see Conv's constructor).
 constexpr int64_t kGroupChunks = 4;
 
@@ -128,6 +131,11 @@ struct Conv {
   int64_t block_tiles = 0;  // tiles per work item, a multiple of pw
   bool group_chunks = false;  // products of a block's chunks at once (large weight transforms)
   int64_t group_tiles = 0;     // n-tiles whose products wait together (group_chunks)
+  int64_t point_pitch = 0;     // distance between the points' slices of V ([point][ci][tile])
+  // The fused tile transforms (every Winograd axis with the same tile), else null: the lines.
+  WinogradTransform<T> input_transform = nullptr, output_transform = nullptr;
+  WinogradSplitRow<T> split_row = nullptr;  // the last axis's, when it is a Winograd axis
+  WinogradStoreRow<T> store_row = nullptr;
   std::unique_ptr<AlignedBuffer<T>> u;  // [g][n-tile][point][ci][mro]
 
   Conv(const ConvProblem<T>& p, const Axis (&planned)[3], const UkernelInfo<T>& ukernel, int variant_, int nthreads)
@@ -171,6 +179,29 @@ struct Conv {
     group_tiles = group_chunks ? std::min<int64_t>(n_tiles, std::max<int64_t>(1, (int64_t(512) << 10) /
                                                     checked_mul(points * block_tiles * mro, (int64_t)sizeof(T))))
                                : n_tiles;
+    // A multiple of 4 KiB would put the input transform's stores of one channel's points (pw
+    // each) into the same L1 sets, as many as there are points (16 or more, against 8 ways), so
+    // it is moved off by one cache line.
+    point_pitch = checked_mul(cin, block_tiles);
+    if (point_pitch * (int64_t)sizeof(T) % 4096 == 0) point_pitch += 64 / (int64_t)sizeof(T);
+    auto tile_of = [](const Axis& ax) { return ax.taps == 2 ? 0 : ax.m == 2 ? 1 : 2; };
+    if (axes[2].winograd()) {
+      split_row = uk.winograd_split_row[tile_of(axes[2])];
+      store_row = uk.winograd_store_row[tile_of(axes[2])];
+    }
+    int tile = -1, winograd_axes = 0;
+    bool same_tile = true;
+    for (const Axis& ax : axes)
+      if (ax.winograd()) {
+        const int t = tile_of(ax);
+        same_tile = same_tile && (tile < 0 || tile == t);
+        tile = t;
+        ++winograd_axes;
+      }
+    if (same_tile && winograd_axes > 0 && uk.lanes > 0 && pw % uk.lanes == 0) {
+      input_transform = uk.winograd_input[tile][winograd_axes - 1];
+      output_transform = uk.winograd_output[tile][winograd_axes - 1];
+    }
     pack_weights(p);
   }
 
@@ -239,7 +270,7 @@ struct Conv {
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, items)));
     std::vector<std::unique_ptr<Scratch>> scratch;
     for (int t = 0; t < nthreads; ++t)
-      scratch.emplace_back(new Scratch(checked_mul(points * block_tiles, cin),
+      scratch.emplace_back(new Scratch(checked_mul(points, point_pitch),
                                        group_chunks ? checked_mul(points * block_tiles, group_tiles * mro) : points * mro * pw,
                                        std::max(points, outputs) * pw, points * cin, pw));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -250,29 +281,6 @@ struct Conv {
     bool finite = true;
     for (const auto& sc : scratch) finite = finite && sc->probe == T(0);
     return finite;
-  }
-
-  // The P points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e].
-  template <int M, int P>
-  static void split_span(const T* __restrict src, int64_t n, T* __restrict d, int64_t pitch) {
-    for (int e = 0; e < P; ++e)
-      for (int64_t i = 0; i < n; ++i) d[e * pitch + i] = src[M * i + e];
-  }
-
-  // y[M i + e] = a[e * pitch + i] + b for e < M, i < n (restrict: the sources are thread scratch).
-  // Returns the sum of 0 * each value stored (NaN iff one of them was Inf or NaN).
-  template <int M>
-  static T store_run(const T* __restrict a, int64_t pitch, T b, int64_t n, T* __restrict y) {
-    T probe[M] = {};
-    for (int64_t i = 0; i < n; ++i)
-      for (int e = 0; e < M; ++e) {
-        const T v = a[e * pitch + i] + b;
-        y[M * i + e] = v;
-        probe[e] += v * T(0);
-      }
-    T sum = 0;
-    for (int e = 0; e < M; ++e) sum += probe[e];
-    return sum;
   }
 
   // Tile m's coordinate index along each axis.
@@ -297,7 +305,7 @@ struct Conv {
     // read inputs m apart, m + taps - 1 each, so a run of them is read as one contiguous span per
     // row of the tile (split into its points by stride-m loads); other tiles (row ends, padding,
     // other layouts) gather point by point through offsets.
-    const bool spans = axes[2].winograd() && axes[2].spacing == 1 && p.x_stride[2] == 1;
+    const bool spans = split_row && axes[2].spacing == 1 && p.x_stride[2] == 1;
     const int m2 = axes[2].m;  // outputs per tile along the last axis
     const int64_t rows_per_tile = points / np[2];
     std::vector<int64_t>& runs = s.runs;
@@ -360,7 +368,12 @@ struct Conv {
               continue;
             }
             const T* src = plane + runs[r + 3 + row] + runs[r + 2];
-            with_tile(axes[2], [&](auto M, auto R) { split_span<M, M + R - 1>(src, n, b, pw); });
+            // The same span kPrefetchPlanes channels ahead: a few short rows per plane are too
+            // short a stream for the hardware prefetchers.
+            if (ci + kPrefetchPlanes < cin)
+              for (int64_t k = 0; k < m2 * n + np[2] - m2; k += 64 / (int64_t)sizeof(T))
+                __builtin_prefetch(src + kPrefetchPlanes * p.x_stride_c + k);
+            split_row(src, n, b, pw);
           }
         }
         for (int i = 0; i < n_single; ++i) {
@@ -372,18 +385,22 @@ struct Conv {
             std::memcpy(buf + q * pw + w, &v, sizeof(T));
           }
         }
+        T* dst = V + ci * B + (c0 - m0);
+        if (input_transform) {
+          input_transform(buf, pw, dst, point_pitch, pw);
+          continue;
+        }
         along_axes(axes, pw, [&](int64_t base, int64_t st, const Axis& ax) {
           with_tile(ax, [&](auto M, auto R) { input_line<M, R>(buf + base, st, pw); });
         });
-        for (int64_t q = 0; q < points; ++q) {  // in lane blocks: constant-size copies inline
-          T* dst = V + (q * cin + ci) * B + (c0 - m0);
+        for (int64_t q = 0; q < points; ++q)  // in lane blocks: constant-size copies inline
           for (int l0 = 0; l0 < pw; l0 += kLaneBlock)
-            std::memcpy(dst + l0, buf + q * pw + l0, sizeof(T) * kLaneBlock);
-        }
+            std::memcpy(dst + q * point_pitch + l0, buf + q * pw + l0, sizeof(T) * kLaneBlock);
       }
     }
     const T** rows = s.rows.data();
-    for (int64_t k = 0; k < points * cin; ++k) rows[k] = V + k * B;
+    for (int64_t q = 0; q < points; ++q)
+      for (int64_t ci = 0; ci < cin; ++ci) rows[q * cin + ci] = V + q * point_pitch + ci * B;
     T* out = s.out.get();
     const int64_t lanes = (int64_t)mro * pw, chunks = ceil_div(m1 - m0, pw);
     if (!group_chunks) {
@@ -449,7 +466,7 @@ struct Conv {
     // (vectorisable); other outputs are stored one by one.
     std::vector<int64_t>& runs = s.runs;
     runs.clear();  // per run of tiles: output index, first tile, tiles, y offset
-    const bool pairs = axes[2].winograd() && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
+    const bool pairs = store_row && axes[2].spacing == 1 && p.y_stride[2] * axes[2].out_step == 1;
     const int m = axes[2].m;
     for (int64_t e = 0; e < outputs && pairs; e += m) {
       int64_t* yo = off + e * pw;
@@ -480,9 +497,12 @@ struct Conv {
   // the bias, for n-tile nt of image n, group g.
   void store_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t nt, T* block, Scratch& s) const {
     const int64_t lanes = (int64_t)mro * pw;
-    along_axes(axes, lanes, [&](int64_t base, int64_t st, const Axis& ax) {
-      with_tile(ax, [&](auto M, auto R) { output_line<M, R>(block + base, st, lanes); });
-    });
+    if (output_transform)
+      output_transform(block, lanes, block, lanes, lanes);
+    else
+      along_axes(axes, lanes, [&](int64_t base, int64_t st, const Axis& ax) {
+        with_tile(ax, [&](auto M, auto R) { output_line<M, R>(block + base, st, lanes); });
+      });
     const std::vector<int64_t>& runs = s.runs;
     const std::vector<int64_t>& left = s.left;
     for (int r = 0; r < mro && nt * mro + r < cout; ++r) {
@@ -491,7 +511,7 @@ struct Conv {
       T* yc = p.y + n * p.y_stride_n + co * p.y_stride_c;
       for (size_t i = 0; i < runs.size(); i += 4) {
         const T* first = block + out_point[runs[i]] * lanes + r * pw + runs[i + 1];
-        with_tile(axes[2], [&](auto M, auto) { s.probe += store_run<M>(first, lanes, b, runs[i + 2], yc + runs[i + 3]); });
+        s.probe += store_row(first, lanes, b, runs[i + 2], yc + runs[i + 3]);
       }
       T probe = 0;
       for (size_t i = 0; i < left.size(); i += 2) {

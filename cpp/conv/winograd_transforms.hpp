@@ -20,75 +20,69 @@ namespace winograd {
 //                   g0 / 24 - g1 / 12 + g2 / 6, g2)
 //   output A^T m = (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 (m3 - m4), m1 + m2 + 4 (m3 + m4),
 //                   m1 - m2 + 8 (m3 - m4) + m5)
-// The lanes are walked in blocks of 4 through local arrays (every tile width is a multiple of 4),
-// which the compiler vectorises without the aliasing checks a runtime point stride would need.
+// The point formulas are written once for any element type E (a scalar, or a GCC vector of
+// scalars T, which multiplies by a scalar lane-wise): the lane-block lines below and the fused
+// tile transforms of the micro-kernel units (cpp/ukernels/winograd_ukernel_impl.hpp) share them.
+template <int M, int R, typename T, typename E>
+inline void input_points(const E* d, E* r) {  // M + R - 1 points -> as many
+  if constexpr (R == 2) {
+    r[0] = d[0] - d[1];
+    r[1] = d[1];
+    r[2] = d[2] - d[1];
+  } else if constexpr (M == 2) {
+    r[0] = d[0] - d[2];
+    r[1] = d[1] + d[2];
+    r[2] = d[2] - d[1];
+    r[3] = d[1] - d[3];
+  } else {
+    r[0] = T(4) * d[0] - T(5) * d[2] + d[4];
+    r[1] = d[3] + d[4] - T(4) * (d[1] + d[2]);
+    r[2] = d[4] - d[3] + T(4) * (d[1] - d[2]);
+    r[3] = d[4] - d[2] + T(2) * (d[3] - d[1]);
+    r[4] = d[4] - d[2] - T(2) * (d[3] - d[1]);
+    r[5] = T(4) * d[1] - T(5) * d[3] + d[5];
+  }
+}
+template <int M, int R, typename T, typename E>
+inline void output_points(const E* d, E* r) {  // M + R - 1 points -> M outputs
+  if constexpr (R == 2) {
+    r[0] = d[0] + d[1];
+    r[1] = d[1] + d[2];
+  } else if constexpr (M == 2) {
+    r[0] = d[0] + d[1] + d[2];
+    r[1] = d[1] - d[2] - d[3];
+  } else {
+    const E sum12 = d[1] + d[2], diff12 = d[1] - d[2], sum34 = d[3] + d[4], diff34 = d[3] - d[4];
+    r[0] = d[0] + sum12 + sum34;
+    r[1] = diff12 + T(2) * diff34;
+    r[2] = sum12 + T(4) * sum34;
+    r[3] = diff12 + T(8) * diff34 + d[5];
+  }
+}
+
+// The lines: the lanes are walked in blocks of 4, each one GCC vector of 4 scalars (every tile
+// width is a multiple of 4), so the compiler needs no aliasing checks for the runtime point stride.
 constexpr int kLaneBlock = 4;
 
-// Walks the lanes in blocks of kLaneBlock: the P entries of a block (s apart) into d[P][Q], f
-// fills r[N][Q], which goes back over entries 0 .. N - 1.
+// The P entries of each lane block (s apart) through f into N entries, written back over entries 0 .. N - 1.
 template <int P, int N, typename V, typename F>
 inline void in_lane_blocks(V* b, int64_t s, int lanes, F&& f) {
-  constexpr int Q = kLaneBlock;
-  for (int l0 = 0; l0 < lanes; l0 += Q) {
-    V d[P][Q], r[N][Q];
-    for (int e = 0; e < P; ++e) std::memcpy(d[e], b + e * s + l0, sizeof(d[e]));
+  typedef V block __attribute__((vector_size(kLaneBlock * sizeof(V))));
+  for (int l0 = 0; l0 < lanes; l0 += kLaneBlock) {
+    block d[P], r[N];
+    for (int e = 0; e < P; ++e) std::memcpy(&d[e], b + e * s + l0, sizeof(block));
     f(d, r);
-    for (int e = 0; e < N; ++e) std::memcpy(b + e * s + l0, r[e], sizeof(r[e]));
+    for (int e = 0; e < N; ++e) std::memcpy(b + e * s + l0, &r[e], sizeof(block));
   }
 }
 
 template <int M, int R, typename V>
 inline void input_line(V* b, int64_t s, int lanes) {
-  constexpr int Q = kLaneBlock, points = M + R - 1;
-  in_lane_blocks<points, points>(b, s, lanes, [](const V (&d)[points][Q], V (&r)[points][Q]) {
-    if constexpr (R == 2)
-      for (int l = 0; l < Q; ++l) {
-        r[0][l] = d[0][l] - d[1][l];
-        r[1][l] = d[1][l];
-        r[2][l] = d[2][l] - d[1][l];
-      }
-    else if constexpr (M == 2)
-      for (int l = 0; l < Q; ++l) {
-        r[0][l] = d[0][l] - d[2][l];
-        r[1][l] = d[1][l] + d[2][l];
-        r[2][l] = d[2][l] - d[1][l];
-        r[3][l] = d[1][l] - d[3][l];
-      }
-    else
-      for (int l = 0; l < Q; ++l) {
-        r[0][l] = V(4) * d[0][l] - V(5) * d[2][l] + d[4][l];
-        r[1][l] = d[3][l] + d[4][l] - V(4) * (d[1][l] + d[2][l]);
-        r[2][l] = d[4][l] - d[3][l] + V(4) * (d[1][l] - d[2][l]);
-        r[3][l] = d[4][l] - d[2][l] + V(2) * (d[3][l] - d[1][l]);
-        r[4][l] = d[4][l] - d[2][l] - V(2) * (d[3][l] - d[1][l]);
-        r[5][l] = V(4) * d[1][l] - V(5) * d[3][l] + d[5][l];
-      }
-  });
+  in_lane_blocks<M + R - 1, M + R - 1>(b, s, lanes, [](const auto* d, auto* r) { input_points<M, R, V>(d, r); });
 }
 template <int M, int R, typename V>
 inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 .. M - 1
-  constexpr int Q = kLaneBlock, points = M + R - 1;
-  in_lane_blocks<points, M>(b, s, lanes, [](const V (&d)[points][Q], V (&r)[M][Q]) {
-    if constexpr (R == 2)
-      for (int l = 0; l < Q; ++l) {
-        r[0][l] = d[0][l] + d[1][l];
-        r[1][l] = d[1][l] + d[2][l];
-      }
-    else if constexpr (M == 2)
-      for (int l = 0; l < Q; ++l) {
-        r[0][l] = d[0][l] + d[1][l] + d[2][l];
-        r[1][l] = d[1][l] - d[2][l] - d[3][l];
-      }
-    else
-      for (int l = 0; l < Q; ++l) {
-        const V sum12 = d[1][l] + d[2][l], diff12 = d[1][l] - d[2][l], sum34 = d[3][l] + d[4][l],
-                diff34 = d[3][l] - d[4][l];
-        r[0][l] = d[0][l] + sum12 + sum34;
-        r[1][l] = diff12 + V(2) * diff34;
-        r[2][l] = sum12 + V(4) * sum34;
-        r[3][l] = diff12 + V(8) * diff34 + d[5][l];
-      }
-  });
+  in_lane_blocks<M + R - 1, M>(b, s, lanes, [](const auto* d, auto* r) { output_points<M, R, V>(d, r); });
 }
 inline void weight_line(double* b, int64_t s, int64_t lanes, int m, int taps) {  // g -> m + taps - 1 points
   for (int64_t l = 0; l < lanes; ++l) {

@@ -14,6 +14,9 @@
 // (gemm_rows_ukernel; 2 for the in-place rows of a stride-2 convolution, where it costs nothing:
 // each scalar is a broadcast load with its own displacement), or at any MR offsets shared by all
 // k (gemm_pixels_ukernel: a tile that wraps to the next output row, or strides other than 1 and 2).
+#include "../conv/winograd_transforms.hpp"
+#include "winograd_ukernel_impl.hpp"
+
 template <typename T, int MR, int VECTOR_BYTES, int NV, typename ARow, typename AIndex>
 inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restrict b, T* __restrict c, int64_t ldc,
                       int accumulate, const T* __restrict row_bias = nullptr) {
@@ -287,7 +290,7 @@ void transpose_pair_store(const T* __restrict ca, const T* __restrict cb, int64_
 template <int VECTOR_BYTES, int MR>
 convfast::UkernelSet make_ukernel_set(const char* isa) {
   constexpr int L32 = VECTOR_BYTES / 4, L64 = VECTOR_BYTES / 8;
-  return {isa,
+  convfast::UkernelSet set{isa,
           {&gemm_ukernel<float, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<float, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<float, MR, VECTOR_BYTES, 2>,
@@ -314,4 +317,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            &wgrad_rows_ukernel<double, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
            &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>}};
+  fill_winograd_transforms<float, VECTOR_BYTES>(set.f32);
+  fill_winograd_transforms<double, VECTOR_BYTES>(set.f64);
+  return set;
 }

@@ -1,6 +1,7 @@
 // AVX-512F: 32 zmm registers hold 24 accumulators (12 rows x 2 vectors), 2 B vectors and a
 // broadcast. Compiled with -mavx512f; selected only when the CPU (and OS) support it.
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 

@@ -1,5 +1,6 @@
 // Portable baseline: 16-byte vectors (SSE2 on x86-64, NEON on aarch64), no FMA assumed.
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 

@@ -68,6 +68,21 @@ template <typename T>
 using WgradRowsUkernel = void (*)(int64_t rows, int64_t n, const T* const* gy, int64_t gy_rs, const T* const* x,
                                   int64_t x_rs, T* acc);
 
+// The fused Winograd tile transforms (cpp/ukernels/winograd_ukernel_impl.hpp): every point of
+// src[q * src_pitch + 0..lanes) through the input (or output) transform of a tile with the same
+// F(m, r) on each of its Winograd axes, into dst[q * dst_pitch + 0..lanes); lanes a multiple of
+// the vector width.
+template <typename T>
+using WinogradTransform = void (*)(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes);
+constexpr int kWinogradTiles = 3;  // F(2, 2), F(2, 3), F(4, 3)
+// The P = m + r - 1 points of n tiles m apart along a row: d[e * pitch + i] = src[m i + e].
+template <typename T>
+using WinogradSplitRow = void (*)(const T* src, int64_t n, T* d, int64_t pitch);
+// Back into a row: y[m i + e] = a[e * pitch + i] + bias for e < m, i < n; returns the sum of 0 *
+// each value stored (NaN iff one was an infinity or NaN).
+template <typename T>
+using WinogradStoreRow = T (*)(const T* a, int64_t pitch, T bias, int64_t n, T* y);
+
 template <typename T>
 struct UkernelInfo {
   GemmUkernel<T> fn = nullptr;
@@ -84,6 +99,10 @@ struct UkernelInfo {
   TransposeBlock<T> transpose_block = nullptr;               // L x L, as store_transposed without a bias
   ChannelLanesUkernel<T> channel_lanes = nullptr;
   ChannelLanesWgradUkernel<T> channel_lanes_wgrad = nullptr;
+  WinogradTransform<T> winograd_input[kWinogradTiles][3] = {};   // [tile][Winograd axes - 1]
+  WinogradTransform<T> winograd_output[kWinogradTiles][3] = {};
+  WinogradSplitRow<T> winograd_split_row[kWinogradTiles] = {};
+  WinogradStoreRow<T> winograd_store_row[kWinogradTiles] = {};
 };
 
 struct UkernelSet {

@@ -1,0 +1,160 @@
+// Fused N-D Winograd tile transforms (see cpp/conv/winograd.hpp), compiled by each
+// ukernel_<isa>.cpp with its vector width: per vector of lanes (tiles, or tiles x output
+// channels), every point of the tile is loaded once, transformed along each Winograd axis in
+// registers, and stored once. (Applied axis by axis over a buffer, the transforms read and wrote
+// every point once per axis and were compiled for the baseline ISA: 34 % + 14 % of the
+// 64-channel 56x56 float32 layer.) Include inside an anonymous namespace, after
+// winograd_transforms.hpp (the point formulas).
+
+// The lines of a tile of P^AXES points, as compile-time tables (so that the loops over them
+// unroll into register code without divisions): per axis a, the first point of every line along
+// it (stride[a] apart); for the output transform only the lines through points that the earlier
+// axes left as results (coordinates below M). keep: the points stored at the end.
+template <int M, int P, int AXES, bool OUTPUT>
+struct TileLines {
+  static constexpr int N = AXES == 1 ? P : AXES == 2 ? P * P : P * P * P;
+  int count[AXES] = {}, stride[AXES] = {}, first[AXES][N] = {}, kept = 0, keep[N] = {};
+  static constexpr bool live(int q, int axes_done) {  // every coordinate along axes < axes_done below M
+    int s = N / P;
+    for (int b = 0; b < axes_done; ++b, s /= P)
+      if (OUTPUT && (q / s) % P >= M) return false;
+    return true;
+  }
+  constexpr TileLines() {
+    for (int a = 0, s = N / P; a < AXES; ++a, s /= P) {
+      stride[a] = s;
+      for (int q = 0; q < N; ++q)
+        if ((q / s) % P == 0 && live(q, a)) first[a][count[a]++] = q;
+    }
+    for (int q = 0; q < N; ++q)
+      if (live(q, AXES)) keep[kept++] = q;
+  }
+};
+
+// src[q * src_pitch + l] for the P^AXES points q (P = M + R - 1 per axis, row-major) and lanes l
+// < lanes, a multiple of the vector width. OUTPUT false: the input transform B^T d B of every
+// point into dst[q * dst_pitch + l]. OUTPUT true: the output transform A^T m A, whose M^AXES
+// outputs land at the points with every coordinate below M (the rest of dst is left as it was).
+// src and dst may be the same (each vector is loaded whole before any store).
+template <typename T, int VECTOR_BYTES, int M, int R, int AXES, bool OUTPUT>
+void winograd_tile_transform(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T), P = M + R - 1;
+  using Lines = TileLines<M, P, AXES, OUTPUT>;
+  static constexpr Lines lines{};
+  for (int64_t l = 0; l < lanes; l += L) {
+    vec d[Lines::N];
+#pragma GCC unroll 64
+    for (int q = 0; q < Lines::N; ++q) d[q] = *reinterpret_cast<const vec_u*>(src + q * src_pitch + l);
+#pragma GCC unroll 3
+    for (int a = 0; a < AXES; ++a) {
+      const int s = lines.stride[a];
+#pragma GCC unroll 36
+      for (int i = 0; i < lines.count[a]; ++i) {
+        vec* line = d + lines.first[a][i];
+        vec x[P], r[P];
+        for (int e = 0; e < P; ++e) x[e] = line[e * s];
+        if constexpr (OUTPUT) {
+          winograd::output_points<M, R, T>(x, r);
+          for (int e = 0; e < M; ++e) line[e * s] = r[e];
+        } else {
+          winograd::input_points<M, R, T>(x, r);
+          for (int e = 0; e < P; ++e) line[e * s] = r[e];
+        }
+      }
+    }
+#pragma GCC unroll 64
+    for (int i = 0; i < lines.kept; ++i)
+      *reinterpret_cast<vec_u*>(dst + lines.keep[i] * dst_pitch + l) = d[lines.keep[i]];
+  }
+}
+
+// The P points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e] for e < P, i < n
+// (the row's inputs split into one line per point, which the tile transform then reads as
+// vectors). Stride-M selection by halving: the even elements of two vectors, log2(M) times.
+// (The baseline build's scalar-array loop was 11 % of the 64-channel 56x56 float32 layer.)
+template <typename T, int VECTOR_BYTES, int M, int P>
+void winograd_split_row(const T* src, int64_t n, T* d, int64_t pitch) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_t;
+  typedef index_t mask __attribute__((vector_size(VECTOR_BYTES)));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  static_assert(M == 2 || M == 4, "tiles of 2 or 4 outputs");
+  mask evens{};
+  for (int k = 0; k < L; ++k) evens[k] = 2 * k;
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int e = 0; e < P; ++e) {
+      const T* s = src + M * i + e;
+      vec v[M];
+      for (int k = 0; k < M; ++k) v[k] = *reinterpret_cast<const vec_u*>(s + k * L);
+      for (int w = M; w > 1; w /= 2)
+        for (int k = 0; k < w / 2; ++k) v[k] = __builtin_shuffle(v[2 * k], v[2 * k + 1], evens);
+      *reinterpret_cast<vec_u*>(d + e * pitch + i) = v[0];
+    }
+  for (; i < n; ++i)
+    for (int e = 0; e < P; ++e) d[e * pitch + i] = src[M * i + e];
+}
+
+// The inverse for the outputs: y[M i + e] = a[e * pitch + i] + bias for e < M, i < n (M lines
+// of a tile's outputs interleaved into a row), by log2(M) rounds of zipping two vectors. Returns
+// the sum of 0 * each value stored: NaN iff one of them was an infinity or NaN.
+template <typename T, int VECTOR_BYTES, int M>
+T winograd_store_row(const T* a, int64_t pitch, T bias, int64_t n, T* y) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_t;
+  typedef index_t mask __attribute__((vector_size(VECTOR_BYTES)));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  static_assert(M == 2 || M == 4, "tiles of 2 or 4 outputs");
+  mask low{}, high{};  // zip of two vectors: their first halves' entries alternating, and the second halves'
+  for (int k = 0; k < L; ++k) {
+    low[k] = k / 2 + (k % 2) * L;
+    high[k] = L / 2 + k / 2 + (k % 2) * L;
+  }
+  vec probe{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    vec u[M], z[M];
+    for (int e = 0; e < M; ++e) u[e] = *reinterpret_cast<const vec_u*>(a + e * pitch + i) + bias;
+    for (int e = 0; e < M; ++e) probe += u[e] * T(0);
+    for (int w = 1; w < M; w *= 2) {
+      for (int k = 0; k < M / 2; ++k) {
+        z[2 * k] = __builtin_shuffle(u[k], u[k + M / 2], low);
+        z[2 * k + 1] = __builtin_shuffle(u[k], u[k + M / 2], high);
+      }
+      for (int e = 0; e < M; ++e) u[e] = z[e];
+    }
+    for (int e = 0; e < M; ++e) *reinterpret_cast<vec_u*>(y + M * i + e * L) = u[e];
+  }
+  T sum = 0;
+  for (; i < n; ++i)
+    for (int e = 0; e < M; ++e) {
+      const T v = a[e * pitch + i] + bias;
+      y[M * i + e] = v;
+      sum += v * T(0);
+    }
+  for (int k = 0; k < L; ++k) sum += probe[k];
+  return sum;
+}
+
+// Fills info's tables: [tile: F(2, 2), F(2, 3), F(4, 3)][Winograd axes - 1].
+template <typename T, int VECTOR_BYTES>
+void fill_winograd_transforms(convfast::UkernelInfo<T>& info) {
+  auto per_tile = [&](auto M, auto R, int tile) {
+    info.winograd_input[tile][0] = &winograd_tile_transform<T, VECTOR_BYTES, M, R, 1, false>;
+    info.winograd_input[tile][1] = &winograd_tile_transform<T, VECTOR_BYTES, M, R, 2, false>;
+    info.winograd_input[tile][2] = &winograd_tile_transform<T, VECTOR_BYTES, M, R, 3, false>;
+    info.winograd_output[tile][0] = &winograd_tile_transform<T, VECTOR_BYTES, M, R, 1, true>;
+    info.winograd_output[tile][1] = &winograd_tile_transform<T, VECTOR_BYTES, M, R, 2, true>;
+    info.winograd_output[tile][2] = &winograd_tile_transform<T, VECTOR_BYTES, M, R, 3, true>;
+    info.winograd_split_row[tile] = &winograd_split_row<T, VECTOR_BYTES, M, M + R - 1>;
+    info.winograd_store_row[tile] = &winograd_store_row<T, VECTOR_BYTES, M>;
+  };
+  using two = std::integral_constant<int, 2>;
+  per_tile(two{}, two{}, 0);
+  per_tile(two{}, std::integral_constant<int, 3>{}, 1);
+  per_tile(std::integral_constant<int, 4>{}, std::integral_constant<int, 3>{}, 2);
+}
