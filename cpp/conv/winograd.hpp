@@ -114,7 +114,7 @@ constexpr int64_t kGroupChunks = 4;
 
 // One planned Winograd convolution: axes, the packed weight transform, blocking. The products run
 // on the engine's direct micro-kernel: tiles in the vector lanes (pw of them), mro output channels
-// broadcast, so the input transform writes whole vectors of tiles (V[point][ci][tile]) and each
+// broadcast, so the input transform writes whole vectors of tiles (V[point][chunk][ci][pw]) and each
 // kernel call leaves an L1-resident [point][mro][pw] block that the output transform turns into
 // outputs at once, never writing the products back to memory.
 template <typename T>
@@ -131,7 +131,7 @@ struct Conv {
   int64_t block_tiles = 0;  // tiles per work item, a multiple of pw
   bool group_chunks = false;  // products of a block's chunks at once (large weight transforms)
   int64_t group_tiles = 0;     // n-tiles whose products wait together (group_chunks)
-  int64_t point_pitch = 0;     // distance between the points' slices of V ([point][ci][tile])
+  int64_t point_pitch = 0;     // distance between the points' slices of V ([point][chunk][ci][pw])
   // The fused tile transforms (every Winograd axis with the same tile), else null: the lines.
   WinogradTransform<T> input_transform = nullptr, output_transform = nullptr;
   WinogradSplitRow<T> split_row = nullptr;  // the last axis's, when it is a Winograd axis
@@ -243,7 +243,9 @@ struct Conv {
                 b[ci * mro + c] = static_cast<double>(w[ci * p.w_stride_ci + c * p.w_stride_co]);
           }
       along_axes(axes, (int)lanes,
-                 [&](int64_t base, int64_t st, const Axis& ax) { weight_line(buf + base, st, lanes, ax.m, ax.taps); });
+                 [&](int64_t base, int64_t st, const Axis& ax) {
+                   with_tile(ax, [&](auto M, auto R) { weight_line<M, R>(buf + base, st, lanes); });
+                 });
       T* dst = u->get() + tile * points * panel + ci0 * mro;
       for (int64_t q = 0; q < points; ++q)
         for (int64_t l = 0; l < lanes; ++l) dst[q * panel + l] = static_cast<T>(buf[q * lanes + l]);
@@ -290,11 +292,11 @@ struct Conv {
     t[0] = m / (tiles_along[2] * tiles_along[1]);
   }
 
-  // Tiles [m0, m1) of image n, group g: the input transform into V[point][ci][tile - m0], then per
+  // Tiles [m0, m1) of image n, group g: the input transform into V[point][chunk][ci][pw] (each
+  // micro-kernel call streams one contiguous chunk), then per
   // chunk of pw tiles and output-channel tile the points' products and the output transform into y.
   void run_block(const ConvProblem<T>& p, int64_t n, int64_t g, int64_t m0, int64_t m1, Scratch& s) const {
     const T* xg = p.x + n * p.x_stride_n + g * cin * p.x_stride_c;
-    const int64_t B = block_tiles;
     int64_t np[3];
     for (int a = 0; a < 3; ++a) np[a] = axes[a].points();
     T* V = s.v.get();
@@ -385,7 +387,7 @@ struct Conv {
             std::memcpy(buf + q * pw + w, &v, sizeof(T));
           }
         }
-        T* dst = V + ci * B + (c0 - m0);
+        T* dst = V + (c0 - m0) * cin + ci * pw;  // chunk (c0 - m0) / pw
         if (input_transform) {
           input_transform(buf, pw, dst, point_pitch, pw);
           continue;
@@ -400,7 +402,7 @@ struct Conv {
     }
     const T** rows = s.rows.data();
     for (int64_t q = 0; q < points; ++q)
-      for (int64_t ci = 0; ci < cin; ++ci) rows[q * cin + ci] = V + q * point_pitch + ci * B;
+      for (int64_t ci = 0; ci < cin; ++ci) rows[q * cin + ci] = V + q * point_pitch + ci * pw;
     T* out = s.out.get();
     const int64_t lanes = (int64_t)mro * pw, chunks = ceil_div(m1 - m0, pw);
     if (!group_chunks) {
@@ -410,7 +412,7 @@ struct Conv {
         for (int64_t nt = 0; nt < n_tiles; ++nt) {
           const T* U = u->get() + (g * n_tiles + nt) * points * cin * mro;
           for (int64_t q = 0; q < points; ++q)
-            uk.direct[variant](cin, rows + q * cin, c * pw, U + q * cin * mro, out + q * lanes, pw, nullptr);
+            uk.direct[variant](cin, rows + q * cin, c * pw * cin, U + q * cin * mro, out + q * lanes, pw, nullptr);
           store_block(p, n, g, nt, out, s);
         }
       }
@@ -424,7 +426,7 @@ struct Conv {
           for (int64_t nt = 0; nt < nts; ++nt) {
             const T* U = u->get() + ((g * n_tiles + nt0 + nt) * points + q) * cin * mro;
             for (int64_t c = 0; c < chunks; ++c)
-              uk.direct[variant](cin, rows + q * cin, c * pw, U, out + ((c * nts + nt) * points + q) * lanes, pw,
+              uk.direct[variant](cin, rows + q * cin, c * pw * cin, U, out + ((c * nts + nt) * points + q) * lanes, pw,
                                  nullptr);
           }
         for (int64_t c = 0; c < chunks; ++c) {

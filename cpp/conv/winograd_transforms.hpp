@@ -84,27 +84,43 @@ template <int M, int R, typename V>
 inline void output_line(V* b, int64_t s, int lanes) {  // results in points 0 .. M - 1
   in_lane_blocks<M + R - 1, M>(b, s, lanes, [](const auto* d, auto* r) { output_points<M, R, V>(d, r); });
 }
-inline void weight_line(double* b, int64_t s, int64_t lanes, int m, int taps) {  // g -> m + taps - 1 points
-  for (int64_t l = 0; l < lanes; ++l) {
-    if (taps == 2) {
-      const double g0 = b[l], g1 = b[s + l];
-      b[s + l] = g0 + g1;
-      b[2 * s + l] = g1;
-      continue;
-    }
-    const double g0 = b[l], g1 = b[s + l], g2 = b[2 * s + l];
-    if (m == 2) {
-      b[s + l] = (g0 + g1 + g2) * 0.5;
-      b[2 * s + l] = (g0 - g1 + g2) * 0.5;
-      b[3 * s + l] = g2;
-    } else {
-      b[l] = g0 / 4;
-      b[s + l] = -(g0 + g1 + g2) / 6;
-      b[2 * s + l] = -(g0 - g1 + g2) / 6;
-      b[3 * s + l] = g0 / 24 + g1 / 12 + g2 / 6;
-      b[4 * s + l] = g0 / 24 - g1 / 12 + g2 / 6;
-      b[5 * s + l] = g2;
-    }
+// G g: R taps -> M + R - 1 points (in double: the packed weight transform's precision).
+template <int M, int R, typename E>
+inline void weight_points(const E* g, E* r) {
+  if constexpr (R == 2) {
+    r[0] = g[0];
+    r[1] = g[0] + g[1];
+    r[2] = g[1];
+  } else if constexpr (M == 2) {
+    r[0] = g[0];
+    r[1] = (g[0] + g[1] + g[2]) * 0.5;
+    r[2] = (g[0] - g[1] + g[2]) * 0.5;
+    r[3] = g[2];
+  } else {
+    r[0] = g[0] / 4;
+    r[1] = -(g[0] + g[1] + g[2]) / 6;
+    r[2] = -(g[0] - g[1] + g[2]) / 6;
+    r[3] = g[0] / 24 + g[1] / 12 + g[2] / 6;
+    r[4] = g[0] / 24 - g[1] / 12 + g[2] / 6;
+    r[5] = g[2];
+  }
+}
+template <int M, int R>
+inline void weight_line(double* b, int64_t s, int64_t lanes) {  // taps in entries 0 .. R - 1
+  typedef double block __attribute__((vector_size(kLaneBlock * sizeof(double))));
+  constexpr int P = M + R - 1;
+  int64_t l = 0;
+  for (; l + kLaneBlock <= lanes; l += kLaneBlock) {
+    block g[R], r[P];
+    for (int e = 0; e < R; ++e) std::memcpy(&g[e], b + e * s + l, sizeof(block));
+    weight_points<M, R>(g, r);
+    for (int e = 0; e < P; ++e) std::memcpy(b + e * s + l, &r[e], sizeof(block));
+  }
+  for (; l < lanes; ++l) {
+    double g[R], r[P];
+    for (int e = 0; e < R; ++e) g[e] = b[e * s + l];
+    weight_points<M, R>(g, r);
+    for (int e = 0; e < P; ++e) b[e * s + l] = r[e];
   }
 }
 
