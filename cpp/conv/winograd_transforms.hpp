@@ -1,6 +1,7 @@
-// The 1-D Winograd transforms (see winograd.hpp): shared by the forward engine (gather_gemm.cpp,
-// through winograd.hpp) and the weight gradient (weight_grad.cpp uses input_line<2, 3>, the same
-// B^T). Included inside those files' anonymous namespaces.
+// The 1-D Winograd transforms (see winograd.hpp): the point formulas, shared by the forward
+// engine's line-by-line path (gather_gemm.cpp, through winograd.hpp) and the fused tile transforms
+// of the micro-kernel units (cpp/ukernels/winograd_ukernel_impl.hpp, which the weight gradient's
+// F(2, 3) also uses). Included inside those files' anonymous namespaces.
 #pragma once
 #include <cstdint>
 #include <cstring>
