@@ -403,7 +403,7 @@ def test_transposed_phase_choice():
 
 
 # ---- The weight gradient (cpp/conv/weight_grad.cpp, WeightGrad::run_winograd) ----
-# The adjoint of F(2, 3) with respect to the weights, for stride-1 undilated layers with 3 taps
+# The adjoint of F(2, 3) with respect to the weights, for stride-1 layers (any dilation) with 3 taps
 # along two or three axes and one tap on the others. Checked against a NumPy-only sum over windows
 # of the padded input.
 
@@ -446,6 +446,30 @@ def test_weight_grad_matches_numpy(case, mode, dtype, forced):
     assert_close(gw, weight_grad_oracle(x, gy, kernel, [(p, p) for p in padding], mode, g), dtype, reduction_size=n * np.prod(out))
 
 
+DILATED_WG_CASES = [
+    # rank, spatial, kernel, dilation, padding: tiles of outputs o and o + d in blocks of 2d outputs
+    (2, (13, 17), (3, 3), (2, 3), (2, 3)),   # 13 and 17 outputs: partial last blocks (1 of 2, 5 of 6)
+    (2, (9, 30), (3, 3), (4, 1), (1, 0)),    # 1 output row (< d): the block's other tiles absent
+    (3, (7, 8, 9), (3, 1, 3), (2, 5, 3), (2, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("case", DILATED_WG_CASES, ids=lambda c: f"{c[0]}d-d{'x'.join(map(str, c[3]))}")
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_grad_dilated(case, mode, dtype, forced):
+    r, sizes, kernel, dilation, padding = case
+    rng = np.random.default_rng(abs(hash((case, mode))) % 2**32)
+    x = _rand(rng, (2, 6) + sizes, dtype)
+    w = _rand(rng, (5, 6) + kernel, dtype)
+    out = tuple(s + 2 * p - d * (k - 1) for s, p, k, d in zip(sizes, padding, kernel, dilation))
+    gy = _rand(rng, (2, 5) + out, dtype)
+    gw = _grad_weight(BACK[r], gy, x, w, padding=padding, dilation=dilation, padding_mode=mode)
+    assert _ran_winograd_weight_grad(), _core.last_algorithm()
+    expected = weight_grad_oracle(x, gy, kernel, [(p, p) for p in padding], mode, dilation=dilation)
+    assert_close(gw, expected, dtype, reduction_size=2 * np.prod(out))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weight_grad_channels_last_and_transposed(dtype, forced, monkeypatch):
     rng = np.random.default_rng(7)
@@ -485,7 +509,7 @@ def test_weight_grad_automatic_choice(monkeypatch):
     assert algorithm(2, 63, 64, padding=1) == "weight_grad gemm"
     assert algorithm(3, 32, 31, padding=1) == "weight_grad gemm"
     assert algorithm(2, 64, 64, stride=2) == "weight_grad gemm"
-    assert algorithm(2, 64, 64, dilation=2) == "weight_grad gemm"
+    assert algorithm(2, 64, 64, dilation=2).startswith("weight_grad winograd F(2,3) 16 points")
     for forced_algorithm in ("gemm", "direct"):
         monkeypatch.setenv("CONVFAST_ALGO", forced_algorithm)
         assert algorithm(2, 64, 64, padding=1) == "weight_grad gemm"

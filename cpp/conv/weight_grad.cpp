@@ -308,7 +308,11 @@ struct WeightGrad {
       for (int a = 0; a < kSpatialRank; ++a) {
         wino_axis[a] = p.kernel[a] == 3;
         points_along[a] = wino_axis[a] ? 4 : 1;
-        tiles_along[a] = wino_axis[a] ? ceil_div(O[a], 2) : O[a];
+        // Dilation d: tiles of outputs o and o + d, in blocks of 2d outputs holding d tiles each
+        // (o = block * 2d + r, r < d; the last block only the r it reaches), so that every output
+        // is in one tile.
+        const int64_t d = p.dilation[a];
+        tiles_along[a] = wino_axis[a] ? O[a] / (2 * d) * d + std::min(d, O[a] % (2 * d)) : O[a];
         points *= points_along[a];
         tiles_per_image = checked_mul(tiles_per_image, tiles_along[a]);
         winograd_axes += wino_axis[a];
@@ -357,7 +361,7 @@ struct WeightGrad {
     int axes = 0;
     for (int a = 0; a < kSpatialRank; ++a) {
       if (p.kernel[a] == 3) {
-        if (p.stride[a] != 1 || p.dilation[a] != 1) return false;
+        if (p.stride[a] != 1) return false;
         ++axes;
       } else if (p.kernel[a] != 1) {
         return false;
@@ -599,10 +603,14 @@ struct WeightGrad {
     }
     const int64_t n = rem, *np = points_along;
     int64_t in[kSpatialRank][4];  // the tile's inputs along each axis, mapped (-1: zero)
-    for (int a = 0; a < kSpatialRank; ++a)
+    int64_t origin[kSpatialRank];  // the tile's first output along each axis (the next: + dilation)
+    for (int a = 0; a < kSpatialRank; ++a) {
+      const int64_t d = p.dilation[a];
+      origin[a] = wino_axis[a] ? t[a] / d * 2 * d + t[a] % d : t[a];
       for (int64_t j = 0; j < np[a]; ++j)
-        in[a][j] = map_padded_index(wino_axis[a] ? t[a] * 2 + j - p.pad_before[a] : t[a] * p.stride[a] - p.pad_before[a],
+        in[a][j] = map_padded_index(wino_axis[a] ? origin[a] + j * d - p.pad_before[a] : t[a] * p.stride[a] - p.pad_before[a],
                                     L[a], p.mode);
+    }
     const int64_t lanes_a = a_tiles * nr, lanes_b = b_tiles * mr;
     // One channel row (C/G values, zeros up to `lanes`) per buffer entry.
     auto put_row = [](T* dst, const T* src, int64_t valid, int64_t lanes) {
@@ -633,8 +641,8 @@ struct WeightGrad {
       for (int64_t e0 = 0; e0 < (wino_axis[0] ? 2 : 1); ++e0)
         for (int64_t e1 = 0; e1 < (wino_axis[1] ? 2 : 1); ++e1)
           for (int64_t e2 = 0; e2 < (wino_axis[2] ? 2 : 1); ++e2) {
-            const int64_t o0 = wino_axis[0] ? t[0] * 2 + e0 : t[0], o1 = wino_axis[1] ? t[1] * 2 + e1 : t[1],
-                          o2 = wino_axis[2] ? t[2] * 2 + e2 : t[2];
+            const int64_t o0 = origin[0] + e0 * p.dilation[0], o1 = origin[1] + e1 * p.dilation[1],
+                          o2 = origin[2] + e2 * p.dilation[2];
             const bool inside = o0 < O[0] && o1 < O[1] && o2 < O[2];  // past the end: no gradient
             put_row(buf + ((e0 * np[1] + e1) * np[2] + e2) * lanes_b,
                     inside ? dy + o0 * gl_s[0] + o1 * gl_s[1] + o2 * gl_s[2] : nullptr, cb_g, lanes_b);
