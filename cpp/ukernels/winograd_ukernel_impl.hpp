@@ -70,19 +70,29 @@ void winograd_tile_transform(const T* src, int64_t src_pitch, T* dst, int64_t ds
   }
 }
 
+// The types of the row kernels below: vectors, unaligned vectors, shuffle masks (integers of the
+// scalar's width) of one width, for rows of tiles of M outputs.
+template <typename T, int VECTOR_BYTES, int M>
+struct RowShuffles {
+  static_assert(M == 2 || M == 4, "tiles of 2 or 4 outputs");
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_t;
+  typedef index_t mask __attribute__((vector_size(VECTOR_BYTES)));
+  static constexpr int L = VECTOR_BYTES / sizeof(T);
+};
+
 // The P points of n tiles M apart along a row: d[e * pitch + i] = src[M i + e] for e < P, i < n
 // (the row's inputs split into one line per point, which the tile transform then reads as
 // vectors). Stride-M selection by halving: the even elements of two vectors, log2(M) times.
 // (The baseline build's scalar-array loop was 11 % of the 64-channel 56x56 float32 layer.)
 template <typename T, int VECTOR_BYTES, int M, int P>
 void winograd_split_row(const T* src, int64_t n, T* d, int64_t pitch) {
-  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
-  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
-  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_t;
-  typedef index_t mask __attribute__((vector_size(VECTOR_BYTES)));
-  constexpr int L = VECTOR_BYTES / sizeof(T);
-  static_assert(M == 2 || M == 4, "tiles of 2 or 4 outputs");
-  mask evens{};
+  using V = RowShuffles<T, VECTOR_BYTES, M>;
+  using vec = typename V::vec;
+  using vec_u = typename V::vec_u;
+  constexpr int L = V::L;
+  typename V::mask evens{};
   for (int k = 0; k < L; ++k) evens[k] = 2 * k;
   int64_t i = 0;
   for (; i + L <= n; i += L)
@@ -103,13 +113,11 @@ void winograd_split_row(const T* src, int64_t n, T* d, int64_t pitch) {
 // the sum of 0 * each value stored: NaN iff one of them was an infinity or NaN.
 template <typename T, int VECTOR_BYTES, int M>
 T winograd_store_row(const T* a, int64_t pitch, T bias, int64_t n, T* y) {
-  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
-  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
-  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type index_t;
-  typedef index_t mask __attribute__((vector_size(VECTOR_BYTES)));
-  constexpr int L = VECTOR_BYTES / sizeof(T);
-  static_assert(M == 2 || M == 4, "tiles of 2 or 4 outputs");
-  mask low{}, high{};  // zip of two vectors: their first halves' entries alternating, and the second halves'
+  using V = RowShuffles<T, VECTOR_BYTES, M>;
+  using vec = typename V::vec;
+  using vec_u = typename V::vec_u;
+  constexpr int L = V::L;
+  typename V::mask low{}, high{};  // zip of two vectors: their first halves' entries alternating, and the second halves'
   for (int k = 0; k < L; ++k) {
     low[k] = k / 2 + (k % 2) * L;
     high[k] = L / 2 + k / 2 + (k % 2) * L;
