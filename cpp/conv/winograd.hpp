@@ -92,18 +92,22 @@ inline void along_axes(const Axis* axes, int lanes, Line&& line) {
   }
 }
 
+// The axis's tile as an index of the micro-kernel tables (UkernelInfo::winograd_*): 0 F(2, 2),
+// 1 F(2, 3), 2 F(4, 3).
+inline int tile_index(const Axis& ax) { return ax.taps == 2 ? 0 : ax.m == 2 ? 1 : 2; }
+
 // Calls f(M, R) with the axis's tile as compile-time constants (std::integral_constant): M
 // outputs per tile, R taps, so that the transforms, span reads and run stores are instantiated per
-// tile: F(2, 2), F(2, 3) or F(4, 3).
+// tile (the tiles of tile_index).
 template <typename F>
 inline void with_tile(const Axis& ax, F&& f) {
   using two = std::integral_constant<int, 2>;
-  if (ax.taps == 2)
-    f(two{}, two{});
-  else if (ax.m == 2)
-    f(two{}, std::integral_constant<int, 3>{});
-  else
-    f(std::integral_constant<int, 4>{}, std::integral_constant<int, 3>{});
+  using three = std::integral_constant<int, 3>;
+  switch (tile_index(ax)) {
+    case 0: f(two{}, two{}); return;
+    case 1: f(two{}, three{}); return;
+    default: f(std::integral_constant<int, 4>{}, three{});
+  }
 }
 
 // Input planes ahead whose row spans run_block prefetches.
@@ -184,21 +188,20 @@ struct Conv {
     // it is moved off by one cache line.
     point_pitch = checked_mul(cin, block_tiles);
     if (point_pitch * (int64_t)sizeof(T) % 4096 == 0) point_pitch += 64 / (int64_t)sizeof(T);
-    auto tile_of = [](const Axis& ax) { return ax.taps == 2 ? 0 : ax.m == 2 ? 1 : 2; };
     if (axes[2].winograd()) {
-      split_row = uk.winograd_split_row[tile_of(axes[2])];
-      store_row = uk.winograd_store_row[tile_of(axes[2])];
+      split_row = uk.winograd_split_row[tile_index(axes[2])];
+      store_row = uk.winograd_store_row[tile_index(axes[2])];
     }
     int tile = -1, winograd_axes = 0;
     bool same_tile = true;
     for (const Axis& ax : axes)
       if (ax.winograd()) {
-        const int t = tile_of(ax);
+        const int t = tile_index(ax);
         same_tile = same_tile && (tile < 0 || tile == t);
         tile = t;
         ++winograd_axes;
       }
-    if (same_tile && winograd_axes > 0 && uk.lanes > 0 && pw % uk.lanes == 0) {
+    if (same_tile && winograd_axes > 0) {  // (pw is a multiple of the vector lanes in every set)
       input_transform = uk.winograd_input[tile][winograd_axes - 1];
       output_transform = uk.winograd_output[tile][winograd_axes - 1];
     }
@@ -362,7 +365,7 @@ struct Conv {
       for (int64_t ci = 0; ci < cin; ++ci) {
         const T* plane = xg + ci * p.x_stride_c;
         for (size_t r = 0; r < runs.size(); r += run_size) {
-          const int64_t wb = runs[r], n = runs[r + 1] - wb;
+          const int64_t wb = runs[r], n = runs[r + 1] - wb, span = m2 * n + np[2] - m2;
           for (int64_t row = 0; row < rows_per_tile; ++row) {
             T* b = buf + row * np[2] * pw + wb;
             if (runs[r + 3 + row] == kOutside) {
@@ -373,7 +376,7 @@ struct Conv {
             // The same span kPrefetchPlanes channels ahead: a few short rows per plane are too
             // short a stream for the hardware prefetchers.
             if (ci + kPrefetchPlanes < cin)
-              for (int64_t k = 0; k < m2 * n + np[2] - m2; k += 64 / (int64_t)sizeof(T))
+              for (int64_t k = 0; k < span; k += 64 / (int64_t)sizeof(T))
                 __builtin_prefetch(src + kPrefetchPlanes * p.x_stride_c + k);
             split_row(src, n, b, pw);
           }

@@ -91,7 +91,7 @@ struct UkernelInfo {
   GemmRowBiasUkernel<T> fn_row_bias = nullptr;           // fn, then row_bias[r] added to row r
   int mr = 0, nr = 0;
   DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
-  int pw[4] = {0, 0, 0, 0};                                  // pixels per direct tile, per variant
+  int pw[4] = {0, 0, 0, 0};  // pixels per direct tile, per variant: whole vectors (multiples of lanes)
   TransposeStore<T> store_transposed = nullptr;
   TransposePairStore<T> store_transposed_pair = nullptr;
   int lanes = 0;                                             // L of store_transposed (the vector width)
