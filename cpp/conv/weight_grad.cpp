@@ -535,19 +535,29 @@ struct WeightGrad {
       }
       // The interior, in blocks of positions, so that the panel lines being written (w values per
       // position) stay in L1 while each lane fills its column of the block.
+      // Contiguous positions go L lanes x L positions at a time through the micro-kernel unit's
+      // register transpose (a scalar copy per element was 16 % of the 1x1 256 -> 64 layer's float64
+      // weight gradient; with the transpose it runs 2 % faster, float32 11 %, p25 in one process);
+      // the remaining lanes and positions element by element.
       constexpr int64_t kBlock = 64;
+      const int L = uk.lanes;
+      const int vector_lanes = step == 1 && uk.transpose_block ? lanes / L * L : 0;
       for (int64_t jb = j_lo; jb < j_hi; jb += kBlock) {
         const int64_t je = std::min(j_hi, jb + kBlock);
+        const int64_t vector_end = vector_lanes ? jb + (je - jb) / L * L : jb;
         for (int l = 0; l < lanes; ++l) {
           const T* __restrict s0 = row + l * cs + (first + j_lo * s2) * as2 - j_lo * step;
           T* __restrict d = dst + l;
           if (ahead && jb == j_lo && as2 == 1)
             for (int64_t e = 0; e < ahead_span; e += 64 / static_cast<int64_t>(sizeof(T)))
               __builtin_prefetch(ahead + l * cs + e);
+          if (l < vector_lanes && l % L == 0)
+            for (int64_t j = jb; j < vector_end; j += L) uk.transpose_block(s0 + j, cs, d + j * w, w);
+          const int64_t j_scalar = l < vector_lanes ? vector_end : jb;
           if (step == 1)
-            for (int64_t j = jb; j < je; ++j) d[j * w] = s0[j];
+            for (int64_t j = j_scalar; j < je; ++j) d[j * w] = s0[j];
           else
-            for (int64_t j = jb; j < je; ++j) d[j * w] = s0[j * step];
+            for (int64_t j = j_scalar; j < je; ++j) d[j * w] = s0[j * step];
         }
       }
       dst += r.len * w;
