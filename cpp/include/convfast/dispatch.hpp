@@ -31,7 +31,7 @@ template <typename T>
 using DirectUkernel = void (*)(int64_t k, const T* const* src, int64_t offset, const T* w, T* out, int64_t ldo,
                                const T* bias);
 
-constexpr int kDirectChannelTiles[] = {1, 2, 4, 6};  // MRO variants
+constexpr int kDirectChannelTiles[] = {1, 2, 3, 4, 6};  // MRO variants
 
 // y[j * ys + i] = c[i * ldc + j] + bias[j] for i, j < lanes: an L x L block of a pixel-major GEMM
 // output stored channel-major (channels-first outputs, L pixels contiguous per channel).
@@ -90,8 +90,8 @@ struct UkernelInfo {
   GemmPixelsUkernel<T> fn_pixels = nullptr;              // A's scalars at any MR offsets
   GemmRowBiasUkernel<T> fn_row_bias = nullptr;           // fn, then row_bias[r] added to row r
   int mr = 0, nr = 0;
-  DirectUkernel<T> direct[4] = {nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 4, 6
-  int pw[4] = {0, 0, 0, 0};  // pixels per direct tile, per variant: whole vectors (multiples of lanes)
+  DirectUkernel<T> direct[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};  // MRO = 1, 2, 3, 4, 6
+  int pw[5] = {0, 0, 0, 0, 0};  // pixels per direct tile, per variant: whole vectors (multiples of lanes)
   TransposeStore<T> store_transposed = nullptr;
   TransposePairStore<T> store_transposed_pair = nullptr;
   int lanes = 0;                                             // L of store_transposed (the vector width)
