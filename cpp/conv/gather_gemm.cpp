@@ -721,8 +721,8 @@ struct ConvPlan<T>::Impl {
   // 3 channels (an RGB output, the stem's grad_input) take 3-channel tiles of three vectors of
   // pixels: 4-channel tiles wasted a quarter of their products; the stem's grad_input measured
   // 46.1 -> 40.9 ms float64, 37.1 -> 32.7 float32 (medians, alternating processes, 2 rounds each).
-  // Three channels by four vectors ran float32 at half the speed (twelve accumulators and the four
-  // input vectors leave no register for the broadcast weight).
+  // Three channels by four vectors ran float32 at half the speed, probably because twelve
+  // accumulators and four input vectors fill all sixteen AVX2 registers (not profiled).
   static int direct_variant_for(int64_t cout) {
     const int variant = cout <= 1 ? 0 : cout <= 2 ? 1 : cout <= 3 ? 2 : cout <= 4 ? 3 : 4;
     return variant == 4 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11 ? 3 : variant;
