@@ -783,12 +783,15 @@ struct ConvPlan<T>::Impl {
     std::fill(zero_row->get(), zero_row->get() + longest + pw, T(0));
   }
 
-  // Plane mode pays off for short output rows (under 4 tiles; measured on the layer suite: depthwise
+  // Plane mode pays off for short output rows (under 5 tiles; measured on the layer suite: depthwise
   // 56 and 112 wide, ResNeXt groups at 56, 3-D 32^3 gain 1.3-3x, the 112-wide stem does not), when a
-  // useful block of rows of every (axis-0 tap, input channel, slot) fits a per-thread budget near
-  // the L2 size.
+  // useful block of rows of every (axis-0 tap, input channel, slot) fits a per-thread budget of half
+  // the L2 size. (Under 4 tiles and 128 KiB left the 3-D 1 -> 32 layer's float64 passes to rows:
+  // 4 tiles of 8 in its forward, 32 input channels x 3 taps per buffered row in its grad_input.
+  // Planes: forward 8.7 -> 7.8 ms, grad_input 20.6 -> 14.7; the stem's float32 grad_input (its
+  // 3-channel tiles are 24 wide) 31.6 -> 28.1; p25, one process.)
   void choose_plane_mode(const ConvProblem<T>& p) {
-    const int64_t kShortRow = 4 * uk.pw[direct_variant], kBudgetBytes = 128 * 1024, kMinRows = 4;
+    const int64_t kShortRow = 5 * uk.pw[direct_variant], kBudgetBytes = 256 * 1024, kMinRows = 4;
     if (const char* forced = std::getenv("CONVFAST_DIRECT")) {
       if (std::string(forced) == "rows") return;
     }
