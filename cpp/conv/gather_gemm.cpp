@@ -691,7 +691,10 @@ struct ConvPlan<T>::Impl {
     if (force != "winograd" &&
         points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) > double(48 << 20))
       return false;
-    const int variant = direct_variant_for(p.cout_per_group);
+    // The transforms copy lanes in blocks of kLaneBlock: a 3-channel tile of the baseline float64
+    // kernels (3 vectors of 2) takes the 4-channel tiles instead.
+    int variant = direct_variant_for(p.cout_per_group);
+    if (uk.pw[variant] % winograd::kLaneBlock != 0) variant = direct_variant_for(4);
     if (uk.direct[variant] == nullptr || uk.pw[variant] % winograd::kLaneBlock != 0) return false;
     for (const auto& axes_of_phase : planned) {
       winograd::Axis ax[kSpatialRank] = {axes_of_phase[0], axes_of_phase[1], axes_of_phase[2]};

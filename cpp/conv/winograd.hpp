@@ -138,6 +138,7 @@ struct Conv {
   int64_t point_pitch = 0;     // distance between the points' slices of V ([point][chunk][ci][pw])
   // The fused tile transforms (every Winograd axis with the same tile), else null: the lines.
   WinogradTransform<T> input_transform = nullptr, output_transform = nullptr;
+  WinogradWeightTransform<T> weight_transform = nullptr;
   WinogradSplitRow<T> split_row = nullptr;  // the last axis's, when it is a Winograd axis
   WinogradStoreRow<T> store_row = nullptr;
   std::unique_ptr<AlignedBuffer<T>> u;  // [g][n-tile][point][ci][mro]
@@ -204,6 +205,7 @@ struct Conv {
     if (same_tile && winograd_axes > 0) {  // (pw is a multiple of the vector lanes in every set)
       input_transform = uk.winograd_input[tile][winograd_axes - 1];
       output_transform = uk.winograd_output[tile][winograd_axes - 1];
+      weight_transform = uk.winograd_weight[tile][winograd_axes - 1];
     }
     pack_weights(p);
   }
@@ -245,11 +247,15 @@ struct Conv {
               for (int64_t c = 0; c < valid; ++c)
                 b[ci * mro + c] = static_cast<double>(w[ci * p.w_stride_ci + c * p.w_stride_co]);
           }
+      T* dst = u->get() + tile * points * panel + ci0 * mro;
+      if (weight_transform) {
+        weight_transform(buf, lanes, dst, panel, lanes);
+        continue;
+      }
       along_axes(axes, (int)lanes,
                  [&](int64_t base, int64_t st, const Axis& ax) {
                    with_tile(ax, [&](auto M, auto R) { weight_line<M, R>(buf + base, st, lanes); });
                  });
-      T* dst = u->get() + tile * points * panel + ci0 * mro;
       for (int64_t q = 0; q < points; ++q)
         for (int64_t l = 0; l < lanes; ++l) dst[q * panel + l] = static_cast<T>(buf[q * lanes + l]);
     }

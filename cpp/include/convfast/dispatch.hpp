@@ -74,6 +74,12 @@ using WgradRowsUkernel = void (*)(int64_t rows, int64_t n, const T* const* gy, i
 // the vector width.
 template <typename T>
 using WinogradTransform = void (*)(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes);
+// The weight transform G g G^T of `lanes` independent weights (any count), in double: src holds the
+// taps at the points whose every coordinate is below R, src_pitch apart; every point goes, rounded
+// to T, to dst[q * dst_pitch + 0..lanes).
+template <typename T>
+using WinogradWeightTransform = void (*)(const double* src, int64_t src_pitch, T* dst, int64_t dst_pitch,
+                                         int64_t lanes);
 constexpr int kWinogradTiles = 3;  // F(2, 2), F(2, 3), F(4, 3)
 // The P = m + r - 1 points of n tiles m apart along a row: d[e * pitch + i] = src[m i + e].
 template <typename T>
@@ -101,6 +107,7 @@ struct UkernelInfo {
   ChannelLanesWgradUkernel<T> channel_lanes_wgrad = nullptr;
   WinogradTransform<T> winograd_input[kWinogradTiles][3] = {};   // [tile][Winograd axes - 1]
   WinogradTransform<T> winograd_output[kWinogradTiles][3] = {};
+  WinogradWeightTransform<T> winograd_weight[kWinogradTiles][3] = {};
   WinogradSplitRow<T> winograd_split_row[kWinogradTiles] = {};
   WinogradStoreRow<T> winograd_store_row[kWinogradTiles] = {};
 };
