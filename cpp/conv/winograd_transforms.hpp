@@ -106,6 +106,14 @@ inline void weight_points(const E* g, E* r) {
     r[5] = g[2];
   }
 }
+// The weight gradient's G^T m (F(2, 3)'s adjoint): 4 points -> the 3 taps (in double: the
+// products are summed in T, the transform is not).
+template <typename E>
+inline void gradient_taps(const E* m, E* r) {
+  r[0] = m[0] + (m[1] + m[2]) * 0.5;
+  r[1] = (m[1] - m[2]) * 0.5;
+  r[2] = (m[1] + m[2]) * 0.5 + m[3];
+}
 template <int M, int R>
 inline void weight_line(double* b, int64_t s, int64_t lanes) {  // taps in entries 0 .. R - 1
   typedef double block __attribute__((vector_size(kLaneBlock * sizeof(double))));

@@ -142,6 +142,55 @@ void winograd_weight_transform(const double* src, int64_t src_pitch, T* dst, int
   }
 }
 
+// The weight gradient's output transform (WinogradTapTransform): per vector of lanes, the 4^AXES
+// points are loaded once, widened to double, reduced to the 3 taps along each axis in registers
+// (the lines of an output transform with 3 results per line), and every tap rounded and stored
+// once; the lanes past the last whole vector one at a time.
+template <typename T, int VECTOR_BYTES, int AXES>
+void winograd_gradient_taps(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes) {
+  typedef double dvec __attribute__((vector_size(VECTOR_BYTES)));
+  constexpr int L = VECTOR_BYTES / sizeof(double), P = 4, R = 3;
+  typedef T tvec __attribute__((vector_size(L * sizeof(T))));
+  using Lines = TileLines<R, P, AXES, true>;
+  static constexpr Lines lines{};
+  auto reduce = [](auto* d) {
+#pragma GCC unroll 3
+    for (int a = 0; a < AXES; ++a) {
+      const int s = lines.stride[a];
+#pragma GCC unroll 16
+      for (int i = 0; i < lines.count[a]; ++i) {
+        auto* line = d + lines.first[a][i];
+        std::remove_reference_t<decltype(*d)> m[P], r[R];
+        for (int e = 0; e < P; ++e) m[e] = line[e * s];
+        winograd::gradient_taps(m, r);
+        for (int e = 0; e < R; ++e) line[e * s] = r[e];
+      }
+    }
+  };
+  int64_t l = 0;
+  for (; l + L <= lanes; l += L) {
+    dvec d[Lines::N];
+#pragma GCC unroll 64
+    for (int q = 0; q < Lines::N; ++q) {
+      tvec v;
+      std::memcpy(&v, src + q * src_pitch + l, sizeof(v));
+      d[q] = __builtin_convertvector(v, dvec);
+    }
+    reduce(d);
+#pragma GCC unroll 27
+    for (int i = 0; i < lines.kept; ++i) {
+      const tvec v = __builtin_convertvector(d[lines.keep[i]], tvec);
+      std::memcpy(dst + i * dst_pitch + l, &v, sizeof(v));
+    }
+  }
+  for (; l < lanes; ++l) {
+    double d[Lines::N];
+    for (int q = 0; q < Lines::N; ++q) d[q] = static_cast<double>(src[q * src_pitch + l]);
+    reduce(d);
+    for (int i = 0; i < lines.kept; ++i) dst[i * dst_pitch + l] = static_cast<T>(d[lines.keep[i]]);
+  }
+}
+
 // The types of the row kernels below: vectors, unaligned vectors, shuffle masks (integers of the
 // scalar's width) of one width, for rows of tiles of M outputs.
 template <typename T, int VECTOR_BYTES, int M>
@@ -236,6 +285,9 @@ void fill_winograd_transforms(convfast::UkernelInfo<T>& info) {
     info.winograd_split_row[tile] = &winograd_split_row<T, VECTOR_BYTES, M, M + R - 1>;
     info.winograd_store_row[tile] = &winograd_store_row<T, VECTOR_BYTES, M>;
   };
+  info.winograd_gradient_taps[0] = &winograd_gradient_taps<T, VECTOR_BYTES, 1>;
+  info.winograd_gradient_taps[1] = &winograd_gradient_taps<T, VECTOR_BYTES, 2>;
+  info.winograd_gradient_taps[2] = &winograd_gradient_taps<T, VECTOR_BYTES, 3>;
   using two = std::integral_constant<int, 2>;
   per_tile(two{}, two{}, 0);
   per_tile(two{}, std::integral_constant<int, 3>{}, 1);
