@@ -70,6 +70,26 @@ void winograd_tile_transform(const T* src, int64_t src_pitch, T* dst, int64_t ds
   }
 }
 
+// Runs the lines of a tile held in d (vectors, or doubles for the tails) through points(x, r): along
+// each axis a in turn, the lines starting at lines.first[a][..] with entries lines.stride[a] apart,
+// IN entries read and OUT written back from the line's start (the tables are compile-time, so
+// this unrolls into register code).
+template <int AXES, int IN, int OUT, typename Lines, typename E, typename Points>
+inline void transform_lines(const Lines& lines, E* d, Points&& points) {
+#pragma GCC unroll 3
+  for (int a = 0; a < AXES; ++a) {
+    const int s = lines.stride[a];
+#pragma GCC unroll 36
+    for (int i = 0; i < lines.count[a]; ++i) {
+      E* line = d + lines.first[a][i];
+      E x[IN], r[OUT];
+      for (int e = 0; e < IN; ++e) x[e] = line[e * s];
+      points(x, r);
+      for (int e = 0; e < OUT; ++e) line[e * s] = r[e];
+    }
+  }
+}
+
 // The lines of the weight transform of a tile of P^AXES points whose taps (R per axis) sit at the
 // points with every coordinate below R: along axis a, the lines through the points whose
 // coordinates along the later axes are still taps (below R); taps: those points.
@@ -108,18 +128,7 @@ void winograd_weight_transform(const double* src, int64_t src_pitch, T* dst, int
   using Lines = WeightLines<R, P, AXES>;
   static constexpr Lines lines{};
   auto expand = [](auto* d) {
-#pragma GCC unroll 3
-    for (int a = 0; a < AXES; ++a) {
-      const int s = lines.stride[a];
-#pragma GCC unroll 36
-      for (int i = 0; i < lines.count[a]; ++i) {
-        auto* line = d + lines.first[a][i];
-        std::remove_reference_t<decltype(*d)> g[R], r[P];
-        for (int e = 0; e < R; ++e) g[e] = line[e * s];
-        winograd::weight_points<M, R>(g, r);
-        for (int e = 0; e < P; ++e) line[e * s] = r[e];
-      }
-    }
+    transform_lines<AXES, R, P>(lines, d, [](const auto* g, auto* r) { winograd::weight_points<M, R>(g, r); });
   };
   int64_t l = 0;
   for (; l + L <= lanes; l += L) {
@@ -154,18 +163,7 @@ void winograd_gradient_taps(const T* src, int64_t src_pitch, T* dst, int64_t dst
   using Lines = TileLines<R, P, AXES, true>;
   static constexpr Lines lines{};
   auto reduce = [](auto* d) {
-#pragma GCC unroll 3
-    for (int a = 0; a < AXES; ++a) {
-      const int s = lines.stride[a];
-#pragma GCC unroll 16
-      for (int i = 0; i < lines.count[a]; ++i) {
-        auto* line = d + lines.first[a][i];
-        std::remove_reference_t<decltype(*d)> m[P], r[R];
-        for (int e = 0; e < P; ++e) m[e] = line[e * s];
-        winograd::gradient_taps(m, r);
-        for (int e = 0; e < R; ++e) line[e * s] = r[e];
-      }
-    }
+    transform_lines<AXES, P, R>(lines, d, [](const auto* m, auto* r) { winograd::gradient_taps(m, r); });
   };
   int64_t l = 0;
   for (; l + L <= lanes; l += L) {
