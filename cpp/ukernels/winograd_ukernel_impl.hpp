@@ -7,17 +7,20 @@
 // winograd_transforms.hpp (the point formulas).
 
 // The lines of a tile of P^AXES points, as compile-time tables (so that the loops over them
-// unroll into register code without divisions): per axis a, the first point of every line along
-// it (stride[a] apart); for the output transform only the lines through points that the earlier
-// axes left as results (coordinates below M). keep: the points stored at the end.
-template <int M, int P, int AXES, bool OUTPUT>
+// unroll into register code without divisions). A point is live after k axes when its coordinates
+// along the axes before k are below BEFORE (what the transform leaves there: M results of an output
+// transform, P points otherwise) and along the axes from k on below FROM (R taps of a weight
+// transform not yet expanded, P points otherwise). Per axis a, the first point of every line along
+// it through live points (stride[a] apart); load: the points live before any axis (loaded at the
+// start); keep: those live after all of them (stored at the end).
+template <int P, int AXES, int BEFORE, int FROM>
 struct TileLines {
   static constexpr int N = AXES == 1 ? P : AXES == 2 ? P * P : P * P * P;
-  int count[AXES] = {}, stride[AXES] = {}, first[AXES][N] = {}, kept = 0, keep[N] = {};
-  static constexpr bool live(int q, int axes_done) {  // every coordinate along axes < axes_done below M
+  int count[AXES] = {}, stride[AXES] = {}, first[AXES][N] = {}, loaded = 0, load[N] = {}, kept = 0, keep[N] = {};
+  static constexpr bool live(int q, int k) {
     int s = N / P;
-    for (int b = 0; b < axes_done; ++b, s /= P)
-      if (OUTPUT && (q / s) % P >= M) return false;
+    for (int b = 0; b < AXES; ++b, s /= P)
+      if ((q / s) % P >= (b < k ? BEFORE : FROM)) return false;
     return true;
   }
   constexpr TileLines() {
@@ -26,8 +29,10 @@ struct TileLines {
       for (int q = 0; q < N; ++q)
         if ((q / s) % P == 0 && live(q, a)) first[a][count[a]++] = q;
     }
-    for (int q = 0; q < N; ++q)
+    for (int q = 0; q < N; ++q) {
+      if (live(q, 0)) load[loaded++] = q;
       if (live(q, AXES)) keep[kept++] = q;
+    }
   }
 };
 
@@ -41,7 +46,7 @@ void winograd_tile_transform(const T* src, int64_t src_pitch, T* dst, int64_t ds
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T), P = M + R - 1;
-  using Lines = TileLines<M, P, AXES, OUTPUT>;
+  using Lines = TileLines<P, AXES, OUTPUT ? M : P, P>;
   static constexpr Lines lines{};
   for (int64_t l = 0; l < lanes; l += L) {
     vec d[Lines::N];
@@ -90,30 +95,6 @@ inline void transform_lines(const Lines& lines, E* d, Points&& points) {
   }
 }
 
-// The lines of the weight transform of a tile of P^AXES points whose taps (R per axis) sit at the
-// points with every coordinate below R: along axis a, the lines through the points whose
-// coordinates along the later axes are still taps (below R); taps: those points.
-template <int R, int P, int AXES>
-struct WeightLines {
-  static constexpr int N = AXES == 1 ? P : AXES == 2 ? P * P : P * P * P;
-  int count[AXES] = {}, stride[AXES] = {}, first[AXES][N] = {}, tap_count = 0, tap[N] = {};
-  static constexpr bool taps_after(int q, int a) {  // coordinates along axes > a below R
-    int s = N / P;
-    for (int b = 0; b < AXES; ++b, s /= P)
-      if (b > a && (q / s) % P >= R) return false;
-    return true;
-  }
-  constexpr WeightLines() {
-    for (int a = 0, s = N / P; a < AXES; ++a, s /= P) {
-      stride[a] = s;
-      for (int q = 0; q < N; ++q)
-        if ((q / s) % P == 0 && taps_after(q, a)) first[a][count[a]++] = q;
-    }
-    for (int q = 0; q < N; ++q)
-      if (taps_after(q, -1)) tap[tap_count++] = q;
-  }
-};
-
 // The fused weight transform (WinogradWeightTransform): per vector of lanes, the taps are loaded
 // once, expanded along each axis in registers (in double, as the line path), and every point is
 // rounded and stored once; the lanes past the last whole vector one at a time. (Line by line in
@@ -125,7 +106,7 @@ void winograd_weight_transform(const double* src, int64_t src_pitch, T* dst, int
   typedef double dvec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(double)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(double), P = M + R - 1;
   typedef T tvec __attribute__((vector_size(L * sizeof(T))));
-  using Lines = WeightLines<R, P, AXES>;
+  using Lines = TileLines<P, AXES, P, R>;  // taps below R, expanded axis by axis
   static constexpr Lines lines{};
   auto expand = [](auto* d) {
     transform_lines<AXES, R, P>(lines, d, [](const auto* g, auto* r) { winograd::weight_points<M, R>(g, r); });
@@ -134,8 +115,8 @@ void winograd_weight_transform(const double* src, int64_t src_pitch, T* dst, int
   for (; l + L <= lanes; l += L) {
     dvec d[Lines::N];
 #pragma GCC unroll 27
-    for (int i = 0; i < lines.tap_count; ++i)
-      d[lines.tap[i]] = *reinterpret_cast<const dvec_u*>(src + lines.tap[i] * src_pitch + l);
+    for (int i = 0; i < lines.loaded; ++i)
+      d[lines.load[i]] = *reinterpret_cast<const dvec_u*>(src + lines.load[i] * src_pitch + l);
     expand(d);
 #pragma GCC unroll 64
     for (int q = 0; q < Lines::N; ++q) {
@@ -145,7 +126,7 @@ void winograd_weight_transform(const double* src, int64_t src_pitch, T* dst, int
   }
   for (; l < lanes; ++l) {
     double d[Lines::N];
-    for (int i = 0; i < lines.tap_count; ++i) d[lines.tap[i]] = src[lines.tap[i] * src_pitch + l];
+    for (int i = 0; i < lines.loaded; ++i) d[lines.load[i]] = src[lines.load[i] * src_pitch + l];
     expand(d);
     for (int q = 0; q < Lines::N; ++q) dst[q * dst_pitch + l] = static_cast<T>(d[q]);
   }
@@ -160,7 +141,7 @@ void winograd_gradient_taps(const T* src, int64_t src_pitch, T* dst, int64_t dst
   typedef double dvec __attribute__((vector_size(VECTOR_BYTES)));
   constexpr int L = VECTOR_BYTES / sizeof(double), P = 4, R = 3;
   typedef T tvec __attribute__((vector_size(L * sizeof(T))));
-  using Lines = TileLines<R, P, AXES, true>;
+  using Lines = TileLines<P, AXES, R, P>;  // 3 results per line
   static constexpr Lines lines{};
   auto reduce = [](auto* d) {
     transform_lines<AXES, P, R>(lines, d, [](const auto* m, auto* r) { winograd::gradient_taps(m, r); });
