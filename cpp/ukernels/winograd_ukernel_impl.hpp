@@ -36,45 +36,6 @@ struct TileLines {
   }
 };
 
-// src[q * src_pitch + l] for the P^AXES points q (P = M + R - 1 per axis, row-major) and lanes l
-// < lanes, a multiple of the vector width. OUTPUT false: the input transform B^T d B of every
-// point into dst[q * dst_pitch + l]. OUTPUT true: the output transform A^T m A, whose M^AXES
-// outputs land at the points with every coordinate below M (the rest of dst is left as it was).
-// src and dst may be the same (each vector is loaded whole before any store).
-template <typename T, int VECTOR_BYTES, int M, int R, int AXES, bool OUTPUT>
-void winograd_tile_transform(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes) {
-  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
-  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
-  constexpr int L = VECTOR_BYTES / sizeof(T), P = M + R - 1;
-  using Lines = TileLines<P, AXES, OUTPUT ? M : P, P>;
-  static constexpr Lines lines{};
-  for (int64_t l = 0; l < lanes; l += L) {
-    vec d[Lines::N];
-#pragma GCC unroll 64
-    for (int q = 0; q < Lines::N; ++q) d[q] = *reinterpret_cast<const vec_u*>(src + q * src_pitch + l);
-#pragma GCC unroll 3
-    for (int a = 0; a < AXES; ++a) {
-      const int s = lines.stride[a];
-#pragma GCC unroll 36
-      for (int i = 0; i < lines.count[a]; ++i) {
-        vec* line = d + lines.first[a][i];
-        vec x[P], r[P];
-        for (int e = 0; e < P; ++e) x[e] = line[e * s];
-        if constexpr (OUTPUT) {
-          winograd::output_points<M, R, T>(x, r);
-          for (int e = 0; e < M; ++e) line[e * s] = r[e];
-        } else {
-          winograd::input_points<M, R, T>(x, r);
-          for (int e = 0; e < P; ++e) line[e * s] = r[e];
-        }
-      }
-    }
-#pragma GCC unroll 64
-    for (int i = 0; i < lines.kept; ++i)
-      *reinterpret_cast<vec_u*>(dst + lines.keep[i] * dst_pitch + l) = d[lines.keep[i]];
-  }
-}
-
 // Runs the lines of a tile held in d (vectors, or doubles for the tails) through points(x, r): along
 // each axis a in turn, the lines starting at lines.first[a][..] with entries lines.stride[a] apart,
 // IN entries read and OUT written back from the line's start (the tables are compile-time, so
@@ -92,6 +53,32 @@ inline void transform_lines(const Lines& lines, E* d, Points&& points) {
       points(x, r);
       for (int e = 0; e < OUT; ++e) line[e * s] = r[e];
     }
+  }
+}
+
+// src[q * src_pitch + l] for the P^AXES points q (P = M + R - 1 per axis, row-major) and lanes l
+// < lanes, a multiple of the vector width. OUTPUT false: the input transform B^T d B of every
+// point into dst[q * dst_pitch + l]. OUTPUT true: the output transform A^T m A, whose M^AXES
+// outputs land at the points with every coordinate below M (the rest of dst is left as it was).
+// src and dst may be the same (each vector is loaded whole before any store).
+template <typename T, int VECTOR_BYTES, int M, int R, int AXES, bool OUTPUT>
+void winograd_tile_transform(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T), P = M + R - 1;
+  using Lines = TileLines<P, AXES, OUTPUT ? M : P, P>;
+  static constexpr Lines lines{};
+  for (int64_t l = 0; l < lanes; l += L) {
+    vec d[Lines::N];
+#pragma GCC unroll 64
+    for (int q = 0; q < Lines::N; ++q) d[q] = *reinterpret_cast<const vec_u*>(src + q * src_pitch + l);
+    if constexpr (OUTPUT)
+      transform_lines<AXES, P, M>(lines, d, [](const vec* x, vec* r) { winograd::output_points<M, R, T>(x, r); });
+    else
+      transform_lines<AXES, P, P>(lines, d, [](const vec* x, vec* r) { winograd::input_points<M, R, T>(x, r); });
+#pragma GCC unroll 64
+    for (int i = 0; i < lines.kept; ++i)
+      *reinterpret_cast<vec_u*>(dst + lines.keep[i] * dst_pitch + l) = d[lines.keep[i]];
   }
 }
 
