@@ -50,6 +50,8 @@
 namespace convfast {
 namespace {
 
+#include "winograd_transforms.hpp"  // the dilated tiles' layout, shared with the forward
+
 using detail::AlignedBuffer;
 using detail::ceil_div;
 using detail::checked_add;
@@ -304,11 +306,9 @@ struct WeightGrad {
       for (int a = 0; a < kSpatialRank; ++a) {
         wino_axis[a] = p.kernel[a] == 3;
         points_along[a] = wino_axis[a] ? 4 : 1;
-        // Dilation d: tiles of outputs o and o + d, in blocks of 2d outputs holding d tiles each
-        // (o = block * 2d + r, r < d; the last block only the r it reaches), so that every output
-        // is in one tile.
-        const int64_t d = p.dilation[a];
-        tiles_along[a] = wino_axis[a] ? O[a] / (2 * d) * d + std::min(d, O[a] % (2 * d)) : O[a];
+        // Dilation d: tiles of outputs o and o + d, laid out as the forward's (so every output is
+        // in one tile).
+        tiles_along[a] = wino_axis[a] ? winograd::dilated_tile_count(O[a], 2, p.dilation[a]) : O[a];
         points *= points_along[a];
         tiles_per_image = checked_mul(tiles_per_image, tiles_along[a]);
         winograd_axes += wino_axis[a];
@@ -503,13 +503,13 @@ struct WeightGrad {
       // streams as there are channels in the item, more than the hardware prefetchers follow.
       const T* ahead = nullptr;
       int64_t ahead_span = 0;
-      if (&r + 1 != runs.data() + runs.size()) {
+      if (&r + 1 != runs.data() + runs.size() && as2 == 1) {  // (rows at unit step: a's own layout)
         const Run& nx = (&r)[1];
         const int64_t lo = std::max<int64_t>(0, nx.o2 * s2 + off[2]);
         const int64_t hi = std::min<int64_t>(L2, (nx.o2 + nx.len - 1) * s2 + off[2] + 1);
         if (outer_row(nx, off, n0, n1) && lo < hi) {
-          ahead = p.a + nx.n * p.a_stride_n + c0 * cs + n0 * p.a_stride[0] + n1 * p.a_stride[1] + lo * as2;
-          ahead_span = (hi - 1 - lo) * as2 + 1;
+          ahead = p.a + nx.n * p.a_stride_n + c0 * cs + n0 * p.a_stride[0] + n1 * p.a_stride[1] + lo;
+          ahead_span = hi - lo;
         }
       }
       // The lanes past `lanes` (zeros), and the run's ends outside the interior (padding, mapped by
@@ -545,7 +545,7 @@ struct WeightGrad {
         for (int l = 0; l < lanes; ++l) {
           const T* __restrict s0 = row + l * cs + (first + j_lo * s2) * as2 - j_lo * step;
           T* __restrict d = dst + l;
-          if (ahead && jb == j_lo && as2 == 1)
+          if (ahead && jb == j_lo)
             for (int64_t e = 0; e < ahead_span; e += 64 / static_cast<int64_t>(sizeof(T)))
               __builtin_prefetch(ahead + l * cs + e);
           if (l < vector_lanes && l % L == 0)
@@ -652,7 +652,7 @@ struct WeightGrad {
     int64_t origin[kSpatialRank];  // the tile's first output along each axis (the next: + dilation)
     for (int a = 0; a < kSpatialRank; ++a) {
       const int64_t d = p.dilation[a];
-      origin[a] = wino_axis[a] ? t[a] / d * 2 * d + t[a] % d : t[a];
+      origin[a] = wino_axis[a] ? winograd::dilated_tile_origin(t[a], 2, d) : t[a];
       for (int64_t j = 0; j < np[a]; ++j)
         in[a][j] = map_padded_index(wino_axis[a] ? origin[a] + j * d - p.pad_before[a] : t[a] * p.stride[a] - p.pad_before[a],
                                     L[a], p.mode);

@@ -50,23 +50,19 @@ struct Axis {
 
   // Tiles along the axis with tile_m outputs per tile (the count make_tiles gives).
   int64_t tiles_for(int tile_m) const {
-    if (taps == 1) return count;
-    int64_t n = 0;
-    for (int64_t b = 0; b * tile_m * spacing < count; ++b) n += std::min(spacing, count - b * tile_m * spacing);
-    return n;
+    return taps == 1 ? count : dilated_tile_count(count, tile_m, spacing);
   }
 
-  // Tiles: outputs o + e * spacing (e < m), for o = b * m * spacing + r, r < spacing (so that
-  // dilated tiles interleave and cover every output once); a tile's outputs past the end are
-  // computed and dropped.
+  // Tiles: outputs o + e * spacing (e < m), dilated_tile_origin's o (dilated tiles interleave and
+  // cover every output once); a tile's outputs past the end are computed and dropped.
   void make_tiles() {
     origin.clear();
     in_index.clear();
     if (taps == 1) {
       for (int64_t j = 0; j < count; ++j) origin.push_back(j);
     } else {
-      for (int64_t b = 0; b * m * spacing < count; ++b)
-        for (int64_t r = 0; r < spacing && b * m * spacing + r < count; ++r) origin.push_back(b * m * spacing + r);
+      for (int64_t t = 0, n = dilated_tile_count(count, m, spacing); t < n; ++t)
+        origin.push_back(dilated_tile_origin(t, m, spacing));
     }
     for (const int64_t o : origin)
       for (int e = 0; e < points(); ++e) {

@@ -8,6 +8,15 @@
 
 namespace winograd {
 
+// Tiles along an axis at dilation d: a tile holds outputs o + e * d (e < m), for o = b * m * d + r,
+// r < d (blocks of m * d outputs holding d tiles each, the last block only the r it reaches), so
+// that dilated tiles interleave and every output is in one tile. Shared by the forward's axes
+// (winograd.hpp) and the weight gradient's F(2, 3) (weight_grad.cpp).
+inline int64_t dilated_tile_count(int64_t count, int64_t m, int64_t d) {
+  return count / (m * d) * d + (count % (m * d) < d ? count % (m * d) : d);
+}
+inline int64_t dilated_tile_origin(int64_t tile, int64_t m, int64_t d) { return tile / d * m * d + tile % d; }
+
 // The 1-D transforms along one axis of buf, laid out [n0][n1][n2][lanes] with n_a = m + 2 on
 // Winograd axes and 1 elsewhere; `s` is the distance between consecutive points of the axis.
 // F(2, 3) (Lavin & Gray, section 4.1):
