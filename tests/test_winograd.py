@@ -403,8 +403,8 @@ def test_transposed_phase_choice():
 
 
 # ---- The weight gradient (cpp/conv/weight_grad.cpp, WeightGrad::run_winograd) ----
-# The adjoint of F(2, 3) with respect to the weights, for stride-1 layers (any dilation) with 3 taps
-# along two or three axes and one tap on the others. Checked against a NumPy-only sum over windows
+# The adjoint of F(2, 3) (and in float64 F(4, 3), below) with respect to the weights, for stride-1
+# layers (any dilation) with 3 taps along two or three axes and one tap on the others. Checked against a NumPy-only sum over windows
 # of the padded input.
 
 BACK = {2: convfast.conv2d_backward, 3: convfast.conv3d_backward}
@@ -581,3 +581,108 @@ def test_weight_grad_bitwise_identical_across_thread_counts(dtype, forced):
         convfast.set_num_threads(before)
     for gw in results[1:]:
         np.testing.assert_array_equal(gw, results[0])
+
+
+# ---- The weight gradient's F(4, 3) (float64) ----
+# Chosen where its points x tiles beat F(2, 3)'s by 50 % (edge waste of the 4-output tiles
+# included): output sizes below are picked for that, with partial last tiles of 1, 2 and 3 outputs.
+
+WG43_CASES = [
+    # rank, output sizes, dilation, kernel, groups
+    (2, (16, 13), (1, 1), (3, 3), 1),          # 13: a last tile of 1
+    (2, (15, 14), (1, 1), (3, 3), 2),          # 3 and 2
+    (2, (17, 16), (2, 1), (3, 3), 1),          # dilated tiles of o, o + 2, ...: a partial block
+    (2, (24, 16), (3, 1), (3, 3), 1),
+    (3, (8, 8, 8), (1, 1, 1), (3, 3, 3), 1),
+    (3, (6, 8, 7), (1, 1, 1), (3, 3, 3), 1),
+    (3, (5, 16, 16), (1, 1, 1), (1, 3, 3), 1),  # a one-tap axis
+]
+
+
+def _wg43_operands(rng, case, dtype, cin=6, cout=5, batch=2):
+    r, out, dilation, kernel, g = case
+    pads = tuple(d * (k // 2) for d, k in zip(dilation, kernel))
+    sizes = tuple(o + d * (k - 1) - 2 * p for o, d, k, p in zip(out, dilation, kernel, pads))
+    x = _rand(rng, (batch, cin * g) + sizes, dtype)
+    w = _rand(rng, (cout * g, cin) + kernel, dtype)
+    gy = _rand(rng, (batch, cout * g) + out, dtype)
+    return x, w, gy, dict(padding=pads, dilation=dilation, groups=g)
+
+
+@pytest.mark.parametrize("case", WG43_CASES, ids=lambda c: f"{c[0]}d-{'x'.join(map(str, c[1]))}-d{'x'.join(map(str, c[2]))}")
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular", "symmetric"])
+def test_weight_grad_f43_matches_numpy(case, mode, forced):
+    rng = np.random.default_rng(abs(hash((case, mode))) % 2**32)
+    x, w, gy, kw = _wg43_operands(rng, case, np.float64)
+    rank = case[0]
+    gw = _grad_weight(BACK[rank], gy, x, w, padding_mode=mode, **kw)
+    assert _core.last_algorithm().startswith("weight_grad winograd F(4,3)"), _core.last_algorithm()
+    expected = weight_grad_oracle(x, gy, case[3], [(p, p) for p in kw["padding"]], mode, kw["groups"],
+                                  dilation=kw["dilation"])
+    assert_close(gw, expected, np.float64, reduction_size=2 * np.prod(case[1]))
+    # float32 keeps F(2, 3) on the same layer.
+    gw32 = _grad_weight(BACK[rank], gy.astype(np.float32), x.astype(np.float32), w.astype(np.float32),
+                        padding_mode=mode, **kw)
+    assert _core.last_algorithm().startswith("weight_grad winograd F(2,3)"), _core.last_algorithm()
+    assert_close(gw32, expected, np.float32, reduction_size=2 * np.prod(case[1]))
+
+
+def test_weight_grad_tile_size_choice(monkeypatch):
+    # F(4, 3) in float64 where it saves 50 % of the points x tiles (56x56: 1.78x), F(2, 3) where it
+    # saves less (14x14: 1.36x), for integer-valued operands (F(2, 3) keeps them exact) and past
+    # the products' 48 MiB (512 channels: 36 x 512^2 x 8 bytes).
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rng = np.random.default_rng(2)
+
+    def tile(cin, size, dtype=np.float64, integers=False):
+        x = _rand(rng, (1, cin, size, size), dtype)
+        gy = _rand(rng, (1, cin, size, size), dtype)
+        if integers:
+            x, gy = np.round(x * 4), np.round(gy * 4)
+        w = np.zeros((cin, cin, 3, 3), dtype)
+        _grad_weight(BACK[2], gy, x, w, padding=1)
+        return _core.last_algorithm().split(" points")[0]
+
+    assert tile(64, 56) == "weight_grad winograd F(4,3) 36"
+    assert tile(64, 56, np.float32) == "weight_grad winograd F(2,3) 16"
+    assert tile(64, 14) == "weight_grad winograd F(2,3) 16"
+    assert tile(64, 56, integers=True) == "weight_grad winograd F(2,3) 16"
+    assert tile(512, 8) == "weight_grad winograd F(2,3) 16"
+
+
+def test_weight_grad_f43_integer_data_and_threads(forced):
+    rng = np.random.default_rng(17)
+    case = WG43_CASES[0]
+    x, w, gy, kw = _wg43_operands(rng, case, np.float64, cin=9, cout=7, batch=3)
+    # One non-integer element is enough to take F(4, 3); every thread count gives the same bits.
+    xi, gyi = np.round(x * 3), np.round(gy * 3)
+    xi[0, 0, 0, 0] += 0.5
+    before = convfast.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 4):
+            convfast.set_num_threads(threads)
+            results.append(_grad_weight(BACK[2], gyi, xi, w, padding_mode="reflect", **kw))
+            assert _core.last_algorithm().startswith("weight_grad winograd F(4,3)"), _core.last_algorithm()
+    finally:
+        convfast.set_num_threads(before)
+    for gw in results[1:]:
+        np.testing.assert_array_equal(gw, results[0])
+    # All integers: F(2, 3), exact.
+    xi[0, 0, 0, 0] -= 0.5
+    gw = _grad_weight(BACK[2], gyi, xi, w, padding_mode="reflect", **kw)
+    assert _core.last_algorithm().startswith("weight_grad winograd F(2,3)"), _core.last_algorithm()
+    expected = weight_grad_oracle(xi.astype(np.int64), gyi.astype(np.int64), case[3],
+                                  [(p, p) for p in kw["padding"]], "reflect", dtype=np.int64)
+    np.testing.assert_array_equal(gw, expected.astype(np.float64))
+
+
+def test_weight_grad_f43_non_finite_values_recomputed_exactly(forced, monkeypatch):
+    rng = np.random.default_rng(19)
+    x, w, gy, kw = _wg43_operands(rng, WG43_CASES[0], np.float64)
+    x[1, 2, 3, 4] = np.inf
+    gw = _grad_weight(BACK[2], gy, x, w, **kw)
+    assert "after winograd" in _core.last_algorithm()
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    monkeypatch.setenv("CONVFAST_WGRAD_GEMM", "1")
+    np.testing.assert_array_equal(gw, _grad_weight(BACK[2], gy, x, w, **kw))

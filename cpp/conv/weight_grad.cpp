@@ -164,19 +164,19 @@ struct PixelCursor {
 };
 
 
-// The Winograd weight gradient's other transforms along one axis (see WeightGrad::run_winograd),
-// on `lanes` independent lanes whose entries along the axis are s apart.
-// A dy: the gradients of a tile's 2 outputs (entries 0 and 1) -> 4 points.
-template <typename T>
-inline void gradient_points(T* __restrict b, int64_t s, int64_t lanes) {
+// The Winograd weight gradient's transform A dy of F(M, 3) along one axis (see
+// WeightGrad::run_winograd), on `lanes` independent lanes whose entries along the axis are s
+// apart: the gradients of a tile's M outputs (entries 0 .. M - 1) -> its M + 2 points. (G^T m,
+// the points back to the taps, is the micro-kernel unit's winograd_gradient_taps.)
+template <int M, typename T>
+inline void gradient_line(T* __restrict b, int64_t s, int64_t lanes) {
   for (int64_t l = 0; l < lanes; ++l) {
-    const T g0 = b[l], g1 = b[s + l];
-    b[s + l] = g0 + g1;
-    b[2 * s + l] = g0 - g1;
-    b[3 * s + l] = -g1;
+    T g[M], r[M + 2];
+    for (int e = 0; e < M; ++e) g[e] = b[e * s + l];
+    winograd::gradient_points<M>(g, r);
+    for (int e = 0; e < M + 2; ++e) b[e * s + l] = r[e];
   }
 }
-// (G^T m, the points back to the taps, is the micro-kernel unit's winograd_gradient_taps.)
 
 // Calls line(offset, stride) for every line along each axis a with along[a] of an
 // n[0] x n[1] x n[2] x lanes buffer.
@@ -293,7 +293,8 @@ struct WeightGrad {
     auto fill = [](int64_t n, int w) { return n > 0 ? double(n) / double(ceil_div(n, w) * w) : 1.0; };
     const int64_t stack = ca_g > 0 && 2 * ca_g <= mr && taps > 1 ? std::min<int64_t>(mr / ca_g, taps) : 1;
     // Winograd (normal orientation: its chosen channel counts fill either tile alike).
-    winograd = choose_winograd();
+    wino_m = choose_winograd();
+    winograd = wino_m != 0;
     swapped = !winograd && fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
     bw = swapped ? nr : mr;
     aw = swapped ? mr : nr;
@@ -305,46 +306,50 @@ struct WeightGrad {
     if (winograd)
       for (int a = 0; a < kSpatialRank; ++a) {
         wino_axis[a] = p.kernel[a] == 3;
-        points_along[a] = wino_axis[a] ? 4 : 1;
-        // Dilation d: tiles of outputs o and o + d, laid out as the forward's (so every output is
-        // in one tile).
-        tiles_along[a] = wino_axis[a] ? winograd::dilated_tile_count(O[a], 2, p.dilation[a]) : O[a];
+        points_along[a] = wino_axis[a] ? wino_m + 2 : 1;
+        // Dilation d: tiles of outputs o, o + d, ..., laid out as the forward's (so every output
+        // is in one tile).
+        tiles_along[a] = wino_axis[a] ? winograd::dilated_tile_count(O[a], wino_m, p.dilation[a]) : O[a];
         points *= points_along[a];
         tiles_per_image = checked_mul(tiles_per_image, tiles_along[a]);
         winograd_axes += wino_axis[a];
       }
     // (NR, the lanes of each call, is two vectors in every micro-kernel set.)
     if (winograd) {
-      input_transform = uk.winograd_input[1][winograd_axes - 1];
-      gradient_taps = uk.winograd_gradient_taps[winograd_axes - 1];
+      const int tile = wino_m == 4 ? 2 : 1;  // the tables' F(2, 3), F(4, 3)
+      input_transform = uk.winograd_input[tile][winograd_axes - 1];
+      gradient_taps = uk.winograd_gradient_taps[tile][winograd_axes - 1];
     }
   }
 
-  // ---- Winograd F(2, 3) (run_winograd) ----
-  // The forward F(2, 3) computes a tile of 2 outputs from 4 inputs d as y = A^T [(G g) . (B^T d)];
-  // its adjoint with respect to the 3 weights g is dg = G^T [(A dy) . (B^T d)]. Summed over the
-  // tiles (which partition the outputs), per transform point q the products form one GEMM,
+  // ---- Winograd F(m, 3), m = 2 or 4 (run_winograd) ----
+  // The forward F(m, 3) computes a tile of m outputs from m + 2 inputs d as
+  // y = A^T [(G g) . (B^T d)]; its adjoint with respect to the 3 weights g is
+  // dg = G^T [(A dy) . (B^T d)]. Summed over the tiles (which partition the outputs), per transform
+  // point q the products form one GEMM,
   //
   //   M[q][cb][ca] = sum over tiles k of all images  DY[q][k][cb] * X[q][k][ca],
   //
   // with X = B^T d the input transform and DY = A dy the output gradient's, and then
   // out[cb][ca] = G^T M[.][cb][ca] G (along each 3-tap axis; one-tap axes are trivial). A 2-D 3x3
-  // layer has 16 points per 2 x 2 outputs against 9 taps x 4 outputs: 2.25x fewer products (3-D
-  // 3x3x3: 64 per 8 against 216, 3.4x). The coefficients are 0, +-1 and 1/2 (in G^T), so
-  // integer-valued data stays exact. Applies to stride-1, undilated 3-tap axes (at least two) and
-  // one-tap axes, any padding mode, groups, normal orientation; chosen when both channel counts
-  // per group reach 64 (2-D) or 32 (3-D), as for the forward Winograd; CONVFAST_ALGO=winograd
-  // forces it wherever it applies, gemm|direct exclude it. Measured against the GEMM (2 threads,
-  // float32 unless noted): 8 x C x 56 x 56 3x3: 0.95x at 32 channels, 1.07x at 48 (float64 1.20x),
-  // 1.13-1.25x at 64; 128 x 28^2 1.35-1.55x, 256 x 14^2 1.65x, 512 x 14^2 1.4-1.6x; 3-D 3x3x3:
-  // 0.89x at 16 channels, 1.27x at 32 (16^3), 1.17x at 32 -> 64 (32^3). The transforms, not the
-  // GEMMs, are now the larger part on the 64-channel layer (about 9 of 21 ms, 2 threads); fusing
-  // their passes, padding the buffer's tiles to 16 bytes and staging runs of tiles before the
-  // panels were each tried and measured no faster.
+  // layer has, per m x m outputs, (m + 2)^2 points against 9 m^2 products: F(2, 3) 16 per 4
+  // (2.25x fewer), F(4, 3) 36 per 16 (4x); 3-D 3x3x3: 64 per 8 (3.4x), 216 per 64 (8x). F(2, 3)'s
+  // coefficients are 0, +-1 and 1/2 (in G^T), so integer-valued data stays exact; F(4, 3)'s reach
+  // 8 (in A) and 1/24 (in G^T) and it is taken in float64 only, as the forward's. Applies to
+  // stride-1 3-tap axes (any dilation; at least two such axes) and one-tap axes, any padding mode,
+  // groups, normal orientation; chosen when both channel counts per group reach 64 (2-D) or 32
+  // (3-D), as for the forward Winograd; CONVFAST_ALGO=winograd forces it wherever it applies,
+  // gemm|direct exclude it. F(2, 3) measured against the GEMM (2 threads, float32 unless noted):
+  // 8 x C x 56 x 56 3x3: 0.95x at 32 channels, 1.07x at 48 (float64 1.20x), 1.13-1.25x at 64;
+  // 128 x 28^2 1.35-1.55x, 256 x 14^2 1.65x, 512 x 14^2 1.4-1.6x; 3-D 3x3x3: 0.89x at 16
+  // channels, 1.27x at 32 (16^3), 1.17x at 32 -> 64 (32^3). Fusing the F(2, 3) transforms' passes,
+  // padding the buffer's tiles to 16 bytes and staging runs of tiles before the panels were each
+  // tried and measured no faster.
   bool winograd = false;
+  int wino_m = 0;  // outputs per tile along a Winograd axis: F(2, 3) or F(4, 3)
   bool wino_axis[kSpatialRank] = {false, false, false};
   int64_t points_along[kSpatialRank] = {1, 1, 1}, tiles_along[kSpatialRank] = {1, 1, 1};
-  // The micro-kernel unit's fused F(2, 3) input transform of a whole tile (winograd_ukernel_impl.hpp).
+  // The micro-kernel unit's fused F(m, 3) input transform of a whole tile (winograd_ukernel_impl.hpp).
   WinogradTransform<T> input_transform = nullptr;
   // Its output transform G^T M G of a row of channel pairs (winograd_gradient_taps).
   WinogradTransform<T> gradient_taps = nullptr;
@@ -354,25 +359,54 @@ struct WeightGrad {
   int64_t gl_n = 0, gl_s[kSpatialRank] = {0, 0, 0};
   std::unique_ptr<AlignedBuffer<T>> gl_copy;
 
-  bool choose_winograd() const {
+  // Returns m, or 0 where Winograd does not apply. F(4, 3) in float64 (as the forward) where its
+  // products and transforms (both per point per tile) beat F(2, 3)'s by 50 % after the edge waste
+  // of its coarser tiles, M stays within the bound, and the operands are not all integer-valued
+  // (which F(2, 3) keeps exact). Measured, F(4, 3) against F(2, 3), float64, 2 threads (p25, one
+  // process alternating): ResNet 64x56 1.25x, 128x28 1.26x, U-Net 64x128 1.32x, 3-D 32->64 at
+  // 32^3 1.6x (all 1.78x fewer points x tiles in 2-D, 2.4x in 3-D); 256x14 and dilation 2 at 28
+  // (1.36x fewer) level.
+  int choose_winograd() const {
     const char* forced = std::getenv("CONVFAST_ALGO");
     const std::string force = forced ? forced : "";
-    if (force == "gemm" || force == "direct") return false;
+    if (force == "gemm" || force == "direct") return 0;
     int axes = 0;
+    double cost2 = 1, cost4 = 1;  // points x tiles per image
     for (int a = 0; a < kSpatialRank; ++a) {
       if (p.kernel[a] == 3) {
-        if (p.stride[a] != 1) return false;
+        if (p.stride[a] != 1) return 0;
         ++axes;
+        cost2 *= 4.0 * double(winograd::dilated_tile_count(p.b_size[a], 2, p.dilation[a]));
+        cost4 *= 6.0 * double(winograd::dilated_tile_count(p.b_size[a], 4, p.dilation[a]));
       } else if (p.kernel[a] != 1) {
-        return false;
+        return 0;
       }
     }
-    if (axes < 2) return false;
+    if (axes < 2) return 0;
+    const int64_t min_channels = axes == 3 ? 32 : 64;
+    if (force != "winograd" && (ca_g < min_channels || cb_g < min_channels)) return 0;
     // M within the working-memory bound, as the forward's transform.
     constexpr double kMaxProductsBytes = double(int64_t(48) << 20);
-    if (winograd_products_bytes() > kMaxProductsBytes) return false;
-    const int64_t min_channels = axes == 3 ? 32 : 64;
-    return force == "winograd" || (ca_g >= min_channels && cb_g >= min_channels);
+    if (sizeof(T) == 8 && cost4 * 1.5 < cost2 && winograd_products_bytes(4) <= kMaxProductsBytes &&
+        !(integer_valued(p.a, p.a_channels, p.a_size, p.a_stride_n, p.a_stride_c, p.a_stride) &&
+          integer_valued(p.b, p.b_channels, p.b_size, p.b_stride_n, p.b_stride_c, p.b_stride)))
+      return 4;
+    return winograd_products_bytes(2) <= kMaxProductsBytes ? 2 : 0;
+  }
+
+  // Whether every element of the (batch, C, S0, S1, S2) tensor is an integer (stops at the first
+  // that is not: at once for most real data).
+  bool integer_valued(const T* x, int64_t C, const int64_t size[kSpatialRank], int64_t sn, int64_t sc,
+                      const int64_t ss[kSpatialRank]) const {
+    for (int64_t n = 0; n < p.batch; ++n)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i0 = 0; i0 < size[0]; ++i0)
+          for (int64_t i1 = 0; i1 < size[1]; ++i1) {
+            const T* row = x + n * sn + c * sc + i0 * ss[0] + i1 * ss[1];
+            for (int64_t i2 = 0; i2 < size[2]; ++i2)
+              if (row[i2 * ss[2]] != std::nearbyint(row[i2 * ss[2]])) return false;
+          }
+    return true;
   }
 
   // ---- b -> panels [g][tile][k][bw] (zero entries past Cb_g) ----
@@ -648,11 +682,11 @@ struct WeightGrad {
       rem /= tiles_along[a];
     }
     const int64_t n = rem, *np = points_along;
-    int64_t in[kSpatialRank][4];  // the tile's inputs along each axis, mapped (-1: zero)
+    int64_t in[kSpatialRank][6];  // the tile's inputs along each axis, mapped (-1: zero)
     int64_t origin[kSpatialRank];  // the tile's first output along each axis (the next: + dilation)
     for (int a = 0; a < kSpatialRank; ++a) {
       const int64_t d = p.dilation[a];
-      origin[a] = wino_axis[a] ? winograd::dilated_tile_origin(t[a], 2, d) : t[a];
+      origin[a] = wino_axis[a] ? winograd::dilated_tile_origin(t[a], wino_m, d) : t[a];
       for (int64_t j = 0; j < np[a]; ++j)
         in[a][j] = map_padded_index(wino_axis[a] ? origin[a] + j * d - p.pad_before[a] : t[a] * p.stride[a] - p.pad_before[a],
                                     L[a], p.mode);
@@ -681,19 +715,25 @@ struct WeightGrad {
       for (int64_t at = 0; at < a_tiles; ++at)
         input_transform(buf + at * nr, lanes_a, xt + ((g * a_tiles + at) * chunk + kk) * nr, G * a_tiles * chunk * nr, nr);
 
-      // The gradients of the tile's outputs at entries 0 and 1 along each Winograd axis (the
+      // The gradients of the tile's outputs at entries 0 .. m - 1 along each Winograd axis (the
       // transform overwrites the other entries, whatever they hold).
       const T* dy = gl + n * gl_n + g * cb_g;
-      for (int64_t e0 = 0; e0 < (wino_axis[0] ? 2 : 1); ++e0)
-        for (int64_t e1 = 0; e1 < (wino_axis[1] ? 2 : 1); ++e1)
-          for (int64_t e2 = 0; e2 < (wino_axis[2] ? 2 : 1); ++e2) {
+      const int64_t m = wino_m;
+      for (int64_t e0 = 0; e0 < (wino_axis[0] ? m : 1); ++e0)
+        for (int64_t e1 = 0; e1 < (wino_axis[1] ? m : 1); ++e1)
+          for (int64_t e2 = 0; e2 < (wino_axis[2] ? m : 1); ++e2) {
             const int64_t o0 = origin[0] + e0 * p.dilation[0], o1 = origin[1] + e1 * p.dilation[1],
                           o2 = origin[2] + e2 * p.dilation[2];
             const bool inside = o0 < O[0] && o1 < O[1] && o2 < O[2];  // past the end: no gradient
             put_row(buf + ((e0 * np[1] + e1) * np[2] + e2) * lanes_b,
                     inside ? dy + o0 * gl_s[0] + o1 * gl_s[1] + o2 * gl_s[2] : nullptr, cb_g, lanes_b);
           }
-      for_each_line(wino_axis, np, lanes_b, [&](int64_t off, int64_t st) { gradient_points(buf + off, st, lanes_b); });
+      for_each_line(wino_axis, np, lanes_b, [&](int64_t off, int64_t st) {
+        if (m == 4)
+          gradient_line<4>(buf + off, st, lanes_b);
+        else
+          gradient_line<2>(buf + off, st, lanes_b);
+      });
       for (int64_t q = 0; q < points; ++q)
         for (int64_t bt = 0; bt < b_tiles; ++bt)
           copy_lanes(dyt + (((q * G + g) * b_tiles + bt) * chunk + kk) * mr, buf + q * lanes_b + bt * mr, mr);
@@ -702,9 +742,9 @@ struct WeightGrad {
 
   // Size in bytes of M (run_winograd): points x the weight gradient rounded to whole tiles (normal
   // orientation), as a double: choose_winograd asks before any size is checked for overflow.
-  double winograd_products_bytes() const {
+  double winograd_products_bytes(int m) const {
     double pts = 1;
-    for (int a = 0; a < kSpatialRank; ++a) pts *= p.kernel[a] == 3 ? 4 : 1;
+    for (int a = 0; a < kSpatialRank; ++a) pts *= p.kernel[a] == 3 ? m + 2 : 1;
     return double(G) * pts * double(ceil_div(cb_g, mr) * mr) * double(ceil_div(ca_g, nr) * nr) * double(sizeof(T));
   }
 
@@ -723,7 +763,7 @@ struct WeightGrad {
     const int64_t per_tile = checked_mul(checked_mul(points, G), lanes_g + rows_g) * (int64_t)sizeof(T);
     const int64_t KT = checked_mul(p.batch, tiles_per_image);
     const int64_t budget =
-        std::min<int64_t>(16 << 20, std::max<int64_t>(4 << 20, static_cast<int64_t>(winograd_products_bytes())));
+        std::min<int64_t>(16 << 20, std::max<int64_t>(4 << 20, static_cast<int64_t>(winograd_products_bytes(wino_m))));
     const int64_t chunk = std::min(KT, std::max<int64_t>(32, budget / per_tile));
     AlignedBuffer<T> m(checked_mul(checked_mul(G, points), m_block));
     AlignedBuffer<T> xt(checked_mul(checked_mul(points * G, lanes_g), chunk));
@@ -790,7 +830,7 @@ struct WeightGrad {
     const int threads = std::max(1, get_num_threads());
     const std::string suffix = " threads=" + std::to_string(threads);
     if (winograd) {
-      set_last_algorithm("weight_grad winograd F(2,3) " + std::to_string(points) + " points" + suffix);
+      set_last_algorithm("weight_grad winograd F(" + std::to_string(wino_m) + ",3) " + std::to_string(points) + " points" + suffix);
       if (run_winograd(threads)) return;
       winograd = false;  // an infinity or NaN: the exact-chain sums below decide it
       set_last_algorithm("weight_grad gemm (after winograd: non-finite output)" + suffix);

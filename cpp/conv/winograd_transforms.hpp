@@ -115,13 +115,44 @@ inline void weight_points(const E* g, E* r) {
     r[5] = g[2];
   }
 }
-// The weight gradient's G^T m (F(2, 3)'s adjoint): 4 points -> the 3 taps (in double: the
+// The weight gradient's transforms (F(m, 3)'s adjoint with respect to the weights, see
+// cpp/conv/weight_grad.cpp). A dy: the gradients of a tile's M outputs -> its M + 2 points (the
+// transpose of output_points' A^T):
+//   F(2, 3): (g0, g0 + g1, g0 - g1, -g1)
+//   F(4, 3): (g0, g0 + g1 + g2 + g3, g0 - g1 + g2 - g3, g0 + 2 g1 + 4 g2 + 8 g3, g0 - 2 g1 + 4 g2 - 8 g3, g3)
+template <int M, typename E>
+inline void gradient_points(const E* g, E* r) {
+  if constexpr (M == 2) {
+    r[0] = g[0];
+    r[1] = g[0] + g[1];
+    r[2] = g[0] - g[1];
+    r[3] = -g[1];
+  } else {
+    static_assert(M == 4, "F(2, 3) or F(4, 3)");
+    const E even = g[0] + g[2], odd = g[1] + g[3], even4 = g[0] + g[2] * 4, odd8 = g[1] * 2 + g[3] * 8;
+    r[0] = g[0];
+    r[1] = even + odd;
+    r[2] = even - odd;
+    r[3] = even4 + odd8;
+    r[4] = even4 - odd8;
+    r[5] = g[3];
+  }
+}
+// G^T m: the M + 2 points -> the 3 taps (the transpose of weight_points' G; in double: the
 // products are summed in T, the transform is not).
-template <typename E>
+template <int M, typename E>
 inline void gradient_taps(const E* m, E* r) {
-  r[0] = m[0] + (m[1] + m[2]) * 0.5;
-  r[1] = (m[1] - m[2]) * 0.5;
-  r[2] = (m[1] + m[2]) * 0.5 + m[3];
+  if constexpr (M == 2) {
+    r[0] = m[0] + (m[1] + m[2]) * 0.5;
+    r[1] = (m[1] - m[2]) * 0.5;
+    r[2] = (m[1] + m[2]) * 0.5 + m[3];
+  } else {
+    static_assert(M == 4, "F(2, 3) or F(4, 3)");
+    const E sum12 = m[1] + m[2], diff21 = m[2] - m[1], sum34 = m[3] + m[4], diff34 = m[3] - m[4];
+    r[0] = m[0] / 4 - sum12 / 6 + sum34 / 24;
+    r[1] = diff21 / 6 + diff34 / 12;
+    r[2] = (sum34 - sum12) / 6 + m[5];
+  }
 }
 template <int M, int R>
 inline void weight_line(double* b, int64_t s, int64_t lanes) {  // taps in entries 0 .. R - 1

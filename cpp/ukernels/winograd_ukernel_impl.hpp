@@ -119,19 +119,19 @@ void winograd_weight_transform(const double* src, int64_t src_pitch, T* dst, int
   }
 }
 
-// The weight gradient's output transform (WinogradTapTransform): per vector of lanes, the 4^AXES
-// points are loaded once, widened to double, reduced to the 3 taps along each axis in registers
-// (the lines of an output transform with 3 results per line), and every tap rounded and stored
-// once; the lanes past the last whole vector one at a time.
-template <typename T, int VECTOR_BYTES, int AXES>
+// The weight gradient's output transform (winograd_gradient_taps) of F(M, 3): per vector of lanes,
+// the (M + 2)^AXES points are loaded once, widened to double, reduced to the 3 taps along each axis
+// in registers (the lines of an output transform with 3 results per line), and every tap rounded
+// and stored once; the lanes past the last whole vector one at a time.
+template <typename T, int VECTOR_BYTES, int M, int AXES>
 void winograd_gradient_taps(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t lanes) {
   typedef double dvec __attribute__((vector_size(VECTOR_BYTES)));
-  constexpr int L = VECTOR_BYTES / sizeof(double), P = 4, R = 3;
+  constexpr int L = VECTOR_BYTES / sizeof(double), P = M + 2, R = 3;
   typedef T tvec __attribute__((vector_size(L * sizeof(T))));
   using Lines = TileLines<P, AXES, R, P>;  // 3 results per line
   static constexpr Lines lines{};
   auto reduce = [](auto* d) {
-    transform_lines<AXES, P, R>(lines, d, [](const auto* m, auto* r) { winograd::gradient_taps(m, r); });
+    transform_lines<AXES, P, R>(lines, d, [](const auto* m, auto* r) { winograd::gradient_taps<M>(m, r); });
   };
   int64_t l = 0;
   for (; l + L <= lanes; l += L) {
@@ -251,11 +251,15 @@ void fill_winograd_transforms(convfast::UkernelInfo<T>& info) {
     info.winograd_split_row[tile] = &winograd_split_row<T, VECTOR_BYTES, M, M + R - 1>;
     info.winograd_store_row[tile] = &winograd_store_row<T, VECTOR_BYTES, M>;
   };
-  info.winograd_gradient_taps[0] = &winograd_gradient_taps<T, VECTOR_BYTES, 1>;
-  info.winograd_gradient_taps[1] = &winograd_gradient_taps<T, VECTOR_BYTES, 2>;
-  info.winograd_gradient_taps[2] = &winograd_gradient_taps<T, VECTOR_BYTES, 3>;
+  auto gradient_taps = [&](auto M, int tile) {
+    info.winograd_gradient_taps[tile][0] = &winograd_gradient_taps<T, VECTOR_BYTES, M, 1>;
+    info.winograd_gradient_taps[tile][1] = &winograd_gradient_taps<T, VECTOR_BYTES, M, 2>;
+    info.winograd_gradient_taps[tile][2] = &winograd_gradient_taps<T, VECTOR_BYTES, M, 3>;
+  };
   using two = std::integral_constant<int, 2>;
   per_tile(two{}, two{}, 0);
   per_tile(two{}, std::integral_constant<int, 3>{}, 1);
   per_tile(std::integral_constant<int, 4>{}, std::integral_constant<int, 3>{}, 2);
+  gradient_taps(two{}, 1);
+  gradient_taps(std::integral_constant<int, 4>{}, 2);
 }

@@ -81,9 +81,6 @@ template <typename T>
 using WinogradWeightTransform = void (*)(const double* src, int64_t src_pitch, T* dst, int64_t dst_pitch,
                                          int64_t lanes);
 constexpr int kWinogradTiles = 3;  // F(2, 2), F(2, 3), F(4, 3)
-// winograd_gradient_taps (a WinogradTransform): the weight gradient's F(2, 3) output transform
-// G^T M G, in double, of the 4^axes points src[q * src_pitch + 0..lanes) into the 3^axes taps
-// dst[t * dst_pitch + 0..lanes), rounded to T; lanes any count.
 // The P = m + r - 1 points of n tiles m apart along a row: d[e * pitch + i] = src[m i + e].
 template <typename T>
 using WinogradSplitRow = void (*)(const T* src, int64_t n, T* d, int64_t pitch);
@@ -111,7 +108,10 @@ struct UkernelInfo {
   WinogradTransform<T> winograd_input[kWinogradTiles][3] = {};   // [tile][Winograd axes - 1]
   WinogradTransform<T> winograd_output[kWinogradTiles][3] = {};
   WinogradWeightTransform<T> winograd_weight[kWinogradTiles][3] = {};
-  WinogradTransform<T> winograd_gradient_taps[3] = {};  // [Winograd axes - 1], see below
+  // The weight gradient's F(m, 3) output transform G^T M G, in double, of the (m + 2)^axes points
+  // src[q * src_pitch + 0..lanes) into the 3^axes taps dst[t * dst_pitch + 0..lanes), rounded to
+  // T; lanes any count. [tile][Winograd axes - 1], the tiles F(2, 3) and F(4, 3) (F(2, 2): null).
+  WinogradTransform<T> winograd_gradient_taps[kWinogradTiles][3] = {};
   WinogradSplitRow<T> winograd_split_row[kWinogradTiles] = {};
   WinogradStoreRow<T> winograd_store_row[kWinogradTiles] = {};
 };
