@@ -40,3 +40,55 @@ def test_vgg_layer_extra_memory_below_64_mib(algo, dtype):
     growth_mib = float(res.stdout.strip().splitlines()[-1])
     weights_mib = 512 * 512 * 9 * (4 if dtype == "float32" else 8) / 2**20
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.1f} MiB (packed weights alone: {weights_mib:.1f} MiB)"
+
+
+# ---- Large scratch blocks kept between calls (BlockCache, cpp/include/convfast/scratch.hpp) ----
+# A later call takes blocks an earlier call (another layer, another role) wrote; with
+# CONVFAST_SCRATCH_POISON=1 each is filled with NaN bytes as it is handed out. Every path must write
+# what it reads: the results equal, bit for bit, those of a process that keeps no blocks (fresh
+# memory), and each layer runs twice so that it meets its own blocks too.
+CACHE_SCRIPT = textwrap.dedent("""
+    import hashlib, os, sys
+    import numpy as np
+    import convfast
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256()
+    layers = [  # (rank, x shape, w shape, kwargs, transposed): working buffers of 4 MiB and more
+        (2, (4, 64, 48, 48), (64, 64, 3, 3), dict(padding=1), False),
+        (2, (4, 256, 32, 32), (64, 256, 1, 1), {}, False),
+        (2, (4, 128, 40, 40), (256, 128, 1, 1), dict(stride=2), False),
+        (2, (4, 64, 28, 28), (64, 32, 3, 3), dict(stride=2, padding=1, output_padding=1), True),
+        (2, (2, 3, 160, 160), (64, 3, 7, 7), dict(stride=2, padding=3), False),
+        (3, (4, 32, 16, 16, 16), (32, 32, 3, 3, 3), dict(padding=1), False),
+    ]
+    for algo in ("auto", "gemm", "direct", "winograd"):
+        os.environ["CONVFAST_ALGO"] = algo
+        for dtype in (np.float32, np.float64):
+            for rank, xs, ws, kw, transposed in layers:
+                x = rng.standard_normal(xs).astype(dtype)
+                w = rng.standard_normal(ws).astype(dtype)
+                op = "conv_transpose" if transposed else "conv"
+                y = getattr(convfast, f"{op}{rank}d")(x, w, **kw)
+                gy = rng.standard_normal(y.shape).astype(dtype)
+                for _ in range(2):
+                    outs = [getattr(convfast, f"{op}{rank}d")(x, w, **kw)]
+                    outs += list(getattr(convfast, f"{op}{rank}d_backward")(gy, x, w, None, needs=(True, True, False), **kw)[:2])
+                    for a in outs:
+                        assert np.isfinite(a).all(), (algo, dtype, xs)
+                        digest.update(np.ascontiguousarray(a).tobytes())
+    print(digest.hexdigest())
+""")
+
+
+def test_kept_scratch_blocks_never_leak_into_results():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the poison pass is checked on Linux")
+    import os
+
+    def run(**env):
+        res = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, **env})
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().splitlines()[-1]
+
+    assert run(CONVFAST_SCRATCH_POISON="1") == run(CONVFAST_SCRATCH_CACHE_MB="0")

@@ -4,8 +4,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <new>
+#include <cstddef>
+#include <mutex>
 #include <stdexcept>
+#include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -25,12 +29,84 @@ inline int64_t checked_add(int64_t a, int64_t b) {
 }
 inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  // a >= 0, b > 0; no overflow
 
+// Large scratch blocks kept between calls. Each call of a layer allocates the same few large
+// buffers (packed operands, channels-last copies, Winograd transforms) and frees them at its end;
+// fresh pages are zeroed by the kernel on first touch, which was 5-9 % of the float64 weight
+// gradients (ResNet 64x56, the 1x1 layers) and showed in most profiles. Freed blocks of
+// kHugePageMin bytes or more are kept, up to a cap (CONVFAST_SCRATCH_CACHE_MB, read once,
+// default 128; 0 keeps none), and handed to a later request of at least half their size. A
+// request no kept block fits releases them all before allocating, so a call never holds kept
+// blocks it cannot use next to fresh ones: the peak resident memory of a call is what it was
+// without the cache (plus at most the request's size per block taken), and between calls at most
+// the cap stays resident. CONVFAST_SCRATCH_POISON=1 (read once; for the tests) fills every kept
+// block with NaN bytes as it is handed out, so that a path reading scratch it did not write shows.
+class BlockCache {
+ public:
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();  // never destroyed: blocks may be freed at exit
+    return *cache;
+  }
+  // A kept block of at least `bytes` (its size into `bytes`), or nullptr if none fits.
+  void* take(size_t& bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t best = blocks_.size();
+    for (size_t i = 0; i < blocks_.size(); ++i)
+      if (blocks_[i].bytes >= bytes && blocks_[i].bytes / 2 <= bytes &&
+          (best == blocks_.size() || blocks_[i].bytes < blocks_[best].bytes))
+        best = i;
+    if (best == blocks_.size()) {
+      for (const Block& b : blocks_) std::free(b.ptr);
+      blocks_.clear();
+      kept_ = 0;
+      return nullptr;
+    }
+    void* p = blocks_[best].ptr;
+    bytes = blocks_[best].bytes;
+    kept_ -= bytes;
+    if (poison_) std::memset(p, 0xFF, bytes);
+    blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(best));
+    return p;
+  }
+  // Keeps the block of `bytes` if the cap allows, else frees it.
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (kept_ + bytes > cap_) {
+      std::free(p);
+      return;
+    }
+    blocks_.push_back({p, bytes});
+    kept_ += bytes;
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+  BlockCache() {
+    const char* env = std::getenv("CONVFAST_SCRATCH_CACHE_MB");
+    long mb = 128;
+    if (env && *env) {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      if (end && *end == '\0' && v >= 0) mb = std::min<long>(v, long(1) << 20);
+    }
+    cap_ = static_cast<size_t>(mb) << 20;
+    const char* poison = std::getenv("CONVFAST_SCRATCH_POISON");
+    poison_ = poison && std::strcmp(poison, "1") == 0;
+  }
+  std::mutex mutex_;
+  std::vector<Block> blocks_;
+  size_t kept_ = 0, cap_ = 0;
+  bool poison_ = false;
+};
+
 // 64-byte aligned scratch memory, zero-initialised lazily by its users.
 // Buffers of kHugePageMin or more (the weight transforms, channels-last copies, packed operands:
-// allocated per call, so each call faults them in afresh) are 2 MiB aligned and advised as
-// transparent huge pages where Linux offers them (as NumPy does for its arrays): one fault per
-// 2 MiB instead of per 4 KiB (two threads faulting also contended on the kernel's locks): the
-// 512-channel 14x14 float64 weight gradient 55 -> 34 ms, its forward 50 -> 39 ms.
+// allocated per call) are 2 MiB aligned, advised as transparent huge pages where Linux offers them
+// (as NumPy does for its arrays): one fault per 2 MiB instead of per 4 KiB (two threads faulting
+// also contended on the kernel's locks): the 512-channel 14x14 float64 weight gradient 55 -> 34
+// ms, its forward 50 -> 39 ms; and kept for later calls by BlockCache.
 template <typename T>
 class AlignedBuffer {
  public:
@@ -39,19 +115,33 @@ class AlignedBuffer {
     const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), sizeof(T));
     const int64_t align = bytes >= kHugePageMin ? int64_t(2) << 20 : 64;
     const int64_t rounded = checked_add(bytes, align - 1) / align * align;
+    if (align > 64) {
+      size_t size = static_cast<size_t>(rounded);
+      if ((ptr_ = static_cast<T*>(BlockCache::instance().take(size))) != nullptr) {
+        bytes_ = size;  // the kept block may be larger: it goes back whole
+        return;
+      }
+    }
     ptr_ = static_cast<T*>(std::aligned_alloc(static_cast<size_t>(align), static_cast<size_t>(rounded)));
     if (!ptr_) throw std::bad_alloc();
+    if (align > 64) bytes_ = static_cast<size_t>(rounded);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     if (align > 64) madvise(ptr_, static_cast<size_t>(rounded), MADV_HUGEPAGE);  // advice only: errors ignored
 #endif
   }
-  ~AlignedBuffer() { std::free(ptr_); }
+  ~AlignedBuffer() {
+    if (bytes_)
+      BlockCache::instance().give(ptr_, bytes_);
+    else
+      std::free(ptr_);
+  }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   T* get() const { return ptr_; }
 
  private:
   T* ptr_ = nullptr;
+  size_t bytes_ = 0;  // a block of BlockCache's size (0: a small buffer, freed)
 };
 
 }  // namespace detail
