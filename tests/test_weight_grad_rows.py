@@ -53,6 +53,10 @@ CASES = [
     (1, 2, 2, 6, (60,), (5,), dict(stride=3, dilation=2, padding=2)),
     (2, 1, 1, 9, (12, 33), (3, 4), dict(stride=(1, 2), padding=(1, 2), padding_mode="reflect")),
     (3, 1, 2, 4, (5, 7, 30), (2, 2, 3), dict(stride=(1, 2, 2), padding=1, padding_mode="replicate")),
+    # Output-gradient planes over 128 KiB per 4-row block go in blocks of rows (about 8 KiB of them:
+    # 5 rows in float32, 2 in float64 here, the last block partial).
+    (2, 1, 3, 9, (182, 190), (7, 7), dict(stride=2, padding=3)),
+    (3, 1, 2, 5, (3, 101, 110), (3, 3, 3), dict(padding=1, padding_mode="reflect")),
 ]
 
 
