@@ -80,6 +80,21 @@ def test_rows_weight_grad_matches_oracle_and_gemm(monkeypatch, dtype, rank, batc
     assert_close(gemm, expected, dtype, k_w)
 
 
+def test_rows_weight_grad_kernel_shapes(monkeypatch):
+    """The 3 x 4 shape (3 gradient channels x 4 taps per call) where its calls are at most 1.4x the
+    4 x 3 shape's (that one reloads a vector per tap), else 4 x 3; both agree with the oracle."""
+    rng = np.random.default_rng(8)
+    for cout, k, shape in [(64, 7, "3x4"), (9, 7, "3x4"), (8, 3, "4x3"), (4, 3, "4x3"), (32, 3, "3x4"), (12, 3, "3x4"), (16, 3, "4x3")]:
+        for dtype in ("float32", "float64"):
+            x = rng.standard_normal((1, 2, 9, 20)).astype(dtype)
+            w = rng.standard_normal((cout, 2, 3, k)).astype(dtype)
+            gy = rng.standard_normal((1, cout, 9, 20)).astype(dtype)
+            gw, algo = _grad_weight(monkeypatch, 2, x, w, gy, padding=(1, k // 2))
+            assert algo.startswith(f"weight_grad rows {shape}"), (cout, k, algo)
+            expected = weight_grad_oracle(x, gy, (3, k), [(1, 1), (k // 2, k // 2)])
+            assert_close(gw, expected, dtype, 9 * 20)
+
+
 def test_rows_weight_grad_threads_and_layouts(monkeypatch):
     """Bitwise the same for 1 to 4 threads; a channels-last input takes the path too (it is copied),
     a channels-last gradient does not (its rows are not contiguous)."""

@@ -302,7 +302,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
             &direct_ukernel<float, 6, VECTOR_BYTES, 2>},
            {4 * L32, 4 * L32, 3 * L32, 2 * L32, 2 * L32},
            &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32,
-           &wgrad_rows_ukernel<float, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
+           {&wgrad_rows_ukernel<float, VECTOR_BYTES, 4, 3>, &wgrad_rows_ukernel<float, VECTOR_BYTES, 3, 4>},
            &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<float, VECTOR_BYTES>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -316,7 +316,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
             &direct_ukernel<double, 6, VECTOR_BYTES, 2>},
            {4 * L64, 4 * L64, 3 * L64, 2 * L64, 2 * L64},
            &transpose_store<double, VECTOR_BYTES>, &transpose_pair_store<double, VECTOR_BYTES>, L64,
-           &wgrad_rows_ukernel<double, VECTOR_BYTES, convfast::kWgradRowsMB, convfast::kWgradRowsTB>,
+           {&wgrad_rows_ukernel<double, VECTOR_BYTES, 4, 3>, &wgrad_rows_ukernel<double, VECTOR_BYTES, 3, 4>},
            &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>}};
   fill_winograd_transforms<float, VECTOR_BYTES>(set.f32);

@@ -61,9 +61,11 @@ using ChannelLanesWgradUkernel = void (*)(int64_t n, int64_t taps, const T* cons
                                           T* acc);
 
 // acc[m][t][0..lanes) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] for r < rows, j < n (whole vectors
-// in lanes, the tail in lane 0), m < kWgradRowsMB, t < kWgradRowsTB: the weight gradient of layers
-// with few input channels (rows of pixels in the vector lanes, no packing).
-constexpr int kWgradRowsMB = 4, kWgradRowsTB = 3;
+// in lanes, the tail in lane 0), m < MB, t < TB: the weight gradient of layers with few input
+// channels (rows of pixels in the vector lanes, no packing). Two shapes of 12 accumulators,
+// kWgradRowsShape[v] = {MB, TB}: 4 x 3 (one output-gradient vector more live than registers allow
+// on AVX2: the compiler reloads one of them per tap) and 3 x 4 (none reloaded).
+constexpr int kWgradRowsShapes = 2, kWgradRowsShape[kWgradRowsShapes][2] = {{4, 3}, {3, 4}}, kWgradRowsMax = 4;
 template <typename T>
 using WgradRowsUkernel = void (*)(int64_t rows, int64_t n, const T* const* gy, int64_t gy_rs, const T* const* x,
                                   int64_t x_rs, T* acc);
@@ -101,7 +103,7 @@ struct UkernelInfo {
   TransposeStore<T> store_transposed = nullptr;
   TransposePairStore<T> store_transposed_pair = nullptr;
   int lanes = 0;                                             // L of store_transposed (the vector width)
-  WgradRowsUkernel<T> wgrad_rows = nullptr;
+  WgradRowsUkernel<T> wgrad_rows[kWgradRowsShapes] = {nullptr, nullptr};  // [v]: kWgradRowsShape[v]
   TransposeBlock<T> transpose_block = nullptr;               // L x L, as store_transposed without a bias
   ChannelLanesUkernel<T> channel_lanes = nullptr;
   ChannelLanesWgradUkernel<T> channel_lanes_wgrad = nullptr;
