@@ -92,3 +92,38 @@ def test_kept_scratch_blocks_never_leak_into_results():
         return res.stdout.strip().splitlines()[-1]
 
     assert run(CONVFAST_SCRATCH_POISON="1") == run(CONVFAST_SCRATCH_CACHE_MB="0")
+
+
+# Outputs of 4 MiB or more are large blocks too (_core.output_array): freed with the array, kept,
+# and handed to the next output of that size (the pointer cannot show it: mmap often returns the
+# same address). They are ordinary writable C-contiguous arrays, and a block is never handed out
+# while its array lives.
+OUTPUT_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import convfast
+    from convfast import reference
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 96, 96))
+    w = rng.standard_normal((64, 16, 3, 3))
+    y = convfast.conv2d(x, w, padding=1)          # 9.4 MB
+    assert y.flags.c_contiguous and y.flags.writeable and y.flags.aligned and y.dtype == np.float64
+    expected = y.copy()
+    y[...] = 7.0                                   # the user's writes do not reach later results
+    del y
+    y2 = convfast.conv2d(x, w, padding=1)          # takes y's block (NaN bytes first, poisoned)
+    assert np.array_equal(y2, expected)
+    y3 = convfast.conv2d(x, w, padding=1)          # y2 alive: a different block
+    assert y3.ctypes.data != y2.ctypes.data and np.array_equal(y3, expected)
+    np.testing.assert_allclose(expected, reference.conv2d(x, w, padding=1), rtol=1e-12, atol=1e-12)
+    print("ok")
+""")
+
+
+def test_large_outputs_come_from_kept_blocks():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("checked on Linux")
+    import os
+    res = subprocess.run([sys.executable, "-c", OUTPUT_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CONVFAST_SCRATCH_POISON": "1"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "ok"

@@ -105,7 +105,7 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
             return out
         y = out
     else:
-        y = np.empty(spec.output_shape(), dtype=spec.dtype)
+        y = _core.output_array(spec.output_shape(), np.dtype(spec.dtype))
     if y.size == 0:
         return y
     if spec.transposed and not np.isfinite(weight).all():

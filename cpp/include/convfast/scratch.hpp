@@ -101,37 +101,48 @@ class BlockCache {
   bool poison_ = false;
 };
 
-// 64-byte aligned scratch memory, zero-initialised lazily by its users.
-// Buffers of kHugePageMin or more (the weight transforms, channels-last copies, packed operands:
-// allocated per call) are 2 MiB aligned, advised as transparent huge pages where Linux offers them
-// (as NumPy does for its arrays): one fault per 2 MiB instead of per 4 KiB (two threads faulting
-// also contended on the kernel's locks): the 512-channel 14x14 float64 weight gradient 55 -> 34
-// ms, its forward 50 -> 39 ms; and kept for later calls by BlockCache.
+// A block of at least `bytes` (rounded up to 2 MiB; its size into `bytes`), 2 MiB aligned: a kept
+// one, or fresh memory advised as transparent huge pages where Linux offers them (as NumPy does for
+// its arrays): one fault per 2 MiB instead of per 4 KiB (two threads faulting also contended on
+// the kernel's locks): the 512-channel 14x14 float64 weight gradient 55 -> 34 ms, its forward 50 ->
+// 39 ms. It goes back through release_large_block.
+inline void* take_large_block(size_t& bytes) {
+  constexpr int64_t kAlign = int64_t(2) << 20;
+  bytes = static_cast<size_t>(checked_add(static_cast<int64_t>(bytes), kAlign - 1) / kAlign * kAlign);
+  if (void* kept = BlockCache::instance().take(bytes)) return kept;  // bytes: the kept block's size
+  void* p = std::aligned_alloc(static_cast<size_t>(kAlign), bytes);
+  if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: errors ignored
+#endif
+  return p;
+}
+inline void release_large_block(void* p, size_t bytes) { BlockCache::instance().give(p, bytes); }
+
+// Blocks of kLargeBlockMin bytes or more come from take_large_block; smaller ones are 64-byte
+// aligned and freed.
+constexpr int64_t kLargeBlockMin = int64_t(4) << 20;
+
+// 64-byte aligned scratch memory, zero-initialised lazily by its users. Buffers of kLargeBlockMin
+// or more (the weight transforms, channels-last copies, packed operands: allocated per call) are
+// large blocks, kept for later calls by BlockCache.
 template <typename T>
 class AlignedBuffer {
  public:
-  static constexpr int64_t kHugePageMin = int64_t(4) << 20;
   explicit AlignedBuffer(int64_t count) {
     const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), sizeof(T));
-    const int64_t align = bytes >= kHugePageMin ? int64_t(2) << 20 : 64;
-    const int64_t rounded = checked_add(bytes, align - 1) / align * align;
-    if (align > 64) {
-      size_t size = static_cast<size_t>(rounded);
-      if ((ptr_ = static_cast<T*>(BlockCache::instance().take(size))) != nullptr) {
-        bytes_ = size;  // the kept block may be larger: it goes back whole
-        return;
-      }
+    if (bytes >= kLargeBlockMin) {
+      size_t size = static_cast<size_t>(bytes);
+      ptr_ = static_cast<T*>(take_large_block(size));
+      bytes_ = size;  // a kept block may be larger: it goes back whole
+      return;
     }
-    ptr_ = static_cast<T*>(std::aligned_alloc(static_cast<size_t>(align), static_cast<size_t>(rounded)));
+    ptr_ = static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(checked_add(bytes, 63) / 64 * 64)));
     if (!ptr_) throw std::bad_alloc();
-    if (align > 64) bytes_ = static_cast<size_t>(rounded);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (align > 64) madvise(ptr_, static_cast<size_t>(rounded), MADV_HUGEPAGE);  // advice only: errors ignored
-#endif
   }
   ~AlignedBuffer() {
     if (bytes_)
-      BlockCache::instance().give(ptr_, bytes_);
+      release_large_block(ptr_, bytes_);
     else
       std::free(ptr_);
   }
@@ -141,7 +152,7 @@ class AlignedBuffer {
 
  private:
   T* ptr_ = nullptr;
-  size_t bytes_ = 0;  // a block of BlockCache's size (0: a small buffer, freed)
+  size_t bytes_ = 0;  // a large block's size (0: a small buffer, freed)
 };
 
 }  // namespace detail
