@@ -538,6 +538,7 @@ struct ConvPlan<T>::Impl {
   std::vector<RowBufferPlan> col_plans;   // per axis-2 plan, untiled: the pitch
   std::vector<RowBufferPlan> line_plans;  // per axis-1 plan: slots and shifts of the rows
   int64_t plane_rows = 0;                 // output rows (axis 1) per plane-mode work item
+  static constexpr int64_t kMaxPlanesPerItem = 8;
   std::unique_ptr<AlignedBuffer<T>> zero_row;
   int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
   int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
@@ -1085,7 +1086,7 @@ struct ConvPlan<T>::Impl {
     const int64_t cin = p.cin_per_group, cs = p.x_stride_c, xs2 = p.x_stride[2];
     const int64_t K = taps * cin, cnt1 = shape.count[1], cnt2 = shape.count[2];
     const int64_t P = cp.length, S1 = (int64_t)lp.residue.size(), S2 = (int64_t)cp.residue.size();
-    const int64_t span1 = lp.length - cnt1, blocks1 = ceil_div(cnt1, plane_rows);
+    const int64_t span1 = lp.length - cnt1;
     const int pw = tile_m;
     const bool y_unit = p.y_stride[2] == 1 && a2.out_step == 1;
     const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
@@ -1098,38 +1099,67 @@ struct ConvPlan<T>::Impl {
       int64_t lane, y_offset, count;
     };
     Piece pieces[kMaxTilePixels];  // each piece holds at least one lane
+    // Item rows run block-major (m = block * cnt0 + j0), so that consecutive rows are the same
+    // block of consecutive output planes. The T0 slots of slabs hold input planes (i0; -1: a zero
+    // plane) of the current block, kept from one output plane to the next: a plane read by several
+    // taps of consecutive output planes is copied once per item, not once per tap (the 3-D 1 -> 32
+    // grad_input's copies were a third of its time).
+    constexpr int64_t kNoPlane = INT64_MIN;
+    std::vector<int64_t> slot_plane(static_cast<size_t>(T0), kNoPlane), slot_of(static_cast<size_t>(T0));
+    std::vector<char> slot_used(static_cast<size_t>(T0));
+    const int64_t cnt0 = shape.count[0];
+    int64_t held_first = -1;  // the block whose planes the slots hold
     for (int64_t m = it.m0; m < it.m1; ++m) {
-      const int64_t j0 = m / blocks1, first = (m % blocks1) * plane_rows;
+      const int64_t j0 = m % cnt0, first = (m / cnt0) * plane_rows;
       const int64_t rows_out = std::min(plane_rows, cnt1 - first), rows_in = rows_out + span1;
       const int64_t slab_size = rows_in * P;
-      auto slab = [&](int64_t t0, int64_t ci, int64_t s1, int64_t s2) {
-        return slabs + (((t0 * cin + ci) * S1 + s1) * S2 + s2) * slab_size;
+      auto slab = [&](int64_t slot, int64_t ci, int64_t s1, int64_t s2) {
+        return slabs + (((slot * cin + ci) * S1 + s1) * S2 + s2) * slab_size;
       };
       // Fill the slabs. Dropped lanes of the last tiles read up to (axis-2 span + pw - 1) entries past
       // a slab's end: into the next slab, or into P + pw zeroed entries after the last one.
       std::fill(slabs + T0 * cin * S1 * S2 * slab_size, slabs + T0 * cin * S1 * S2 * slab_size + P + pw, T(0));
+      if (first != held_first) std::fill(slot_plane.begin(), slot_plane.end(), kNoPlane);  // slabs of another size
+      held_first = first;
+      std::fill(slot_used.begin(), slot_used.end(), char(0));
+      for (int64_t t0 = 0; t0 < T0; ++t0) {  // the planes already held
+        const int64_t i0 = std::max<int64_t>(a0.index(j0, t0), -1);
+        slot_of[t0] = -1;
+        for (int64_t sl = 0; sl < T0 && slot_of[t0] < 0; ++sl)
+          if (slot_plane[sl] == i0) slot_of[t0] = sl, slot_used[sl] = 1;
+      }
       for (int64_t t0 = 0; t0 < T0; ++t0) {
-        const int64_t i0 = a0.index(j0, t0);
+        const int64_t i0 = std::max<int64_t>(a0.index(j0, t0), -1);
+        for (int64_t sl = 0; sl < T0 && slot_of[t0] < 0; ++sl)  // filled for an earlier tap just now
+          if (slot_used[sl] && slot_plane[sl] == i0) slot_of[t0] = sl;
+        if (slot_of[t0] >= 0) continue;
+        int64_t free_slot = 0;
+        while (slot_used[free_slot]) ++free_slot;  // at most T0 planes are in use: one is free
+        slot_of[t0] = free_slot;
+        slot_used[free_slot] = 1;
+        slot_plane[free_slot] = i0;
+        const int64_t slot = free_slot;
         for (int64_t ci = 0; ci < cin; ++ci)
           for (int64_t s1 = 0; s1 < S1; ++s1)
             for (int64_t u = 0; u < rows_in; ++u) {
               const int64_t i1 = lp.src_index[s1][first + u];
               const T* x_row = xg + ci * cs + i0 * p.x_stride[0] + i1 * p.x_stride[1];
               for (int64_t s2 = 0; s2 < S2; ++s2) {
-                T* dst = slab(t0, ci, s1, s2) + u * P;
+                T* dst = slab(slot, ci, s1, s2) + u * P;
                 if (i0 < 0 || i1 < 0)
                   std::fill(dst, dst + P, T(0));
                 else
                   fill_row_buffer(cp, s2, x_row, xs2, dst);
               }
             }
-        // k = ci * taps + t, t = (t0 * T1 + t1) * T2 + t2: the weight panels' order.
+      }
+      // k = ci * taps + t, t = (t0 * T1 + t1) * T2 + t2: the weight panels' order.
+      for (int64_t t0 = 0; t0 < T0; ++t0)
         for (int64_t ci = 0; ci < cin; ++ci)
           for (int64_t t1 = 0; t1 < T1; ++t1)
             for (int64_t t2 = 0; t2 < T2; ++t2)
               rows[ci * taps + (t0 * T1 + t1) * T2 + t2] =
-                  slab(t0, ci, lp.slot[t1], cp.slot[t2]) + lp.shift[t1] * P + cp.shift[t2];
-      }
+                  slab(slot_of[t0], ci, lp.slot[t1], cp.slot[t2]) + lp.shift[t1] * P + cp.shift[t2];
       T* y_plane = p.y + it.n * p.y_stride_n + (a0.out_start + j0 * a0.out_step) * p.y_stride[0];
       // Rows at least a tile wide are tiled row by row (the last tile of a row overlapping the one
       // before it: its lanes compute the same chains, so the outputs written twice are equal), so
@@ -1568,7 +1598,14 @@ struct ConvPlan<T>::Impl {
       rows_of[ph] = plane_mode ? shape.count[0] * ceil_div(shape.count[1], plane_rows)
                     : direct   ? shape.count[0] * shape.count[1]
                                : shape.num_pixels;
-      step_of[ph] = plane_mode ? 1 : direct ? direct_rows_per_item(p, rows_of[ph], shape.count[2]) : mc_max;
+      // Plane-mode items with several taps along axis 0 take runs of consecutive planes of a block,
+      // which share input planes (direct_planes keeps them): up to 8, leaving at least 4 items per
+      // thread. With one tap there is nothing to share, and an item is one block (2-D layers).
+      const int64_t plane_run =
+          shape.taps[0] == 1 ? 1
+                             : std::clamp<int64_t>(checked_mul(p.batch * G, rows_of[ph]) / (4 * get_num_threads()), 1,
+                                                   kMaxPlanesPerItem);
+      step_of[ph] = plane_mode ? plane_run : direct ? direct_rows_per_item(p, rows_of[ph], shape.count[2]) : mc_max;
       max_blocks = std::max(max_blocks, ceil_div(rows_of[ph], step_of[ph]));
     }
     std::vector<WorkItem> items;

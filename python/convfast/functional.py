@@ -6,6 +6,7 @@ copy) and runs the C++ engine with the GIL released.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -88,6 +89,16 @@ def _kernel_params(spec: ConvSpec):
             _padded3(spec.pad_before, spec.rank, 0), PADDING_MODES[spec.padding_mode])
 
 
+def _output_array(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised output: from the compiled engine's kept large blocks where it is large
+    (``_core.output_array``: no fresh pages to zero per call), else NumPy's, which also raises
+    NumPy's own error for sizes past the address space."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _core.large_block_min or nbytes > sys.maxsize:
+        return np.empty(shape, dtype=dtype)
+    return _core.output_array(shape, dtype)
+
+
 def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
              out: Optional[np.ndarray] = None, plans: Optional[dict] = None) -> np.ndarray:
     """Compute a validated spec with the compiled engine.
@@ -105,7 +116,7 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
             return out
         y = out
     else:
-        y = _core.output_array(spec.output_shape(), np.dtype(spec.dtype))
+        y = _output_array(spec.output_shape(), np.dtype(spec.dtype))
     if y.size == 0:
         return y
     if spec.transposed and not np.isfinite(weight).all():
