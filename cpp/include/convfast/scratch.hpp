@@ -33,7 +33,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }  
 // buffers (packed operands, channels-last copies, Winograd transforms) and frees them at its end;
 // fresh pages are zeroed by the kernel on first touch, which was 5-9 % of the float64 weight
 // gradients (ResNet 64x56, the 1x1 layers) and showed in most profiles. Freed blocks of
-// kHugePageMin bytes or more are kept, up to a cap (CONVFAST_SCRATCH_CACHE_MB, read once,
+// kLargeBlockMin bytes or more (and, through _core.output_array, the blocks of large outputs once
+// their arrays are freed) are kept, up to a cap (CONVFAST_SCRATCH_CACHE_MB, read once,
 // default 128; 0 keeps none), and handed to a later request of at least half their size. A
 // request no kept block fits releases them all before allocating, so a call never holds kept
 // blocks it cannot use next to fresh ones: the peak resident memory of a call is what it was
