@@ -1103,7 +1103,7 @@ struct ConvPlan<T>::Impl {
     // block of consecutive output planes. The T0 slots of slabs hold input planes (i0; -1: a zero
     // plane) of the current block, kept from one output plane to the next: a plane read by several
     // taps of consecutive output planes is copied once per item, not once per tap (the 3-D 1 -> 32
-    // grad_input's copies were a third of its time).
+    // grad_input's copies were a third of its time: 1.07-1.19x, medians of alternating processes).
     constexpr int64_t kNoPlane = INT64_MIN;
     std::vector<int64_t> slot_plane(static_cast<size_t>(T0), kNoPlane), slot_of(static_cast<size_t>(T0));
     std::vector<char> slot_used(static_cast<size_t>(T0));
@@ -1363,8 +1363,8 @@ struct ConvPlan<T>::Impl {
             for (int r = 0; r < nr; ++r) dst[r] = src[pt * nr + r];  // inline: a memcpy call per 64 bytes cost more
           }
         }
-      // Several taps: k by k across the tiles (pack_tiles_by_k; the k2s2 grad_inputs 1.07-1.1x in
-      // 2-D, 1.07 / 1.15x in 3-D, float64 / float32). One tap (the 1x1 stride-2 forward) measured
+      // Several taps: k by k across the tiles (pack_tiles_by_k; the k2s2 grad_inputs 1.07-1.11x in
+      // 2-D, 1.07 / 1.17x in 3-D, float64 / float32, p25, one process alternating). One tap (the 1x1 stride-2 forward) measured
       // 0.93-0.96x that way, so those keep tile by tile.
       if (T_ > 1)
         pack_patches_by_k(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, nr, run_tiles, p_tiles, k0, kc,
