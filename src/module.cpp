@@ -295,7 +295,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("kernel"), py::arg("stride"), py::arg("dilation"), py::arg("pad_before"), py::arg("mode"));
   m.def("pad", &pad);
   m.def("output_array", &output_array, py::arg("shape"), py::arg("dtype"));
-  m.attr("large_block_min") = py::int_(detail::kLargeBlockMin);
   m.def("set_num_threads", &set_num_threads);
   m.def("get_num_threads", &get_num_threads);
   m.def("supported_isas", &supported_isas);

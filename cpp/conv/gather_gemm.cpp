@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "convfast/dispatch.hpp"
@@ -254,10 +255,6 @@ void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int n
 // crossing an output row or touching the padding: element by element, zeros for padding).
 enum class TapRead : int8_t { Run, Strided, Gather };
 
-// pack_input_patches: A[k][MR] for one m-tile (rows m_first .. m_first + MR, of which valid_rows
-// exist) and k in [k0, k0 + kc), k = ci * taps + t, straight from the unpadded input (xoff holds
-// each pixel's spatial offset per tap, kOutside = zero). The taps of one input channel read
-// neighbouring rows of the same plane, which keeps the packing's footprint (and TLB) small.
 // How each tap of an m-tile reads: its kind, its first pixel's offset and the step between pixels.
 template <int MR>
 void classify_taps(const int64_t* xoff, int64_t taps, int64_t valid_rows, int64_t m_first, TapRead* kind,
@@ -298,6 +295,10 @@ inline void copy_tap(const T* plane, TapRead kind, int64_t base, int64_t step, c
   }
 }
 
+// pack_input_patches: A[k][MR] for one m-tile (rows m_first .. m_first + MR, of which valid_rows
+// exist) and k in [k0, k0 + kc), k = ci * taps + t, straight from the unpadded input (xoff holds
+// each pixel's spatial offset per tap, kOutside = zero). The taps of one input channel read
+// neighbouring rows of the same plane, which keeps the packing's footprint (and TLB) small.
 template <int MR, typename T>
 void pack_tile(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t valid_rows, int64_t m_first,
                int64_t k0, int64_t kc, TapRead* kind, int64_t* base, int64_t* step, T* dst) {
@@ -312,19 +313,29 @@ void pack_tile(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64
   }
 }
 
+// Calls f(std::integral_constant<int, MR>) for the tile heights the plan allows (MR pixels in the
+// broadcast rows, or NR in the vector lanes of pixel_lanes).
+template <typename F>
+void with_tile_height(int mr, F&& f) {
+  switch (mr) {
+    case 4: return f(std::integral_constant<int, 4>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 8: return f(std::integral_constant<int, 8>());
+    case 12: return f(std::integral_constant<int, 12>());
+    case 16: return f(std::integral_constant<int, 16>());
+    case 32: return f(std::integral_constant<int, 32>());
+    default: return;  // unreachable: the plan refuses other heights (no exception inside OpenMP)
+  }
+}
+constexpr int kMinTileHeight = 4;  // the smallest height above
+
 template <typename T>
 void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t mcount, int mr,
                         int64_t mt, int64_t k0, int64_t kc, TapRead* kind, int64_t* base, int64_t* step, T* dst) {
   const int64_t m_first = mt * mr, valid = std::min<int64_t>(mr, mcount - m_first);
-  switch (mr) {  // MR (pixels in the broadcast rows) or NR (pixels in the vector lanes, pixel_lanes)
-    case 4: return pack_tile<4>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    case 6: return pack_tile<6>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    case 8: return pack_tile<8>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    case 12: return pack_tile<12>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    case 16: return pack_tile<16>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    case 32: return pack_tile<32>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
-    default: return;  // unreachable: the plan refuses other heights (no exception inside OpenMP)
-  }
+  with_tile_height(mr, [&](auto height) {
+    pack_tile<decltype(height)::value>(xg, cs, xoff, taps, valid, m_first, k0, kc, kind, base, step, dst);
+  });
 }
 
 // The same panels for m-tiles [pt0, pt1) of a block (tile pt's at dst + pt * MR * kc), packed k by
@@ -363,15 +374,9 @@ template <typename T>
 void pack_patches_by_k(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t mcount, int mr,
                        int64_t pt0, int64_t pt1, int64_t k0, int64_t kc, TapRead* kind, int64_t* base, int64_t* step,
                        T* dst) {
-  switch (mr) {
-    case 4: return pack_tiles_by_k<4>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
-    case 6: return pack_tiles_by_k<6>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
-    case 8: return pack_tiles_by_k<8>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
-    case 12: return pack_tiles_by_k<12>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
-    case 16: return pack_tiles_by_k<16>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
-    case 32: return pack_tiles_by_k<32>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
-    default: return;  // unreachable: the plan refuses other heights (no exception inside OpenMP)
-  }
+  with_tile_height(mr, [&](auto height) {
+    pack_tiles_by_k<decltype(height)::value>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
+  });
 }
 
 // Per-thread scratch, allocated once per call before the parallel region (so that allocation
@@ -394,7 +399,8 @@ struct ThreadScratch {
       : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), row_buffers(row_buffer_size),
         x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
         src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
-        tap_kind(static_cast<size_t>(checked_mul(ceil_div(std::max<int64_t>(mc, 1), 4), std::max<int64_t>(max_taps, 1)))),
+        tap_kind(static_cast<size_t>(checked_mul(ceil_div(std::max<int64_t>(mc, 1), kMinTileHeight),
+                                                 std::max<int64_t>(max_taps, 1)))),  // per tap of every tile
         tile_anchor(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
         tile_pixel(static_cast<size_t>(mc)),  // GEMM blocks are whole tiles: mc is a multiple of MR
         tile_in_y(static_cast<size_t>(mc)), row_bias(nc),

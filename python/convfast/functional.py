@@ -90,11 +90,10 @@ def _kernel_params(spec: ConvSpec):
 
 
 def _output_array(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """An uninitialised output: from the compiled engine's kept large blocks where it is large
-    (``_core.output_array``: no fresh pages to zero per call), else NumPy's, which also raises
-    NumPy's own error for sizes past the address space."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < _core.large_block_min or nbytes > sys.maxsize:
+    """An uninitialised output: ``_core.output_array`` (the compiled engine's kept large blocks for
+    large outputs: no fresh pages to zero per call; NumPy's own array for small ones), or, for sizes
+    past the address space, ``np.empty``, which raises NumPy's own error."""
+    if math.prod(shape) * dtype.itemsize > sys.maxsize:
         return np.empty(shape, dtype=dtype)
     return _core.output_array(shape, dtype)
 
