@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from . import _core, reference
-from ._interop import output_wrapper, to_numpy
+from ._interop import call_with_grad, needs_grad, output_wrapper, to_numpy
 from .cuda._dispatch import cuda_backend, select_device
 from ._spec import (ConvSpec, PADDING_MODES, as_array, conv_spec, conv_transpose_spec, normalize_padding_mode,
                     NUMPY_PAD_MODE)
@@ -153,6 +153,10 @@ def _make_conv(rank: int):
 
     def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
              data_format="channels_first", out=None, device=None):
+        if needs_grad(x, weight, bias):  # a torch tensor requiring grad: through convfast.torch's autograd op
+            return call_with_grad(name, x, weight, bias, out=out, device=device, data_format=data_format,
+                                  stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                  padding_mode=padding_mode)
         if select_device(name, device, x, weight=weight, bias=bias, out=out) == "cuda":
             return cuda_backend(name).conv(name, rank, x, weight, bias, out, stride, padding, dilation, groups,
                                            padding_mode, data_format)
@@ -206,6 +210,10 @@ def _make_conv_transpose(rank: int):
 
     def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        output_size=None, data_format="channels_first", out=None, device=None):
+        if needs_grad(x, weight, bias):  # a torch tensor requiring grad: through convfast.torch's autograd op
+            return call_with_grad(name, x, weight, bias, out=out, device=device, data_format=data_format,
+                                  stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+                                  dilation=dilation, output_size=output_size)
         if select_device(name, device, x, weight=weight, bias=bias, out=out) == "cuda":
             return cuda_backend(name).conv_transpose(name, rank, x, weight, bias, out, stride, padding,
                                                      output_padding, groups, dilation, output_size, data_format)
