@@ -1,4 +1,5 @@
-"""Command line: ``python -m convfast info`` and ``python -m convfast bench [options]``."""
+"""Command line: ``python -m convfast info`` and ``python -m convfast bench [options]``; without a
+command it prints the help."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ def main(argv=None) -> int:
     bench_parser = sub.add_parser(
         "bench", help="time the layer suite against PyTorch (and NumPy)",
         description="Check every case of the layer suite against PyTorch, then time convfast and PyTorch "
-                    "interleaved at the same thread count; print ms, GFLOP/s, %% of the FMA peak and the speedup. "
+                    "interleaved at the same thread count; print ms, GFLOP/s, % of the FMA peak and the speedup. "
                     "--pass backward times the gradients (grad_input + grad_weight) instead.")
     bench.add_arguments(bench_parser)
     args = parser.parse_args(argv)
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
     if args.command == "bench":
         return bench.main(args)
     parser.print_help()
-    return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
                      f"so their timings (and ratios) are unreliable; re-run them on a quiet machine: " + ", ".join(busy))
     unchecked = [f"{r['case']} {r['dtype']}" for r in report["results"] if r["checked_against"] is None]
     if unchecked:
-        notes.append("not checked (no PyTorch, and too large for the NumPy reference): " + ", ".join(unchecked))
+        notes.append("not checked (PyTorch not compared, and too large for the NumPy reference): "
+                     + ", ".join(unchecked))
     report["seconds"] = time.perf_counter() - t_start
     report["summary"] = summarise(report["results"], dtypes)
     return report
