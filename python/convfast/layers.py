@@ -17,7 +17,8 @@ from ._spec import (as_array, as_int, conv_spec, conv_transpose_spec, normalize_
                     normalize_padding_mode, per_axis)
 from ._interop import output_wrapper, to_numpy
 from .cuda._dispatch import cuda_backend, normalize_device, select_device
-from .functional import run_spec
+from . import _core
+from .functional import _plain, run_spec
 
 
 def _frozen(value, dtype) -> np.ndarray:
@@ -61,7 +62,7 @@ class _ConvLayer:
         # PyTorch's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(shape[1] * math.prod(self.kernel_size))
-        self._plans = {}
+        self._calls = {}  # input signature -> _core.Call holding a plan with the weights packed
         self._device = None  # None: run where x lives; "cpu" / "cuda" after .to()
         self._gpu = None     # the device copy of weight and bias (convfast.cuda._engine.LayerState)
         self._weight = _frozen(rng.uniform(-bound, bound, shape), self.dtype)
@@ -77,7 +78,7 @@ class _ConvLayer:
         if value.shape != self._weight.shape:
             raise ValueError(f"{type(self).__name__}: weight must have shape {self._weight.shape}, got {value.shape}")
         self._weight = _frozen(value, self.dtype)
-        self._plans = {}  # the cached plans hold the old weights, packed
+        self._calls = {}  # the kept plans hold the old weights, packed
         self._refresh_gpu()
 
     @property
@@ -94,6 +95,7 @@ class _ConvLayer:
                 raise ValueError(f"{type(self).__name__}: bias must have shape ({self.out_channels},), "
                                  f"got {value.shape}")
             self._bias = _frozen(value, self.dtype)
+        self._calls = {}
         self._refresh_gpu()
 
     # -- device placement ---------------------------------------------------------------------
@@ -155,13 +157,29 @@ class _ConvLayer:
         return conv_spec(name, self._rank, x, self._weight, self._bias, self.stride, self.padding, self.dilation,
                          self.groups, self.padding_mode, self.data_format)
 
-    def __call__(self, x, *, out=None):
+    def _input_key(self, x, extra=None):
+        """The signature of a call with input x (None: not a plain NumPy call), for self._calls."""
+        if type(x) is not np.ndarray or self._device is not None:
+            return None
+        return (x.shape, x.strides, x.dtype, _core.active_isa(), extra)
+
+    def _run(self, x, out, key, make_spec):
         name = type(self).__name__
+        if out is None:
+            call = self._calls.get(key)
+            if call is not None:
+                y = call.run(x, self._weight, self._bias)
+                if y is not None:
+                    return y
         if select_device(name, self._device, x, out=out) == "cuda":
-            return self._run_gpu(x, out, self.spec)
+            return self._run_gpu(x, out, make_spec)
         wrap = output_wrapper(x)
         x = as_array(name, "x", x)
-        return wrap(run_spec(self.spec(x), x, self._weight, self._bias, to_numpy(name, "out", out), plans=self._plans))
+        return wrap(run_spec(make_spec(x), x, self._weight, self._bias, to_numpy(name, "out", out), self._calls,
+                             key, planned=True))
+
+    def __call__(self, x, *, out=None):
+        return self._run(x, out, self._input_key(x), self.spec)
 
     forward = __call__
 
@@ -196,12 +214,8 @@ class _ConvTranspose(_ConvLayer):
                                        0 if output_size is not None else self.output_padding, self.groups,
                                        self.dilation, output_size, self.data_format)
 
-        if select_device(name, self._device, x, out=out) == "cuda":
-            return self._run_gpu(x, out, make_spec)
-        wrap = output_wrapper(x)
-        x = as_array(name, "x", x)
-        spec = make_spec(x)
-        return wrap(run_spec(spec, x, self._weight, self._bias, to_numpy(name, "out", out), plans=self._plans))
+        key = self._input_key(x, output_size) if _plain(output_size) else None
+        return self._run(x, out, key, make_spec)
 
     forward = __call__
 
