@@ -1,4 +1,4 @@
-"""The seed tutorial's 3-D CNN (video / medical-volume style), forward pass only, with convfast.Conv3d:
+"""A small 3-D CNN (video / medical-volume style), forward pass only, with convfast.Conv3d:
 conv 32 -> pool -> conv 64 -> pool -> conv 64 -> flatten -> dense 64 -> dense 1 (sigmoid), with
 "valid" and "same" padding, on a synthetic 64^3 volume. Every convolution's output shape is checked
 against ``convfast.conv_output_shape``. Weights are random.
@@ -33,7 +33,7 @@ class CNN3D:
                       convfast.Conv3d(32, 64, 3, padding=padding, seed=rng),
                       convfast.Conv3d(64, 64, 3, padding=padding, seed=rng)]
         # The dense layer's width depends on the padding through the flattened size, which is why the
-        # seed's "valid" and "same" models differ in parameter count.
+        # "valid" and "same" models differ in parameter count.
         spatial = (in_size,) * 3
         for i, conv in enumerate(self.convs):
             spatial = convfast.conv_output_shape(spatial, conv.kernel_size, padding=padding)

@@ -1,14 +1,17 @@
 """Convolve a 3-D volume larger than a worker's memory, chunk by chunk, on a dask.distributed cluster
 with convfast.dask.conv3d: a 640^3 float32 volume (1.05 GB, generated lazily with dask.array.random)
 through a 1 -> 2 channel 5x5x5 filter bank (Gaussian smoothing and a difference-of-Gaussians blob
-detector, reflect padding, "same" output) on 2 worker processes limited to 300 MB each. The 2.1 GB
-result is written to a Zarr store when zarr is installed, else reduced to per-channel statistics;
-either way no process ever holds the volume. A progress bar shows the blocks as they finish.
+detector, reflect padding, "same" output) on a local cluster of worker processes (one per core, at
+most 2), each limited to less memory than the volume (800 MB, less on a machine with little memory).
+The 2.1 GB result is written to a Zarr store when zarr is installed, else reduced to per-channel
+statistics; either way no process ever holds the volume. One progress bar shows the blocks as they
+finish (in a terminal, distributed's bar; otherwise a bar that grows on one line).
 
 The example checks itself: one corner of the result (crossing chunk borders and the reflect-padded
 outer border) is compared bit for bit with an in-memory convfast.conv3d of the same input region.
 
-    python examples/dask_volume.py [--out DIR] [--small] [--size N] [--memory-limit 300MB] [--no-zarr]
+    python examples/dask_volume.py [--out DIR] [--small] [--size N] [--workers N] [--memory-limit 800MB]
+                                   [--no-zarr]
 
 ``--small`` (or the environment variable CONVFAST_EXAMPLES_SMALL=1, which tests/test_examples.py
 sets) runs a 96^3 volume in a few seconds; the default is the real 1 GB run (about a minute or two
@@ -16,6 +19,7 @@ on 2 cores). Needs dask[array] and distributed (pip install "convfast[dask]"); z
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +29,8 @@ import numpy as np
 import convfast
 import convfast.dask as cfd
 import dask.array as da
-from distributed import Client, LocalCluster, progress
+from distributed import Client, LocalCluster, futures_of, progress
+from distributed.diagnostics.progressbar import TextProgressBar
 
 from _common import save_figure, show_map
 
@@ -42,17 +47,62 @@ def parse_args():
                         help="a 96^3 volume (a few seconds): what tests/test_examples.py runs")
     parser.add_argument("--size", type=int, default=None,
                         help="edge of the cubic volume (default 640, 96 with --small)")
-    parser.add_argument("--memory-limit", default="300MB", help="memory limit of each worker (default 300MB)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2, one thread each)")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="worker processes, one thread each (default: one per core, at most 2)")
+    parser.add_argument("--memory-limit", default=None,
+                        help="memory limit of each worker (default 800MB, or less where the machine's memory "
+                             "divided among the workers is smaller)")
     parser.add_argument("--no-zarr", action="store_true", help="reduce the result even when zarr is installed")
     args = parser.parse_args()
     if args.size is None:
         args.size = 96 if args.small else 640
+    if args.memory_limit is None:
+        args.memory_limit = default_memory_limit(args.workers)
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="convfast-examples-"))
         print(f"no --out given: writing into {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def default_memory_limit(workers: int) -> str:
+    """800 MB per worker (below the 1 GB volume, well above a worker's own ~200 MB of Python, NumPy and
+    distributed), or half the machine's memory shared among the workers where that is less. A limit
+    near a worker's idle footprint makes distributed warn "Worker is at 80% memory usage" over and
+    over and spill or pause for nothing."""
+    import psutil  # a dependency of distributed
+    share = psutil.virtual_memory().total // 2 // max(workers, 1)
+    return f"{min(800_000_000, share) // 1_000_000}MB"
+
+
+class LineProgressBar(TextProgressBar):
+    """distributed's text progress bar for a stdout that is not a terminal (a log file, a pipe): the
+    bar grows on one line, ``#`` by ``#``, instead of being redrawn with carriage returns."""
+
+    def __init__(self, keys, **kwargs):
+        self._shown = 0
+        sys.stdout.write("[")
+        super().__init__(keys, **kwargs)
+
+    def _draw_bar(self, remaining, all, **kwargs):
+        done = int(self.width * ((1 - remaining / all) if all else 1.0))
+        if done > self._shown:
+            sys.stdout.write("#" * (done - self._shown))
+            sys.stdout.flush()
+            self._shown = done
+
+    def _draw_stop(self, **kwargs):
+        sys.stdout.write("#" * (self.width - self._shown) + f"] 100% in {self.elapsed:.1f} s\n"
+                         if kwargs.get("status") != "error" else "] stopped by an error\n")
+        sys.stdout.flush()
+
+
+def show_progress(futures) -> None:
+    """One progress bar over all the blocks behind ``futures``; blocks until they are done."""
+    if sys.stdout.isatty():
+        progress(futures, multi=False)
+    else:
+        LineProgressBar(futures_of(futures))
 
 
 def filter_bank() -> np.ndarray:
@@ -86,7 +136,7 @@ def main():
     # Slabs with whole rows along the last, contiguous axis (the kernels' fast case; short rows cost
     # per-row overhead): 32 x 64 x 640 float32 = 5 MB per chunk, 200 chunks, so that a task's
     # working set (its chunk, the halo from 8 neighbours, the gathered block, 2 output channels)
-    # is a few tens of MB, well inside a 300 MB worker.
+    # is a few tens of MB, well inside a worker's limit next to its own footprint.
     chunks = (max(n // 20, 16), max(n // 10, 24), n)
     x = lazy_volume(n, chunks)
     w = filter_bank()
@@ -121,10 +171,10 @@ def main():
             what = "reduced to statistics (install zarr to write the result to a Zarr store)"
         t0 = time.perf_counter()
         futures = client.compute([job] + checks)
-        progress(futures)
+        show_progress(futures)
         result, region, corner, *planes = client.gather(futures)
         seconds = time.perf_counter() - t0
-        print(f"\n{what} in {seconds:.1f} s: {n ** 3 / seconds / 1e6:.1f} M voxels/s (both channels, input "
+        print(f"{what} in {seconds:.1f} s: {n ** 3 / seconds / 1e6:.1f} M voxels/s (both channels, input "
               f"generation included)")
         if isinstance(result, np.ndarray) and result.shape == (4, 2):
             for c, name in enumerate(("gaussian", "DoG")):

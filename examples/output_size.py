@@ -1,5 +1,5 @@
-"""Output size against input size: "valid", padding=1 and "same", for strides 1, 2 and 3 (the seed
-tutorials' output-size plots), computed with ``convfast.conv_output_shape`` and confirmed by running
+"""Output size against input size: "valid", padding=1 and "same", for strides 1, 2 and 3 (the
+classic output-size plots), computed with ``convfast.conv_output_shape`` and confirmed by running
 ``convfast.conv2d`` on every input size.
 
     python examples/output_size.py [--out DIR]
@@ -13,7 +13,7 @@ from _common import output_dir, save_figure
 KERNEL = 3
 STRIDES = (1, 2, 3)
 # "same" here is TF/ONNX SAME_UPPER, defined for every stride (out = ceil(in / stride)); PyTorch's
-# padding="same" exists only for stride 1, which is why the seeds' PyTorch code pads by hand.
+# padding="same" exists only for stride 1, which is why PyTorch code often pads by hand.
 PADDINGS = (("valid", "valid"), ("padding=1", 1), ("same", "same"))
 SIZES = range(5, 51)
 
@@ -49,7 +49,7 @@ def main():
     print(f"with a {KERNEL}x{KERNEL} kernel, padding=1 and 'same' coincide at every stride: "
           "floor((n - 1) / s) + 1 == ceil(n / s)")
 
-    # The seed's PyTorch layer cases on a 28x28 input, plus the strided "same" PyTorch lacks.
+    # Common layer cases on a 28x28 input, plus the strided "same" PyTorch lacks.
     print("28x28 input, 3x3 kernel:")
     for label, stride, padding in (("no padding, stride 1", 1, 0), ("padding 1, stride 1", 1, 1),
                                    ("padding 1, stride 2", 2, 1), ("'same', stride 2", 2, "same"),

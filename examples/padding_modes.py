@@ -1,4 +1,4 @@
-"""Padding modes: the seed tutorials' zero / reflect / edge padding figure, extended to every mode
+"""Padding modes: the usual zero / reflect / edge padding figure, extended to every mode
 convfast has (circular and symmetric too), first with ``convfast.pad`` (an ``np.pad`` drop-in) and
 then applied inside ``convfast.conv2d`` with ``padding_mode=``.
 
@@ -17,7 +17,7 @@ MODES = [("constant", "zeros"), ("reflect", "reflect"), ("edge", "replicate"),
 
 
 def pad_figure(out):
-    # Distinct values (rather than the seed's 0/1 picture) so that every padded cell shows which
+    # Distinct values (rather than a 0/1 picture) so that every padded cell shows which
     # source pixel it copies: reflect and symmetric differ only in whether the edge repeats.
     image = np.arange(25, dtype=np.float32).reshape(5, 5)
     p = 2

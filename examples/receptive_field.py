@@ -1,4 +1,4 @@
-"""Receptive-field growth with depth and with dilation (the seed tutorials' receptive-field plots),
+"""Receptive-field growth with depth and with dilation (the classic receptive-field plots),
 from ``convfast.receptive_field``, with a VGG-16 feature stack and the ResNet stem (7x7 stride-2
 convolution, then 3x3 stride-2 max-pool). Every field is cross-checked by propagating one output
 pixel back to the input with ``convfast.conv_transpose1d``.
@@ -30,7 +30,7 @@ def vgg16():
 
 
 def resnet_stem():
-    """ResNet's stem and the seed's residual block: only the convolution/pooling geometry matters here
+    """ResNet's stem and a residual block: only the convolution/pooling geometry matters here
     (batch-norm, ReLU and the identity shortcut leave the field unchanged)."""
     names = ["conv1 7x7 s2 p3", "maxpool 3x3 s2 p1", "block conv 3x3 p1", "block conv 3x3 p1"]
     return names, [conv(7, 2, 3), conv(3, 2, 1), conv(3, padding=1), conv(3, padding=1)]
@@ -111,7 +111,7 @@ def main():
         ax.legend()
     save_figure(fig, out, "receptive_field")
 
-    # Padding moves the field (start) but never resizes it: seed 000's valid-vs-same curves coincide.
+    # Padding moves the field (start) but never resizes it: valid-vs-same curves coincide.
     valid = convfast.receptive_field([conv(3)] * 5)[-1]
     same = convfast.receptive_field([conv(3, padding="same")] * 5)[-1]
     print(f"5 x conv3x3: valid {valid}, same {same}")

@@ -1,5 +1,5 @@
 """Sobel edge detection on a real photograph (Grace Hopper's portrait, shipped with matplotlib), the
-seed tutorial's edge-detection example with convfast: both Sobel kernels in one ``conv2d`` call, with
+classic edge-detection example with convfast: both Sobel kernels in one ``conv2d`` call, with
 stride 1 and 2, dilation 1 and 2, ``padding="same"`` and the reflect padding mode.
 
     python examples/sobel_edges.py [--out DIR]

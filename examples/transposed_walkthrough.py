@@ -1,4 +1,4 @@
-"""Transposed convolution, step by step: the seed tutorial's 4x4 -> 8x8 example (kernel 3, stride 2,
+"""Transposed convolution, step by step: the classic 4x4 -> 8x8 example (kernel 3, stride 2,
 padding 1, output_padding 1), the same shape through ``output_size=`` and ``padding="same"``, how
 these relate to the uncropped ("valid") output, and the defining property: conv_transpose is the
 adjoint of conv, <conv(x), y> == <x, conv_transpose(y)>.

@@ -1,4 +1,4 @@
-"""The seed tutorial's simplified U-Net, forward pass only, built from convfast layers: 3x3 convolutions
+"""A simplified U-Net, forward pass only, built from convfast layers: 3x3 convolutions
 with padding=1 (+ NumPy ReLU), 2x2 max-pooling, ``ConvTranspose2d(kernel_size=2, stride=2)``
 up-convolutions and skip concatenations. The weights are random (PyTorch's default initialisation),
 so the maps show structure, not a segmentation; the point is that every shape works out.
@@ -11,7 +11,7 @@ import numpy as np
 import convfast
 from _common import max_pool, output_dir, relu, sample_photo, save_figure, show_map
 
-SIZE = 128  # the seed uses 256x256; 128 keeps the example to about a second on a laptop
+SIZE = 128  # U-Net is usually shown at 256x256; 128 keeps the example to about a second on a laptop
 
 
 class ConvBlock:
