@@ -6,7 +6,9 @@ installed wheel; ``benchmarks/layers.py`` re-exports it for asv.
 
 A case is one convolution layer of a well-known network at a batch size that makes one call take
 roughly 5-100 ms on a 2-core AVX2 machine (PyTorch 2.13 timings). ``SUITES["small"]`` (9 cases,
-about a minute with the PyTorch comparison) and ``SUITES["full"]`` (every case) name them.
+about a minute with the PyTorch comparison), ``SUITES["batch1"]`` (layers of whole networks at
+batch 1 and small maps, 0.01-10 ms a call, where per-call costs and the choice of algorithm weigh)
+and ``SUITES["full"]`` (every case) name them.
 
 >>> from convfast import _bench_suite as suite
 >>> case = suite.CASES["resnet_3x3_64_56"]
@@ -151,12 +153,65 @@ _ALL: List[Case] = [
     _case("convT3d_k2s2_64_32_16", "conv_transpose", 3, 4, 64, 32, 16, 2, 2, 0, note="3-D U-Net up-convolution"),
 ]
 
+# Batch 1 (inference) and the small layers of whole networks, where per-call costs, thread start-up
+# and the choice of algorithm matter more than the FMA rate: SUITES["batch1"].
+_BATCH1: List[Case] = [
+    _case("percall_3x3_1_1_8", "conv", 2, 1, 1, 1, 8, 3, 1, 1, note="trivial layer: per-call cost"),
+    # 1x1 with 32-256 channels.
+    _case("b1_pointwise_1x1_32_192_28", "conv", 2, 1, 32, 192, 28, 1, family="pointwise",
+          note="MobileNetV2 expand 1x1"),
+    _case("b1_pointwise_1x1_192_32_28", "conv", 2, 1, 192, 32, 28, 1, family="pointwise",
+          note="MobileNetV2 project 1x1"),
+    _case("b1_pointwise_1x1_64_256_56", "conv", 2, 1, 64, 256, 56, 1, family="pointwise",
+          note="ResNet-50 bottleneck expand 1x1"),
+    _case("b1_pointwise_1x1s2_64_128_56", "conv", 2, 1, 64, 128, 56, 1, 2, family="pointwise",
+          note="ResNet-18 downsample shortcut 1x1 stride 2"),
+    _case("b1_pointwise1d_32_32_16000", "conv", 1, 1, 32, 32, 16000, 1, family="pointwise",
+          note="WaveNet residual/skip 1x1"),
+    _case("b1_pointwise1d_256_128_4000", "conv", 1, 1, 256, 128, 4000, 1, family="pointwise",
+          note="1-D encoder 1x1"),
+    # 3x3 stride 2.
+    _case("b1_3x3s2_64_128_56", "conv", 2, 1, 64, 128, 56, 3, 2, 1, note="ResNet-18 layer2.0.conv1 3x3 stride 2"),
+    _case("b1_3x3s2_256_512_14", "conv", 2, 1, 256, 512, 14, 3, 2, 1, note="ResNet-18 layer4.0.conv1 3x3 stride 2"),
+    # First layers (1-3 input channels).
+    _case("b1_stem_7x7s2_3_64_224", "conv", 2, 1, 3, 64, 224, 7, 2, 3, family="stem", note="ResNet stem at batch 1"),
+    _case("b1_stem_3x3s2_3_32_224", "conv", 2, 1, 3, 32, 224, 3, 2, 1, family="stem",
+          note="MobileNet/EfficientNet stem at batch 1"),
+    _case("b1_stem1d_k7_1_32_16000", "conv", 1, 1, 1, 32, 16000, 7, 1, 3, note="1-D first layer (audio), C_in=1"),
+    _case("mnist_3x3_1_32_28", "conv", 2, 64, 1, 32, 28, 3, 1, 1, family="stem",
+          note="MNIST CNN first layer, batch 64"),
+    # 3x3 with 512 channels on small maps.
+    _case("b1_3x3_512_7", "conv", 2, 1, 512, 512, 7, 3, 1, 1, note="ResNet-18 layer4 3x3 on 7x7"),
+    _case("b1_3x3_512_4", "conv", 2, 1, 512, 512, 4, 3, 1, 1, note="ResNet-18 layer4 3x3 on 4x4 (112x112 input)"),
+    # Depthwise with many channels on small maps.
+    _case("b1_depthwise_3x3_32_112", "conv", 2, 1, 32, 32, 112, 3, 1, 1, groups=32, family="depthwise",
+          note="MobileNetV2 first depthwise"),
+    _case("b1_depthwise_3x3_384_14", "conv", 2, 1, 384, 384, 14, 3, 1, 1, groups=384, family="depthwise",
+          note="MobileNetV2 depthwise 384 on 14x14"),
+    _case("b1_depthwise_3x3_576_14", "conv", 2, 1, 576, 576, 14, 3, 1, 1, groups=576, family="depthwise",
+          note="MobileNetV2 depthwise 576 on 14x14"),
+    _case("b1_depthwise_3x3_960_7", "conv", 2, 1, 960, 960, 7, 3, 1, 1, groups=960, family="depthwise",
+          note="MobileNetV2 depthwise 960 on 7x7"),
+    _case("b1_depthwise_5x5_672_14", "conv", 2, 1, 672, 672, 14, 5, 1, 2, groups=672, family="depthwise",
+          note="EfficientNet-B0 depthwise 5x5"),
+    # Grouped with 16 channels per group.
+    _case("b1_grouped_3x3g8_128_28", "conv", 2, 1, 128, 128, 28, 3, 1, 1, groups=8, family="grouped",
+          note="grouped 3x3, 16 channels per group"),
+    _case("b1_grouped_3x3g16_256_14", "conv", 2, 1, 256, 256, 14, 3, 1, 1, groups=16, family="grouped",
+          note="RegNet-style grouped 3x3, 16 channels per group"),
+    # 1-D with 32 channels.
+    _case("b1_conv1d_k3_32_16000", "conv", 1, 1, 32, 32, 16000, 3, 1, 1, note="1-D k3, 32 channels"),
+    _case("b1_conv1d_k4s2_32_16000", "conv", 1, 1, 32, 32, 16000, 4, 2, 1, note="1-D k4 stride 2 (encoder)"),
+]
+_ALL += _BATCH1
+
 CASES: Dict[str, Case] = {c.name: c for c in _ALL}
 
 SUITES: Dict[str, List[str]] = {
     "small": ["resnet_3x3_64_56", "vgg_3x3_512_14", "stem_7x7s2_3_64_224", "pointwise_1x1_256_64_56",
               "depthwise_3x3_256_56", "audio1d_k9_64_16000", "conv3d_s2_32_64_32", "convT_k4s2p1_256_128_16",
               "convT3d_k2s2_64_32_16"],
+    "batch1": [c.name for c in _BATCH1],
     "full": [c.name for c in _ALL],
 }
 
@@ -302,6 +357,112 @@ def run_torch_backward(case: Case, inputs: Inputs, grad_output: np.ndarray):
     return gx.numpy(), gw.numpy()
 
 
+# ----------------------------------------------------------------------------------------------
+# onnxruntime: a single-Conv ONNX model per case
+# ----------------------------------------------------------------------------------------------
+#
+# The model is written as ONNX protobuf bytes by the few lines below (field numbers of onnx.proto),
+# so that the comparison needs only onnxruntime, not the onnx package.
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 fields: two's complement
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _pb_int(field_no: int, value: int) -> bytes:
+    return _varint(field_no << 3) + _varint(value)
+
+
+def _pb_bytes(field_no: int, payload) -> bytes:
+    payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+    return _varint((field_no << 3) | 2) + _varint(len(payload)) + payload
+
+
+_ONNX_TYPES = {np.dtype(np.float32): 1, np.dtype(np.float64): 11}
+
+
+def _onnx_tensor(name: str, array: np.ndarray) -> bytes:
+    array = np.ascontiguousarray(array)
+    dims = b"".join(_pb_int(1, d) for d in array.shape)
+    raw = array.astype(array.dtype.newbyteorder("<")).tobytes()  # ONNX raw_data is little-endian
+    return dims + _pb_int(2, _ONNX_TYPES[array.dtype]) + _pb_bytes(8, name) + _pb_bytes(9, raw)
+
+
+def _onnx_value_info(name: str, dtype, shape) -> bytes:
+    dims = b"".join(_pb_bytes(1, _pb_int(1, d)) for d in shape)
+    tensor_type = _pb_int(1, _ONNX_TYPES[np.dtype(dtype)]) + _pb_bytes(2, dims)
+    return _pb_bytes(1, name) + _pb_bytes(2, _pb_bytes(1, tensor_type))
+
+
+def _onnx_ints(name: str, values) -> bytes:
+    return _pb_bytes(1, name) + b"".join(_pb_int(8, v) for v in values) + _pb_int(20, 7)  # type INTS
+
+
+def _onnx_int(name: str, value: int) -> bytes:
+    return _pb_bytes(1, name) + _pb_int(3, value) + _pb_int(20, 2)  # type INT
+
+
+ONNX_OPSET = 17
+
+
+def onnx_model_bytes(case: Case, weight: np.ndarray, bias: Optional[np.ndarray]) -> bytes:
+    """A serialised ONNX ModelProto: one Conv or ConvTranspose node (NCHW) with the case's
+    parameters, the weight and bias as initializers, input "x" and output "y" of the case's shapes."""
+    dtype = np.dtype(weight.dtype)
+    attrs = [_onnx_ints("kernel_shape", case.kernel), _onnx_ints("strides", case.stride),
+             _onnx_ints("pads", tuple(case.padding) * 2), _onnx_ints("dilations", case.dilation),
+             _onnx_int("group", case.groups)]
+    if case.transposed:
+        attrs.append(_onnx_ints("output_padding", case.output_padding))
+    inputs = ["x", "w"] + (["b"] if bias is not None else [])
+    node = (b"".join(_pb_bytes(1, n) for n in inputs) + _pb_bytes(2, "y") + _pb_bytes(3, "layer")
+            + _pb_bytes(4, "ConvTranspose" if case.transposed else "Conv") + b"".join(_pb_bytes(5, a) for a in attrs))
+    graph = _pb_bytes(1, node) + _pb_bytes(2, case.name) + _pb_bytes(5, _onnx_tensor("w", weight))
+    if bias is not None:
+        graph += _pb_bytes(5, _onnx_tensor("b", bias))
+    graph += _pb_bytes(11, _onnx_value_info("x", dtype, case.input_shape()))
+    graph += _pb_bytes(12, _onnx_value_info("y", dtype, case.output_shape()))
+    opset = _pb_bytes(1, "") + _pb_int(2, ONNX_OPSET)
+    return _pb_int(1, 8) + _pb_bytes(2, "convfast-bench") + _pb_bytes(7, graph) + _pb_bytes(8, opset)
+
+
+def ort_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def ort_session(case: Case, inputs: Inputs, threads: Optional[int] = None):
+    """An onnxruntime InferenceSession (CPU) of the case at ``threads`` intra-op threads (default:
+    convfast's count), sequential, all graph optimisations on, and no spinning of its thread pool
+    after a run (spinning threads would take the cores from the library timed next)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or convfast.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    model = onnx_model_bytes(case, inputs.weight, inputs.bias)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_ort(session, inputs: Inputs) -> np.ndarray:
+    """One run of an :func:`ort_session` on the inputs (channels_first only)."""
+    return session.run(None, {"x": inputs.x})[0]
+
+
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -340,7 +501,7 @@ def set_threads(n: int) -> None:
 
 
 def measure_interleaved(fns: Dict[str, Callable[[], object]], budget_s: float = 2.0, warmup: int = 2,
-                     min_repeats: int = 5, max_repeats: int = 200) -> Dict[str, dict]:
+                     min_repeats: int = 5, max_repeats: int = 2000) -> Dict[str, dict]:
     """Times several callables against each other in one process.
 
     Each is warmed up ``warmup`` times; the number of rounds is chosen from the warm-up timings so
@@ -380,8 +541,10 @@ def compare_case(case: Case, dtype="float32", layout: str = "channels_first", th
                  reference_max_flops: float = 2e8, pass_: str = "forward") -> dict:
     """Checks convfast against each comparator, then times them interleaved.
 
-    ``against`` may hold "torch" and "numpy" (convfast.reference, only for cases of at most
-    ``reference_max_flops``). convfast's result is checked against PyTorch (or, without PyTorch,
+    ``against`` may hold "torch", "numpy" (convfast.reference, only for cases of at most
+    ``reference_max_flops``) and "ort" (onnxruntime running a one-node ONNX model of the case,
+    channels_first only; when both torch and ort are timed, ``best_peer`` and ``speedup_vs_best``
+    name the faster of the two). convfast's result is checked against PyTorch (or, without PyTorch,
     against the NumPy reference when the case is small enough) before anything is timed; a case that
     fails the check is not timed. Returns a dict of plain values (JSON-serialisable).
 
@@ -419,9 +582,34 @@ def compare_case(case: Case, dtype="float32", layout: str = "channels_first", th
             ok, err = check_close(y, ref, dtype)
             result.update(checked_against="numpy", ok=ok, error=err)
         fns["numpy"] = lambda: run_reference(case, inputs)
+    if "ort" in against:
+        _add_ort(case, inputs, y, result, fns)
     if result["ok"] is False:
         return result
     return _record_timings(case, fns, budget_s, result, "forward")
+
+
+def _add_ort(case: Case, inputs: Inputs, y: np.ndarray, result: dict, fns: Dict[str, Callable[[], object]]) -> None:
+    """Adds onnxruntime to the timed callables when it can run the case; its result must match
+    convfast's (which is checked against PyTorch or NumPy) or it is left out with the reason."""
+    if inputs.layout != "channels_first":
+        result["ort_skipped"] = "ONNX Conv takes channels_first (NCHW) only"
+        return
+    try:
+        session = ort_session(case, inputs)
+        y_ort = run_ort(session, inputs)
+    except Exception as exc:  # e.g. no float64 kernel for this operator
+        text = str(exc)
+        if "NOT_IMPLEMENTED" in text:
+            result["ort_skipped"] = f"onnxruntime has no {inputs.dtype.name} kernel for it"
+        else:
+            result["ort_skipped"] = f"onnxruntime cannot run it: {text.splitlines()[0][:120]}"
+        return
+    ok, err = check_close(y_ort, y, inputs.dtype)
+    if not ok:
+        result["ort_skipped"] = f"onnxruntime's result differs from convfast's by {err:.2g} (relative)"
+        return
+    fns["ort"] = lambda: run_ort(session, inputs)
 
 
 def _record_timings(case: Case, fns: Dict[str, Callable[[], object]], budget_s: float, result: dict,
@@ -433,9 +621,14 @@ def _record_timings(case: Case, fns: Dict[str, Callable[[], object]], budget_s: 
         result[f"{name}_min_ms"] = t["min_ms"]
         result[f"{name}_gflops"] = gflops(case, t["median_ms"], pass_)
         result["rounds"] = t["rounds"]
-    for name in ("torch", "numpy"):
+    for name in ("torch", "numpy", "ort"):
         if f"{name}_ms" in result:
             result[f"speedup_vs_{name}"] = result[f"{name}_ms"] / result["convfast_ms"]
+    peers = [name for name in ("torch", "ort") if f"{name}_ms" in result]
+    if len(peers) > 1:
+        best = min(peers, key=lambda name: result[f"{name}_ms"])
+        result["best_peer"] = best
+        result["speedup_vs_best"] = result[f"{best}_ms"] / result["convfast_ms"]
     return result
 
 
@@ -463,4 +656,5 @@ def geometric_mean(values: Sequence[float]) -> float:
 __all__ = ["Case", "CASES", "SUITES", "LAYOUTS", "DTYPES", "Inputs", "get_suite", "flops", "gflops", "make_inputs",
            "run_convfast", "run_torch", "run_reference", "torch_available", "check_close", "set_threads",
            "measure_interleaved", "compare_case", "geometric_mean", "TOLERANCE", "PASSES", "BACKWARD_MASK",
-           "make_grad_output", "run_convfast_backward", "run_torch_backward"]
+           "make_grad_output", "run_convfast_backward", "run_torch_backward", "ort_available", "ort_session",
+           "run_ort", "onnx_model_bytes"]

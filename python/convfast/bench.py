@@ -10,6 +10,10 @@ FMA peak *measured* at the start of the run: one thread runs the active GEMM mic
 L1-resident panels (``convfast._core.ukernel_peak_gflops``), times the thread count; it follows the
 host's clock and ISA. ``--peak`` or ``CONVFAST_PEAK_GFLOPS`` gives a float32 figure instead
 (float64 is then taken as half).
+
+``--compare ort`` adds onnxruntime (a one-node ONNX model per case, float32, channels_first, forward);
+with both peers the table shows the speedup over the faster one. ``--networks`` times whole networks
+instead (``convfast._bench_networks``).
 """
 from __future__ import annotations
 
@@ -163,6 +167,20 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
     if "torch" in compare and not suite.torch_available():
         compare = [c for c in compare if c != "torch"]
         notes.append("PyTorch is not importable: no comparison with it (pip install torch)")
+    if "ort" in compare:
+        if not suite.ort_available():
+            compare = [c for c in compare if c != "ort"]
+            notes.append("onnxruntime is not importable: no comparison with it (pip install onnxruntime)")
+        elif pass_ == "backward":
+            compare = [c for c in compare if c != "ort"]
+            notes.append("onnxruntime has no convolution backward: --compare ort ignored for --pass backward")
+        elif layout != "channels_first":
+            compare = [c for c in compare if c != "ort"]
+            notes.append("onnxruntime's Conv takes channels_first (NCHW) only: --compare ort ignored for "
+                         "--layout channels_last")
+        else:
+            notes.append("ort = onnxruntime running a one-node ONNX model of the layer (weights as initializers, "
+                         "all graph optimisations, the same intra-op thread count, thread-pool spinning off)")
     if "numpy" in compare:
         notes.append("numpy = convfast.reference (pure NumPy, float64 accumulation), timed only for cases of "
                       "at most 2e8 FLOP")
@@ -225,7 +243,7 @@ def run_bench(suite_name: str = "small", dtypes: Sequence[str] = ("float32",), t
 
 def summarise(results: List[dict], dtypes: Sequence[str]) -> dict:
     summary = {}
-    for name in ("torch", "numpy"):
+    for name in ("torch", "ort", "best", "numpy"):
         key = f"speedup_vs_{name}"
         per_dtype = {}
         for dt in list(dtypes) + ["all"]:
@@ -252,14 +270,22 @@ def format_table(report: dict) -> str:
     results = report["results"]
     has_torch = any("torch_ms" in r for r in results)
     has_numpy = any("numpy_ms" in r for r in results) or "numpy" in report["compare"]
+    has_ort = "ort" in report["compare"]
+    has_best = any("speedup_vs_best" in r for r in results)
     header = ["case", "dtype", "ms convfast"]
     if has_torch:
         header.append("ms torch")
+    if has_ort:
+        header.append("ms ort")
     if has_numpy:
         header.append("ms numpy")
     header += ["GFLOP/s", "% peak"]
     if has_torch:
         header.append("speedup")
+    if has_ort:
+        header.append("vs ort")
+    if has_best:
+        header.append("vs best peer")
     if has_numpy:
         header.append("vs numpy")
     rows = []
@@ -272,11 +298,17 @@ def format_table(report: dict) -> str:
         row = [r["case"] + (" *" if busy else ""), r["dtype"], _fmt(r.get("convfast_ms"), ".2f")]
         if has_torch:
             row.append(_fmt(r.get("torch_ms"), ".2f"))
+        if has_ort:
+            row.append(_fmt(r.get("ort_ms"), ".2f") if "ort_ms" in r else "skip")
         if has_numpy:
             row.append(_fmt(r.get("numpy_ms"), ".1f") if "numpy_ms" in r else "skip")
         row += [_fmt(r.get("convfast_gflops"), ".1f"), _fmt(r.get("percent_of_peak"), ".0f")]
         if has_torch:
             row.append(_fmt(r.get("speedup_vs_torch"), ".2f"))
+        if has_ort:
+            row.append(_fmt(r.get("speedup_vs_ort"), ".2f"))
+        if has_best:
+            row.append(f"{r['speedup_vs_best']:.2f} ({r['best_peer']})" if "speedup_vs_best" in r else "-")
         if has_numpy:
             row.append(_fmt(r.get("speedup_vs_numpy"), ".1f"))
         rows.append(row)
@@ -301,7 +333,9 @@ def format_table(report: dict) -> str:
     out.append(f"peak {report['peak_source']}: {peaks} GFLOP/s "
                + ("(one thread's GEMM micro-kernel on L1-resident panels x threads, at the start; --peak to override)"
                   if report["peak_source"] == "measured" else ""))
-    for key, label in (("speedup_vs_torch", "torch_ms / convfast_ms"), ("speedup_vs_numpy", "numpy_ms / convfast_ms")):
+    for key, label in (("speedup_vs_torch", "torch_ms / convfast_ms"), ("speedup_vs_ort", "ort_ms / convfast_ms"),
+                       ("speedup_vs_best", "min(torch_ms, ort_ms) / convfast_ms"),
+                       ("speedup_vs_numpy", "numpy_ms / convfast_ms")):
         if key in report["summary"]:
             parts = [f"{dt} {v['geomean']:.2f} (min {v['min']:.2f}, {v['count']} cases)"
                      for dt, v in report["summary"][key].items() if dt != "all" or len(report["summary"][key]) > 2]
@@ -310,6 +344,12 @@ def format_table(report: dict) -> str:
         out.append("MISMATCHES (not timed): " + ", ".join(report["summary"]["mismatches"]))
     for note in report["notes"]:
         out.append(f"note: {note}")
+    skipped = {}
+    for r in results:
+        if "ort_skipped" in r:
+            skipped.setdefault(r["ort_skipped"], []).append(f"{r['case']} {r['dtype']}")
+    for reason, cases in skipped.items():
+        out.append(f"note: ort not timed ({reason}): " + ", ".join(cases))
     return "\n".join(out)
 
 
@@ -364,7 +404,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for convfast and torch alike (default: OMP_NUM_THREADS, else all cores)")
     parser.add_argument("--compare", default=None,
-                        help="comma-separated: torch, numpy, or none (default: torch if importable)")
+                        help="comma-separated: torch, ort (onnxruntime), numpy, or none (default: torch and ort, "
+                             "those importable)")
     parser.add_argument("--layout", default="channels_first", choices=list(suite.LAYOUTS))
     parser.add_argument("--json", metavar="FILE", help="write the full report (machine, timings, samples) as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a bar chart of the speedups (needs matplotlib)")
@@ -376,9 +417,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="forward (default) or backward: grad_input + grad_weight against PyTorch's "
                              "convolution_backward with the same output_mask")
     parser.add_argument("--list", action="store_true", help="list the cases and suites, then exit")
+    parser.add_argument("--networks", nargs="?", const="all", default=None, metavar="NAMES",
+                        help="time whole networks (torch.nn models with every convolution swapped for "
+                             "convfast.torch) against the unmodified models instead of the layer suite: all, or "
+                             "comma-separated names (see --list --networks); uses --threads, --dtype, --batch, "
+                             "--quick, --budget (seconds per mode), --json")
+    parser.add_argument("--batch", type=int, default=8,
+                        help="--networks: batch size of the batched forward and of the training step (default 8)")
+    parser.add_argument("--quick", action="store_true",
+                        help="--networks: 0.5 s and at least 2 rounds per mode, one instrumented run")
+
+
+def main_networks(args: argparse.Namespace) -> int:
+    """``python -m convfast bench --networks``."""
+    from . import _bench_networks as networks
+    if args.list:
+        for net in networks.get_networks():
+            print(f"{net.name:<16} {net.title:<20} {net.note}")
+        return 0
+    if not suite.torch_available():
+        print("convfast bench: --networks needs PyTorch (pip install torch)", file=sys.stderr)
+        return 2
+    try:
+        networks.get_networks(args.networks)
+    except ValueError as exc:
+        print(f"convfast bench: {exc}", file=sys.stderr)
+        return 2
+    if (args.threads is not None and args.threads < 1) or args.batch < 1:
+        print("convfast bench: --threads and --batch must be >= 1", file=sys.stderr)
+        return 2
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    budget = None if args.quick else args.budget
+    report = networks.run_networks(args.networks, dtypes, args.threads, args.batch, args.quick, budget,
+                                   progress=_progress)
+    print(networks.format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {args.json}")
+    return 1 if report["summary"]["mismatches"] else 0
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "networks", None) is not None:
+        return main_networks(args)
     if args.list:
         for case in suite.get_suite("full"):
             tags = [s for s, names in suite.SUITES.items() if case.name in names]
@@ -394,12 +476,15 @@ def main(args: argparse.Namespace) -> int:
         print("convfast bench: --threads must be >= 1", file=sys.stderr)
         return 2
     if args.compare is None:
-        compare = ["torch"] if suite.torch_available() else []
+        compare = [name for name, there in (("torch", suite.torch_available()), ("ort", suite.ort_available()))
+                   if there]
     else:
         compare = [c.strip().lower() for c in args.compare.split(",") if c.strip() and c.strip().lower() != "none"]
-        bad = [c for c in compare if c not in ("torch", "numpy")]
+        compare = ["ort" if c == "onnxruntime" else c for c in compare]
+        bad = [c for c in compare if c not in ("torch", "ort", "numpy")]
         if bad:
-            print(f"convfast bench: --compare takes torch, numpy or none, got {', '.join(bad)}", file=sys.stderr)
+            print(f"convfast bench: --compare takes torch, ort (onnxruntime), numpy or none, got {', '.join(bad)}",
+                  file=sys.stderr)
             return 2
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     report = run_bench(args.suite, dtypes, args.threads, compare, args.layout, args.budget, args.peak,
