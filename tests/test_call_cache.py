@@ -192,3 +192,25 @@ def test_kept_layer_plans_follow_the_isa():
             _check(y, _ref(x, layer.weight, layer.bias, padding=1))
     finally:
         convfast.set_isa(before)
+
+
+def test_backward_kept_specs_match_torch_and_check_grad_output():
+    torch = pytest.importorskip("torch")
+    from convfast import backward
+    backward._SPECS.clear()
+    rng = np.random.default_rng(7)
+    for shape in [(2, 3, 9, 8), (1, 3, 6, 7), (2, 3, 9, 8)]:
+        x = rng.standard_normal(shape)
+        w = rng.standard_normal((4, 3, 3, 3))
+        y = convfast.conv2d(x, w, stride=2, padding=1)
+        gy = rng.standard_normal(y.shape)
+        for _ in range(2):
+            gx, gw, gb = convfast.conv2d_backward(gy, x, w, stride=2, padding=1)
+            tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+            torch.nn.functional.conv2d(tx, tw, stride=2, padding=1).backward(torch.tensor(gy))
+            np.testing.assert_allclose(gx, tx.grad.numpy(), rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-10, atol=1e-10)
+            assert gb is None
+        with pytest.raises(ValueError, match="conv2d_backward: grad_output has shape"):
+            convfast.conv2d_backward(gy[:, :, :-1], x, w, stride=2, padding=1)
+    backward._SPECS.clear()

@@ -453,10 +453,22 @@ def conv_transpose_backward_spec(spec: ConvSpec, gy: np.ndarray, x: np.ndarray, 
 _arrays = _ops._arrays  # the forward operators' operand conversion
 
 
-def _run(name: str, device, grad_output, x, weight, bias, needs, make_spec, backward_spec) -> ConvGrads:
+# Specs of backward calls on NumPy arrays, by the forward's call signature (functional.call_key):
+# a seen signature skips the normalisation, as the forward's fast path does.
+_SPECS: dict = {}
+
+
+def _run(name: str, device, grad_output, x, weight, bias, needs, make_spec, backward_spec, params) -> ConvGrads:
     """One backward call: where it runs follows the forward's rules (convfast.cuda._dispatch:
     the GPU iff x is a GPU array or device="cuda"); the arguments are validated by the same spec
-    either way, ``make_spec(x, weight, bias)`` being the forward's conv_spec / conv_transpose_spec."""
+    either way, ``make_spec(x, weight, bias)`` being the forward's conv_spec / conv_transpose_spec.
+    ``params``: the call's parameters as given, for the signature of the kept specs."""
+    key = _ops.call_key(name, x, weight, bias, params) if device is None else None
+    if key is not None:
+        spec = _SPECS.get(key)
+        if spec is not None:
+            gy = _grad_output(name, spec, grad_output)
+            return ConvGrads(*backward_spec(spec, gy, x, weight, _needs(name, needs, bias is not None)))
     if select_device(name, device, x, weight=weight, bias=bias, grad_output=grad_output) == "cuda":
         engine = cuda_backend(name)  # imports numba; RuntimeError naming the function without a GPU
         from .cuda import _backward as gpu
@@ -473,6 +485,10 @@ def _run(name: str, device, grad_output, x, weight, bias, needs, make_spec, back
     spec = make_spec(x, weight, bias)
     mask = _needs(name, needs, bias is not None)
     gy = _grad_output(name, spec, grad_output)
+    if key is not None:
+        if len(_SPECS) >= _ops._MAX_CALLS:
+            _SPECS.clear()
+        _SPECS[key] = spec
     return _finish(spec, *backward_spec(spec, gy, x, weight, mask), wrap)
 
 
@@ -483,7 +499,8 @@ def _make_conv_backward(rank: int):
                       padding_mode="zeros", data_format="channels_first", needs=None, device=None):
         def make_spec(xa, wa, ba):
             return conv_spec(name, rank, xa, wa, ba, stride, padding, dilation, groups, padding_mode, data_format)
-        return _run(name, device, grad_output, x, weight, bias, needs, make_spec, conv_backward_spec)
+        return _run(name, device, grad_output, x, weight, bias, needs, make_spec, conv_backward_spec,
+                    (stride, padding, dilation, groups, padding_mode, data_format))
 
     conv_backward.__name__ = conv_backward.__qualname__ = name
     conv_backward.__doc__ = f"""Gradients of convfast.conv{rank}d: the forward call's arguments, grad_output in front.
@@ -534,7 +551,8 @@ def _make_conv_transpose_backward(rank: int):
         def make_spec(xa, wa, ba):
             return conv_transpose_spec(name, rank, xa, wa, ba, stride, padding, output_padding, groups, dilation,
                                        output_size, data_format)
-        return _run(name, device, grad_output, x, weight, bias, needs, make_spec, conv_transpose_backward_spec)
+        return _run(name, device, grad_output, x, weight, bias, needs, make_spec, conv_transpose_backward_spec,
+                    (stride, padding, output_padding, groups, dilation, output_size, data_format))
 
     conv_transpose_backward.__name__ = conv_transpose_backward.__qualname__ = name
     conv_transpose_backward.__doc__ = f"""Gradients of convfast.conv_transpose{rank}d: the forward call's arguments,

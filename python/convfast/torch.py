@@ -67,22 +67,37 @@ class ConvParams(NamedTuple):
 
     def forward(self, x, weight, bias):
         fn = getattr(_functional, self.name)
+        cpu = x.device.type == "cpu"
+        if cpu:  # zero-copy NumPy views, so that the call takes convfast's fast path for a seen signature
+            x, weight = x.detach().numpy(), weight.detach().numpy()
+            bias = None if bias is None else bias.detach().numpy()
         if self.transposed:
-            return fn(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
-                      output_size=self.output_size)
-        return fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                  padding_mode=self.padding_mode)
+            y = fn(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+                   output_size=self.output_size)
+        else:
+            y = fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                   padding_mode=self.padding_mode)
+        return torch.from_numpy(y) if cpu else y
 
     def backward(self, grad_output, x, weight, needs):
         fn = getattr(_backward, f"{self.name}_backward")
+        cpu = x.device.type == "cpu"
+        if cpu:  # NumPy views: the backward's kept specs apply to a seen signature
+            grad_output, x, weight = grad_output.detach().numpy(), x.detach().numpy(), weight.detach().numpy()
         if self.transposed:
-            return fn(grad_output, x, weight, None, self.stride, self.padding, self.output_padding, self.groups,
-                      self.dilation, output_size=self.output_size, needs=needs)
-        return fn(grad_output, x, weight, None, self.stride, self.padding, self.dilation, self.groups,
-                  padding_mode=self.padding_mode, needs=needs)
+            grads = fn(grad_output, x, weight, None, self.stride, self.padding, self.output_padding, self.groups,
+                       self.dilation, output_size=self.output_size, needs=needs)
+        else:
+            grads = fn(grad_output, x, weight, None, self.stride, self.padding, self.dilation, self.groups,
+                       padding_mode=self.padding_mode, needs=needs)
+        return tuple(None if g is None else torch.from_numpy(g) for g in grads) if cpu else grads
 
 
 def _check_tensors(func: str, x, weight, bias) -> None:
+    if type(x) is torch.Tensor and x.dtype in _DTYPES and type(weight) is nn.Parameter and \
+            weight.dtype == x.dtype and weight.device == x.device and \
+            (bias is None or (type(bias) is nn.Parameter and bias.dtype == x.dtype and bias.device == x.device)):
+        return  # the modules' common case, checked in one expression
     for label, t in (("input", x), ("weight", weight), ("bias", bias)):
         if t is None and label == "bias":
             continue
@@ -122,7 +137,10 @@ class ConvFunction(torch.autograd.Function):
 
 def _apply(params: ConvParams, x, weight, bias):
     _check_tensors(params.name, x, weight, bias)
-    return ConvFunction.apply(x, weight, bias, params)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return ConvFunction.apply(x, weight, bias, params)
+    return params.forward(x, weight, bias)  # no graph to record: no autograd.Function around the call
 
 
 def _make_conv(rank: int):
