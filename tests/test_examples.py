@@ -63,3 +63,10 @@ def test_example_runs(script, runs):
         pytest.fail(f"{script} ran longer than {TIMEOUT_S} s:\n{stdout}\n{stderr}")
     assert proc.returncode == 0, f"{script} failed:\n{stdout}\n{stderr}"
     assert list(out.glob("*.png")), f"{script} wrote no PNG:\n{stdout}"
+    # Output into a pipe (not a terminal): no progress text redrawn with carriage returns, and no
+    # warnings from a cluster sized too small for the work.
+    assert "\r" not in stdout, f"{script} redraws its output with carriage returns:\n{stdout!r}"
+    assert "memory usage" not in stderr and "Worker is at" not in stderr, f"{script}:\n{stderr}"
+    if script == "dask_volume.py":
+        bars = [line for line in stdout.splitlines() if line.startswith("[") and "%" in line]
+        assert len(bars) == 1 and "100%" in bars[0], f"expected one finished progress bar:\n{stdout}"
