@@ -25,6 +25,12 @@ namespace {
 
 using Triple = std::array<int64_t, kSpatialRank>;
 
+// dtype equality (not identity: an unpickled array's descriptor is equal to, not the same object as,
+// the builtin one).
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+  return a.is(b) || py::detail::npy_api::get().PyArray_EquivTypes_(a.ptr(), b.ptr());
+}
+
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("convfast._core: " + msg);
 }
@@ -44,7 +50,7 @@ ConvProblem<T> make_problem(const py::array& x, const py::array& w, const py::ob
   require(x.ndim() == 5 && w.ndim() == 6 && y.ndim() == 5, "x, weight, y must be 5-D, 6-D, 5-D views");
   require(kind == 0 || kind == 1, "kind must be 0 (forward) or 1 (transposed)");
   require(mode >= 0 && mode <= 4, "bad padding mode");
-  require(x.dtype().is(w.dtype()) && x.dtype().is(y.dtype()), "x, weight and y must share a dtype");
+  require(same_dtype(x.dtype(), w.dtype()) && same_dtype(x.dtype(), y.dtype()), "x, weight and y must share a dtype");
   require(y.writeable(), "y must be writeable");
   ConvProblem<T> p;
   p.kind = kind == 0 ? ConvKind::Forward : ConvKind::Transposed;
@@ -79,15 +85,15 @@ ConvProblem<T> make_problem(const py::array& x, const py::array& w, const py::ob
   p.y_stride_c = ys[1];
   if (!bias.is_none()) {
     py::array b = bias.cast<py::array>();
-    require(b.ndim() == 1 && b.shape(0) == y.shape(1) && b.dtype().is(y.dtype()), "bias must be (C_out,) of y's dtype");
+    require(b.ndim() == 1 && b.shape(0) == y.shape(1) && same_dtype(b.dtype(), y.dtype()), "bias must be (C_out,) of y's dtype");
     p.bias = static_cast<const T*>(b.data());
     p.bias_stride = element_strides(b, "bias")[0];
   }
   return p;
 }
 
-bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
-bool is_f64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+bool is_f32(const py::array& a) { return same_dtype(a.dtype(), py::dtype::of<float>()); }
+bool is_f64(const py::array& a) { return same_dtype(a.dtype(), py::dtype::of<double>()); }
 
 void conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
           const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
@@ -169,14 +175,14 @@ class Call {
       : dtype_(y.dtype()), f64_(is_f64(x5)), transposed_(kind == 1), planned_(planned),
         x_(x), w_(w), y_shape_(y.shape(), y.shape() + y.ndim()) {
     require(is_f32(x5) || f64_, "only float32 and float64 are computed natively");
-    require(x.dtype().is(dtype_) && w.dtype().is(dtype_), "x and weight must have the output's dtype");
+    require(same_dtype(x.dtype(), dtype_) && same_dtype(w.dtype(), dtype_), "x and weight must have the output's dtype");
     require(y.flags() & py::array::c_style, "y must be C-contiguous");
     x_offset_ = byte_offset(x5, x);
     w_offset_ = byte_offset(w6, w);
     y_offset_ = byte_offset(y5, y);
     if (!bias.is_none()) {
       py::array b = bias.cast<py::array>();
-      require(b.dtype().is(dtype_), "bias must have the output's dtype");
+      require(same_dtype(b.dtype(), dtype_), "bias must have the output's dtype");
       bias_.emplace(b);
     }
     if (f64_) {
@@ -230,7 +236,7 @@ class Call {
     bool matches(const py::array& a) const {
       const py::ssize_t n = a.ndim();
       if (n != static_cast<py::ssize_t>(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()) ||
-          !std::equal(strides.begin(), strides.end(), a.strides()) || !a.dtype().is(dtype))
+          !std::equal(strides.begin(), strides.end(), a.strides()) || !same_dtype(a.dtype(), dtype))
         return false;
       return reinterpret_cast<uintptr_t>(a.data()) % static_cast<uintptr_t>(a.itemsize()) == 0;
     }
@@ -322,7 +328,7 @@ void weight_grad_typed(const py::array& a, const py::array& b, py::array& out, i
 void weight_grad_binding(const py::array& a, const py::array& b, py::array out, int64_t groups, const Triple& kernel,
                          const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
   require(a.ndim() == 5 && b.ndim() == 5 && out.ndim() == 5, "a, b, out must be 5-D views");
-  require(a.dtype().is(b.dtype()) && a.dtype().is(out.dtype()), "a, b and out must share a dtype");
+  require(same_dtype(a.dtype(), b.dtype()) && same_dtype(a.dtype(), out.dtype()), "a, b and out must share a dtype");
   require(mode >= 0 && mode <= 4, "bad padding mode");
   require(groups >= 1 && a.shape(1) % groups == 0 && b.shape(1) % groups == 0,
           "groups must divide the channels of a and b");

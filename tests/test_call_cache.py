@@ -214,3 +214,15 @@ def test_backward_kept_specs_match_torch_and_check_grad_output():
         with pytest.raises(ValueError, match="conv2d_backward: grad_output has shape"):
             convfast.conv2d_backward(gy[:, :, :-1], x, w, stride=2, padding=1)
     backward._SPECS.clear()
+
+
+def test_equal_but_distinct_dtype_objects():
+    import pickle
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 2, 7, 7)).astype(np.float32)
+    w = pickle.loads(pickle.dumps(rng.standard_normal((3, 2, 3, 3)).astype(np.float32)))
+    for _ in range(2):
+        _check(convfast.conv2d(x, w), _ref(x, w))
+        _check(convfast.conv2d(pickle.loads(pickle.dumps(x)), w), _ref(x, w))
+    layer = convfast.Conv2d.from_weights(w)
+    _check(layer(pickle.loads(pickle.dumps(x))), _ref(x, w))
