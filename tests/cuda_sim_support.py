@@ -1,10 +1,9 @@
 """What the CUDA-simulator test modules (test_cuda_sim.py, test_cuda_backward.py) share: the
-environment of their subprocesses, the re-run of a module under the simulator, and the PTX
-compilation check (Numba's real NVVM pipeline, without a GPU or driver)."""
+environment of their subprocesses and the re-run of a module under the simulator. (The kernels'
+compilation for real GPUs is checked by tests/test_cuda_sass_check.py.)"""
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -51,51 +50,3 @@ def run_module_under_simulator(path: str) -> None:
                            os.path.abspath(path)], cwd=os.path.dirname(os.path.abspath(path)), capture_output=True,
                           text=True, env=subprocess_env(NUMBA_ENABLE_CUDASIM="1"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-# The preamble of a PTX check: no driver, so the device functions' target, the NVRTC architecture
-# list and libdevice are given here. The body defines ``jobs`` = [(kernel, signature), ...].
-_PTX_PREAMBLE = textwrap.dedent("""
-    import glob, sys
-    from numba import cuda, types as T
-    import numba.cuda.dispatcher as dispatcher
-    import numba.cuda.cudadrv.nvrtc as nvrtc
-    import numba.cuda.cudadrv.libs as libs
-    import numba.cuda.cudadrv.nvvm as nvvm
-    found = sorted(glob.glob("/usr/local/cuda*/nvvm/libdevice/libdevice.10.bc"))
-    if not found:
-        print("SKIP: no libdevice"); sys.exit(0)
-
-    class Device:
-        compute_capability = (8, 0)
-
-    dispatcher.get_current_device = lambda: Device()
-    nvrtc.get_supported_ccs = lambda: ((7, 5), (8, 0), (8, 6), (9, 0))
-    libs.get_libdevice = nvvm.get_libdevice = lambda: found[-1]
-    A = lambda dt, nd, layout="A": T.Array(dt, nd, layout)
-    i64, f32, f64 = T.int64, T.float32, T.float64
-""")
-
-_PTX_COMPILE = textwrap.dedent("""
-    for kernel, sig in jobs:
-        try:
-            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0))
-        except Exception as exc:
-            # no toolkit, or a numba-cuda whose internals moved: nothing to check here
-            if any(word in type(exc).__name__ for word in ("NVVM", "Library", "CudaSupport", "LibNotFound")):
-                print("SKIP:", type(exc).__name__, exc); sys.exit(0)
-            raise
-        assert ".entry" in ptx
-    print("compiled", len(jobs))
-""")
-
-
-def check_ptx(jobs_source: str, count: int) -> None:
-    """Compile the kernels that ``jobs_source`` lists (as ``jobs``) to PTX in a subprocess; skip
-    where no CUDA toolkit (libNVVM, libdevice) is installed."""
-    script = _PTX_PREAMBLE + textwrap.dedent(jobs_source) + _PTX_COMPILE
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(),
-                          timeout=600)
-    if proc.stdout.startswith("SKIP") or proc.returncode != 0 and "DynamicLibNotFoundError" in proc.stderr:
-        pytest.skip(proc.stdout.strip() or proc.stderr.strip().splitlines()[-1])
-    assert proc.returncode == 0 and f"compiled {count}" in proc.stdout, proc.stdout + proc.stderr[-4000:]

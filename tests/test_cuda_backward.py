@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from cuda_sim_support import (check_ptx, import_numba_cuda, run_module_under_simulator,  # noqa: F401
+from cuda_sim_support import (import_numba_cuda, run_module_under_simulator,  # noqa: F401
                               small_grids, subprocess_env)
 
 cuda, SIMULATED, RUNS_HERE = import_numba_cuda()  # before convfast can import numba
@@ -439,29 +439,3 @@ def test_import_convfast_does_not_import_numba():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
-
-
-_PTX_JOBS = """
-    from convfast.cuda import _backward_kernels as B
-    def wgrad(dt, operands):  # a, b, part, then 18 scalars
-        return (A(operands, 5), A(operands, 5), A(dt, 2)) + (i64,) * 18
-    jobs = [(B.fold_kernel("float32"), (A(f32, 5), A(f32, 5)) + (i64,) * 7),
-            (B.fold_kernel("float64"), (A(f64, 5), A(f64, 5)) + (i64,) * 7),
-            (B.wgrad_gemm_kernel("float32", "wide", False, False), wgrad(f32, f32)),
-            (B.wgrad_gemm_kernel("float32", "wide", True, True), wgrad(f32, f32)),
-            (B.wgrad_gemm_kernel("float64", "narrow", True, False), wgrad(f64, T.float16)),
-            (B.wgrad_gemm_kernel("float32", "narrow", False, True), wgrad(f32, f64)),
-            (B.wgrad_small_kernel("float32"), wgrad(f32, f32)),
-            (B.wgrad_small_kernel("float64"), wgrad(f64, f64)),
-            (B.bias_kernel("float32"), (A(f32, 5), A(f32, 2), i64, i64)),
-            (B.bias_kernel("float64"), (A(T.float16, 5), A(f64, 2), i64, i64)),
-            (B.split_sum_kernel("float32"), (A(f32, 2), A(f32, 1))),
-            (B.fill_zero_kernel("float64"), (A(f64, 1),))]
-"""
-
-
-@pytest.mark.skipif(not SIMULATED, reason="runs next to the simulator tests (on a real GPU they compile anyway)")
-def test_backward_kernels_compile_to_ptx():
-    """The simulator never compiles the kernels; where a CUDA toolkit (libNVVM) is installed, every
-    backward kernel variant is compiled to PTX here, without a GPU."""
-    check_ptx(_PTX_JOBS, 12)

@@ -201,6 +201,25 @@ def view(dev, transform):
     return cuda.from_cuda_array_interface(desc, owner=dev, sync=False)
 
 
+def flat(dev):
+    """(a 1-D view of the memory dev spans, from its lowest address; the element offset of dev's
+    first element in it; dev's strides in elements). The GEMM gathers through it with one 64-bit
+    offset per element (no per-axis index arithmetic)."""
+    item = dev.dtype.itemsize
+    strides = tuple(s // item for s in dev.strides)
+    low = sum((n - 1) * s for n, s in zip(dev.shape, strides) if s < 0 and n > 0)
+    high = sum((n - 1) * s for n, s in zip(dev.shape, strides) if s > 0 and n > 0)
+    count = high - low + 1
+    if SIMULATED:
+        ary = dev._ary
+        start = ary[tuple(slice(n - 1, n) if s < 0 else slice(0, 1) for n, s in zip(ary.shape, ary.strides))]
+        one = np.lib.stride_tricks.as_strided(start, shape=(count,), strides=(item,))
+        return _FakeCUDAArray(one), -low, strides
+    desc = {"shape": (count,), "strides": None, "typestr": dev.dtype.str, "version": 3,
+            "data": (dev.__cuda_array_interface__["data"][0] + low * item, False)}
+    return cuda.from_cuda_array_interface(desc, owner=dev, sync=False), -low, strides
+
+
 def five(spec: ConvSpec, dev, canonical):
     """dev (the caller's layout) as the kernels' 5-D (N, C, D, H, W) strided view;
     ``canonical`` is spec.canonical_input or spec.canonical_output."""
@@ -307,7 +326,8 @@ def _pack(spec: ConvSpec, wd, plan: _plan.GpuPlan, ktab_d, stream, alloc=None):
     cout_g = spec.out_channels // g
     shape = (g, max(plan.k_total, 1), cout_g)
     wp = alloc(shape, spec.dtype)[1] if alloc is not None else cuda.device_array(shape, spec.dtype, stream=stream)
-    flag = cuda.to_device(np.zeros(1, dtype=np.int32), stream=stream)
+    flag = cuda.device_array(1, dtype=np.int32, stream=stream)
+    _launch(_kernels.clear_flag_kernel(), 1, 32, stream, flag)  # no host-to-device copy
     total = g * plan.k_total * cout_g
     if total:
         _launch_1d(_kernels.pack_kernel(spec.dtype.name), total, stream, w6, ktab_d, wp, flag)
@@ -332,6 +352,9 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
            _functional._padded3(spec.out_spatial, rank, 1), _functional._padded3(spec.kernel, rank, 1),
            stride3, dilation3, pad3, cin_g, ci_inner)
     plan = _plan.build_plan(*key)
+    if not plan.fits_int32:
+        raise ValueError(f"{spec.func}: on the GPU, input coordinates (stride {spec.stride}, dilation "
+                         f"{spec.dilation}, padding {spec.pads}, sizes) must stay below 2**31; use device='cpu'")
     phases_d, ktab_d = _device_tables(key, plan, stream)
 
     pack_key = key + (spec.dtype.name, g, cout_g)
@@ -347,6 +370,8 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
     bias = bd if has_bias else _zero_bias(spec.dtype)
     pixels = spec.batch * plan.max_q
     kind = _plan.choose_kernel(cin_g, cout_g, spec.dtype, pixels)
+    if kind == "large" and spec.dtype == np.float64:
+        kind = "wide"  # 8 x 8 float64 accumulators would not fit the register budget
     common = (x5, wp, bias, y5, ktab_d, phases_d) + tuple(plan.in_step) + tuple(plan.out_step) + \
         (mode, int(has_bias), cin_g, cout_g)
     span = _plan.DIRECT_THREADS * _plan.DIRECT_PER_THREAD
@@ -359,9 +384,14 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
     else:
         bm, bn = _plan.TILES[kind][:2]
         grid = _grid(-(-pixels // bm), -(-cout_g // bn), g * plan.num_phases)
-        kernel = _kernels.gemm_kernel(spec.dtype.name, kind, ci_inner, _inner_channels(y5))
+        kernel = _kernels.gemm_kernel(spec.dtype.name, kind, ci_inner, _inner_channels(y5), mode)
+        x1, x_base, x_strides = flat(x5)
+        wp1 = view(wp, lambda a: a.reshape(-1))
+        gemm_args = (x1, wp1, bias, y5, ktab_d, phases_d, flag, x_base) + x_strides + tuple(x5.shape[2:]) + \
+            tuple(plan.in_step) + tuple(plan.out_step) + (int(has_bias), cin_g, cout_g, wp.shape[1], g,
+                                                          plan.num_phases, spec.batch)
         if not spec.transposed:
-            _launch(kernel, grid, 256, stream, *common, g, plan.num_phases, spec.batch, flag, _NEVER)
+            _launch(kernel, grid, 256, stream, *gemm_args, _NEVER)
         else:
             # A transposed GEMM multiplies the implicit zeros beyond the input's edges by the weights,
             # which a non-finite weight would turn into NaN where the true transposed convolution has
@@ -370,8 +400,9 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
             # returns at once. No device-to-host synchronisation.
             # The direct kernel's grid is kept small (its loops cover any size): when it returns at
             # once, as it does for finite weights, its blocks cost next to nothing.
-            _launch(kernel, grid, 256, stream, *common, g, plan.num_phases, spec.batch, flag, 1)
-            small = tuple(min(n, cap) for n, cap in zip(direct_grid, (64, 64, 8)))
+            _launch(kernel, grid, 256, stream, *gemm_args, 1)
+            # 256 blocks at most: enough for the rare non-finite case, next to nothing otherwise.
+            small = tuple(min(n, cap) for n, cap in zip(direct_grid, (16, 16, 1)))
             _launch(direct, small, _plan.DIRECT_THREADS, stream, *direct_args, 0)
     if _functional._VERBOSE:
         print(f"convfast: {spec.func} cuda {kind} phases={plan.num_phases} K<={plan.max_k} grid={grid}",

@@ -20,9 +20,22 @@ from numba import cuda
 from ._plan import DIRECT_CHUNK, DIRECT_PER_THREAD, DIRECT_THREADS, TILES
 
 ZEROS, REFLECT, REPLICATE, CIRCULAR, SYMMETRIC = 0, 1, 2, 3, 4  # _spec.PADDING_MODES
+I64 = np.int64
+U64 = np.uint64
+# The simulator runs kernels as Python: it knows neither launch bounds nor shared-array alignment.
+SIMULATED = "simulator" in getattr(cuda.device_array, "__module__", "")
 
 
-@cuda.jit(device=True)
+def _jit(fn, launch_bounds=None):
+    """cuda.jit(fn), with ``launch_bounds`` (max threads per block, min blocks per SM: ptxas then
+    keeps the registers within the budget that many resident blocks need) on a real target. The
+    bounds are kept on the dispatcher (``convfast_launch_bounds``) for scripts/cuda_sass_check.py."""
+    kernel = cuda.jit(fn) if SIMULATED or launch_bounds is None else cuda.jit(launch_bounds=launch_bounds)(fn)
+    kernel.convfast_launch_bounds = launch_bounds
+    return kernel
+
+
+@cuda.jit(device=True, inline="always")
 def source_index(c, n, mode):
     """The input index that padded coordinate ``c`` reads on an axis of size ``n`` (-1: a zero).
 
@@ -67,181 +80,226 @@ def _numba_dtype(dtype_name: str):
     return np.float32 if dtype_name == "float32" else np.float64
 
 
+# ----------------------------------------------------------------------------------------------
+# The forward implicit GEMM: generated source, fully unrolled
+# ----------------------------------------------------------------------------------------------
+#
+# The kernel is generated as Python source text (then compiled by Numba like any kernel, or run by
+# the CUDA simulator as Python), so that every loop over a compile-time extent (the BK steps of a K
+# tile, the TM x TN register block, the loads per thread) is written out: the accumulators and the
+# prefetch registers are scalars (registers, never local memory), and the TM (TN) consecutive
+# shared-memory words a thread reads per step are adjacent, which ptxas turns into LDS.64/.128.
+
+_GEMM_SRC = '''
+def kernel(x, wp, bias, y, ktab, phases, flag, x_base, x_sn, x_sc, x_sd, x_sh, x_sw, n_d, n_h, n_w,
+           a_d, a_h, a_w, s_d, s_h, s_w, has_bias, cin_g, cout_g, k_total, num_groups, num_phases, batch,
+           skip_on):
+    if flag[0] == skip_on:  # see _engine.compute: the other kernel of a pair computes y
+        return
+    As = cuda.shared.array((2, BK, APAD), DT{ALIGN})
+    Bs = cuda.shared.array((2, BK, BN), DT{ALIGN})
+    KO = cuda.shared.array((2, BK), I64)   # per K row: element offset of (channel, tap) (zeros mode)
+    KC = cuda.shared.array((2, BK), I64)   # channel offset (-1: beyond the phase's K)
+    KD = cuda.shared.array((2, BK), I64)   # tap offsets per axis
+    KH = cuda.shared.array((2, BK), I64)
+    KW = cuda.shared.array((2, BK), I64)
+    tid = cuda.threadIdx.x
+    tm = {TM_EXPR}
+    tn = {TN_EXPR}
+    zero = DT(0)
+    for z in range(cuda.blockIdx.z, num_groups * num_phases, cuda.gridDim.z):
+        g = z // num_phases
+        p = z - g * num_phases
+        q_d = I64(phases[p, 0])
+        q_h = I64(phases[p, 1])
+        q_w = I64(phases[p, 2])
+        kofs = I64(phases[p, 6])
+        klen = I64(phases[p, 7])
+        q_hw = q_h * q_w
+        q_all = q_d * q_hw
+        m_total = batch * q_all
+        k_tiles = (klen + BK - 1) // BK
+        x_group = x_base + g * cin_g * x_sc
+        for m0 in range(cuda.blockIdx.x * BM, m_total, cuda.gridDim.x * BM):
+{ROWS}
+            for n0 in range(cuda.blockIdx.y * BN, cout_g, cuda.gridDim.y * BN):
+                nb_ok = n0 + b_n < cout_g
+                w_at = (g * k_total + kofs) * cout_g + n0 + b_n
+{ACC_INIT}
+                if tid < BK:
+                    stage(0, tid, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw)
+                cuda.syncthreads()
+                if k_tiles > 0:
+{GATHER0}
+{STORE0}
+                if tid < BK:
+                    stage(1, BK + tid, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw)
+                cuda.syncthreads()
+                for kt in range(k_tiles):
+                    buf = kt & 1
+                    nxt = 1 - buf
+                    more = kt + 1 < k_tiles
+                    if more:
+                        k1 = (kt + 1) * BK
+{GATHER1}
+{COMPUTE}
+                    if more:
+{STORE1}
+                    if tid < BK:
+                        stage(buf, (kt + 2) * BK + tid, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh,
+                              x_sw)
+                    cuda.syncthreads()
+{EPILOGUE}
+'''
+
+
+@cuda.jit(device=True, inline="always")
+def _stage(b, k, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw):
+    """Row k of a phase's K into slot (b, k mod BK) of the staged offsets (a sentinel beyond K)."""
+    s = k % KD.shape[1]
+    if k < klen:
+        r = kofs + k
+        c = I64(ktab[r, 0]) * x_sc
+        kd = I64(ktab[r, 1])
+        kh = I64(ktab[r, 2])
+        kw = I64(ktab[r, 3])
+        KC[b, s] = c
+        KD[b, s] = kd
+        KH[b, s] = kh
+        KW[b, s] = kw
+        KO[b, s] = c + kd * x_sd + kh * x_sh + kw * x_sw
+    else:
+        KC[b, s] = -1
+        KD[b, s] = _FAR  # no pixel reaches it: the zeros path's bounds check rejects the row
+        KH[b, s] = 0
+        KW[b, s] = 0
+        KO[b, s] = 0
+
+
+_FAR = -(1 << 62)
+
+
+def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int) -> str:
+    BM, BN, BK, TM, TN = TILES[tile]
+    NT = 256
+    TXM, TXN = BM // TM, BN // TN
+    assert TXM * TXN == NT and NT % BM == 0 and NT % BK == 0
+    a_loads = BM * BK // NT
+    b_loads = max(1, BN * BK // NT)
+    ind = lambda n, lines: "\n".join(" " * n + line for line in lines)  # noqa: E731
+    # A: the pixel(s) this thread gathers for, and the K row within a tile of each load
+    if k_fast:
+        a_rows = [(f"tid // BK + {i * (NT // BK)}", "tid % BK") for i in range(a_loads)]
+    else:
+        a_rows = [("tid % BM", f"tid // BM + {i * (NT // BM)}") for i in range(a_loads)]
+    pixels = sorted(set(r for r, _ in a_rows), key=[r for r, _ in a_rows].index)
+    rows = []
+    for pi, expr in enumerate(pixels):
+        rows += [f"mm = m0 + {expr}",
+                 f"ok{pi} = mm < m_total",
+                 f"mm = min(mm, m_total - 1)",
+                 f"nb = mm // q_all", "rem = mm - nb * q_all", "qd = rem // q_hw", "rem -= qd * q_hw",
+                 "qh = rem // q_w", "qw = rem - qh * q_w",
+                 f"rd{pi} = qd * a_d", f"rh{pi} = qh * a_h", f"rw{pi} = qw * a_w"]
+        if mode == ZEROS:
+            rows.append(f"base{pi} = x_group + nb * x_sn + rd{pi} * x_sd + rh{pi} * x_sh + rw{pi} * x_sw")
+        else:
+            rows.append(f"base{pi} = x_group + nb * x_sn")
+    b_n = "tid % BN"
+    rows.append(f"b_n = {b_n}")
+    rows.append(f"b_ok = tid < {BN * BK}")
+
+    def gather(k_expr, slot_expr):
+        out = []
+        for i, (pexpr, kk) in enumerate(a_rows):
+            pi = pixels.index(pexpr)
+            out.append(f"s = {kk}")
+            if mode == ZEROS:
+                out += [f"d = rd{pi} + KD[{slot_expr}, s]", f"h = rh{pi} + KH[{slot_expr}, s]",
+                        f"w = rw{pi} + KW[{slot_expr}, s]",
+                        f"a{i} = zero",
+                        f"if ok{pi} and U64(d) < U64(n_d) and U64(h) < U64(n_h) and U64(w) < U64(n_w):",
+                        f"    a{i} = DT(x[U64(base{pi} + KO[{slot_expr}, s])])"]
+            else:
+                out += [f"c = KC[{slot_expr}, s]",
+                        f"sd = source_index(rd{pi} + KD[{slot_expr}, s], n_d, MODE)",
+                        f"sh = source_index(rh{pi} + KH[{slot_expr}, s], n_h, MODE)",
+                        f"sw = source_index(rw{pi} + KW[{slot_expr}, s], n_w, MODE)",
+                        f"a{i} = zero",
+                        f"if ok{pi} and c >= 0 and sd >= 0 and sh >= 0 and sw >= 0:",
+                        f"    a{i} = DT(x[U64(base{pi} + c + sd * x_sd + sh * x_sh + sw * x_sw)])"]
+        for i in range(b_loads):
+            kk = f"tid // BN + {i * (NT // BN)}" if BN * BK >= NT else "tid // BN"
+            out += [f"k = {k_expr} + {kk}", f"b{i} = zero",
+                    f"if b_ok and nb_ok and k < klen:", f"    b{i} = DT(wp[U64(w_at + k * cout_g)])"]
+        return out
+
+    def store(buf):
+        out = []
+        for i, (pexpr, kk) in enumerate(a_rows):
+            out.append(f"As[{buf}, {kk}, {pexpr}] = a{i}")
+        for i in range(b_loads):
+            kk = f"tid // BN + {i * (NT // BN)}" if BN * BK >= NT else "tid // BN"
+            out += ["if b_ok:", f"    Bs[{buf}, {kk}, tid % BN] = b{i}"]
+        return out
+
+    compute = []
+    for kk in range(BK):
+        compute += [f"ra{i} = As[buf, {kk}, tm * TM + {i}]" for i in range(TM)]
+        compute += [f"rb{j} = Bs[buf, {kk}, tn * TN + {j}]" for j in range(TN)]
+        compute += [f"c{i}_{j} += ra{i} * rb{j}" for i in range(TM) for j in range(TN)]
+    epi = []
+    for i in range(TM):
+        epi += [f"mm = m0 + tm * TM + {i}",
+                "if mm < m_total:",
+                "    nb = mm // q_all", "    rem = mm - nb * q_all", "    qd = rem // q_hw", "    rem -= qd * q_hw",
+                "    qh = rem // q_w", "    qw = rem - qh * q_w",
+                "    od = qd * s_d + phases[p, 3]", "    oh = qh * s_h + phases[p, 4]", "    ow = qw * s_w + phases[p, 5]"]
+        for j in range(TN):
+            epi += [f"    nn = n0 + tn * TN + {j}",
+                    "    if nn < cout_g:",
+                    "        co = g * cout_g + nn",
+                    f"        v = c{i}_{j}",
+                    "        if has_bias:",
+                    "            v += DT(bias[co])",
+                    "        y[nb, co, od, oh, ow] = v"]
+    tm_expr, tn_expr = ("tid // TXN", "tid % TXN") if y_n_fast else ("tid % TXM", "tid // TXM")
+    return _GEMM_SRC.format(
+        ALIGN="" if SIMULATED else ", alignment=16", TM_EXPR=tm_expr, TN_EXPR=tn_expr, ROWS=ind(12, rows),
+        ACC_INIT=ind(16, [f"c{i}_{j} = zero" for i in range(TM) for j in range(TN)]),
+        GATHER0=ind(20, gather("0", "0")), STORE0=ind(20, store("0")),
+        GATHER1=ind(24, gather("k1", "nxt")), COMPUTE=ind(20, compute), STORE1=ind(24, store("nxt")),
+        EPILOGUE=ind(16, epi))
+
+
 @lru_cache(maxsize=None)
-def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool):
+def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: int = ZEROS):
     """Implicit-GEMM convolution: M = output pixels of a phase (batch folded in), N = output
     channels of a group, K = ktab rows of the phase.
 
-    A block computes a BM x BN tile of y; each of its 256 threads a TM x TN register block whose
-    rows are TXM apart (and columns TXN apart), so that for a fixed register index consecutive
-    threads touch consecutive pixels (or channels): conflict-free shared-memory reads and
-    coalesced stores. Per K step, the block stages a BK x BM tile of input patches (gathered
-    straight from the unpadded strided input, padding modes applied on the fly) and a BK x BN tile
-    of packed weights in shared memory; the global loads of step k+1 are issued into registers
-    before the FMAs of step k (register prefetch), so their latency overlaps the arithmetic.
+    A block computes a BM x BN tile of y; each of its 256 threads a TM x TN register block of
+    adjacent rows and columns (its shared-memory reads per K step are TM and TN adjacent words:
+    vector loads). Per K tile (BK rows) the block gathers a BK x BM tile of input patches straight
+    from the unpadded strided input (x as a flat array: one 64-bit add per element in zeros mode,
+    the padding mode applied per axis otherwise, ``mode`` being a compile-time constant) and a
+    BK x BN tile of packed weights into shared memory. The tiles are double-buffered: the global
+    loads of tile kt+1 go to registers before the FMAs of tile kt, then to the other buffer; one
+    barrier per tile. The gather offsets of a tile's K rows (from ``ktab``) are staged once per
+    tile in shared memory by BK threads, so the gathering threads do no table lookups or
+    divisions.
 
     k_fast: the input has its channels innermost (channels_last); ktab is then channel-fastest and
     consecutive threads load consecutive k (contiguous channels) instead of consecutive pixels.
     y_n_fast: y has its channels innermost; threads are then fast along N for the stores.
     """
     BM, BN, BK, TM, TN = TILES[tile]
-    TXM, TXN = BM // TM, BN // TN
-    NT = TXM * TXN
-    A_ELEMS, B_ELEMS = BM * BK, BK * BN
-    A_LOADS = (A_ELEMS + NT - 1) // NT
-    B_LOADS = (B_ELEMS + NT - 1) // NT
-    APAD = BM + 1  # a padded row: the k_fast stores (stride APAD) hit distinct banks
-    DT = _numba_dtype(dtype_name)
-    I64 = np.int64
-
-    @cuda.jit
-    def kernel(x, wp, bias, y, ktab, phases, a_d, a_h, a_w, s_d, s_h, s_w, mode, has_bias,
-               cin_g, cout_g, num_groups, num_phases, batch, flag, skip_on):
-        if flag[0] == skip_on:  # see _engine.compute: the other kernel of a pair computes y
-            return
-        As = cuda.shared.array((BK, APAD), DT)
-        Bs = cuda.shared.array((BK, BN), DT)
-        acc = cuda.local.array((TM, TN), DT)
-        ra = cuda.local.array(TM, DT)
-        rb = cuda.local.array(TN, DT)
-        a_reg = cuda.local.array(A_LOADS, DT)
-        b_reg = cuda.local.array(B_LOADS, DT)
-        # The pixel each A-load slot of this thread gathers for: its image (-1: beyond M) and the
-        # input coordinate of its q on each axis. Fixed for a whole K loop.
-        row_n = cuda.local.array(A_LOADS, I64)
-        row_d = cuda.local.array(A_LOADS, I64)
-        row_h = cuda.local.array(A_LOADS, I64)
-        row_w = cuda.local.array(A_LOADS, I64)
-
-        tid = cuda.threadIdx.x
-        if y_n_fast:
-            tn = tid % TXN
-            tm = tid // TXN
-        else:
-            tm = tid % TXM
-            tn = tid // TXM
-        n_d = x.shape[2]
-        n_h = x.shape[3]
-        n_w = x.shape[4]
-        zero = DT(0)
-
-        # Grid-stride loops on every grid axis: any problem size fits the grid limits. Every
-        # condition below that guards a syncthreads is uniform across the block.
-        for z in range(cuda.blockIdx.z, num_groups * num_phases, cuda.gridDim.z):
-            g = z // num_phases
-            p = z - g * num_phases
-            q_d = phases[p, 0]
-            q_h = phases[p, 1]
-            q_w = phases[p, 2]
-            r_d = phases[p, 3]
-            r_h = phases[p, 4]
-            r_w = phases[p, 5]
-            kofs = phases[p, 6]
-            klen = phases[p, 7]
-            q_hw = q_h * q_w
-            q_all = q_d * q_hw
-            m_total = batch * q_all
-            c0 = g * cin_g
-            k_tiles = (klen + BK - 1) // BK
-            for m0 in range(cuda.blockIdx.x * BM, m_total, cuda.gridDim.x * BM):
-                for i in range(A_LOADS):
-                    idx = tid + i * NT
-                    if k_fast:
-                        m = idx // BK
-                    else:
-                        m = idx % BM
-                    mm = m0 + m
-                    row_n[i] = -1
-                    if idx < A_ELEMS and mm < m_total:
-                        nb = mm // q_all
-                        rem = mm - nb * q_all
-                        qd = rem // q_hw
-                        rem -= qd * q_hw
-                        qh = rem // q_w
-                        qw = rem - qh * q_w
-                        row_n[i] = nb
-                        row_d[i] = qd * a_d
-                        row_h[i] = qh * a_h
-                        row_w[i] = qw * a_w
-                for n0 in range(cuda.blockIdx.y * BN, cout_g, cuda.gridDim.y * BN):
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] = zero
-                    # Step kt loads tile kt into registers, multiplies tile kt-1 (in shared
-                    # memory) meanwhile, then publishes tile kt.
-                    for kt in range(k_tiles + 1):
-                        k0 = kt * BK
-                        if kt < k_tiles:
-                            for i in range(A_LOADS):
-                                idx = tid + i * NT
-                                if k_fast:
-                                    kk = idx % BK
-                                else:
-                                    kk = idx // BM
-                                v = zero
-                                k = k0 + kk
-                                if row_n[i] >= 0 and k < klen:
-                                    r = kofs + k
-                                    sd = source_index(row_d[i] + ktab[r, 1], n_d, mode)
-                                    sh = source_index(row_h[i] + ktab[r, 2], n_h, mode)
-                                    sw = source_index(row_w[i] + ktab[r, 3], n_w, mode)
-                                    if sd >= 0 and sh >= 0 and sw >= 0:
-                                        v = DT(x[row_n[i], c0 + ktab[r, 0], sd, sh, sw])
-                                a_reg[i] = v
-                            for i in range(B_LOADS):
-                                idx = tid + i * NT
-                                nn = n0 + idx % BN
-                                k = k0 + idx // BN
-                                v = zero
-                                if idx < B_ELEMS and nn < cout_g and k < klen:
-                                    v = wp[g, kofs + k, nn]
-                                b_reg[i] = v
-                        if kt > 0:
-                            for kk in range(BK):
-                                for i in range(TM):
-                                    ra[i] = As[kk, tm + i * TXM]
-                                for j in range(TN):
-                                    rb[j] = Bs[kk, tn + j * TXN]
-                                for i in range(TM):
-                                    for j in range(TN):
-                                        acc[i, j] += ra[i] * rb[j]
-                        cuda.syncthreads()
-                        if kt < k_tiles:
-                            for i in range(A_LOADS):
-                                idx = tid + i * NT
-                                if idx < A_ELEMS:
-                                    if k_fast:
-                                        As[idx % BK, idx // BK] = a_reg[i]
-                                    else:
-                                        As[idx // BM, idx % BM] = a_reg[i]
-                            for i in range(B_LOADS):
-                                idx = tid + i * NT
-                                if idx < B_ELEMS:
-                                    Bs[idx // BN, idx % BN] = b_reg[i]
-                        cuda.syncthreads()
-                    # Epilogue: y through its strides (any layout), plus the bias.
-                    for i in range(TM):
-                        mm = m0 + tm + i * TXM
-                        if mm < m_total:
-                            nb = mm // q_all
-                            rem = mm - nb * q_all
-                            qd = rem // q_hw
-                            rem -= qd * q_hw
-                            qh = rem // q_w
-                            qw = rem - qh * q_w
-                            od = qd * s_d + r_d
-                            oh = qh * s_h + r_h
-                            ow = qw * s_w + r_w
-                            for j in range(TN):
-                                nn = n0 + tn + j * TXN
-                                if nn < cout_g:
-                                    co = g * cout_g + nn
-                                    v = acc[i, j]
-                                    if has_bias:
-                                        v += DT(bias[co])
-                                    y[nb, co, od, oh, ow] = v
-
-    return kernel
+    namespace = dict(cuda=cuda, DT=_numba_dtype(dtype_name), I64=I64, U64=U64, BM=BM, BN=BN, BK=BK, TM=TM, TN=TN,
+                     TXM=BM // TM, TXN=BN // TN, APAD=BM + (4 if k_fast else 0), MODE=mode,
+                     source_index=source_index, stage=_stage)
+    exec(compile(_gemm_source(tile, k_fast, y_n_fast, mode), f"<convfast gemm {tile}>", "exec"), namespace)
+    # 2 blocks per SM (<= 128 registers) for 4 x 4 and 8 x 1 blocks; the 8 x 8 block of "large"
+    # needs more (at 128 it spilled 1.7 KB, into the K loop): one block per SM.
+    return _jit(namespace["kernel"], (256, 1 if TM * TN > 16 else 2))
 
 
 @lru_cache(maxsize=None)
@@ -377,6 +435,18 @@ def pack_kernel(dtype_name: str):
 
 
 @lru_cache(maxsize=None)
+def clear_flag_kernel():
+    """flag[0] = 0 (on the device: no host-to-device copy per call)."""
+
+    @cuda.jit
+    def kernel(flag):
+        if cuda.grid(1) == 0:
+            flag[0] = 0
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
 def copy_kernel():
     """dst[...] = src[...] for two 5-D strided arrays of the same shape (out= that overlaps an
     operand is computed into a temporary and copied with this)."""
@@ -391,4 +461,4 @@ def copy_kernel():
     return kernel
 
 
-__all__ = ["gemm_kernel", "direct_kernel", "pack_kernel", "copy_kernel", "source_index", "unravel5"]
+__all__ = ["gemm_kernel", "direct_kernel", "pack_kernel", "clear_flag_kernel", "copy_kernel", "source_index", "unravel5"]

@@ -9,7 +9,7 @@ decomposition). Inside a phase, output ``o = q * out_step + residue`` reads inpu
 its own tap subset: no zeros are inserted and multiplied, and every output is written by exactly one
 thread (no atomics).
 
-The plan is two small int64 tables that the kernels index instead of dividing by the kernel size:
+The plan is two small int32 tables that the kernels index instead of dividing by the kernel size:
 
 * ``phases`` (P, 8): q extent per axis (D, H, W), output residue per axis, the phase's first row in
   ``ktab`` and its number of rows (its K = C_in/G x taps of the phase);
@@ -53,11 +53,12 @@ class GpuPlan:
     in_step: Triple        # input coordinate step per q (forward: stride; transposed: 1)
     out_step: Triple       # output coordinate step per q (forward: 1; transposed: stride)
     ci_inner: bool         # ktab order: channel fastest (channels-last memory) or taps fastest
-    phases: np.ndarray     # (P, 8) int64
-    ktab: np.ndarray       # (max(K_total, 1), 8) int64
+    phases: np.ndarray     # (P, 8) int32
+    ktab: np.ndarray       # (max(K_total, 1), 8) int32
     k_total: int
     max_q: int             # the largest phase (output pixels per image)
     max_k: int             # the largest phase's K
+    fits_int32: bool       # every coordinate the kernels form fits in 32 bits (else not runnable)
 
     @property
     def num_phases(self) -> int:
@@ -114,6 +115,12 @@ def build_plan(transposed: bool, in_spatial: Triple, out_spatial: Triple, kernel
         start += block.shape[0]
     phases = np.array(phase_rows, dtype=np.int64).reshape(-1, 8)
     ktab = np.concatenate(rows) if start else np.zeros((1, 8), dtype=np.int64)
+    # The kernels read the tables as int32 and form coordinates q * step + offset: all must fit.
+    limit = 2 ** 31 - 1
+    reach = max(int(np.abs(ktab).max()), int(np.abs(phases).max())) + \
+        max(int(phases[:, a].max()) * s for a, s in zip(range(3), stride))
+    fits = reach < limit and max(in_spatial) < limit and max(out_spatial) < limit
+    phases, ktab = phases.astype(np.int32), ktab.astype(np.int32)
     phases.flags.writeable = False
     ktab.flags.writeable = False
     q_sizes = phases[:, 0] * phases[:, 1] * phases[:, 2]
@@ -121,7 +128,7 @@ def build_plan(transposed: bool, in_spatial: Triple, out_spatial: Triple, kernel
                    in_step=(1, 1, 1) if transposed else tuple(stride),
                    out_step=tuple(stride) if transposed else (1, 1, 1),
                    ci_inner=ci_inner, phases=phases, ktab=ktab, k_total=start,
-                   max_q=int(q_sizes.max()), max_k=int(phases[:, 7].max()))
+                   max_q=int(q_sizes.max()), max_k=int(phases[:, 7].max()), fits_int32=fits)
 
 
 def choose_kernel(cin_g: int, cout_g: int, dtype: np.dtype, pixels: int) -> str:
