@@ -302,11 +302,12 @@ def test_tile_size_choice(monkeypatch):
     # edge waste by 20 % and its weight transform stays within 32 MiB.
     monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(1)
-    for dtype, cin, size, dilation, tile in [(np.float32, 64, 24, 1, 2), (np.float64, 64, 24, 1, 4),
-                                             (np.float64, 64, 28, 2, 4),   # dilated tiles interleave
-                                             (np.float64, 64, 32, 6, 2),   # equal modelled cost
-                                             (np.float64, 512, 6, 1, 2)]:  # 76 MiB weight transform
-        x = _rand(rng, (1, cin, size, size), dtype)
+    for dtype, cin, size, dilation, tile, batch in [(np.float32, 64, 24, 1, 2, 1), (np.float64, 64, 24, 1, 4, 1),
+                                                    (np.float64, 64, 28, 2, 4, 1),   # dilated tiles interleave
+                                                    (np.float64, 64, 32, 6, 2, 1),   # equal modelled cost
+                                                    # 76 MiB weight transform; 144 tiles amortise F(2, 3)'s
+                                                    (np.float64, 512, 6, 1, 2, 16)]:
+        x = _rand(rng, (batch, cin, size, size), dtype)
         w = _rand(rng, (cin, cin, 3, 3), dtype)
         y = convfast.conv2d(x, w, padding=dilation, dilation=dilation)
         assert _core.last_algorithm().startswith(f"winograd F({tile},3)"), (dtype, size, _core.last_algorithm())
@@ -322,8 +323,23 @@ def test_weight_transform_memory_cap(monkeypatch):
     w = np.zeros((384, 384, 3, 3, 3))
     convfast.conv3d(x, w, padding=1)
     assert not _ran_winograd(), _core.last_algorithm()
-    convfast.conv3d(x[:, :256], w[:256, :256], padding=1)  # 32 MiB
+    convfast.conv3d(np.zeros((1, 160, 16, 16, 8)), w[:160, :160], padding=1)  # 12.5 MiB, 256 tiles
     assert _ran_winograd(), _core.last_algorithm()
+
+
+def test_winograd_needs_tiles_to_amortise_its_weight_transform(monkeypatch):
+    # 16 tiles plus 4 per MiB of transformed weights: 512 channels (16 MiB in float32) on a 7x7 map
+    # (16 tiles) take the GEMM, on eight of them (128 tiles) Winograd; 256 channels (4 MiB) on 14x14
+    # (49 tiles) Winograd.
+    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    rng = np.random.default_rng(3)
+    for batch, cin, size, winograd in [(1, 512, 7, False), (8, 512, 7, True), (1, 256, 14, True), (1, 256, 4, False)]:
+        x = _rand(rng, (batch, cin, size, size), np.float32)
+        w = _rand(rng, (cin, cin, 3, 3), np.float32)
+        y = convfast.conv2d(x, w, padding=1)
+        assert _ran_winograd() == winograd, (batch, cin, size, _core.last_algorithm())
+        expected = ref.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+        assert_close(y, expected, np.float32, reduction_size=9 * cin)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -394,7 +410,7 @@ def test_two_tap_axes_forward(kernel, dtype, forced):
 
 def test_transposed_phase_choice():
     rng = np.random.default_rng(2)
-    x = _rand(rng, (1, 64, 6, 6), np.float32)
+    x = _rand(rng, (1, 64, 12, 12), np.float32)  # 36 F(2, 2) tiles per phase (a 6 x 6 input's 9 take the GEMM)
     convfast.conv_transpose2d(x, _rand(rng, (64, 64, 4, 4), np.float32), stride=2, padding=1)
     assert _core.last_algorithm().startswith("winograd F(2,2)") and "phases=4" in _core.last_algorithm()
     # k3 s2: the phases have 1 or 2 taps per axis, some no Winograd axis at all: the GEMM runs all.
