@@ -31,6 +31,7 @@
 #include "convfast/dispatch.hpp"
 #include "convfast/scratch.hpp"
 #include "convfast/engine.hpp"
+#include "convfast/threads.hpp"
 
 namespace convfast {
 namespace {
@@ -1664,6 +1665,7 @@ struct ConvPlan<T>::Impl {
 template <typename T>
 ConvPlan<T>::ConvPlan(const ConvProblem<T>& p) {
   validate(p);
+  const CallThreads threads(conv_multiply_adds(p));
   impl_ = std::make_shared<const Impl>(p);
 }
 
@@ -1677,6 +1679,7 @@ void ConvPlan<T>::execute(const ConvProblem<T>& p) const {
     same = same && p.in_size[a] == s.in_size[a] && p.out_size[a] == s.out_size[a] && p.kernel[a] == s.kernel[a] &&
            p.stride[a] == s.stride[a] && p.dilation[a] == s.dilation[a] && p.pad_before[a] == s.pad_before[a];
   if (!same) throw std::invalid_argument("convfast kernel: the problem does not match the plan's shapes");
+  const CallThreads threads(conv_multiply_adds(p));
   impl_->execute(p);
 }
 
@@ -1690,6 +1693,7 @@ void set_last_algorithm(std::string description) { t_last_algorithm = std::move(
 
 template <typename T>
 void run_convolution(const ConvProblem<T>& p) {
+  const CallThreads threads(conv_multiply_adds(p));
   ConvPlan<T>(p).execute(p);
 }
 
