@@ -322,3 +322,35 @@ def test_fork_before_any_threaded_call_keeps_threads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(min(2, CORES)), "False"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the wait policy set while the OpenMP runtime loads
+# ------------------------------------------------------------------------------------------------
+_ENV_PROBE = textwrap.dedent("""
+    import os, sys
+    seen = []
+    class Probe:  # records the environment at the moment convfast._core is imported
+        def find_spec(self, name, path=None, target=None):
+            if name == "convfast._core":
+                seen.append((os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY")))
+            return None
+    sys.meta_path.insert(0, Probe())
+    import convfast
+    print(repr((seen, os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"))))
+""")
+
+
+@pytest.mark.parametrize("user_env, at_load, after", [
+    ({}, ("1000", None), (None, None)),                                   # set while loading, then removed
+    ({"GOMP_SPINCOUNT": "5"}, ("5", None), ("5", None)),                  # the user's own value kept
+    ({"OMP_WAIT_POLICY": "active"}, (None, "active"), (None, "active")),  # a policy: no spin count added
+])
+def test_wait_policy_set_only_while_openmp_loads(user_env, at_load, after):
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(user_env)
+    out = subprocess.run([sys.executable, "-c", _ENV_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen, spin, policy = eval(out.stdout.strip().splitlines()[-1])
+    assert seen == [at_load]
+    assert (spin, policy) == after
