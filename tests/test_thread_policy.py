@@ -354,3 +354,27 @@ def test_wait_policy_set_only_while_openmp_loads(user_env, at_load, after):
     seen, spin, policy = eval(out.stdout.strip().splitlines()[-1])
     assert seen == [at_load]
     assert (spin, policy) == after
+
+
+# ------------------------------------------------------------------------------------------------
+# batch 1: the work is split over pixels when there are few images
+# ------------------------------------------------------------------------------------------------
+@needs_two_cores
+@pytest.mark.parametrize("channels, size, stride, dtype", [(128, 28, 2, np.float32), (256, 14, 2, np.float64),
+                                                           (64, 9, 1, np.float32)])
+def test_batch_one_small_maps_use_every_thread(channels, size, stride, dtype, monkeypatch):
+    """A 3x3 stride-2 layer on a 14x14 output was one GEMM item: now every thread gets items, with
+    the same bits as one thread."""
+    monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, channels, size, size)).astype(dtype)
+    w = rng.standard_normal((channels, channels, 3, 3)).astype(dtype)
+    b = rng.standard_normal(channels).astype(dtype)
+    convfast.set_num_threads(1)
+    one = convfast.conv2d(x, w, b, stride=stride, padding=1)
+    convfast.set_num_threads(2)
+    _core.set_min_work_per_thread(0)
+    two = convfast.conv2d(x, w, b, stride=stride, padding=1)
+    assert "gather_gemm" in _core.last_algorithm() and "threads=2" in _core.last_algorithm()
+    assert two.tobytes() == one.tobytes()
+    assert_close(two, reference.conv2d(x, w, b, stride=stride, padding=1), dtype=dtype, reduction_size=9 * channels)

@@ -1615,6 +1615,22 @@ struct ConvPlan<T>::Impl {
       step_of[ph] = plane_mode ? plane_run : direct ? direct_rows_per_item(p, rows_of[ph], shape.count[2]) : mc_max;
       max_blocks = std::max(max_blocks, ceil_div(rows_of[ph], step_of[ph]));
     }
+    // GEMM blocks are MC pixels: at batch 1 with few groups, small maps made fewer items than
+    // threads (a 3x3 stride-2 layer's 14x14 output, 196 pixels, was one item, run on one thread
+    // at any setting). The pixel blocks then shrink, down to one micro-tile, until every thread
+    // has two items (which pixels share a block changes no multiply-add chain).
+    if (!direct && !plane_mode && !pixel_lanes && get_num_threads() > 1) {
+      const int64_t units = p.batch * G * ceil_div(n_tiles, nt_per_block) * (fuse_phases ? 1 : n_phases);
+      const int64_t want = 2 * (int64_t)get_num_threads();
+      if (units * max_blocks < want) {
+        const int64_t blocks = ceil_div(want, std::max<int64_t>(1, units));
+        max_blocks = 0;
+        for (int64_t ph = 0; ph < n_phases; ++ph) {
+          step_of[ph] = std::min(step_of[ph], std::max<int64_t>(tile_m, ceil_div(ceil_div(rows_of[ph], blocks), tile_m) * tile_m));
+          max_blocks = std::max(max_blocks, ceil_div(rows_of[ph], step_of[ph]));
+        }
+      }
+    }
     std::vector<WorkItem> items;
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t g = 0; g < G; ++g)
