@@ -16,6 +16,7 @@
 #include "convfast/dispatch.hpp"
 #include "convfast/engine.hpp"
 #include "convfast/scratch.hpp"
+#include "convfast/threads.hpp"
 #include "convfast/weight_grad.hpp"
 
 namespace py = pybind11;
@@ -447,6 +448,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("output_array", &output_array, py::arg("shape"), py::arg("dtype"));
   m.def("set_num_threads", &set_num_threads);
   m.def("get_num_threads", &get_num_threads);
+  // The thread count of each call (cpp/include/convfast/threads.hpp).
+  m.def("last_call_threads", &last_call_threads);
+  m.def("set_min_work_per_thread", &set_min_work_per_thread, py::arg("multiply_adds"));
+  m.def("min_work_per_thread", &min_work_per_thread);
+  m.def("threads_in_flight", &threads_in_flight);
+  m.def("hold_threads", &hold_threads, py::arg("n"));
+  m.def("serial_after_fork", &serial_after_fork);
   m.def("supported_isas", &supported_isas);
   m.def("select_isa", &select_isa);
   m.def("active_isa", []() { return std::string(active_ukernels().isa); });

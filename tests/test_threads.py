@@ -19,12 +19,16 @@ from conftest import assert_close
 
 @pytest.fixture(autouse=True)
 def restore_threads_and_isa():
-    n = convfast.get_num_threads()
+    """Also lifts the work threshold (convfast/threads.hpp): these problems are small, and would
+    otherwise run on one thread whatever the setting."""
+    n, work = convfast.get_num_threads(), convfast._core.min_work_per_thread()
+    convfast._core.set_min_work_per_thread(0)
     try:
         yield
     finally:
         convfast.set_num_threads(n)
         convfast.set_isa("auto")
+        convfast._core.set_min_work_per_thread(work)
 
 
 def _problem(name, dtype, seed=0):
@@ -75,6 +79,7 @@ def test_bitwise_identical_across_thread_counts(name, dtype):
         convfast.set_num_threads(n)
         assert convfast.get_num_threads() == n
         results[n] = op(x, w, b, **kw)
+        assert convfast._core.last_call_threads() == n
         # repeated calls: same bits
         again = op(x, w, b, **kw)
         assert np.array_equal(results[n], again)
@@ -83,6 +88,38 @@ def test_bitwise_identical_across_thread_counts(name, dtype):
         assert results[n].tobytes() == results[1].tobytes(), f"{n} threads differ from 1 thread"
     assert_close(results[1], getattr(reference, name)(x, w, b, **kw), dtype=dtype,
                  reduction_size=_reduction(name, w, kw))
+
+
+@pytest.mark.parametrize("algo, groups", [("", 1), ("winograd", 1), ("gemm", 1), ("direct", 1), ("lanes", 64),
+                                          ("", 64)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_bitwise_identical_across_thread_counts(algo, groups, dtype, monkeypatch):
+    """Both gradients (the transposed convolution and the weight gradient), every algorithm, batch 1
+    (the split then runs over pixels, not images): the same bits for 1 to 4 threads."""
+    if algo:
+        monkeypatch.setenv("CONVFAST_ALGO", algo)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 64, 18, 17)).astype(dtype)
+    w = rng.standard_normal((64, 64 // groups, 3, 3)).astype(dtype)
+    gy = rng.standard_normal((1, 64, 18, 17)).astype(dtype)
+    results = {}
+    for n in (1, 2, 3, 4):
+        convfast.set_num_threads(n)
+        gx, gw, _ = convfast.conv2d_backward(gy, x, w, padding=1, groups=groups)
+        assert convfast._core.last_call_threads() == n
+        results[n] = (gx.tobytes(), gw.tobytes())
+    for n in (2, 3, 4):
+        assert results[n] == results[1], f"{n} threads differ from 1 thread"
+    # grad_input: the transposed convolution of gy; grad_weight: the correlation of x's windows with gy
+    ref_gx = reference.conv_transpose2d(gy, w, padding=1, groups=groups)
+    cin_g, cout_g = 64 // groups, 64 // groups
+    win = np.lib.stride_tricks.sliding_window_view(np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1))),
+                                                   (3, 3), axis=(2, 3))
+    ref_gw = np.einsum("ngohw,ngihwab->goiab", gy.astype(np.float64).reshape(1, groups, cout_g, 18, 17),
+                       win.reshape(1, groups, cin_g, 18, 17, 3, 3)).reshape(w.shape)
+    assert_close(np.frombuffer(results[1][0], dtype).reshape(x.shape), ref_gx, dtype=dtype,
+                 reduction_size=9 * 64 // groups)
+    assert_close(np.frombuffer(results[1][1], dtype).reshape(w.shape), ref_gw, dtype=dtype, reduction_size=18 * 17)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

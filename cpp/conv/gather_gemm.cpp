@@ -31,6 +31,7 @@
 #include "convfast/dispatch.hpp"
 #include "convfast/scratch.hpp"
 #include "convfast/engine.hpp"
+#include "convfast/threads.hpp"
 
 namespace convfast {
 namespace {
@@ -1644,6 +1645,22 @@ struct ConvPlan<T>::Impl {
       step_of[ph] = plane_mode ? plane_run : direct ? direct_rows_per_item(p, rows_of[ph], shape.count[2]) : mc_max;
       max_blocks = std::max(max_blocks, ceil_div(rows_of[ph], step_of[ph]));
     }
+    // GEMM blocks are MC pixels: at batch 1 with few groups, small maps made fewer items than
+    // threads (a 3x3 stride-2 layer's 14x14 output, 196 pixels, was one item, run on one thread
+    // at any setting). The pixel blocks then shrink, down to one micro-tile, until every thread
+    // has two items (which pixels share a block changes no multiply-add chain).
+    if (!direct && !plane_mode && !pixel_lanes && get_num_threads() > 1) {
+      const int64_t units = p.batch * G * ceil_div(n_tiles, nt_per_block) * (fuse_phases ? 1 : n_phases);
+      const int64_t want = 2 * (int64_t)get_num_threads();
+      if (units * max_blocks < want) {
+        const int64_t blocks = ceil_div(want, std::max<int64_t>(1, units));
+        max_blocks = 0;
+        for (int64_t ph = 0; ph < n_phases; ++ph) {
+          step_of[ph] = std::min(step_of[ph], std::max<int64_t>(tile_m, ceil_div(ceil_div(rows_of[ph], blocks), tile_m) * tile_m));
+          max_blocks = std::max(max_blocks, ceil_div(rows_of[ph], step_of[ph]));
+        }
+      }
+    }
     std::vector<WorkItem> items;
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t g = 0; g < G; ++g)
@@ -1695,7 +1712,7 @@ struct ConvPlan<T>::Impl {
 // image whose axis 0 is the batch (one tap, stride 1, no padding: output i reads input i), so that
 // GEMM blocks, and the reuse of each packed weight panel, span images: a 7x7 map has 49 pixels, 5
 // micro-tiles, per image. Every output keeps its multiply-add chain, so results are unchanged.
-// 8 x 512 x 7 x 7 3x3, 1 thread: 41 -> 25 ms.
+// 8 x 512 x 7 x 7 3x3 GEMM, 1 thread: 41 -> 19 ms.
 template <typename T>
 ConvProblem<T> batch_as_axis0(const ConvProblem<T>& p) {
   constexpr int64_t kSmallImage = 1024;  // output pixels per image
@@ -1714,6 +1731,7 @@ ConvProblem<T> batch_as_axis0(const ConvProblem<T>& p) {
 template <typename T>
 ConvPlan<T>::ConvPlan(const ConvProblem<T>& p) {
   validate(p);
+  const CallThreads threads(conv_multiply_adds(p));
   impl_ = std::make_shared<const Impl>(batch_as_axis0(p));
 }
 
@@ -1728,6 +1746,7 @@ void ConvPlan<T>::execute(const ConvProblem<T>& given) const {
     same = same && p.in_size[a] == s.in_size[a] && p.out_size[a] == s.out_size[a] && p.kernel[a] == s.kernel[a] &&
            p.stride[a] == s.stride[a] && p.dilation[a] == s.dilation[a] && p.pad_before[a] == s.pad_before[a];
   if (!same) throw std::invalid_argument("convfast kernel: the problem does not match the plan's shapes");
+  const CallThreads threads(conv_multiply_adds(p));
   impl_->execute(p);
 }
 
@@ -1741,6 +1760,7 @@ void set_last_algorithm(std::string description) { t_last_algorithm = std::move(
 
 template <typename T>
 void run_convolution(const ConvProblem<T>& p) {
+  const CallThreads threads(conv_multiply_adds(p));
   ConvPlan<T>(p).execute(p);
 }
 

@@ -46,6 +46,7 @@
 #include "convfast/dispatch.hpp"
 #include "convfast/engine.hpp"
 #include "convfast/scratch.hpp"
+#include "convfast/threads.hpp"
 
 namespace convfast {
 namespace {
@@ -1203,6 +1204,9 @@ template <typename T>
 void weight_grad(const WeightGradProblem<T>& problem) {
   validate(problem);
   const WeightGradProblem<T> p = fold_one_tap_strides(problem);
+  double multiply_adds = double(p.batch) * double(p.b_channels) * double(p.a_channels / std::max<int64_t>(1, p.groups));
+  for (int a = 0; a < kSpatialRank; ++a) multiply_adds *= double(p.kernel[a]) * double(p.b_size[a]);
+  const CallThreads threads(multiply_adds);
   const char* forced = std::getenv("CONVFAST_ALGO");
   const bool lanes_excluded = forced && (std::string(forced) == "gemm" || std::string(forced) == "direct");
   if (p.a_channels == p.groups && p.b_channels == p.groups && !lanes_excluded) {

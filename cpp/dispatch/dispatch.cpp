@@ -38,7 +38,6 @@ const UkernelSet* best_supported() {
 }
 
 std::atomic<const UkernelSet*> g_active{nullptr};
-std::atomic<int> g_num_threads{0};
 
 }  // namespace
 
@@ -74,13 +73,6 @@ const UkernelSet& active_ukernels() {
     g_active.store(t);
   }
   return *t;
-}
-
-void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0); }
-
-int get_num_threads() {
-  const int n = g_num_threads.load();
-  return n > 0 ? n : omp_get_max_threads();
 }
 
 

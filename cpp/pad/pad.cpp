@@ -10,6 +10,7 @@
 
 #include "convfast/dispatch.hpp"
 #include "convfast/engine.hpp"
+#include "convfast/threads.hpp"
 
 namespace convfast {
 namespace {
@@ -84,6 +85,7 @@ void run_pad(const PadRequest& r) {
   int64_t rows = 1;
   for (int a = 0; a < nd - 1; ++a) rows *= out_shape[a];
   const int64_t row_bytes = out_shape[nd - 1] * r.itemsize;
+  const CallThreads threads(CallThreads::kAnyWork);  // (the copy's own rule just below)
   const int nthreads = rows > 1 && rows * row_bytes > (1 << 16) ? get_num_threads() : 1;
 
 #pragma omp parallel for schedule(static) num_threads(nthreads)

@@ -7,6 +7,7 @@ mode, channels_last, and a NumPy API.
 >>> convfast.conv2d(x, w, stride=2, padding="same").shape
 (1, 8, 16, 16)
 """
+from . import _config  # noqa: F401  (first: it loads the OpenMP runtime with convfast's wait policy)
 from . import reference  # noqa: F401  (pure NumPy oracle)
 from ._config import (config, get_isa, get_num_threads, set_isa, set_num_threads, show_config,  # noqa: F401
                       supported_isas, _select_isa_from_environment, _version)

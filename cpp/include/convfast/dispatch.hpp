@@ -144,7 +144,8 @@ inline const UkernelInfo<float>& active_ukernel<float>() { return active_ukernel
 template <>
 inline const UkernelInfo<double>& active_ukernel<double>() { return active_ukernels().f64; }
 
-// Threads used by the kernels (defaults to omp_get_max_threads(), i.e. OMP_NUM_THREADS).
+// Threads used by the kernels (defaults to omp_get_max_threads(), i.e. OMP_NUM_THREADS); inside an
+// engine call, that call's count (convfast/threads.hpp, defined in cpp/dispatch/threads.cpp).
 void set_num_threads(int n);
 int get_num_threads();
 
