@@ -245,6 +245,25 @@ void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int n
       for (int c0 = 0; c0 < nr; c0 += lanes)
         transpose(wg + (nt * nr + c0) * p.w_stride_co + k0, p.w_stride_co, panel + k0 * nr + c0, nr);
   }
+  if (!rows_contiguous && std::abs(p.w_stride_ci) > std::abs(p.w_stride_co)) {
+    // Input channels outermost in memory (a transposed convolution's (C_in, C_out/G, k...) weight):
+    // per input channel, the tile's NR rows of taps lie together, so they are read channel by
+    // channel; reading along k instead jumped C_out/G x taps elements per step, a page per read
+    // (the 512 -> 256 k4s2 up-convolution's weights took 25 ms to pack, its products 1 ms).
+    const int64_t taps = shape.num_taps;
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int c = 0; c < nr; ++c) {
+        const int64_t co = nt * nr + c;
+        T* dst = panel + ci * taps * nr + c;
+        if (co >= cout) {
+          for (int64_t t = 0; t < taps; ++t) dst[t * nr] = T(0);
+          continue;
+        }
+        const T* src = wg + co * p.w_stride_co + ci * p.w_stride_ci;
+        for (int64_t t = 0; t < taps; ++t) dst[t * nr] = src[tap_offset[t]];
+      }
+    return;
+  }
   constexpr int64_t kChunk = 64;
   for (int64_t k0 = k_start; k0 < K; k0 += kChunk) {
     const int64_t k1 = std::min(K, k0 + kChunk);
