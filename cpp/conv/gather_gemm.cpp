@@ -546,6 +546,10 @@ struct ConvPlan<T>::Impl {
   // broadcast rows (MR output channels) and the packed input patches the vector lanes (NR pixels),
   // so C comes out channel-major, as channels-first y is.
   bool pixel_lanes = false;
+  // Pixel lanes with the weights read in place (gemm_pixels micro-kernel: each k's MR channel
+  // scalars at fixed offsets from row k of the weight), not packed: small maps under large
+  // weights, where packing the weights cost as much as the products (see choose_pixel_lanes).
+  bool weights_in_place = false;
   bool outputs_uncovered = false;  // transposed: some outputs receive no product (stride > kernel span)
   // GEMM, several phases of equal pixel counts (a transposed convolution whose output is stride x
   // its input, the common case): one work item runs a pixel block through every phase and then
@@ -625,6 +629,8 @@ struct ConvPlan<T>::Impl {
       mc_max = tile_m;
     } else {
       pixel_lanes = choose_pixel_lanes(p);
+      weights_in_place = choose_weights_in_place(p, pixel_lanes);
+      pixel_lanes = pixel_lanes || weights_in_place;
       tile_m = pixel_lanes ? uk.nr : uk.mr;
       tile_n = pixel_lanes ? uk.mr : uk.nr;
       if (tile_m != 4 && tile_m != 6 && tile_m != 8 && tile_m != 12 && tile_m != 16 && tile_m != 32)
@@ -671,6 +677,7 @@ struct ConvPlan<T>::Impl {
       mc_max = std::max<int64_t>(
           tile_m, std::min<int64_t>(mc_max, 262144 / (ldc * (int64_t)phases.size() * (int64_t)sizeof(T)) / tile_m * tile_m));
 
+    if (weights_in_place) return;
     // Packed weights: one panel set [n_tile][K][tile_n] per (group, phase).
     wpack_offset.assign(static_cast<size_t>(checked_mul(G, (int64_t)phases.size())) + 1, 0);
     size_t idx = 0;
@@ -1356,6 +1363,34 @@ struct ConvPlan<T>::Impl {
            !steps_in_place(phases[0][2]->in_step * p.x_stride[2], (int64_t)phases[0][2]->taps.size());
   }
 
+  // The weights read in place: one phase (forward or transposed), y channels-first with
+  // contiguous rows (the pixel-lanes store), few output pixels (at most kSmallM over the whole
+  // call, the batch included) and large weights, which a call would otherwise pack (read and
+  // write) before reading them once more for so few pixels: from 1 MiB where the packed GEMM would
+  // take the pixel lanes too (1x1 layers) or the pixels fit one tile, from 8 MiB against the usual
+  // orientation, whose tiles suit 49 pixels better. 2 threads, float32, p25 against the packed
+  // GEMM (noisy host, several runs): 512 -> 2048 1x1 on 7x7 1.36-1.52x, 320 -> 1280 1.37-1.46x,
+  // 512 3x3 on 4x4 0.98-1.8x, on 7x7 0.98-1.22x, DCGAN's 100 -> 512 k4 on 1x1 1.12-1.22x;
+  // 256 -> 512 3x3 s2 on 14x14 (4.5 MiB) 0.82-1.06x, 256 3x3 on 7x7 (2.3 MiB) 0.76-0.85x.
+  // CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it can run, =0 never (tests); a forced
+  // CONVFAST_ALGO keeps the packed GEMM.
+  bool choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const {
+    constexpr int64_t kSmallM = 64;
+    if (phases.size() != 1 || p.y_stride_c == 1 || uk.fn_pixels == nullptr ||
+        p.y_stride[2] * phases[0][2]->out_step != 1)
+      return false;
+    if (const char* forced = std::getenv("CONVFAST_WEIGHTS_IN_PLACE")) {
+      if (*forced) return std::string(forced) == "1";
+    }
+    if (const char* algo = std::getenv("CONVFAST_ALGO")) {
+      if (*algo) return false;
+    }
+    const int64_t pixels = checked_mul(p.batch, PhaseShape(phases[0]).num_pixels);
+    const int64_t weight_bytes = checked_mul(checked_mul(p.groups * p.cout_per_group, max_k), (int64_t)sizeof(T));
+    const int64_t large = packed_pixel_lanes || pixels <= uk.nr ? int64_t(1) << 20 : int64_t(8) << 20;
+    return pixels <= kSmallM && weight_bytes >= large;
+  }
+
   // One item of the pixel-lanes GEMM: pixels [m0, m1) of one phase, all output channels of the
   // group. Per K block, the pixels' patches are packed as B panels [kc][NR] (pack_input_patches,
   // NR pixels per k) and every (pixel tile, channel tile) runs the GEMM micro-kernel with the
@@ -1372,7 +1407,22 @@ struct ConvPlan<T>::Impl {
     const int64_t mcount = it.m1 - it.m0, p_tiles = ceil_div(mcount, (int64_t)tile_m);
     const int nr = tile_m, mr = tile_n;
     const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
-    const T* wp = wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
+    const T* wp = weights_in_place ? nullptr : wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
+    // In place: row k = (ci, tap) of the group's weights, and per channel tile the MR channels'
+    // offsets (the last tile's missing channels repeat the last one; their rows are never stored).
+    std::vector<int64_t> w_row, w_channel;
+    std::vector<const T*> w_rows;
+    if (weights_in_place) {
+      for (int64_t ci = 0; ci < cin; ++ci)
+        for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
+          for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
+            for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
+              w_row.push_back(ci * p.w_stride_ci + ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
+                              ph[2]->taps[t2] * p.w_stride[2]);
+      for (int64_t co = 0; co < n_tiles * mr; ++co) w_channel.push_back(std::min(co, cout - 1) * p.w_stride_co);
+      w_rows.resize(static_cast<size_t>(kc_max));
+    }
+    const T* wg_in_place = p.w + it.g * p.w_stride_g;
     int64_t* yoff = s.y_offsets.get();
     block_offsets(p, ph, shape, it.m0, mcount, s.tap_base.data(), s.x_offsets.get(), yoff);
     T* C = s.c_block.get();
@@ -1380,7 +1430,7 @@ struct ConvPlan<T>::Impl {
     T* yg = p.y + it.n * p.y_stride_n + it.g * cout * p.y_stride_c;
     const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
     // The channel tiles cover n_tiles * mr >= cout rows: a tile in y needs them all to be y's.
-    const bool whole_channel_tiles = n_tiles * mr == cout;
+    const bool whole_channel_tiles = n_tiles * mr == cout && !weights_in_place;
     // Tiles in y get the bias from the micro-kernel with their last K block, from the group's bias
     // made contiguous (adding it afterwards read y back; 1x1 256->64: 1.04-1.2x float32 at 2
     // threads on a noisy host, level at 1 thread).
@@ -1440,6 +1490,13 @@ struct ConvPlan<T>::Impl {
           __builtin_prefetch(run_start + mcount + (k0 + q / next_lines) * p.x_stride_c + (q % next_lines) * (64 / (int64_t)sizeof(T)), 0, 1);
         T* c_tile = in_y[pt] ? yg + yoff[pt * nr] : C + pt * nr;
         const int64_t ldc_ = in_y[pt] ? p.y_stride_c : mc_max;
+        if (weights_in_place) {
+          for (int64_t kk = 0; kk < kc; ++kk) w_rows[kk] = wg_in_place + w_row[k0 + kk];
+          for (int64_t ct = it.nt0; ct < it.nt1; ++ct)
+            uk.fn_pixels(kc, w_rows.data(), w_channel.data() + ct * mr, panel + pt * nr * kc, c_tile + ct * mr * ldc_,
+                         ldc_, k0 > 0);
+          continue;
+        }
         for (int64_t ct = 0; ct < n_tiles; ++ct)
           if (in_y[pt] && bias_rows && k0 + kc == K)
             uk.fn_row_bias(kc, wp + ct * K * mr + k0 * mr, panel + pt * nr * kc, c_tile + ct * mr * ldc_, ldc_, k0 > 0,
@@ -1455,7 +1512,7 @@ struct ConvPlan<T>::Impl {
       for (int64_t r0 = pt * nr; r0 < tile_end;) {
         int64_t r1 = r0 + 1;
         while (r1 < tile_end && yoff[r1] == yoff[r0] + (r1 - r0)) ++r1;
-        for (int64_t co = 0; co < cout; ++co) {
+        for (int64_t co = it.nt0 * mr; co < std::min(cout, it.nt1 * mr); ++co) {  // the item's channel tiles
           const T b = bg ? bg[co * p.bias_stride] : T(0);
           const T* __restrict src = C + co * mc_max + r0;
           T* __restrict dst = yg + co * p.y_stride_c + yoff[r0];
@@ -1680,6 +1737,10 @@ struct ConvPlan<T>::Impl {
         }
       }
     }
+    // Weights in place: the items split the channel tiles (two per thread; a block of pixels is one
+    // tile or two), each streaming its own share of the weights once.
+    const int64_t nt_block = weights_in_place ? std::max<int64_t>(1, ceil_div(n_tiles, 2 * (int64_t)get_num_threads()))
+                                              : nt_per_block;
     std::vector<WorkItem> items;
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t g = 0; g < G; ++g)
@@ -1687,8 +1748,8 @@ struct ConvPlan<T>::Impl {
           for (int64_t ph = 0; ph < (fuse_phases ? 1 : n_phases); ++ph) {
             const int64_t m0 = b * step_of[ph], M = rows_of[ph];
             if (m0 >= M) continue;
-            for (int64_t nt0 = 0; nt0 < n_tiles; nt0 += nt_per_block)
-              items.push_back({n, g, ph, m0, std::min(M, m0 + step_of[ph]), nt0, std::min(n_tiles, nt0 + nt_per_block)});
+            for (int64_t nt0 = 0; nt0 < n_tiles; nt0 += nt_block)
+              items.push_back({n, g, ph, m0, std::min(M, m0 + step_of[ph]), nt0, std::min(n_tiles, nt0 + nt_block)});
           }
     const int nthreads =
         static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), (int64_t)items.size())));
@@ -1721,7 +1782,7 @@ struct ConvPlan<T>::Impl {
       return std::string("channel_lanes ") + isa + " " + std::to_string(lanes->L) + " lanes rows=" +
              std::to_string(lanes->rows[0].rows_per_item) + " phases=" + std::to_string(lanes->phase_plans.size()) +
              (lanes->pair_store ? " paired" : "");
-    return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : pixel_lanes ? "pixel_lanes_gemm" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
+    return std::string(plane_mode ? "direct_planes" : direct ? "direct_rows" : weights_in_place ? "pixel_lanes_gemm_in_place" : pixel_lanes ? "pixel_lanes_gemm" : "gather_gemm") + " " + isa + " " + std::to_string(tile_m) + "x" +
            std::to_string(tile_n) + " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "") +
            (row_pairs.empty() ? "" : " paired");
   }
