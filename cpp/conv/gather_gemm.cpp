@@ -1382,6 +1382,9 @@ struct ConvPlan<T>::Impl {
     if (const char* forced = std::getenv("CONVFAST_WEIGHTS_IN_PLACE")) {
       if (*forced) return std::string(forced) == "1";
     }
+    if (const char* lanes = std::getenv("CONVFAST_PIXEL_LANES")) {
+      if (std::string(lanes) == "0") return false;  // no pixel-lanes orientation at all
+    }
     if (const char* algo = std::getenv("CONVFAST_ALGO")) {
       if (*algo) return false;
     }
