@@ -42,7 +42,7 @@ ConvPlan<T>::Impl::~Impl() {}  // here, where winograd::Conv and channel_lanes::
 
 // The outputs no phase writes are the bias (or zero). Filled first; the phases then overwrite theirs.
 template <typename T>
-void ConvPlan<T>::Impl::fill_with_bias(const ConvProblem<T>& p) const {
+inline void ConvPlan<T>::Impl::fill_with_bias(const ConvProblem<T>& p) const {
   const int64_t planes = p.batch * p.groups * p.cout_per_group;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), planes)));
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -64,7 +64,7 @@ void ConvPlan<T>::Impl::fill_with_bias(const ConvProblem<T>& p) const {
 // 7-8 % faster (both dtypes), the 3-D 1 -> 32 layer's float64 grad_input 4-7 %, p25, one
 // process. Fewer rows where that would leave under 4 items per thread.
 template <typename T>
-int64_t ConvPlan<T>::Impl::direct_rows_per_item(const ConvProblem<T>& p, int64_t rows, int64_t row_length) const {
+inline int64_t ConvPlan<T>::Impl::direct_rows_per_item(const ConvProblem<T>& p, int64_t rows, int64_t row_length) const {
   constexpr int64_t kDirectItemPixels = 1024;
   const int64_t units = std::max<int64_t>(1, p.batch * p.groups * (int64_t)phases.size());
   const int64_t min_blocks = ceil_div(4 * (int64_t)std::max(1, get_num_threads()), units);
@@ -168,10 +168,6 @@ void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
   t_last_algorithm = describe() + " threads=" + std::to_string(nthreads);
 }
 
-template void ConvPlan<float>::Impl::fill_with_bias(const ConvProblem<float>& p) const;
-template void ConvPlan<double>::Impl::fill_with_bias(const ConvProblem<double>& p) const;
-template int64_t ConvPlan<float>::Impl::direct_rows_per_item(const ConvProblem<float>& p, int64_t rows, int64_t row_length) const;
-template int64_t ConvPlan<double>::Impl::direct_rows_per_item(const ConvProblem<double>& p, int64_t rows, int64_t row_length) const;
 template void ConvPlan<float>::Impl::execute(const ConvProblem<float>& p) const;
 template void ConvPlan<double>::Impl::execute(const ConvProblem<double>& p) const;
 template ConvPlan<float>::Impl::~Impl();

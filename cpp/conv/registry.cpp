@@ -137,7 +137,7 @@ ConvPlan<T>::Impl::Impl(const ConvProblem<T>& p, bool allow_winograd)
 // (0, +-1, 1/2) compute integer data exactly (integer inputs are computed in float64, exactly,
 // as documented), where F(4, 3)'s 1/6 and 1/24 would round.
 template <typename T>
-bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
+inline bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
   for (int64_t g = 0; g < p.groups; ++g)
     for (int64_t co = 0; co < p.cout_per_group; ++co)
       for (int64_t ci = 0; ci < p.cin_per_group; ++ci)
@@ -161,7 +161,7 @@ bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
 // at 32, 1.03x at 48, 1.37x at 64; 3-D 3x3x3 (2 x C x 24^3): 0.87x at 16, 1.67x at 32, where a
 // tile saves 3.4x of the products instead of 2.25x.
 template <typename T>
-bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
+inline bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
   const char* forced = std::getenv("CONVFAST_ALGO");
   const std::string force = forced ? forced : "";
   // (No phases: a transposed convolution whose outputs no tap reaches, all bias.)
@@ -266,7 +266,7 @@ bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
 // take the channel-lanes path (channel_lanes.hpp); CONVFAST_ALGO=lanes forces it wherever it
 // applies, gemm|direct|winograd never take it.
 template <typename T>
-bool ConvPlan<T>::Impl::choose_channel_lanes(const ConvProblem<T>& p) {
+inline bool ConvPlan<T>::Impl::choose_channel_lanes(const ConvProblem<T>& p) {
   const char* forced = std::getenv("CONVFAST_ALGO");
   const std::string force = forced ? forced : "";
   if (!channel_lanes::Conv<T>::applies(p, phases, uk) || (force.empty() ? p.groups < uk.lanes : force != "lanes"))
@@ -287,7 +287,7 @@ bool ConvPlan<T>::Impl::choose_channel_lanes(const ConvProblem<T>& p) {
 // transposed layers, channels-last outputs and short rows (7x7 maps), where it tiles across rows.
 // CONVFAST_ALGO=gemm|direct forces one where it can run (tests use it).
 template <typename T>
-void ConvPlan<T>::Impl::choose_algorithm(const ConvProblem<T>& p) {
+inline void ConvPlan<T>::Impl::choose_algorithm(const ConvProblem<T>& p) {
   constexpr int64_t kLargePlane = 16384;  // input elements per channel
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
   const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
@@ -341,7 +341,7 @@ void ConvPlan<T>::Impl::choose_algorithm(const ConvProblem<T>& p) {
 // Planes: forward 8.7 -> 7.8 ms, grad_input 20.6 -> 14.7; the stem's float32 grad_input (its
 // 3-channel tiles are 24 wide) 31.6 -> 28.1; p25, one process.)
 template <typename T>
-void ConvPlan<T>::Impl::choose_plane_mode(const ConvProblem<T>& p) {
+inline void ConvPlan<T>::Impl::choose_plane_mode(const ConvProblem<T>& p) {
   const int64_t kShortRow = 5 * uk.pw[direct_variant], kBudgetBytes = 256 * 1024, kMinRows = 4;
   if (const char* forced = std::getenv("CONVFAST_DIRECT")) {
     if (std::string(forced) == "rows") return;
@@ -390,7 +390,7 @@ void ConvPlan<T>::Impl::choose_plane_mode(const ConvProblem<T>& p) {
 // a k of the panel is NR pixels (a row's contiguous run, one copy) and C's rows are y's rows.
 // CONVFAST_PIXEL_LANES=0|1 excludes or forces it (tests use it).
 template <typename T>
-bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const {
+inline bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const {
   const char* forced = std::getenv("CONVFAST_PIXEL_LANES");
   if (forced && std::string(forced) == "0") return false;
   if (forced && std::string(forced) == "1") return true;
@@ -422,18 +422,6 @@ std::string ConvPlan<T>::Impl::describe() const {
 
 template ConvPlan<float>::Impl::Impl(const ConvProblem<float>& p, bool allow_winograd);
 template ConvPlan<double>::Impl::Impl(const ConvProblem<double>& p, bool allow_winograd);
-template bool ConvPlan<float>::Impl::integer_weights(const ConvProblem<float>& p);
-template bool ConvPlan<double>::Impl::integer_weights(const ConvProblem<double>& p);
-template bool ConvPlan<float>::Impl::choose_winograd(const ConvProblem<float>& p);
-template bool ConvPlan<double>::Impl::choose_winograd(const ConvProblem<double>& p);
-template bool ConvPlan<float>::Impl::choose_channel_lanes(const ConvProblem<float>& p);
-template bool ConvPlan<double>::Impl::choose_channel_lanes(const ConvProblem<double>& p);
-template void ConvPlan<float>::Impl::choose_algorithm(const ConvProblem<float>& p);
-template void ConvPlan<double>::Impl::choose_algorithm(const ConvProblem<double>& p);
-template void ConvPlan<float>::Impl::choose_plane_mode(const ConvProblem<float>& p);
-template void ConvPlan<double>::Impl::choose_plane_mode(const ConvProblem<double>& p);
-template bool ConvPlan<float>::Impl::choose_pixel_lanes(const ConvProblem<float>& p) const;
-template bool ConvPlan<double>::Impl::choose_pixel_lanes(const ConvProblem<double>& p) const;
 template std::string ConvPlan<float>::Impl::describe() const;
 template std::string ConvPlan<double>::Impl::describe() const;
 // A batch of small 1-D or 2-D images (the unit axis 0, as Python presents them) is planned as one

@@ -245,7 +245,7 @@ void ConvPlan<T>::Impl::direct_planes(const ConvProblem<T>& p, const WorkItem& i
 // measured 0.93-0.98x.
 template <typename T>
 template <typename Write>
-void ConvPlan<T>::Impl::direct_tile(const ConvProblem<T>& p, int64_t K, const T* const* rows, int64_t offset, const T* wp, int64_t g,
+inline void ConvPlan<T>::Impl::direct_tile(const ConvProblem<T>& p, int64_t K, const T* const* rows, int64_t offset, const T* wp, int64_t g,
                  ThreadScratch<T>& s, T* y_tile, Write&& write) const {
   const int pw = tile_m, mro = tile_n;
   const int64_t cout = p.cout_per_group;

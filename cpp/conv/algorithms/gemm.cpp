@@ -40,7 +40,7 @@ namespace convfast {
 // row_step: the input step between neighbouring pixels of a row. reuse_patches: the scratch
 // already holds this block's patches for all of K (K <= kc_max), from the previous fused phase.
 template <typename T>
-void ConvPlan<T>::Impl::gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
+inline void ConvPlan<T>::Impl::gemm_block(const ConvProblem<T>& p, const PhaseShape& shape, const WorkItem& it, const T* wp, const T* xg,
                 int64_t row_step, ThreadScratch<T>& s, T* C, bool reuse_patches) const {
   const int mr = tile_m, nr = tile_n;
   const int64_t T_ = shape.num_taps, cin = p.cin_per_group, cs = p.x_stride_c;
@@ -114,7 +114,7 @@ void ConvPlan<T>::Impl::gemm_block(const ConvProblem<T>& p, const PhaseShape& sh
 // of the 1x1 64 -> 256 layer. Each output is the same chain over k, in the same K blocks, as in
 // the usual orientation, and the bias is added to the finished sum in both: bitwise identical.
 template <typename T>
-void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
+inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
   const Phase& ph = phases[it.phase];
   const PhaseShape shape(ph);
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group, T_ = shape.num_taps, K = T_ * cin;
@@ -334,10 +334,6 @@ void ConvPlan<T>::Impl::run_item(const ConvProblem<T>& p, const WorkItem& it, Th
   }
 }
 
-template void ConvPlan<float>::Impl::gemm_block(const ConvProblem<float>& p, const PhaseShape& shape, const WorkItem& it, const float* wp, const float* xg, int64_t row_step, ThreadScratch<float>& s, float* C, bool reuse_patches) const;
-template void ConvPlan<double>::Impl::gemm_block(const ConvProblem<double>& p, const PhaseShape& shape, const WorkItem& it, const double* wp, const double* xg, int64_t row_step, ThreadScratch<double>& s, double* C, bool reuse_patches) const;
-template void ConvPlan<float>::Impl::pixel_lanes_item(const ConvProblem<float>& p, const WorkItem& it, ThreadScratch<float>& s) const;
-template void ConvPlan<double>::Impl::pixel_lanes_item(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s) const;
 template void ConvPlan<float>::Impl::run_item(const ConvProblem<float>& p, const WorkItem& it, ThreadScratch<float>& s) const;
 template void ConvPlan<double>::Impl::run_item(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s) const;
 

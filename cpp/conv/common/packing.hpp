@@ -7,6 +7,57 @@
 namespace convfast {
 namespace engine {
 
+// How the MR pixels of an m-tile read one tap: one contiguous run (interior, stride 1: a copy per
+// k), a constant stride (strided convolutions: an unrolled gather), or anything else (tiles
+// crossing an output row or touching the padding: element by element, zeros for padding).
+enum class TapRead : int8_t { Run, Strided, Gather };
+
+constexpr int kMinTileHeight = 4;  // the smallest tile height with_tile_height allows
+
+// Per-thread scratch, allocated once per call before the parallel region (so that allocation
+// failure is an exception on the calling thread, never inside OpenMP).
+template <typename T>
+struct ThreadScratch {
+  AlignedBuffer<T> a_panel, c_block, out_tile, row_buffers;
+  AlignedBuffer<int64_t> x_offsets, y_offsets;
+  std::vector<const T*> src_rows, panel_rows;
+  std::vector<int64_t> cache_key0, cache_key1, cache_stamp;  // direct path: row-buffer cache entries
+  std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile (pixel lanes: of each)
+  std::vector<int64_t> tile_anchor, tile_step;  // GEMM: per m-tile, read in place (see gemm_block)
+  std::vector<int64_t> tile_pixel;              // GEMM: per pixel of an in-place tile, its offset from the anchor's
+  std::vector<char> tile_in_y;                  // pixel lanes: per pixel tile, written straight into y
+  AlignedBuffer<T> row_bias;                    // pixel lanes: the group's bias, contiguous
+  std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
+  std::vector<int64_t> tap_base, tap_step;
+  ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
+                int64_t row_buffer_size, int64_t in_place_rows)
+      : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), row_buffers(row_buffer_size),
+        x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
+        src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
+        tap_kind(static_cast<size_t>(checked_mul(ceil_div(std::max<int64_t>(mc, 1), kMinTileHeight),
+                                                 std::max<int64_t>(max_taps, 1)))),  // per tap of every tile
+        tile_anchor(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
+        tile_pixel(static_cast<size_t>(mc)),  // GEMM blocks are whole tiles: mc is a multiple of MR
+        tile_in_y(static_cast<size_t>(mc)), row_bias(nc),
+        a_rows(static_cast<size_t>(in_place_rows)),
+        tap_base(tap_kind.size()),
+        tap_step(tap_kind.size()) {}
+
+  // Direct path: the panel holds direct_k rows of pw values; panel_rows points at each.
+  void set_direct_panel(int64_t direct_k, int pw, int64_t cache_entries) {
+    cache_key0.assign(static_cast<size_t>(cache_entries), 0);
+    cache_key1.assign(static_cast<size_t>(cache_entries), 0);
+    cache_stamp.assign(static_cast<size_t>(cache_entries), -1);
+    panel_rows.resize(static_cast<size_t>(direct_k));
+    for (int64_t k = 0; k < direct_k; ++k) panel_rows[k] = a_panel.get() + k * pw;
+  }
+};
+
+// The functions below have internal linkage in each unit that includes this header, as they had when
+// one file held the engine: GCC inlines a local function called once and then drops it, which it
+// does not do for one with external linkage (measured: pixel-lanes 1x1 layers 3-8 % slower).
+namespace {
+
 // Packs one n-tile of B for one (group, phase): panel[K][NR], K ordered channel-major then tap
 // (k = ci * taps + t), the order of a contiguous (C_out, C_in, *k) weight row, so each of the NR
 // source rows is read along its length; walked in chunks of k so that the chunk of the panel being
@@ -62,11 +113,6 @@ void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int n
     }
   }
 }
-
-// How the MR pixels of an m-tile read one tap: one contiguous run (interior, stride 1: a copy per
-// k), a constant stride (strided convolutions: an unrolled gather), or anything else (tiles
-// crossing an output row or touching the padding: element by element, zeros for padding).
-enum class TapRead : int8_t { Run, Strided, Gather };
 
 // How each tap of an m-tile reads: its kind, its first pixel's offset and the step between pixels.
 template <int MR>
@@ -140,7 +186,6 @@ void with_tile_height(int mr, F&& f) {
     default: return;  // unreachable: the plan refuses other heights (no exception inside OpenMP)
   }
 }
-constexpr int kMinTileHeight = 4;  // the smallest height above
 
 template <typename T>
 void pack_input_patches(const T* xg, int64_t cs, const int64_t* xoff, int64_t taps, int64_t mcount, int mr,
@@ -191,45 +236,6 @@ void pack_patches_by_k(const T* xg, int64_t cs, const int64_t* xoff, int64_t tap
     pack_tiles_by_k<decltype(height)::value>(xg, cs, xoff, taps, mcount, pt0, pt1, k0, kc, kind, base, step, dst);
   });
 }
-
-// Per-thread scratch, allocated once per call before the parallel region (so that allocation
-// failure is an exception on the calling thread, never inside OpenMP).
-template <typename T>
-struct ThreadScratch {
-  AlignedBuffer<T> a_panel, c_block, out_tile, row_buffers;
-  AlignedBuffer<int64_t> x_offsets, y_offsets;
-  std::vector<const T*> src_rows, panel_rows;
-  std::vector<int64_t> cache_key0, cache_key1, cache_stamp;  // direct path: row-buffer cache entries
-  std::vector<TapRead> tap_kind;          // GEMM packing: per tap of the current m-tile (pixel lanes: of each)
-  std::vector<int64_t> tile_anchor, tile_step;  // GEMM: per m-tile, read in place (see gemm_block)
-  std::vector<int64_t> tile_pixel;              // GEMM: per pixel of an in-place tile, its offset from the anchor's
-  std::vector<char> tile_in_y;                  // pixel lanes: per pixel tile, written straight into y
-  AlignedBuffer<T> row_bias;                    // pixel lanes: the group's bias, contiguous
-  std::vector<const T*> a_rows;           // GEMM: per anchor tile, the row of A of each k of a K block
-  std::vector<int64_t> tap_base, tap_step;
-  ThreadScratch(int64_t mc, int64_t a_panel_size, int64_t nc, int64_t max_taps, int64_t direct_k, int64_t out_tile_size,
-                int64_t row_buffer_size, int64_t in_place_rows)
-      : a_panel(a_panel_size), c_block(checked_mul(mc, nc)), out_tile(out_tile_size), row_buffers(row_buffer_size),
-        x_offsets(checked_mul(mc, std::max<int64_t>(max_taps, 1))), y_offsets(mc),
-        src_rows(static_cast<size_t>(std::max<int64_t>(direct_k, 1))),
-        tap_kind(static_cast<size_t>(checked_mul(ceil_div(std::max<int64_t>(mc, 1), kMinTileHeight),
-                                                 std::max<int64_t>(max_taps, 1)))),  // per tap of every tile
-        tile_anchor(static_cast<size_t>(mc)), tile_step(static_cast<size_t>(mc)),
-        tile_pixel(static_cast<size_t>(mc)),  // GEMM blocks are whole tiles: mc is a multiple of MR
-        tile_in_y(static_cast<size_t>(mc)), row_bias(nc),
-        a_rows(static_cast<size_t>(in_place_rows)),
-        tap_base(tap_kind.size()),
-        tap_step(tap_kind.size()) {}
-
-  // Direct path: the panel holds direct_k rows of pw values; panel_rows points at each.
-  void set_direct_panel(int64_t direct_k, int pw, int64_t cache_entries) {
-    cache_key0.assign(static_cast<size_t>(cache_entries), 0);
-    cache_key1.assign(static_cast<size_t>(cache_entries), 0);
-    cache_stamp.assign(static_cast<size_t>(cache_entries), -1);
-    panel_rows.resize(static_cast<size_t>(direct_k));
-    for (int64_t k = 0; k < direct_k; ++k) panel_rows[k] = a_panel.get() + k * pw;
-  }
-};
 
 // Where each pixel of the block reads for each tap (spatial offset into x, or kOutside for a zero), and
 // (unless yoff is null) where it writes. Pixels are in row-major order, or with edges_last the block's
@@ -301,5 +307,6 @@ void block_offsets(const ConvProblem<T>& p, const Phase& ph, const PhaseShape& s
     }
   }
 }
+}  // namespace
 }  // namespace engine
 }  // namespace convfast
