@@ -1,4 +1,4 @@
-"""The channel-lanes path for depthwise layers (cpp/conv/channel_lanes.hpp): L groups (the vector
+"""The channel-lanes path for depthwise layers (cpp/conv/algorithms/channel_lanes.hpp): L groups (the vector
 width) in the lanes, the input window of a block of output rows buffered as pixels of L channels
 (transposed L x L from channels-first input, copied from channels-last), the padding written in.
 

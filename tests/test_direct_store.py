@@ -1,4 +1,4 @@
-"""The direct path's stores (cpp/conv/gather_gemm.cpp, direct_tile): with several output-channel
+"""The direct path's stores (cpp/conv/algorithms/direct.cpp, direct_tile): with several output-channel
 tiles, a pixel tile whose outputs are consecutive in y is written by the micro-kernel straight into
 y (then gets its bias); other tiles (a row's last, partial one; one that crosses a row end in plane
 mode; the last, partial channel tile; any tile of a non-unit-stride y) go through the scratch tile.

@@ -1,4 +1,4 @@
-"""The GEMM's in-place tiles (cpp/conv/gather_gemm.cpp, gemm_block): a tile of MR pixels whose
+"""The GEMM's in-place tiles (cpp/conv/algorithms/gemm.cpp, gemm_block): a tile of MR pixels whose
 inputs, for every tap, are the first pixel's shifted by one offset per pixel is not packed; the
 micro-kernel reads it where it lies, through the rows variant (pixels 1 or 2 apart) or the pixels
 variant (any offsets: tiles that wrap from one output row to the next, or across planes).

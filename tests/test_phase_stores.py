@@ -1,4 +1,4 @@
-"""The stores of fused stride phases (cpp/conv/gather_gemm.cpp, store_block): a transposed
+"""The stores of fused stride phases (cpp/conv/algorithms/gemm.cpp, store_block): a transposed
 convolution with stride 2 along the last axis has its residue-0 and residue-1 phases stored together
 by the micro-kernel table's pair store (L pixels of each, zipped into 2L contiguous outputs per
 channel); pixels that do not form such runs and channels beyond the last whole vector are

@@ -1,4 +1,4 @@
-"""The pixel-lanes GEMM (cpp/conv/gather_gemm.cpp, pixel_lanes_item): the GEMM with the roles of its
+"""The pixel-lanes GEMM (cpp/conv/algorithms/gemm.cpp, pixel_lanes_item): the GEMM with the roles of its
 operands swapped, so that pixels fill the vector lanes and output channels the broadcast rows. It is
 chosen, for channels-first outputs, where the usual orientation would pack every tile anyway: one-tap
 layers (1x1, and the single phase of a 1x1 transposed convolution at stride 1) and strided layers whose

@@ -1,4 +1,4 @@
-"""The weight gradient's rows path (cpp/conv/weight_grad.cpp, rows_weight_grad): layers with at most 8
+"""The weight gradient's rows path (cpp/conv/weight_grad/rows.cpp, rows_weight_grad): layers with at most 8
 input channels per group and a channels-first output gradient, whose rows are multiplied in the
 vector lanes without packing (a padded copy of the input first, its rows split into stride phases).
 

@@ -1,5 +1,5 @@
 """Winograd F(2, 3) and F(4, 3), the engine's algorithm for stride-1 layers with 3 taps along two or three axes
-(cpp/conv/winograd.hpp), against the float64 NumPy oracle and closed-form identities.
+(cpp/conv/algorithms/winograd.hpp), against the float64 NumPy oracle and closed-form identities.
 
 It is chosen automatically when C_in/G and C_out/G are at least 64 (2-D) or 32 (3-D); CONVFAST_ALGO=winograd forces
 it wherever it applies (small channel counts included, so the sweep below stays small), and
@@ -418,7 +418,7 @@ def test_transposed_phase_choice():
     assert not _ran_winograd()
 
 
-# ---- The weight gradient (cpp/conv/weight_grad.cpp, WeightGrad::run_winograd) ----
+# ---- The weight gradient (cpp/conv/weight_grad/gemm.cpp, WeightGrad::run_winograd) ----
 # The adjoint of F(2, 3) (and in float64 F(4, 3), below) with respect to the weights, for stride-1
 # layers (any dilation) with 3 taps along two or three axes and one tap on the others. Checked against a NumPy-only sum over windows
 # of the padded input.

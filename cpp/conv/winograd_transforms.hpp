@@ -1,7 +1,7 @@
 // The 1-D Winograd transforms (see winograd.hpp): the point formulas, shared by the forward
-// engine's line-by-line path (gather_gemm.cpp, through winograd.hpp) and the fused tile transforms
+// engine's line-by-line path (algorithms/winograd.hpp) and the fused tile transforms
 // of the micro-kernel units (cpp/ukernels/winograd_ukernel_impl.hpp, which the weight gradient's
-// F(2, 3) also uses). Included inside those files' anonymous namespaces.
+// F(2, 3) also uses). Each includer places it in its own namespace (winograd::).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -11,7 +11,7 @@ namespace winograd {
 // Tiles along an axis at dilation d: a tile holds outputs o + e * d (e < m), for o = b * m * d + r,
 // r < d (blocks of m * d outputs holding d tiles each, the last block only the r it reaches), so
 // that dilated tiles interleave and every output is in one tile. Shared by the forward's axes
-// (winograd.hpp) and the weight gradient's F(2, 3) (weight_grad.cpp).
+// (winograd.hpp) and the weight gradient's F(2, 3) (weight_grad/gemm.cpp).
 inline int64_t dilated_tile_count(int64_t count, int64_t m, int64_t d) {
   return count / (m * d) * d + (count % (m * d) < d ? count % (m * d) : d);
 }
@@ -116,7 +116,7 @@ inline void weight_points(const E* g, E* r) {
   }
 }
 // The weight gradient's transforms (F(m, 3)'s adjoint with respect to the weights, see
-// cpp/conv/weight_grad.cpp). A dy: the gradients of a tile's M outputs -> its M + 2 points (the
+// cpp/conv/weight_grad/gemm.cpp). A dy: the gradients of a tile's M outputs -> its M + 2 points (the
 // transpose of output_points' A^T):
 //   F(2, 3): (g0, g0 + g1, g0 - g1, -g1)
 //   F(4, 3): (g0, g0 + g1 + g2 + g3, g0 - g1 + g2 - g3, g0 + 2 g1 + 4 g2 + 8 g3, g0 - 2 g1 + 4 g2 - 8 g3, g3)

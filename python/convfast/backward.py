@@ -32,7 +32,7 @@ The formulas (per spatial axis: ``p`` pads before/after, ``s`` stride, ``d`` dil
 * grad_weight, both: a correlation of the (padded) input with the output gradient,
   ``gW[co, ci, t] = sum_{n, o} x_padded[n, ci, o s + t d] gy[n, co, o]`` (for the transposed
   convolution x and gy trade places). Per kernel tap this is a GEMM with K = N * prod(O), computed
-  for NumPy arrays by the compiled kernel (cpp/conv/weight_grad.cpp, reading x unpadded through the
+  for NumPy arrays by the compiled kernel (cpp/conv/weight_grad/, reading x unpadded through the
   padding mode), for depthwise-like groups by ``np.einsum`` per tap, and for other array types from
   slabs of the input's strided windows multiplied by the engine as a 1x1 convolution (see
   ``_weight_grad``).
@@ -210,7 +210,7 @@ _SLAB_BYTES = 64 << 20
 # 0.92-0.98x float32, 1.33-1.85x float64; but 2 x 2 (64 groups at 56x56) 0.40x / 0.77x.
 _SMALL_GROUP = 7
 # Ca/G = 1 and at most this many output channels per group: the compiled kernel's depthwise path
-# (kMaxMultiplier in cpp/conv/weight_grad.cpp).
+# (kMaxMultiplier in cpp/conv/weight_grad/common.hpp).
 _DEPTHWISE_MULTIPLIER = 4
 
 
@@ -232,7 +232,7 @@ def _weight_grad(a: np.ndarray, b: np.ndarray, groups: int, pads, mode: str, str
     Per group this is a GEMM with K = N * prod(O). Three ways to compute it:
 
     * NumPy arrays, groups with more than ``_SMALL_GROUP`` weights per tap: the compiled kernel
-      ``_core.weight_grad`` (cpp/conv/weight_grad.cpp). It reads ``a`` unpadded, through the
+      ``_core.weight_grad`` (cpp/conv/weight_grad/). It reads ``a`` unpadded, through the
       padding mode, in any layout, packs ``b`` once and runs the micro-kernel with rows = Cb/G,
       vector lanes = Ca/G, multi-threaded and bitwise independent of the thread count. The same
       entry point handles depthwise and channel-multiplier groups (Ca/G = 1, Cb/G <= 4) with a

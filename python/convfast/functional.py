@@ -70,7 +70,7 @@ def _kernel_views(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, y: np.ndarr
     return x5, _with_unit_axes(w6, spec.rank, 3), y5
 
 
-_INT64_SAFE = 2 ** 61  # the kernels' bound (validate() in gather_gemm.cpp): headroom for index arithmetic
+_INT64_SAFE = 2 ** 61  # the kernels' bound (validate() in cpp/conv/common/geometry.hpp): headroom for index arithmetic
 
 
 def _kernel_params(spec: ConvSpec):

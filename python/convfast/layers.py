@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from ._spec import (as_array, as_int, conv_spec, conv_transpose_spec, normalize_data_format, normalize_padding,
-                    normalize_padding_mode, per_axis)
+from ._layer_params import set_geometry, weight_shape
+from ._spec import as_array, as_int, conv_spec, conv_transpose_spec, normalize_data_format
 from ._interop import output_wrapper, to_numpy
 from .cuda._dispatch import cuda_backend, normalize_device, select_device
 from . import _core
@@ -36,29 +36,13 @@ class _ConvLayer:
     def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                padding_mode, output_padding, data_format, dtype, seed):
         name = type(self).__name__
-        r = self._rank
-        self.in_channels = as_int(name, "in_channels", in_channels, minimum=1)
-        self.out_channels = as_int(name, "out_channels", out_channels, minimum=1)
-        self.kernel_size = per_axis(name, "kernel_size", kernel_size, r, minimum=1)
-        self.stride = per_axis(name, "stride", stride, r, minimum=1)
-        self.dilation = per_axis(name, "dilation", dilation, r, minimum=1)
-        self.output_padding = per_axis(name, "output_padding", output_padding, r, minimum=0)
-        self.groups = as_int(name, "groups", groups, minimum=1)
-        self.padding = normalize_padding(name, padding, r)
-        self.padding_mode = normalize_padding_mode(name, padding_mode)
-        if self._transposed and self.padding_mode != "zeros":
-            raise ValueError(f"{name}: padding_mode must be 'zeros' for a transposed convolution, got {padding_mode!r}")
+        set_geometry(self, self._rank, self._transposed, in_channels, out_channels, kernel_size, stride, padding,
+                     dilation, groups, padding_mode, output_padding)
         self.data_format = normalize_data_format(name, data_format)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name}: dtype must be float32 or float64, got {self.dtype}")
-        for label, c in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
-            if c % self.groups:
-                raise ValueError(f"{name}: {label}={c} is not divisible by groups={self.groups}")
-        if self._transposed:
-            shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
-        else:
-            shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
+        shape = weight_shape(self, self._transposed)
         # PyTorch's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(shape[1] * math.prod(self.kernel_size))

@@ -39,7 +39,7 @@ from torch.nn import init
 
 from . import backward as _backward
 from . import functional as _functional
-from ._spec import as_int, normalize_padding, normalize_padding_mode, per_axis
+from ._layer_params import set_geometry, weight_shape
 
 __all__ = ["ConvParams", "ConvFunction", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
            "conv_transpose3d", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
@@ -192,30 +192,14 @@ class _ConvNd(nn.Module):
     def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                output_padding, device, dtype):
         name = type(self).__name__
-        r = self._rank
-        self.in_channels = as_int(name, "in_channels", in_channels, minimum=1)
-        self.out_channels = as_int(name, "out_channels", out_channels, minimum=1)
-        self.kernel_size = per_axis(name, "kernel_size", kernel_size, r, minimum=1)
-        self.stride = per_axis(name, "stride", stride, r, minimum=1)
-        self.dilation = per_axis(name, "dilation", dilation, r, minimum=1)
-        self.output_padding = per_axis(name, "output_padding", output_padding, r, minimum=0)
-        self.groups = as_int(name, "groups", groups, minimum=1)
-        self.padding = _padding_attribute(normalize_padding(name, padding, r))
-        self.padding_mode = normalize_padding_mode(name, padding_mode)
+        set_geometry(self, self._rank, self._transposed, in_channels, out_channels, kernel_size, stride, padding,
+                     dilation, groups, padding_mode, output_padding)
+        self.padding = _padding_attribute(self.padding)
         self.transposed = self._transposed
-        if self._transposed and self.padding_mode != "zeros":
-            raise ValueError(f"{name}: only 'zeros' padding_mode is supported for a transposed convolution, "
-                             f"got {padding_mode!r}")
-        for label, c in (("in_channels", self.in_channels), ("out_channels", self.out_channels)):
-            if c % self.groups:
-                raise ValueError(f"{name}: {label}={c} is not divisible by groups={self.groups}")
+        shape = weight_shape(self, self._transposed)
         if dtype is not None and dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype must be torch.float32 or torch.float64, got {dtype}")
         factory = {"device": device, "dtype": dtype}
-        if self._transposed:
-            shape = (self.in_channels, self.out_channels // self.groups) + self.kernel_size
-        else:
-            shape = (self.out_channels, self.in_channels // self.groups) + self.kernel_size
         self.weight = nn.Parameter(torch.empty(shape, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))

@@ -105,6 +105,30 @@ def _tile_position(idx, channels_fast, width, depth):
     return idx % depth, idx // depth
 
 
+@cuda.jit(device=True)
+def _wgrad_extents(a, b):
+    """The sizes both weight-gradient kernels index with: (o_w, o_hw, o_all) of b's output pixels,
+    k_total = batch x pixels (the reduction length), and a's spatial sizes (l_d, l_h, l_w)."""
+    o_w = b.shape[4]
+    o_hw = b.shape[3] * o_w
+    o_all = b.shape[2] * o_hw
+    return o_w, o_hw, o_all, b.shape[0] * o_all, a.shape[2], a.shape[3], a.shape[4]
+
+
+@cuda.jit(device=True)
+def _tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w):
+    """Per axis, where kernel tap t (row-major over the kernel) reads relative to o * stride."""
+    return (t // (k_h * k_w)) * d_d - p_d, ((t // k_w) % k_h) * d_h - p_h, (t % k_w) * d_w - p_w
+
+
+@cuda.jit(device=True)
+def _tap_source(od, oh, ow, s_d, s_h, s_w, off_d, off_h, off_w, l_d, l_h, l_w, mode):
+    """a's (d, h, w) read by output pixel (od, oh, ow) for the tap at (off_d, off_h, off_w): each
+    mapped by the padding mode, -1 where it reads the zero padding (source_index)."""
+    return (source_index(od * s_d + off_d, l_d, mode), source_index(oh * s_h + off_h, l_h, mode),
+            source_index(ow * s_w + off_w, l_w, mode))
+
+
 @lru_cache(maxsize=None)
 def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool):
     """The weight gradient as a GEMM per (group, kernel tap, K chunk):
@@ -145,15 +169,7 @@ def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool):
         tid = cuda.threadIdx.x
         tm = tid % TXM
         tn = tid // TXM
-        o_d = b.shape[2]
-        o_h = b.shape[3]
-        o_w = b.shape[4]
-        o_hw = o_h * o_w
-        o_all = o_d * o_hw
-        k_total = b.shape[0] * o_all
-        l_d = a.shape[2]
-        l_h = a.shape[3]
-        l_w = a.shape[4]
+        o_w, o_hw, o_all, k_total, l_d, l_h, l_w = _wgrad_extents(a, b)
         zero = DT(0)
         # Every condition that guards a syncthreads below is uniform across the block.
         for z in range(cuda.blockIdx.z, num_groups * taps * splits, cuda.gridDim.z):
@@ -161,9 +177,7 @@ def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool):
             rest = z // splits
             t = rest % taps
             g = rest // taps
-            off_d = (t // (k_h * k_w)) * d_d - p_d
-            off_h = ((t // k_w) % k_h) * d_h - p_h
-            off_w = (t % k_w) * d_w - p_w
+            off_d, off_h, off_w = _tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w)
             k_begin = sp * chunk
             k_end = min(k_begin + chunk, k_total)
             for m0 in range(cuda.blockIdx.x * BM, cb_g, cuda.gridDim.x * BM):
@@ -190,9 +204,8 @@ def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool):
                                 v = zero
                                 if k < k_end and n0 + nn < ca_g:
                                     nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
-                                    sd = source_index(od * s_d + off_d, l_d, mode)
-                                    sh = source_index(oh * s_h + off_h, l_h, mode)
-                                    sw = source_index(ow * s_w + off_w, l_w, mode)
+                                    sd, sh, sw = _tap_source(od, oh, ow, s_d, s_h, s_w, off_d, off_h, off_w,
+                                                             l_d, l_h, l_w, mode)
                                     if sd >= 0 and sh >= 0 and sw >= 0:
                                         v = DT(a[nb, g * ca_g + n0 + nn, sd, sh, sw])
                                 As[kk, nn] = v
@@ -240,31 +253,19 @@ def wgrad_small_kernel(dtype_name: str, threads: int = REDUCE_THREADS):
         av = cuda.local.array(W, DT)
         bv = cuda.local.array(W, DT)
         tid = cuda.threadIdx.x
-        o_d = b.shape[2]
-        o_h = b.shape[3]
-        o_w = b.shape[4]
-        o_hw = o_h * o_w
-        o_all = o_d * o_hw
-        k_total = b.shape[0] * o_all
-        l_d = a.shape[2]
-        l_h = a.shape[3]
-        l_w = a.shape[4]
+        o_w, o_hw, o_all, k_total, l_d, l_h, l_w = _wgrad_extents(a, b)
         nw = ca_g * cb_g
         for item in range(cuda.blockIdx.x, splits * num_groups * taps, cuda.gridDim.x):
             t = item % taps
             rest = item // taps
             g = rest % num_groups
             sp = rest // num_groups
-            off_d = (t // (k_h * k_w)) * d_d - p_d
-            off_h = ((t // k_w) % k_h) * d_h - p_h
-            off_w = (t % k_w) * d_w - p_w
+            off_d, off_h, off_w = _tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w)
             for i in range(W):
                 acc[i] = DT(0)
             for k in range(sp * chunk + tid, min(sp * chunk + chunk, k_total), NT):
                 nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
-                sd = source_index(od * s_d + off_d, l_d, mode)
-                sh = source_index(oh * s_h + off_h, l_h, mode)
-                sw = source_index(ow * s_w + off_w, l_w, mode)
+                sd, sh, sw = _tap_source(od, oh, ow, s_d, s_h, s_w, off_d, off_h, off_w, l_d, l_h, l_w, mode)
                 inside = sd >= 0 and sh >= 0 and sw >= 0
                 for j in range(ca_g):
                     av[j] = DT(a[nb, g * ca_g + j, sd, sh, sw]) if inside else DT(0)

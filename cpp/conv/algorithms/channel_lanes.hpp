@@ -8,7 +8,7 @@
 // distances between the pixels an output reads, so a strided layer reads its buffer at a step
 // instead of splitting it into stride phases.
 //
-// Transposed layers come as stride phases (AxisPlans per axis, gather_gemm.cpp). An item takes one
+// Transposed layers come as stride phases (AxisPlans per axis, common/geometry.hpp). An item takes one
 // phase plan along axes 0 and 1 and every phase plan along axis 2: those read the same input rows
 // (at different taps), so one buffer serves them, and their outputs interleave along the row. Two
 // phases at step 2 (stride 2) are stored together by the pair store, contiguous rows of 2L outputs.
@@ -21,8 +21,15 @@
 // starting from zero, the bias added to the finished sum: bitwise the direct path's and the
 // GEMM's results.
 //
-// Included inside gather_gemm.cpp's anonymous namespace (it uses AxisPlan).
+// Created by registry.cpp (choose_channel_lanes), run by plan.cpp; the depthwise weight gradient
+// (depthwise_lanes_weight_grad, plan.cpp) reuses it.
 #pragma once
+
+#include "../common/geometry.hpp"
+#include "../common/packing.hpp"
+
+namespace convfast {
+namespace engine {
 
 namespace channel_lanes {
 
@@ -319,3 +326,6 @@ struct Conv {
 };
 
 }  // namespace channel_lanes
+
+}  // namespace engine
+}  // namespace convfast

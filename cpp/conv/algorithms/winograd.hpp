@@ -19,12 +19,18 @@
 // multiple of the direct sum's (measured in the tests); F(4, 3)'s are larger (up to 8, and 1/6,
 // 1/24 in G) and it is used in float64 only.
 //
-// Included inside gather_gemm.cpp's anonymous namespace (it uses map_padded_index only). The
-// 1-D transforms are in winograd_transforms.hpp, which the weight gradient shares.
+// Created by registry.cpp (choose_winograd), run by plan.cpp. The 1-D transforms are in
+// ../winograd_transforms.hpp, which the weight gradient and the micro-kernel units share.
 #pragma once
 #include <type_traits>
 
-#include "winograd_transforms.hpp"
+
+#include "../common/geometry.hpp"
+#include "../common/packing.hpp"
+
+namespace convfast {
+namespace engine {
+#include "../winograd_transforms.hpp"  // inside namespace convfast::engine: engine::winograd
 
 namespace winograd {
 
@@ -532,3 +538,6 @@ struct Conv {
 };
 
 }  // namespace winograd
+
+}  // namespace engine
+}  // namespace convfast
