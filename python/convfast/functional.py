@@ -142,6 +142,16 @@ def call_key(name, x, weight, bias, params):
     return (name, x.shape, x.strides, x.dtype, weight.shape, weight.strides, weight.dtype, bias_key) + params
 
 
+def _kept_call(name, x, weight, bias, out, device, params):
+    """(key, y): the call's fast-path signature (None: it takes the full path) and, when a kept
+    _core.Call matches it and its operands, the result (else None)."""
+    if out is not None or device is not None:
+        return None, None
+    key = call_key(name, x, weight, bias, params)
+    call = _CALLS.get(key)
+    return key, (None if call is None else call.run(x, weight, bias))
+
+
 def _remember(calls: dict, key, spec: ConvSpec, x, weight, bias, y, planned: bool):
     """Keep a _core.Call for a signature that has just been computed by the full path: only when the
     operands went to the kernels as they were (no dtype conversion, aligned)."""
@@ -212,14 +222,10 @@ def _make_conv(rank: int):
 
     def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, padding_mode="zeros",
              data_format="channels_first", out=None, device=None):
-        key = None
-        if out is None and device is None:
-            key = call_key(name, x, weight, bias, (stride, padding, dilation, groups, padding_mode, data_format))
-            call = _CALLS.get(key)
-            if call is not None:
-                y = call.run(x, weight, bias)
-                if y is not None:
-                    return y
+        key, y = _kept_call(name, x, weight, bias, out, device,
+                            (stride, padding, dilation, groups, padding_mode, data_format))
+        if y is not None:
+            return y
         if needs_grad(x, weight, bias):  # a torch tensor requiring grad: through convfast.torch's autograd op
             return call_with_grad(name, x, weight, bias, out=out, device=device, data_format=data_format,
                                   stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -277,15 +283,10 @@ def _make_conv_transpose(rank: int):
 
     def conv_transpose(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
                        output_size=None, data_format="channels_first", out=None, device=None):
-        key = None
-        if out is None and device is None:
-            key = call_key(name, x, weight, bias,
-                           (stride, padding, output_padding, groups, dilation, output_size, data_format))
-            call = _CALLS.get(key)
-            if call is not None:
-                y = call.run(x, weight, bias)
-                if y is not None:
-                    return y
+        key, y = _kept_call(name, x, weight, bias, out, device,
+                            (stride, padding, output_padding, groups, dilation, output_size, data_format))
+        if y is not None:
+            return y
         if needs_grad(x, weight, bias):  # a torch tensor requiring grad: through convfast.torch's autograd op
             return call_with_grad(name, x, weight, bias, out=out, device=device, data_format=data_format,
                                   stride=stride, padding=padding, output_padding=output_padding, groups=groups,
