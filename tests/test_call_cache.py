@@ -226,3 +226,21 @@ def test_equal_but_distinct_dtype_objects():
         _check(convfast.conv2d(pickle.loads(pickle.dumps(x)), w), _ref(x, w))
     layer = convfast.Conv2d.from_weights(w)
     _check(layer(pickle.loads(pickle.dumps(x))), _ref(x, w))
+
+
+def test_backward_kept_spec_does_not_skip_device_checks():
+    # A kept spec for NumPy operands must not let a non-NumPy grad_output through unchecked.
+    from convfast import backward
+
+    class FakeGpuArray:  # what convfast's device dispatch takes for a GPU array
+        shape = (1, 3, 4)
+        __cuda_array_interface__ = {"shape": (1, 3, 4), "typestr": "<f8", "data": (0, False), "version": 3}
+
+    x = np.zeros((1, 2, 5))
+    w = np.ones((3, 2, 2))
+    gy = np.ones((1, 3, 4))
+    convfast.conv1d_backward(gy, x, w)
+    convfast.conv1d_backward(gy, x, w)
+    with pytest.raises(ValueError, match="conv1d_backward: grad_output is a GPU array"):
+        convfast.conv1d_backward(FakeGpuArray(), x, w)
+    backward._SPECS.clear()

@@ -463,7 +463,7 @@ def _run(name: str, device, grad_output, x, weight, bias, needs, make_spec, back
     the GPU iff x is a GPU array or device="cuda"); the arguments are validated by the same spec
     either way, ``make_spec(x, weight, bias)`` being the forward's conv_spec / conv_transpose_spec.
     ``params``: the call's parameters as given, for the signature of the kept specs."""
-    key = _ops.call_key(name, x, weight, bias, params) if device is None else None
+    key = _ops.call_key(name, x, weight, bias, params) if device is None and type(grad_output) is np.ndarray else None
     if key is not None:
         spec = _SPECS.get(key)
         if spec is not None:
