@@ -41,8 +41,12 @@ constexpr int64_t kMaxRowsInputs = 8;
 template <typename T>
 bool rows_weight_grad_applies(const WeightGradProblem<T>& p) {
   const UkernelInfo<T>& uk = active_ukernel<T>();
+  // With 64-byte vectors the rows of strided layers (stored as stride phases) lose to the GEMM:
+  // AVX-512, 2 threads, against it: stride 2 (the 7x7 stem, 3x3 s2 first layers) 0.46-0.76x float32,
+  // 0.78-0.99x float64; stride 1 (3-D 1 -> 32, 3 -> 16/32 3x3) 1.5-2.8x.
+  const bool wide_vectors = uk.lanes * static_cast<int>(sizeof(T)) >= 64;
   return uk.wgrad_rows[0] && p.a_channels / p.groups <= kMaxRowsInputs && p.b_stride[2] == 1 &&
-         p.b_size[2] >= uk.lanes && p.b_channels / p.groups >= kWgradRowsMax;
+         p.b_size[2] >= uk.lanes && p.b_channels / p.groups >= kWgradRowsMax && !(wide_vectors && p.stride[2] > 1);
 }
 
 template <typename T>
