@@ -496,8 +496,12 @@ def main(args: argparse.Namespace) -> int:
         print("convfast bench: --threads must be >= 1", file=sys.stderr)
         return 2
     if args.compare is None:
-        compare = [name for name, there in (("torch", suite.torch_available()), ("ort", suite.ort_available()))
-                   if there]
+        peers = (("torch", suite.torch_available(), "PyTorch"), ("ort", suite.ort_available(), "onnxruntime"))
+        compare = [name for name, there, _ in peers if there]
+        missing = [label for _, there, label in peers if not there]
+        if missing:  # said first, so that a table without a peer's column is not a surprise
+            print(f"convfast bench: not comparing with {' or '.join(missing)} (not installed); "
+                  f'pip install ".[bench]" (or: pip install torch onnxruntime) adds the comparison', file=sys.stderr)
     else:
         compare = [c.strip().lower() for c in args.compare.split(",") if c.strip() and c.strip().lower() != "none"]
         compare = ["ort" if c == "onnxruntime" else c for c in compare]
