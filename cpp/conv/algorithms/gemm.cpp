@@ -127,12 +127,9 @@ inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const W
   std::vector<int64_t> w_row, w_channel;
   std::vector<const T*> w_rows;
   if (weights_in_place) {
+    const std::vector<int64_t> tap_offset = weight_tap_offsets(p, ph);
     for (int64_t ci = 0; ci < cin; ++ci)
-      for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
-        for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
-          for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
-            w_row.push_back(ci * p.w_stride_ci + ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
-                            ph[2]->taps[t2] * p.w_stride[2]);
+      for (const int64_t offset : tap_offset) w_row.push_back(ci * p.w_stride_ci + offset);
     for (int64_t co = 0; co < n_tiles * mr; ++co) w_channel.push_back(std::min(co, cout - 1) * p.w_stride_co);
     w_rows.resize(static_cast<size_t>(kc_max));
   }

@@ -60,6 +60,20 @@ struct ThreadScratch {
 // does not do for one with external linkage (measured: pixel-lanes 1x1 layers 3-8 % slower).
 namespace {
 
+// The weight offset of each of a phase's taps, in the K order of the packed panels (axis 0 outermost):
+// row k = ci * taps + t of a weight panel is w[ci * w_stride_ci + offsets[t]].
+template <typename T>
+std::vector<int64_t> weight_tap_offsets(const ConvProblem<T>& p, const Phase& ph) {
+  const PhaseShape shape(ph);
+  std::vector<int64_t> offsets;
+  for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
+    for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
+      for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
+        offsets.push_back(ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
+                          ph[2]->taps[t2] * p.w_stride[2]);
+  return offsets;
+}
+
 // Packs one n-tile of B for one (group, phase): panel[K][NR], K ordered channel-major then tap
 // (k = ci * taps + t), the order of a contiguous (C_out, C_in, *k) weight row, so each of the NR
 // source rows is read along its length; walked in chunks of k so that the chunk of the panel being
@@ -76,12 +90,7 @@ void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int n
   const PhaseShape shape(ph);
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
   const int64_t K = shape.num_taps * cin;
-  std::vector<int64_t> tap_offset;
-  for (int64_t t0 = 0; t0 < shape.taps[0]; ++t0)
-    for (int64_t t1 = 0; t1 < shape.taps[1]; ++t1)
-      for (int64_t t2 = 0; t2 < shape.taps[2]; ++t2)
-        tap_offset.push_back(ph[0]->taps[t0] * p.w_stride[0] + ph[1]->taps[t1] * p.w_stride[1] +
-                             ph[2]->taps[t2] * p.w_stride[2]);
+  const std::vector<int64_t> tap_offset = weight_tap_offsets(p, ph);
   const T* wg = p.w + g * p.w_stride_g;
   bool rows_contiguous = transpose != nullptr && lanes > 0 && nr % lanes == 0 && (nt + 1) * nr <= cout &&
                          (cin == 1 || p.w_stride_ci == shape.num_taps);
