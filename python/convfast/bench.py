@@ -445,6 +445,12 @@ def short_spin_for_mixed_runtimes() -> Optional[str]:
     return "GOMP_SPINCOUNT=1000 for both runtimes (set by the benchmark, see README: Troubleshooting)"
 
 
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"report written to {path}")
+
+
 def main_networks(args: argparse.Namespace) -> int:
     """``python -m convfast bench --networks``."""
     spin = short_spin_for_mixed_runtimes()
@@ -472,9 +478,7 @@ def main_networks(args: argparse.Namespace) -> int:
     print(networks.format_report(report))
     print(f"openmp wait: {spin or 'libgomp defaults (PyTorch was imported before the benchmark set GOMP_SPINCOUNT)'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written to {args.json}")
+        write_json(report, args.json)
     return 1 if report["summary"]["mismatches"] else 0
 
 
@@ -515,9 +519,7 @@ def main(args: argparse.Namespace) -> int:
                        pass_=getattr(args, "pass_", "forward"))
     print(format_table(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written to {args.json}")
+        write_json(report, args.json)
     if args.plot:
         problem = write_plot(report, args.plot)
         print(problem if problem else f"chart written to {args.plot}")
