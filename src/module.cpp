@@ -96,19 +96,25 @@ ConvProblem<T> make_problem(const py::array& x, const py::array& w, const py::ob
 bool is_f32(const py::array& a) { return same_dtype(a.dtype(), py::dtype::of<float>()); }
 bool is_f64(const py::array& a) { return same_dtype(a.dtype(), py::dtype::of<double>()); }
 
-void conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
+// False (nothing written) where the engine refuses non-finite transposed weights (NonFiniteWeights).
+bool conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
           const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
-  if (is_f32(x)) {
-    auto p = make_problem<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
-    py::gil_scoped_release release;
-    run_convolution(p);
-  } else if (is_f64(x)) {
-    auto p = make_problem<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
-    py::gil_scoped_release release;
-    run_convolution(p);
-  } else {
-    throw py::type_error("convfast._core: only float32 and float64 are computed natively");
+  try {
+    if (is_f32(x)) {
+      auto p = make_problem<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+      py::gil_scoped_release release;
+      run_convolution(p);
+    } else if (is_f64(x)) {
+      auto p = make_problem<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+      py::gil_scoped_release release;
+      run_convolution(p);
+    } else {
+      throw py::type_error("convfast._core: only float32 and float64 are computed natively");
+    }
+  } catch (const NonFiniteWeights&) {
+    return false;
   }
+  return true;
 }
 
 // A planned convolution with its weights packed once (used by the layer objects).
@@ -173,7 +179,7 @@ class Call {
   Call(const py::array& x5, const py::array& w6, py::array y5, int kind, const Triple& stride,
        const Triple& dilation, const Triple& pad_before, int mode, const py::array& x, const py::array& w,
        const py::object& bias, const py::array& y, bool planned)
-      : dtype_(y.dtype()), f64_(is_f64(x5)), transposed_(kind == 1), planned_(planned),
+      : dtype_(y.dtype()), f64_(is_f64(x5)), planned_(planned),
         x_(x), w_(w), y_shape_(y.shape(), y.shape() + y.ndim()) {
     require(is_f32(x5) || f64_, "only float32 and float64 are computed natively");
     require(same_dtype(x.dtype(), dtype_) && same_dtype(w.dtype(), dtype_), "x and weight must have the output's dtype");
@@ -257,32 +263,19 @@ class Call {
     p.bias = b ? static_cast<const T*>(b->data()) : nullptr;
     p.bias_stride = b ? b->strides(0) / static_cast<py::ssize_t>(sizeof(T)) : 0;
     py::gil_scoped_release release;
-    if (transposed_ && !plan && !weights_finite(p)) return false;
-    if (plan)
-      plan->execute(p);
-    else
-      run_convolution(p);
-    return true;
-  }
-
-  template <typename T>
-  static bool weights_finite(const ConvProblem<T>& p) {
-    for (int64_t g = 0; g < p.groups; ++g)
-      for (int64_t co = 0; co < p.cout_per_group; ++co)
-        for (int64_t ci = 0; ci < p.cin_per_group; ++ci)
-          for (int64_t k0 = 0; k0 < p.kernel[0]; ++k0)
-            for (int64_t k1 = 0; k1 < p.kernel[1]; ++k1) {
-              const T* row = p.w + g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci +
-                             k0 * p.w_stride[0] + k1 * p.w_stride[1];
-              T sum = 0;  // Inf and NaN make the sum NaN; finite values keep it finite or +-Inf
-              for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2) sum += row[k2 * p.w_stride[2]] * T(0);
-              if (sum != sum) return false;
-            }
+    try {
+      if (plan)
+        plan->execute(p);
+      else
+        run_convolution(p);
+    } catch (const NonFiniteWeights&) {
+      return false;
+    }
     return true;
   }
 
   py::dtype dtype_;
-  bool f64_, transposed_, planned_;
+  bool f64_, planned_;
   Geometry x_, w_;
   std::optional<Geometry> bias_;
   std::vector<py::ssize_t> y_shape_;

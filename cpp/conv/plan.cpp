@@ -31,6 +31,7 @@
 
 #include "plan.hpp"
 #include "algorithms/channel_lanes.hpp"
+#include "algorithms/scatter_gemm.hpp"
 #include "algorithms/winograd.hpp"
 
 namespace convfast {
@@ -76,7 +77,8 @@ void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
   const int64_t G = p.groups;
   for (int a = 0; a < kSpatialRank; ++a)
     if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
-  if (outputs_uncovered) fill_with_bias(p);
+  if (nonfinite_weights) throw NonFiniteWeights();
+  if (outputs_uncovered && !scatter) fill_with_bias(p);
   if (!wino.empty()) {
     // Non-finite values: an infinity in a tile spreads through the transforms into Inf - Inf =
     // NaN where the direct sum gives +-Inf, so an output holding any Inf or NaN is recomputed
@@ -90,6 +92,12 @@ void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
       t_last_algorithm += " (after winograd: non-finite output)";
       return;
     }
+    t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
+    return;
+  }
+  if (scatter) {
+    fill_with_bias(p);
+    scatter->execute(p, get_num_threads());
     t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
     return;
   }
@@ -187,7 +195,7 @@ void ConvPlan<T>::execute(const ConvProblem<T>& given) const {
     same = same && p.in_size[a] == s.in_size[a] && p.out_size[a] == s.out_size[a] && p.kernel[a] == s.kernel[a] &&
            p.stride[a] == s.stride[a] && p.dilation[a] == s.dilation[a] && p.pad_before[a] == s.pad_before[a];
   if (!same) throw std::invalid_argument("convfast kernel: the problem does not match the plan's shapes");
-  const CallThreads threads(conv_multiply_adds(p));
+  const CallThreads threads(conv_work(p));
   impl_->execute(p);
 }
 
@@ -201,7 +209,7 @@ void set_last_algorithm(std::string description) { t_last_algorithm = std::move(
 
 template <typename T>
 void run_convolution(const ConvProblem<T>& p) {
-  const CallThreads threads(conv_multiply_adds(p));
+  const CallThreads threads(conv_work(p));
   ConvPlan<T>(p).execute(p);
 }
 

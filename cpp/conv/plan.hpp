@@ -6,7 +6,8 @@
 //   plan.cpp                 execute(): the work split, scratch, threads; the public ConvPlan API
 //   algorithms/gemm.cpp      implicit GEMM (gather, pixel lanes) and the per-item dispatch (run_item)
 //   algorithms/direct.cpp    direct rows and planes (pixels in the vector lanes)
-//   algorithms/winograd.hpp, algorithms/channel_lanes.hpp: self-contained algorithm classes
+//   algorithms/winograd.hpp, algorithms/channel_lanes.hpp, algorithms/scatter_gemm.hpp:
+//                            self-contained algorithm classes
 //                            (held by pointer here, created in registry.cpp, run in plan.cpp)
 #pragma once
 #include "common/geometry.hpp"
@@ -26,6 +27,10 @@ namespace channel_lanes {
 template <typename T>
 struct Conv;
 }  // namespace channel_lanes
+namespace scatter_gemm {
+template <typename T>
+struct Conv;
+}  // namespace scatter_gemm
 }  // namespace engine
 
 using namespace engine;  // internal header: the engine's units share these names
@@ -33,6 +38,17 @@ using namespace engine;  // internal header: the engine's units share these name
 // The problem as planned: a batch of small 1-D/2-D images as one image (registry.cpp).
 template <typename T>
 ConvProblem<T> batch_as_axis0(const ConvProblem<T>& p);
+
+// The work a call's thread count is weighed by (CallThreads): the multiply-adds, plus 4 per weight,
+// which every algorithm reads (or packs) once per call: layers of few pixels under large weights
+// stream megabytes with few products. DCGAN's 100 -> 512 k4 on 1x1 (0.8 M products, 3.3 MB of
+// float32 weights) took 0.50 ms on 1 thread, 0.36 ms on 2 (scatter GEMM, loaded host).
+template <typename T>
+double conv_work(const ConvProblem<T>& p) {
+  double weights = double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group);
+  for (int a = 0; a < kSpatialRank; ++a) weights *= double(p.kernel[a]);
+  return conv_multiply_adds(p) + 4.0 * weights;
+}
 
 // The last plan's description (plan.cpp), for last_algorithm().
 extern thread_local std::string t_last_algorithm;
@@ -97,6 +113,10 @@ struct ConvPlan<T>::Impl {
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
   std::vector<std::unique_ptr<winograd::Conv<T>>> wino;  // per phase, when the layer runs Winograd (winograd.hpp)
   std::unique_ptr<channel_lanes::Conv<T>> lanes;         // depthwise layers with channels in the lanes
+  std::unique_ptr<scatter_gemm::Conv<T>> scatter;        // transposed layers of small inputs
+  // Transposed weights with an infinity or NaN that only the scatter GEMM would compute exactly,
+  // where it does not apply: execute() throws NonFiniteWeights.
+  bool nonfinite_weights = false;
 
   explicit Impl(const ConvProblem<T>& p, bool allow_winograd = true);  // registry.cpp: the choice
   ~Impl();                                                             // plan.cpp
@@ -106,6 +126,11 @@ struct ConvPlan<T>::Impl {
   bool choose_winograd(const ConvProblem<T>& p);
 
   bool choose_channel_lanes(const ConvProblem<T>& p);
+
+  static constexpr int64_t kScatterMaxPixels = 512, kScatterMaxPixelsOnePhase = 16;
+  bool choose_scatter_gemm(const ConvProblem<T>& p);
+
+  static bool weights_finite(const ConvProblem<T>& p);
 
   // The direct micro-kernel's channel tile (index into kDirectChannelTiles) for C_out/G channels:
   // the smallest that holds them, up to 6. 6-channel tiles have the best loads-per-FMA ratio, but

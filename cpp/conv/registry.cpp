@@ -25,6 +25,7 @@
 
 #include "plan.hpp"
 #include "algorithms/channel_lanes.hpp"
+#include "algorithms/scatter_gemm.hpp"
 #include "algorithms/winograd.hpp"
 
 namespace convfast {
@@ -55,6 +56,15 @@ ConvPlan<T>::Impl::Impl(const ConvProblem<T>& p, bool allow_winograd)
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
   max_k = checked_mul(max_taps, cin);
 
+  if (choose_scatter_gemm(p)) return;
+  if (p.kind == ConvKind::Transposed && !weights_finite(p)) {
+    // The other algorithms multiply the zeros beyond the input's edges by the weights.
+    if (scatter_gemm::Conv<T>::applies(p, uk))
+      scatter.reset(new scatter_gemm::Conv<T>(p, uk));
+    else
+      nonfinite_weights = true;
+    return;
+  }
   if (allow_winograd && choose_winograd(p)) return;
   if (choose_channel_lanes(p)) return;
   choose_algorithm(p);
@@ -280,6 +290,84 @@ inline bool ConvPlan<T>::Impl::choose_channel_lanes(const ConvProblem<T>& p) {
   return ok;
 }
 
+// Whether no weight is an infinity or NaN: the exponent bits, tested as integers so that the
+// contiguous runs vectorise (the weights of a transposed layer are checked once per plan, which is
+// once per call outside the layer objects).
+template <typename T>
+bool ConvPlan<T>::Impl::weights_finite(const ConvProblem<T>& p) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  // The innermost axes that are one contiguous run of memory.
+  const int64_t sizes[6] = {p.groups, p.cout_per_group, p.cin_per_group, p.kernel[0], p.kernel[1], p.kernel[2]};
+  const int64_t strides[6] = {p.w_stride_g, p.w_stride_co, p.w_stride_ci, p.w_stride[0], p.w_stride[1], p.w_stride[2]};
+  int order[6] = {0, 1, 2, 3, 4, 5};
+  std::sort(order, order + 6, [&](int a, int b) { return std::abs(strides[a]) > std::abs(strides[b]); });
+  int64_t run = 1, outer = 1;
+  bool contiguous = true;
+  for (int i = 5; i >= 0; --i) {
+    const int a = order[i];
+    if (sizes[a] == 1) continue;
+    if (contiguous && strides[a] == run)
+      run *= sizes[a];
+    else {
+      contiguous = false;
+      outer *= sizes[a];
+    }
+  }
+  if (outer == 1) {  // one run: the common case (any C-contiguous weight)
+    const T* base = p.w;
+    for (int a = 0; a < 6; ++a) if (strides[a] < 0) base += strides[a] * (sizes[a] - 1);
+    Bits bad = 0;
+    for (int64_t i = 0; i < run; ++i) {
+      Bits bits;
+      std::memcpy(&bits, base + i, sizeof(T));
+      bad |= Bits((bits & kExponent) == kExponent);
+    }
+    return bad == 0;
+  }
+  for (int64_t g = 0; g < p.groups; ++g)
+    for (int64_t co = 0; co < p.cout_per_group; ++co)
+      for (int64_t ci = 0; ci < p.cin_per_group; ++ci)
+        for (int64_t k0 = 0; k0 < p.kernel[0]; ++k0)
+          for (int64_t k1 = 0; k1 < p.kernel[1]; ++k1)
+            for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2)
+              if (!std::isfinite(p.w[g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci + k0 * p.w_stride[0] +
+                                     k1 * p.w_stride[1] + k2 * p.w_stride[2]]))
+                return false;
+  return true;
+}
+
+// Transposed layers of small inputs take the scatter GEMM (scatter_gemm.hpp): at most twice as
+// many pixels (batch included) as input channels per group, i.e. where packing the weights costs
+// as much as a good share of the products, and at most kScatterMaxPixels; single-phase layers
+// (stride 1), whose weights the pixel-lanes GEMM already reads in place, only for a handful of
+// pixels. 1 thread, float32, against the phase GEMMs (Winograd where it applied), one process,
+// minimum of interleaved runs: k4s2 512 -> 256 on 4x4 1.60x (8 images 1.14x), 256 -> 128 on 8x8
+// 1.03x; k2s2 1024 -> 512 on 7x7 1.58x, 512 -> 256 on 14x14 1.06x, 3-D 256 -> 128 on 4^3 1.20x; 1-D
+// k4s2 512 -> 256 on 64 1.20x; DCGAN's k4 100 -> 512 on 1x1 1.8x; outside the rule: 3-D k2s2 on
+// 8^3 (512 pixels, 256 channels) 0.82x, k3s2 256 -> 128 on 14x14 0.87x, k3s1 512 on 7x7 0.95x,
+// 8 x 512 on 7x7 0.73x, 64 on 28x28 0.31x.
+// CONVFAST_ALGO=scatter forces it wherever it applies, the other forced algorithms never take it;
+// CONVFAST_SCATTER=0|1 excludes it or takes it wherever it applies (tests, measurements). Weights
+// holding an infinity or NaN take it wherever it applies, whatever is forced (see the constructor).
+template <typename T>
+inline bool ConvPlan<T>::Impl::choose_scatter_gemm(const ConvProblem<T>& p) {
+  const char* forced = std::getenv("CONVFAST_ALGO");
+  const std::string force = forced ? forced : "";
+  if (!scatter_gemm::Conv<T>::applies(p, uk) || (!force.empty() && force != "scatter")) return false;
+  if (force.empty()) {
+    if (const char* knob = std::getenv("CONVFAST_SCATTER")) {
+      if (*knob) return std::string(knob) == "1" && (scatter.reset(new scatter_gemm::Conv<T>(p, uk)), true);
+    }
+    const int64_t pixels = p.batch * p.in_size[0] * p.in_size[1] * p.in_size[2];
+    const bool one_phase = phases.size() == 1;
+    if (pixels > (one_phase ? kScatterMaxPixelsOnePhase : kScatterMaxPixels) || 2 * pixels > p.cin_per_group)
+      return false;
+  }
+  scatter.reset(new scatter_gemm::Conv<T>(p, uk));
+  return true;
+}
+
 // GEMM (pixels x output channels, output channels in the vector lanes) or direct (output
 // channels broadcast, pixels in the vector lanes, inputs copied row by row, channels-first rows
 // written in place). Measured on the layer suite (AVX2, 2 threads), direct wins when a group has
@@ -445,6 +533,7 @@ std::string ConvPlan<T>::Impl::describe() const {
            std::to_string(w0.points) + " points " + std::to_string(w0.pw) + "x" + std::to_string(w0.mro) +
            " phases=" + std::to_string(wino.size());
   }
+  if (scatter) return scatter->describe(isa);
   if (lanes)
     return std::string("channel_lanes ") + isa + " " + std::to_string(lanes->L) + " lanes rows=" +
            std::to_string(lanes->rows[0].rows_per_item) + " phases=" + std::to_string(lanes->phase_plans.size()) +
@@ -481,7 +570,7 @@ ConvProblem<T> batch_as_axis0(const ConvProblem<T>& p) {
 template <typename T>
 ConvPlan<T>::ConvPlan(const ConvProblem<T>& p) {
   validate(p);
-  const CallThreads threads(conv_multiply_adds(p));
+  const CallThreads threads(conv_work(p));
   impl_ = std::make_shared<const Impl>(batch_as_axis0(p));
 }
 template ConvProblem<float> batch_as_axis0<float>(const ConvProblem<float>&);

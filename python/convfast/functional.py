@@ -188,12 +188,6 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
         y = _output_array(spec.output_shape(), np.dtype(spec.dtype))
     if y.size == 0:
         return y
-    if spec.transposed and not np.isfinite(weight).all():
-        # The engine multiplies the implicit zeros beyond the input's edges by the weights, which a
-        # NaN or infinite weight turns into NaN; the true transposed convolution (PyTorch's too)
-        # only forms products with real inputs. This rare case takes the scatter form in NumPy.
-        y[...] = reference.conv_transpose_reference(spec, x, weight, bias)
-        return y
     if key is not None and out is None:
         call = _remember(calls, key, spec, x, weight, bias, y, planned)
         if call is not None:
@@ -204,7 +198,13 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
                 return result
     x5, w6, y5 = _kernel_views(spec, x, weight, y)
     b = None if bias is None else _native(bias, spec.dtype)
-    _core.conv(x5, w6, b, y5, *_kernel_params(spec))
+    if not _core.conv(x5, w6, b, y5, *_kernel_params(spec)):
+        # Transposed weights holding an infinity or NaN that the engine's exact (scatter) algorithm
+        # cannot take (the others multiply the zeros beyond the input's edges by the weights; the
+        # true transposed convolution, PyTorch's too, only forms products with real inputs): this
+        # rare case takes the scatter form in NumPy.
+        y[...] = reference.conv_transpose_reference(spec, x, weight, bias)
+        return y
     if _VERBOSE:
         print(f"convfast: {spec.func} {_core.last_algorithm()}", file=sys.stderr)
     return y

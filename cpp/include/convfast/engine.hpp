@@ -1,6 +1,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -23,8 +24,17 @@ class ConvPlan {
   std::shared_ptr<const Impl> impl_;
 };
 
+// Thrown by execute (before any output is written) for a transposed convolution whose weights hold
+// an infinity or NaN where no algorithm that forms only the true products applies: the others
+// multiply the zeros beyond the input's edges by the weights (0 * Inf = NaN), which the true
+// transposed convolution (PyTorch's too) never does. The caller computes such calls another way.
+struct NonFiniteWeights : std::domain_error {
+  NonFiniteWeights() : std::domain_error("convfast kernel: transposed weights are not all finite") {}
+};
+
 // Runs a forward or transposed convolution (plan + execute). Throws std::invalid_argument on an inconsistent
-// problem and std::bad_alloc when working memory cannot be had (before any output is written).
+// problem, NonFiniteWeights (above) and std::bad_alloc when working memory cannot be had (before
+// any output is written).
 template <typename T>
 void run_convolution(const ConvProblem<T>& p);
 
