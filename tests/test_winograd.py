@@ -146,16 +146,21 @@ def test_groups_layouts_and_flipped_views(layout, forced):
 
 
 def test_automatic_choice(monkeypatch):
+    """Chosen where each channel count per group is at least 16, both together at least 48, on
+    at least 16 tiles (256 below 128 channels together, where the transforms weigh more)."""
     monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(0)
-    x = _rand(rng, (1, 64, 12, 12), np.float32)
+    x = _rand(rng, (1, 64, 12, 12), np.float32)  # 36 F(2, 3) tiles
     convfast.conv2d(x, _rand(rng, (64, 64, 3, 3), np.float32), padding=1)
     assert _ran_winograd()
-    convfast.conv3d(x[:, :32, None], _rand(rng, (32, 32, 3, 3, 3), np.float32), padding=1)
+    x3 = _rand(rng, (2, 32, 12, 12, 12), np.float32)  # 432 tiles
+    convfast.conv3d(x3, _rand(rng, (16, 32, 3, 3, 3), np.float32), padding=1)
     assert _ran_winograd()
-    convfast.conv3d(x[:, :32, None], _rand(rng, (32, 32, 1, 3, 3), np.float32), padding=(0, 1, 1))
-    assert not _ran_winograd()  # two Winograd axes: the 2-D threshold
-    for kw, wshape in [(dict(padding=1), (63, 64, 3, 3)),             # too few output channels
+    convfast.conv3d(x3[:, :16], _rand(rng, (16, 16, 3, 3, 3), np.float32), padding=1)
+    assert not _ran_winograd()  # 16 + 16 channels: the direct path
+    convfast.conv3d(x[:, :32, None], _rand(rng, (32, 32, 3, 3, 3), np.float32), padding=1)
+    assert not _ran_winograd()  # 64 channels together on 36 tiles
+    for kw, wshape in [(dict(padding=1), (15, 64, 3, 3)),             # too few output channels
                        (dict(padding=1, stride=2), (64, 64, 3, 3)),  # strided
                        (dict(padding=2), (64, 64, 5, 5)),            # 5 taps
                        (dict(padding=(1, 0)), (64, 64, 3, 1))]:      # one Winograd axis
@@ -522,8 +527,10 @@ def test_weight_grad_automatic_choice(monkeypatch):
 
     assert algorithm(2, 64, 64, padding=1).startswith("weight_grad winograd F(2,3) 16 points")
     assert algorithm(3, 32, 32, padding=1).startswith("weight_grad winograd F(2,3) 64 points")
-    assert algorithm(2, 63, 64, padding=1) == "weight_grad gemm"
-    assert algorithm(3, 32, 31, padding=1) == "weight_grad gemm"
+    assert algorithm(2, 32, 32, padding=1).startswith("weight_grad winograd")  # 2-D: from 32 channels
+    assert algorithm(3, 16, 16, padding=1).startswith("weight_grad winograd")  # 3-D: from 16
+    assert algorithm(2, 31, 64, padding=1) == "weight_grad gemm"
+    assert algorithm(3, 16, 15, padding=1) == "weight_grad gemm"
     assert algorithm(2, 64, 64, stride=2) == "weight_grad gemm"
     assert algorithm(2, 64, 64, dilation=2).startswith("weight_grad winograd F(2,3) 16 points")
     for forced_algorithm in ("gemm", "direct"):

@@ -167,12 +167,13 @@ inline bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
 // Winograd (winograd.hpp) where it applies: every stride phase reads its inputs at unit step
 // along each axis with 3 or 2 equally spaced taps (any dilation, forward or transposed) or 1 tap,
 // at least two axes with more than one (a 1-D tile saves only a third of the products, which the
-// transforms eat). Chosen automatically when both channel counts per group reach kMinChannels
-// (64 in 2-D, 32 in 3-D), where the GEMMs of the transform points amortise the transforms;
-// CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct never take it. Measured
-// (float32, AVX2, 8 x C x 56 x 56, 3x3, 1 thread, against the GEMM): 0.72x at 16 channels, 0.80x
-// at 32, 1.03x at 48, 1.37x at 64; 3-D 3x3x3 (2 x C x 24^3): 0.87x at 16, 1.67x at 32, where a
-// tile saves 3.4x of the products instead of 2.25x.
+// transforms eat). Chosen automatically when each channel count per group is at least 16 and
+// both together at least 48, where the GEMMs of the transform points amortise the transforms,
+// and on enough tiles (below); CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct
+// never take it. Measured (float32, 1 thread, minimum of interleaved runs, against the algorithm
+// chosen before, AVX-512 / AVX2 kernels): 8 x 32 -> 32 on 64x64 1.68x / 1.70x, 16 -> 32 1.63x /
+// 1.17x, 1 x 24 on 56x56 1.49x / 1.47x, 8 x 48 on 28x28 1.76x / 1.36x, 3-D 8 x 16 -> 32 on 16^3
+// 1.61x / 1.55x; 16 -> 16 stays on the direct path (2-D 64x64 0.87x, 3-D 32^3 0.91x).
 template <typename T>
 inline bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
   const char* forced = std::getenv("CONVFAST_ALGO");
@@ -242,10 +243,11 @@ inline bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
       for (winograd::Axis& w : planned[0])
         if (w.taps == 3) w.m = 4;
   }
-  const int64_t kMinChannels = winograd_axes == 3 ? 32 : 64;
-  if (force != "winograd" && (p.cin_per_group < kMinChannels || p.cout_per_group < kMinChannels)) return false;
-  // Enough tiles to amortise the weight transform, which each call redoes: at least 16, plus 4 per
-  // MiB of transformed weights (they outgrow the caches). 1 thread, float32, against the GEMM:
+  const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
+  if (force != "winograd" && (std::min(cin, cout) < 16 || cin + cout < 48)) return false;
+  // Enough tiles to amortise the weight transform, which each call redoes: at least 16 (256 for
+  // fewer than 128 channels in and out together: 8 x 32 on 7x7, 128 tiles, 0.93x; 32 on 14x14,
+  // 49 tiles, 0.86x), plus 4 per MiB of transformed weights (they outgrow the caches). 1 thread, float32, against the GEMM:
   // 512 channels on 4x4 maps (4 tiles) 0.66x, on 7x7 (16 tiles) 0.9x, 8 x 7x7 (128 tiles) 0.96x;
   // 256 on 14x14 (49 tiles, 4 MiB) 1.43x; 128 on 28x28 1.56x.
   double tiles = 0;  // of the phase with the fewest
@@ -256,7 +258,7 @@ inline bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
   }
   const double transform_mib =
       points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) / double(1 << 20);
-  if (force != "winograd" && tiles < 16.0 + 4.0 * transform_mib) return false;
+  if (force != "winograd" && tiles < (cin + cout < 128 ? 256.0 : 16.0) + 4.0 * transform_mib) return false;
   // Working memory: the weight transforms are (points / taps) times the packed weights (16/9 in
   // 2-D, 64/27 in 3-D, more with F(4, 3) above); past 48 MiB (a 3-D 512-channel float64 layer
   // would need 134 MiB) the GEMM path keeps the documented bound.
