@@ -570,16 +570,19 @@ struct WeightGrad {
   // Chunks of tiles (in order) are transformed in parallel over the tiles, then their products
   // accumulated into M[q][g][cb][ca] in parallel over (q, g, a tile), each running its chunk in
   // K blocks in order: every entry of M is one multiply-add chain over the tiles in order, for
-  // any thread count. A chunk's transforms take about M's size, within [4, 16] MiB, so that M,
-  // re-read once per chunk, costs no more traffic than the transforms. Extra memory: channels-last
+  // any thread count. A chunk's transforms take 16 MiB (at least 32 tiles), at least M's size
+  // (at most 48 MiB), so that M, re-read once per chunk, costs little traffic beside them. Extra memory: channels-last
   // copies of a and b (unless they are channels-last), M (at most 48 MiB, see choose_winograd),
   // a chunk's transforms (at most 16 MiB, or 32 tiles' worth).
   bool run_winograd(int threads) {
     const int64_t rows_g = b_tiles * mr, lanes_g = a_tiles * nr, m_block = rows_g * lanes_g;
     const int64_t per_tile = checked_mul(checked_mul(points, G), lanes_g + rows_g) * (int64_t)sizeof(T);
     const int64_t KT = checked_mul(p.batch, tiles_per_image);
-    const int64_t budget =
-        std::min<int64_t>(16 << 20, std::max<int64_t>(4 << 20, static_cast<int64_t>(winograd_products_bytes(wino_m))));
+    // 16 MiB whatever M's size: each chunk is two parallel regions whose joins wait for every
+    // thread, and with 4 MiB chunks the 3-D 16 -> 16 layer on 8 x 32^3 (32768 tiles) made 226 of
+    // them per call, which took 2.7 s against 0.1 s on one thread while another process kept a
+    // core busy (each join waited for a descheduled thread).
+    constexpr int64_t budget = int64_t(16) << 20;
     const int64_t chunk = std::min(KT, std::max<int64_t>(32, budget / per_tile));
     AlignedBuffer<T> m(checked_mul(checked_mul(G, points), m_block));
     AlignedBuffer<T> xt(checked_mul(checked_mul(points * G, lanes_g), chunk));
