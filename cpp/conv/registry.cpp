@@ -496,18 +496,19 @@ inline bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const
 }
 
 // The weights read in place: one phase (forward or transposed), y channels-first with contiguous
-// rows (the pixel-lanes store), few output pixels (at most kSmallM over the whole call, the batch
+// rows (the pixel-lanes store), few output pixels (at most kSmallM = 128 over the whole call, the batch
 // included) and large weights, which a call would otherwise pack (read and write) before reading
 // them once more for so few pixels: from 1 MiB where the packed GEMM would take the pixel lanes too
 // (1x1 layers) or the pixels fit one tile, from 8 MiB against the usual orientation, whose tiles
 // suit 49 pixels better. 2 threads, float32, p25 against the packed GEMM (noisy host, several
 // runs): 512 -> 2048 1x1 on 7x7 1.36-1.52x, 320 -> 1280 1.37-1.46x, 512 3x3 on 4x4 0.98-1.8x, on
 // 7x7 0.98-1.22x, DCGAN's 100 -> 512 k4 on 1x1 1.12-1.22x; 256 -> 512 3x3 s2 on 14x14 (4.5 MiB)
-// 0.82-1.06x, 256 3x3 on 7x7 (2.3 MiB) 0.76-0.85x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it
+// 0.82-1.06x, 256 3x3 on 7x7 (2.3 MiB) 0.76-0.85x; 1 thread, AVX-512, min of interleaved runs:
+// 8 x 512 3x3 on 4x4 (128 pixels) 1.17x, 6 x 512 on 4x4 (96) 1.13x, 2 x 512 on 7x7 (98) 0.98x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it
 // can run, =0 never (tests); CONVFAST_PIXEL_LANES=0 or a forced CONVFAST_ALGO keeps the packed GEMM.
 template <typename T>
 inline bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const {
-  constexpr int64_t kSmallM = 64;
+  constexpr int64_t kSmallM = 128;
   if (phases.size() != 1 || p.y_stride_c == 1 || uk.fn_pixels == nullptr ||
       p.y_stride[2] * phases[0][2]->out_step != 1)
     return false;
