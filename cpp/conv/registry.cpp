@@ -504,7 +504,7 @@ inline bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const
 // runs): 512 -> 2048 1x1 on 7x7 1.36-1.52x, 320 -> 1280 1.37-1.46x, 512 3x3 on 4x4 0.98-1.8x, on
 // 7x7 0.98-1.22x, DCGAN's 100 -> 512 k4 on 1x1 1.12-1.22x; 256 -> 512 3x3 s2 on 14x14 (4.5 MiB)
 // 0.82-1.06x, 256 3x3 on 7x7 (2.3 MiB) 0.76-0.85x; 1 thread, AVX-512, min of interleaved runs:
-// 8 x 512 3x3 on 4x4 (128 pixels) 1.17x, 6 x 512 on 4x4 (96) 1.13x, 2 x 512 on 7x7 (98) 0.98x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it
+// 8 x 512 3x3 on 4x4 (128 pixels) 1.17x, 6 x 512 on 4x4 (96) 1.13x, 2 x 512 on 7x7 (98) 0.90-0.98x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it
 // can run, =0 never (tests); CONVFAST_PIXEL_LANES=0 or a forced CONVFAST_ALGO keeps the packed GEMM.
 template <typename T>
 inline bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const {
@@ -524,7 +524,11 @@ inline bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, 
   const int64_t pixels = checked_mul(p.batch, PhaseShape(phases[0]).num_pixels);
   const int64_t weight_bytes = checked_mul(checked_mul(p.groups * p.cout_per_group, max_k), (int64_t)sizeof(T));
   const int64_t large = packed_pixel_lanes || pixels <= uk.nr ? int64_t(1) << 20 : int64_t(8) << 20;
-  return pixels <= kSmallM && weight_bytes >= large;
+  // Past 64 pixels only whole-ish pixel tiles (the last at least half full): the in-place kernel's
+  // tiles are NR pixels, and a nearly empty last tile costs a whole pass over the weights.
+  const int64_t tail = pixels % uk.nr;
+  const bool tiles_full = pixels <= 64 || tail == 0 || 2 * tail >= uk.nr;
+  return pixels <= kSmallM && tiles_full && weight_bytes >= large;
 }
 
 template <typename T>
