@@ -95,10 +95,11 @@ def config() -> dict:
         "openmp": _core.openmp_version,
         "numpy": np.__version__,
         "cuda": cuda,
-        "algorithm": ("per layer: Winograd F(2,3) or F(4,3) (float64) for stride-1 3x3 / 3x3x3 layers with >= 64 (3-D: 32) channels per "
-                      "group, depthwise layers with the channels in the vector lanes, else gather (implicit) GEMM "
-                      "or direct rows over strided views; transposed convolution by stride-phase split "
-                      "(CONVFAST_ALGO=winograd|gemm|direct|lanes forces one)"),
+        "algorithm": ("per layer: Winograd F(2,3) or F(4,3) (float64) for stride-1 3x3 / 3x3x3 layers with >= 16 "
+                      "channels per group (>= 48 in and out together), depthwise layers with the channels in the "
+                      "vector lanes, else gather (implicit) GEMM or direct rows over strided views; transposed "
+                      "convolution by stride-phase split, or for small inputs one GEMM scattered into the output "
+                      "(CONVFAST_ALGO=winograd|gemm|direct|lanes|scatter forces one)"),
     }
 
 

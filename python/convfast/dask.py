@@ -42,9 +42,10 @@ the same source indices). A transposed slice is never one input long when the wh
 because the engine treats the stride of a one-input axis as 1, which would merge stride phases and
 change the K blocking of the GEMM. The one thing a block call can change is the engine's choice
 between its two algorithms (GEMM and direct rows), a heuristic that looks at the sizes, which
-gives the same bits. Layers that run Winograd F(m, 3) (stride 1, 3x3 or 3x3x3 taps, at least 64
-channels per group) agree within rounding only: its tiles start at each block's origin
-(CONVFAST_ALGO=gemm makes them bitwise again; see docs/dask.md).
+gives the same bits. Layers that run Winograd F(m, 3) (stride 1, 3x3 or 3x3x3 taps, enough
+channels per group) agree within rounding only: its tiles start at each block's origin; so do
+transposed layers of small inputs, which the scatter GEMM may take for some calls and not others
+(CONVFAST_ALGO=gemm makes both bitwise again; see docs/dask.md).
 
 The weight (and the bias) go into the graph once, as a single key each, that every block task
 depends on, so a distributed scheduler ships them to each worker once, not once per chunk.
