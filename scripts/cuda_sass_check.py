@@ -23,12 +23,13 @@ as a low FMA share). FMA = FFMA or DFMA.
 Fails (exit 1) on: a compile error; any local-memory instruction (LDL/STL) inside a hot loop; a
 hot loop whose FMA share is below the variant's floor; more than 128 registers for a 256-thread
 kernel (two blocks per SM need 2 x 256 x 128 = 65536 registers, the register file of an SM),
-except where the variant lists a larger budget (the "large" tile; the weight-gradient GEMM, which
-is reported only). The table's "blocks/SM" column shows what every variant gets.
+except where the variant lists a larger budget (the forward "large" tile). The floors are per
+variant (convfast.cuda._variants.FLOORS: forward and weight-gradient GEMMs, per tile and padding
+mode). The table's "blocks/SM" column shows what every variant gets.
 
 Usage: python scripts/cuda_sass_check.py [--ci] [--report FILE] [--update-doc docs/gpu.md] [--jobs N]
        [--only SUBSTRING] [--keep DIR]
-(--ci: the subset CI compiles; without it, every variant: about 8 minutes on 2 cores.)
+(--ci: the subset CI compiles; without it, every variant: about 25 minutes on 2 cores.)
 """
 from __future__ import annotations
 

@@ -289,10 +289,11 @@ def test_split_k_and_grid_independence(monkeypatch):
     split = _backward._split
     monkeypatch.setattr(_backward, "_split", lambda *args: splits.append(split(*args)) or splits[-1])
     rng = np.random.default_rng(30)
-    cases = [("conv2d", (2, 6, 4, 3), (5, 6, 2, 2), dict(groups=1, padding=1, padding_mode="reflect")),  # GEMM
-             ("conv2d", (2, 3, 6, 5), (3, 1, 2, 2), dict(groups=3, padding=((2, 0), (1, 1)),             # small
+    # (the GEMM's chunks are whole K tiles of 64 rows: its reductions here are 2 x 13 x 11 and 2 x 80 long)
+    cases = [("conv2d", (2, 6, 12, 10), (5, 6, 2, 2), dict(groups=1, padding=1, padding_mode="reflect")),  # GEMM
+             ("conv2d", (2, 3, 6, 5), (3, 1, 2, 2), dict(groups=3, padding=((2, 0), (1, 1)),               # small
                                                          padding_mode="symmetric")),
-             ("conv_transpose1d", (2, 5, 20), (5, 4, 3), dict(stride=2, padding=1))]                      # GEMM
+             ("conv_transpose1d", (2, 5, 80), (5, 4, 3), dict(stride=2, padding=1))]                        # GEMM
     for name, xs, ws, kw in cases:
         x, w = rand(rng, xs, np.float32), rand(rng, ws, np.float32)
         b = rand(rng, ws[0] if name.startswith("conv2") else ws[1], np.float32)

@@ -518,3 +518,17 @@ def test_clear_error_without_a_gpu():
     assert "RuntimeError: ConvTranspose1d: running on the GPU" in proc.stdout, proc.stdout
     assert "is_available() is False" in proc.stdout
     assert "cuda.is_available: False" in proc.stdout
+
+
+def test_benchmark_fails_clearly_without_a_device():
+    """python -m convfast.cuda.bench without a GPU (this machine): exit status 2 and one line saying
+    what is missing, for both passes; nothing is run."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is available: the benchmark would run")
+    for extra in ([], ["--pass", "backward"]):
+        proc = subprocess.run([sys.executable, "-m", "convfast.cuda.bench"] + extra, capture_output=True, text=True,
+                              env=subprocess_env(), timeout=300)
+        assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+        assert "convfast.cuda.bench: needs" in proc.stderr and "nothing was run" in proc.stderr, proc.stderr
+        assert proc.stdout == "", proc.stdout

@@ -80,6 +80,16 @@ def _partial_rows(out_d, splits: int, alloc, dtype):
     return alloc((splits, out_d.size), dtype)[1]
 
 
+def _radix_digits(step: int, extents) -> Tuple[int, int, int, int]:
+    """``step`` in the mixed radix (n, od, oh, ow) of a reduction index: the digits the weight-gradient
+    GEMM adds to its carried counters per K tile (the kernels divide nowhere in their K loop)."""
+    o_d, o_h, o_w = (int(e) for e in extents)
+    q, dw = divmod(step, o_w)
+    q, dh = divmod(q, o_h)
+    dn, dd = divmod(q, o_d)
+    return dn, dd, dh, dw
+
+
 def _weight_grad(spec: ConvSpec, a5, b5, out_d, dtype, alloc, stream) -> None:
     """out_d[cb, ca, *t] = sum_{n, o} A_pad[n, G(cb) Ca_g + ca, t d + o s] B[n, cb, o] (see
     backward._weight_grad): a5 (N, Ca, *L), b5 (N, Cb, *O) 5-D views, out_d (Cb, Ca_g, *kernel).
@@ -95,20 +105,29 @@ def _weight_grad(spec: ConvSpec, a5, b5, out_d, dtype, alloc, stream) -> None:
     # function (o runs over b5's pixels: the output's for a convolution, x's for a transposed one,
     # exactly the axis whose extent decides whether the stride steps).
     _, stride3, dilation3, pad3, mode = _functional._kernel_params(spec)
-    geometry = (kernel3[1], kernel3[2]) + stride3 + dilation3 + pad3 + (mode,)
+    if k_total == 0:  # an empty batch: nothing to sum
+        _zero(out_d, dtype, stream)
+        return
+    # Both operands as flat views read through element offsets (base, then the 5 strides).
+    a1, a_base, a_strides = _engine.flat(a5)
+    b1, b_base, b_strides = _engine.flat(b5)
+    geometry = (a_base,) + a_strides + (b_base,) + b_strides + tuple(a5.shape[2:]) + tuple(b5.shape[2:]) + \
+        (b5.shape[0], kernel3[1], kernel3[2]) + stride3 + dilation3 + pad3
     if ca_g * cb_g <= _bk.SMALL_WEIGHTS:
         splits, chunk = _split(k_total, g * taps, "small", 1)
-        kernel = _bk.wgrad_small_kernel(dtype.name, _REDUCE_THREADS)
-        grid, threads = _grid(splits * g * taps), _REDUCE_THREADS
+        kernel = _bk.wgrad_small_kernel(dtype.name, _REDUCE_THREADS, mode, _bk.small_lanes(ca_g * cb_g))
+        grid, threads, extra = _grid(splits * g * taps), _REDUCE_THREADS, ()
     else:
         tile = "wide" if min(ca_g, cb_g) >= 32 else "narrow"
         bm, bn, bk = _bk.WGRAD_TILES[tile][:3]
         tiles = -(-cb_g // bm) * -(-ca_g // bn)
         splits, chunk = _split(k_total, tiles * g * taps, "gemm", bk)
-        kernel = _bk.wgrad_gemm_kernel(dtype.name, tile, _engine._inner_channels(a5), _engine._inner_channels(b5))
+        kernel = _bk.wgrad_gemm_kernel(dtype.name, tile, _engine._inner_channels(a5), _engine._inner_channels(b5),
+                                       mode)
         grid, threads = _grid(-(-cb_g // bm), -(-ca_g // bn), g * taps * splits), 256
+        extra = _radix_digits(bk, b5.shape[2:])  # the K tile in the (n, od, oh, ow) radix
     partial = _partial_rows(out_d, splits, alloc, dtype)
-    _launch(kernel, grid, threads, stream, a5, b5, partial, *geometry, g, cb_g, ca_g, taps, splits, chunk)
+    _launch(kernel, grid, threads, stream, a1, b1, partial, *geometry, g, cb_g, ca_g, taps, splits, chunk, *extra)
     _reduce_into(out_d, partial, stream, dtype)
 
 

@@ -18,13 +18,16 @@ from functools import lru_cache
 
 from numba import cuda
 
-from ._kernels import _numba_dtype, source_index, unravel5
+from ._kernels import I64, SIMULATED, U64, ZEROS, _jit, _numba_dtype, source_index, unravel5
 
 # Weight-gradient GEMM tiles: (BM output channels of B (rows), BN channels of A (columns), BK
-# reduction step, TM, TN register block per thread). Both run (BM/TM) x (BN/TN) = 256 threads.
+# reduction rows per tile, TM x TN register block per thread, KS slices of K per block). Both run
+# (BM/TM) x (BN/TN) x KS = 256 threads.
 WGRAD_TILES = {
-    "wide": (64, 64, 16, 4, 4),     # Cb/G and Ca/G both >= 32
-    "narrow": (16, 16, 32, 1, 1),   # one of them small (e.g. a 3-channel stem): a 64 tile would idle
+    "wide": (64, 64, 16, 4, 4, 1),     # Cb/G and Ca/G both >= 32
+    # one of them small (e.g. a 3-channel stem): 16 slices of 16 threads share each 64-row tile, so
+    # that a thread still runs 4 x 4 blocks (a 1 x 1 block per thread reached 20 % FMA at most)
+    "narrow": (16, 16, 64, 4, 4, 16),
 }
 # Threads of the reduction kernels on a GPU (a power of two: the shared-memory tree halves it).
 # The kernel factories take the block size as a parameter: under the CUDA simulator, which runs one
@@ -84,217 +87,352 @@ def fold_kernel(dtype_name: str):
     return kernel
 
 
-@cuda.jit(device=True)
-def _unravel_k(k, o_all, o_hw, o_w):
-    """(n, od, oh, ow) of reduction index k = (batch, output pixel), the pixel row-major."""
-    nb = k // o_all
-    rem = k - nb * o_all
-    od = rem // o_hw
-    rem -= od * o_hw
-    oh = rem // o_w
-    return nb, od, oh, rem - oh * o_w
+@cuda.jit(device=True, inline="always")
+def _digits(step, o_d, o_h, o_w):
+    """``step`` written in the mixed radix of a reduction index k = (n, od, oh, ow): the digits
+    (dn, dd, dh, dw) that ``_advance`` adds (divisions here, once per kernel, never per element)."""
+    dw = step % o_w
+    q = step // o_w
+    dh = q % o_h
+    q //= o_h
+    dd = q % o_d
+    return q // o_d, dd, dh, dw
 
 
-@cuda.jit(device=True)
-def _tile_position(idx, channels_fast, width, depth):
-    """(k, channel) within a (depth x width) shared-memory tile of the idx-th element a thread
-    loads: consecutive threads take consecutive channels when the operand's channels are innermost
-    in memory, else consecutive k (pixels), so that global loads coalesce either way."""
-    if channels_fast:
-        return idx // width, idx % width
-    return idx % depth, idx // depth
+@cuda.jit(device=True, inline="always")
+def _decode(k, o_d, o_h, o_w):
+    """(n, od, oh, ow) of reduction index k (batch, output pixel row-major): once per work item."""
+    return _digits(k, o_d, o_h, o_w)
 
 
-@cuda.jit(device=True)
-def _wgrad_extents(a, b):
-    """The sizes both weight-gradient kernels index with: (o_w, o_hw, o_all) of b's output pixels,
-    k_total = batch x pixels (the reduction length), and a's spatial sizes (l_d, l_h, l_w)."""
-    o_w = b.shape[4]
-    o_hw = b.shape[3] * o_w
-    o_all = b.shape[2] * o_hw
-    return o_w, o_hw, o_all, b.shape[0] * o_all, a.shape[2], a.shape[3], a.shape[4]
+@cuda.jit(device=True, inline="always")
+def _advance(cn, cd, ch, cw, dn, dd, dh, dw, o_d, o_h, o_w):
+    """The counters (cn, cd, ch, cw) of k moved to k + step, step's digits being (dn, dd, dh, dw):
+    an addition with one carry per digit (each digit < its radix), no division."""
+    cw += dw
+    if cw >= o_w:
+        cw -= o_w
+        ch += 1
+    ch += dh
+    if ch >= o_h:
+        ch -= o_h
+        cd += 1
+    cd += dd
+    if cd >= o_d:
+        cd -= o_d
+        cn += 1
+    return cn + dn, cd, ch, cw
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline="always")
 def _tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w):
     """Per axis, where kernel tap t (row-major over the kernel) reads relative to o * stride."""
     return (t // (k_h * k_w)) * d_d - p_d, ((t // k_w) % k_h) * d_h - p_h, (t % k_w) * d_w - p_w
 
 
-@cuda.jit(device=True)
-def _tap_source(od, oh, ow, s_d, s_h, s_w, off_d, off_h, off_w, l_d, l_h, l_w, mode):
-    """a's (d, h, w) read by output pixel (od, oh, ow) for the tap at (off_d, off_h, off_w): each
-    mapped by the padding mode, -1 where it reads the zero padding (source_index)."""
-    return (source_index(od * s_d + off_d, l_d, mode), source_index(oh * s_h + off_h, l_h, mode),
-            source_index(ow * s_w + off_w, l_w, mode))
+# The weight-gradient GEMM, generated like the forward's (convfast.cuda._kernels._gemm_source): every
+# loop over a compile-time extent written out, accumulators and prefetch registers scalars.
+_WGRAD_SRC = '''
+def kernel(a1, b1, part, a_base, a_sn, a_sc, a_sd, a_sh, a_sw, b_base, b_sn, b_sc, b_sd, b_sh, b_sw,
+           l_d, l_h, l_w, o_d, o_h, o_w, batch, k_h, k_w, s_d, s_h, s_w, d_d, d_h, d_w, p_d, p_h, p_w,
+           num_groups, cb_g, ca_g, taps, splits, chunk, dn, dd, dh, dw):
+    sm = cuda.shared.array(SM_SIZE, DT{ALIGN})  # 2 x (B tile, A tile); the K-slice sums at the end
+    # per K row of a tile: the element offset of its pixel in a / b, channel 0 (base included, so
+    # >= 0 whatever the strides' signs; -1: a padded zero of a, or a row beyond the chunk)
+    KA = cuda.shared.array((2, BK), I64)
+    KB = cuda.shared.array((2, BK), I64)
+    # the staging threads' state between tiles (n, od, oh, ow of their row, rows left, the tap's
+    # offsets): in shared memory, not registers, which the 4 x 4 blocks and the prefetch need
+    CNT = cuda.shared.array((8, BK), I64)
+    tid = cuda.threadIdx.x
+    tm = tid % TXM
+    tn = (tid // TXM) % TXN
+    ks = tid // (TXM * TXN)
+    zero = DT(0)
+    k_total = batch * (o_d * o_h * o_w)
+    # Every condition that guards a syncthreads below is uniform across the block.
+    for z in range(cuda.blockIdx.z, num_groups * taps * splits, cuda.gridDim.z):
+        sp = z % splits
+        rest = z // splits
+        t = rest % taps
+        g = rest // taps
+        off_d, off_h, off_w = tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w)
+        k_begin = sp * chunk
+        klen = min(k_begin + chunk, k_total) - k_begin
+        k_tiles = (klen + BK - 1) // BK
+        a_grp = g * ca_g
+        b_grp = g * cb_g
+        for m0 in range(cuda.blockIdx.x * BM, cb_g, cuda.gridDim.x * BM):
+            for n0 in range(cuda.blockIdx.y * BN, ca_g, cuda.gridDim.y * BN):
+{CHANNELS}
+{ACC_INIT}
+                if tid < BK:  # the staging threads: row tid of every tile, counters carried along K
+                    cn, cd, ch, cw = decode(k_begin + tid, o_d, o_h, o_w)
+                    left = klen - tid
+                    tap_d = off_d
+                    tap_h = off_h
+                    tap_w = off_w
+{STAGE0}
+{STAGE1}
+{SAVE}
+                cuda.syncthreads()
+                if k_tiles > 0:
+{GATHER0}
+{STORE0}
+                cuda.syncthreads()
+                for kt in range(k_tiles):
+                    buf = kt & 1
+                    nxt = 1 - buf
+                    more = kt + 1 < k_tiles
+                    if more:
+{GATHER1}
+{COMPUTE}
+                    if more:
+{STORE1}
+{STAGE_LOOP}
+                    cuda.syncthreads()
+{EPILOGUE}
+'''
+
+
+def _wgrad_source(tile: str, a_cfast: bool, b_cfast: bool, mode: int) -> str:
+    BM, BN, BK, TM, TN, KS = WGRAD_TILES[tile]
+    NT = 256
+    TXM, TXN = BM // TM, BN // TN
+    R = BK // KS  # K rows per slice per tile
+    assert TXM * TXN * KS == NT and NT % BK == 0 and BK % KS == 0
+    BMP, BNP = BM + 4, BN + 4  # padded rows (16-byte aligned for the vector reads)
+    b_off, a_off = 0, 2 * BK * BMP  # sm: Bs[buf, kk, m] then As[buf, kk, n]
+    ind = lambda n, lines: "\n".join(" " * n + line for line in lines)  # noqa: E731
+
+    def loads(width, cfast):
+        """[(kk expression, channel expression)] of a thread's loads of a BK x width tile."""
+        count = BK * width // NT
+        assert count * NT == BK * width
+        if cfast:  # consecutive threads: consecutive channels
+            return [(f"tid // {width} + {i * (NT // width)}", f"tid % {width}") for i in range(count)]
+        return [(f"tid % {BK}", f"tid // {BK} + {i * (NT // BK)}") for i in range(count)]
+
+    a_loads, b_loads = loads(BN, a_cfast), loads(BM, b_cfast)
+    # per distinct channel a thread loads, its element offset (fixed for a block tile). A channel
+    # beyond the group's (a tile's edge) loads the last one instead: it only feeds sums of rows or
+    # columns that the epilogue does not write, and the load needs no predicate.
+    chans, chan_of = [], {}
+    for name, lds, origin, total, grp, stride in (("a", a_loads, "n0", "ca_g", "a_grp", "a_sc"),
+                                                   ("b", b_loads, "m0", "cb_g", "b_grp", "b_sc")):
+        for _, cexpr in lds:
+            if (name, cexpr) not in chan_of:
+                c = f"{name}c{len(chan_of)}"
+                chan_of[(name, cexpr)] = c
+                chans += [f"{c}at = ({grp} + min({origin} + {cexpr}, {total} - 1)) * {stride}"]
+
+    def stage(slot):
+        """Row tid's offsets into slot ``slot``, then the counters moved BK rows on."""
+        out = ["ka = I64(-1)", "kb = I64(-1)", "if left > 0:",
+               "    kb = b_base + cn * b_sn + cd * b_sd + ch * b_sh + cw * b_sw",
+               "    id_ = cd * s_d + tap_d", "    ih = ch * s_h + tap_h", "    iw = cw * s_w + tap_w"]
+        if mode == ZEROS:
+            out += ["    if U64(I64(id_)) < U64(l_d) and U64(I64(ih)) < U64(l_h) and U64(I64(iw)) < U64(l_w):",
+                    "        ka = a_base + cn * a_sn + id_ * a_sd + ih * a_sh + iw * a_sw"]
+        else:
+            out += ["    sd = source_index(id_, l_d, MODE)", "    sh = source_index(ih, l_h, MODE)",
+                    "    sw = source_index(iw, l_w, MODE)",
+                    "    if sd >= 0 and sh >= 0 and sw >= 0:",
+                    "        ka = a_base + cn * a_sn + sd * a_sd + sh * a_sh + sw * a_sw"]
+        out += [f"KA[{slot}, tid] = ka", f"KB[{slot}, tid] = kb",
+                "left -= BK", "cn, cd, ch, cw = advance(cn, cd, ch, cw, dn, dd, dh, dw, o_d, o_h, o_w)"]
+        return out
+
+    def gather(slot):
+        out, staged = [], {}
+        for name, lds, table in (("a", a_loads, "KA"), ("b", b_loads, "KB")):
+            for i, (kexpr, cexpr) in enumerate(lds):
+                key = (table, kexpr)
+                if key not in staged:
+                    staged[key] = f"{name}k{len(staged)}"
+                    out.append(f"{staged[key]} = {table}[{slot}, U64({kexpr})]")
+                c = chan_of[(name, cexpr)]
+                out += [f"v{name}{i} = zero",
+                        f"if {staged[key]} >= 0:",
+                        f"    v{name}{i} = DT({name}1[U64({staged[key]} + {c}at)])"]
+        return out
+
+    def store(slot):
+        out = [f"sm[U64({b_off} + ({slot} * BK + {kexpr}) * {BMP} + {cexpr})] = vb{i}" for i, (kexpr, cexpr) in
+               enumerate(b_loads)]
+        out += [f"sm[U64({a_off} + ({slot} * BK + {kexpr}) * {BNP} + {cexpr})] = va{i}" for i, (kexpr, cexpr) in
+                enumerate(a_loads)]
+        return out
+
+    compute = []
+    for r in range(R):
+        row = f"buf * BK + {r}" if KS == 1 else f"buf * BK + ks * {R} + {r}"
+        compute += [f"rb{i} = sm[U64({b_off} + ({row}) * {BMP} + tm * {TM} + {i})]" for i in range(TM)]
+        compute += [f"ra{j} = sm[U64({a_off} + ({row}) * {BNP} + tn * {TN} + {j})]" for j in range(TN)]
+        compute += [f"c{i}_{j} += rb{i} * ra{j}" for i in range(TM) for j in range(TN)]
+
+    def write(i, j, value):
+        return [f"cb = m0 + tm * {TM} + {i}", f"ca = n0 + tn * {TN} + {j}",
+                "if cb < cb_g and ca < ca_g:",
+                f"    part[sp, ((b_grp + cb) * ca_g + ca) * taps + t] = {value}"]
+
+    epi = []
+    if KS == 1:
+        for i in range(TM):
+            for j in range(TN):
+                epi += write(i, j, f"c{i}_{j}")
+    else:
+        # the K slices' sums added in slice order (fixed: the result does not depend on the grid)
+        epi += [f"sm[U64((ks * {TXM * TXN} + tn * {TXM} + tm) * {TM * TN} + {i * TN + j})] = c{i}_{j}"
+                for i in range(TM) for j in range(TN)]
+        epi += ["cuda.syncthreads()", f"if tid < {TXM * TXN}:"]
+        for i in range(TM):
+            for j in range(TN):
+                e = i * TN + j
+                epi += [f"    v = sm[U64(tid * {TM * TN} + {e})]"]
+                epi += [f"    v += sm[U64(({s * TXM * TXN} + tid) * {TM * TN} + {e})]" for s in range(1, KS)]
+                epi += ["    " + line for line in write(i, j, "v")]
+        epi += ["cuda.syncthreads()  # sm is rewritten by the next tile"]
+    names = ("cn", "cd", "ch", "cw", "left", "tap_d", "tap_h", "tap_w")
+    load = [f"{v} = CNT[{i}, tid]" for i, v in enumerate(names)]
+    save = [f"CNT[{i}, tid] = {v}" for i, v in enumerate(names)]
+    sm_size = max(2 * BK * (BMP + BNP), KS * BM * BN if KS > 1 else 0)
+    src = _WGRAD_SRC.replace("SM_SIZE", str(sm_size))
+    return src.format(
+        ALIGN="" if SIMULATED else ", alignment=16", CHANNELS=ind(16, chans),
+        ACC_INIT=ind(16, [f"c{i}_{j} = zero" for i in range(TM) for j in range(TN)]),
+        STAGE0=ind(20, stage(0)), STAGE1=ind(20, stage(1)),
+        GATHER0=ind(20, gather(0)), STORE0=ind(20, store(0)),
+        GATHER1=ind(24, gather("nxt")), COMPUTE=ind(20, compute), STORE1=ind(24, store("nxt")),
+        STAGE_LOOP=ind(20, ["if tid < BK:"] + ["    " + line for line in load + stage("buf") + save]),
+        SAVE=ind(20, save),
+        EPILOGUE=ind(16, epi))
 
 
 @lru_cache(maxsize=None)
-def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool):
+def wgrad_gemm_kernel(dtype_name: str, tile: str, a_cfast: bool, b_cfast: bool, mode: int = ZEROS):
     """The weight gradient as a GEMM per (group, kernel tap, K chunk):
 
         part[s, (cb Ca_g + ca) T + t] = sum_{k in chunk s} B[n, cb, o] A_pad[n, g Ca_g + ca, o s + t d]
 
     with cb = g Cb_g + cb_l (group g), k = (n, o) (batch and output pixel, o row-major), A read
-    unpadded through ``source_index`` (any padding mode, any pad width; no padded copy). M = Cb_g
-    rows, N = Ca_g columns.
+    unpadded (any padding mode, any pad width; no padded copy). M = Cb_g rows, N = Ca_g columns.
+    a1 / b1 are flat views of the operands' memory (convfast.cuda._engine.flat), read through
+    element offsets: base + n sn + c sc + d sd + h sh + w sw.
 
-    A block computes a BM x BN tile of one (group, tap, chunk); each of its 256 threads a TM x TN
-    register block whose rows are BM/TM apart, so that consecutive threads read consecutive
-    shared-memory words. Per BK step the block stages a BK x BM tile of B and a BK x BN tile of A
-    in shared memory (rows padded by one word: the column-wise stores hit distinct banks).
+    A block computes a BM x BN tile of one (group, tap, chunk) with 256 threads: KS slices of K
+    (KS > 1 for the narrow tile) of threads each holding a TM x TN register block of adjacent rows
+    and columns (vector shared-memory reads). Per K tile of BK rows, BK threads stage each row's
+    element offset in a and in b in shared memory (-1 for a padded position of a or a row beyond the
+    chunk): they carry the row's (n, od, oh, ow) along K with ``_advance`` (no division in the
+    loop), and apply the padding mode (a compile-time constant) once per row, not per element. The
+    loading threads then do one add and one compare per element. The tiles are double-buffered like
+    the forward GEMM's: tile kt+1 is loaded into registers before the FMAs of tile kt, one barrier
+    per tile. With KS > 1 the slices' sums are added at the end in slice order.
 
     a_cfast / b_cfast: that operand has its channels innermost in memory (channels_last); its loads
     then give consecutive threads consecutive channels, else consecutive k (pixels), so that global
-    loads coalesce either way. The sum for one output runs over k in increasing order whatever the
-    grid, the flags or the tile."""
-    BM, BN, BK, TM, TN = WGRAD_TILES[tile]
-    TXM = BM // TM
-    NT = TXM * (BN // TN)
-    A_ELEMS, B_ELEMS = BK * BN, BK * BM
-    A_LOADS = (A_ELEMS + NT - 1) // NT
-    B_LOADS = (B_ELEMS + NT - 1) // NT
-    BMP, BNP = BM + 1, BN + 1  # padded rows (compile-time constants for the shared arrays)
-    TXN = BN // TN
-    DT = _numba_dtype(dtype_name)
-
-    @cuda.jit
-    def kernel(a, b, part, k_h, k_w, s_d, s_h, s_w, d_d, d_h, d_w, p_d, p_h, p_w, mode,
-               num_groups, cb_g, ca_g, taps, splits, chunk):
-        Bs = cuda.shared.array((BK, BMP), DT)
-        As = cuda.shared.array((BK, BNP), DT)
-        acc = cuda.local.array((TM, TN), DT)
-        ra = cuda.local.array(TM, DT)
-        rb = cuda.local.array(TN, DT)
-        tid = cuda.threadIdx.x
-        tm = tid % TXM
-        tn = tid // TXM
-        o_w, o_hw, o_all, k_total, l_d, l_h, l_w = _wgrad_extents(a, b)
-        zero = DT(0)
-        # Every condition that guards a syncthreads below is uniform across the block.
-        for z in range(cuda.blockIdx.z, num_groups * taps * splits, cuda.gridDim.z):
-            sp = z % splits
-            rest = z // splits
-            t = rest % taps
-            g = rest // taps
-            off_d, off_h, off_w = _tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w)
-            k_begin = sp * chunk
-            k_end = min(k_begin + chunk, k_total)
-            for m0 in range(cuda.blockIdx.x * BM, cb_g, cuda.gridDim.x * BM):
-                for n0 in range(cuda.blockIdx.y * BN, ca_g, cuda.gridDim.y * BN):
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] = zero
-                    for k0 in range(k_begin, k_end, BK):
-                        for i in range(B_LOADS):
-                            idx = tid + i * NT
-                            if idx < B_ELEMS:
-                                kk, mm = _tile_position(idx, b_cfast, BM, BK)
-                                k = k0 + kk
-                                v = zero
-                                if k < k_end and m0 + mm < cb_g:
-                                    nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
-                                    v = DT(b[nb, g * cb_g + m0 + mm, od, oh, ow])
-                                Bs[kk, mm] = v
-                        for i in range(A_LOADS):
-                            idx = tid + i * NT
-                            if idx < A_ELEMS:
-                                kk, nn = _tile_position(idx, a_cfast, BN, BK)
-                                k = k0 + kk
-                                v = zero
-                                if k < k_end and n0 + nn < ca_g:
-                                    nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
-                                    sd, sh, sw = _tap_source(od, oh, ow, s_d, s_h, s_w, off_d, off_h, off_w,
-                                                             l_d, l_h, l_w, mode)
-                                    if sd >= 0 and sh >= 0 and sw >= 0:
-                                        v = DT(a[nb, g * ca_g + n0 + nn, sd, sh, sw])
-                                As[kk, nn] = v
-                        cuda.syncthreads()
-                        for kk in range(BK):
-                            for i in range(TM):
-                                ra[i] = Bs[kk, tm + i * TXM]
-                            for j in range(TN):
-                                rb[j] = As[kk, tn + j * TXN]
-                            for i in range(TM):
-                                for j in range(TN):
-                                    acc[i, j] += ra[i] * rb[j]
-                        cuda.syncthreads()
-                    for i in range(TM):
-                        cb = m0 + tm + i * TXM
-                        if cb < cb_g:
-                            for j in range(TN):
-                                ca = n0 + tn + j * TXN
-                                if ca < ca_g:
-                                    part[sp, ((g * cb_g + cb) * ca_g + ca) * taps + t] = acc[i, j]
-
-    return kernel
+    loads coalesce either way. The summation order of an output depends on the shape and the tile
+    only, never on the grid or the flags."""
+    BM, BN, BK, TM, TN, KS = WGRAD_TILES[tile]
+    namespace = dict(cuda=cuda, DT=_numba_dtype(dtype_name), I64=I64, U64=U64, BM=BM, BN=BN, BK=BK,
+                     TXM=BM // TM, TXN=BN // TN, MODE=mode, source_index=source_index,
+                     decode=_decode, advance=_advance, tap_origin=_tap_origin)
+    exec(compile(_wgrad_source(tile, a_cfast, b_cfast, mode), f"<convfast wgrad {tile}>", "exec"), namespace)
+    return _jit(namespace["kernel"], (256, 2))
 
 
 @lru_cache(maxsize=None)
-def wgrad_small_kernel(dtype_name: str, threads: int = REDUCE_THREADS):
+def wgrad_small_kernel(dtype_name: str, threads: int = REDUCE_THREADS, mode: int = ZEROS, lanes_w: int = 16):
     """The weight gradient of groups with at most SMALL_WEIGHTS weights per tap (Ca_g x Cb_g:
     depthwise, channel multipliers, ResNeXt-like 4 x 4), where a GEMM tile would be mostly idle:
     one block per (group, tap, K chunk) (grid x, grid-stride) computes all the group's weights of
-    the tap. Its threads split the chunk (thread j takes k = j, j + threads, ...: consecutive threads
-    read consecutive pixels), each reading the Ca_g + Cb_g values of its k once and accumulating
-    the Ca_g x Cb_g products in a per-thread array (indexed at run time, so in local memory: 192 /
-    384 bytes per thread, L1-resident); a fixed shared-memory tree then adds the threads' sums.
-    Same operands and ``part`` layout as wgrad_gemm_kernel; padded positions are multiplied as
-    zeros, as the GEMM does."""
+    the tap. Thread tid takes weight tid % lanes_w (lanes_w, a compile-time power of two >=
+    Ca_g x Cb_g; lanes beyond the group's weights compute a copy that is not written) and the k
+    = lane, lane + S, ... of the chunk (lane = tid // lanes_w, S = threads / lanes_w: consecutive
+    lanes read consecutive pixels), with one scalar accumulator (a register) and its (n, od, oh, ow)
+    carried along k by ``_advance`` (no division in the loop). A fixed shared-memory tree then adds
+    the lanes' sums. Same operands and ``part`` layout as wgrad_gemm_kernel; padded positions are
+    multiplied as zeros, as the GEMM does; the padding mode is a compile-time constant."""
     NT = threads
-    W = SMALL_WEIGHTS
+    NWP = lanes_w
+    S = NT // NWP
     DT = _numba_dtype(dtype_name)
 
+    @cuda.jit(inline="always", device=True)
+    def a_offset(cn, cd, ch, cw, s_d, s_h, s_w, off_d, off_h, off_w, l_d, l_h, l_w, a_base, a_sn, a_sd, a_sh, a_sw):
+        """The element offset of a's pixel for k = (cn, cd, ch, cw), channel 0, base included (>= 0
+        whatever the strides' signs), or -1 where the tap reads a padded zero."""
+        sd = source_index(cd * s_d + off_d, l_d, mode)
+        sh = source_index(ch * s_h + off_h, l_h, mode)
+        sw = source_index(cw * s_w + off_w, l_w, mode)
+        if sd >= 0 and sh >= 0 and sw >= 0:
+            return a_base + cn * a_sn + sd * a_sd + sh * a_sh + sw * a_sw
+        return I64(-1)
+
     @cuda.jit
-    def kernel(a, b, part, k_h, k_w, s_d, s_h, s_w, d_d, d_h, d_w, p_d, p_h, p_w, mode,
+    def kernel(a1, b1, part, a_base, a_sn, a_sc, a_sd, a_sh, a_sw, b_base, b_sn, b_sc, b_sd, b_sh, b_sw,
+               l_d, l_h, l_w, o_d, o_h, o_w, batch, k_h, k_w, s_d, s_h, s_w, d_d, d_h, d_w, p_d, p_h, p_w,
                num_groups, cb_g, ca_g, taps, splits, chunk):
-        red = cuda.shared.array((W, NT), DT)
-        acc = cuda.local.array(W, DT)
-        av = cuda.local.array(W, DT)
-        bv = cuda.local.array(W, DT)
+        red = cuda.shared.array(NT, DT)
         tid = cuda.threadIdx.x
-        o_w, o_hw, o_all, k_total, l_d, l_h, l_w = _wgrad_extents(a, b)
+        w = tid % NWP
+        lane = tid // NWP
         nw = ca_g * cb_g
+        wv = min(w, nw - 1)
+        ca = wv % ca_g
+        cb = wv // ca_g
+        k_total = batch * (o_d * o_h * o_w)
+        dn, dd, dh, dw = _digits(S, o_d, o_h, o_w)
         for item in range(cuda.blockIdx.x, splits * num_groups * taps, cuda.gridDim.x):
             t = item % taps
             rest = item // taps
             g = rest % num_groups
             sp = rest // num_groups
             off_d, off_h, off_w = _tap_origin(t, k_h, k_w, d_d, d_h, d_w, p_d, p_h, p_w)
-            for i in range(W):
-                acc[i] = DT(0)
-            for k in range(sp * chunk + tid, min(sp * chunk + chunk, k_total), NT):
-                nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
-                sd, sh, sw = _tap_source(od, oh, ow, s_d, s_h, s_w, off_d, off_h, off_w, l_d, l_h, l_w, mode)
-                inside = sd >= 0 and sh >= 0 and sw >= 0
-                for j in range(ca_g):
-                    av[j] = DT(a[nb, g * ca_g + j, sd, sh, sw]) if inside else DT(0)
-                for j in range(cb_g):
-                    bv[j] = DT(b[nb, g * cb_g + j, od, oh, ow])
-                for i in range(nw):
-                    acc[i] += av[i % ca_g] * bv[i // ca_g]
-            for i in range(nw):
-                red[i, tid] = acc[i]
+            a_ch = (g * ca_g + ca) * a_sc
+            b_ch = b_base + (g * cb_g + cb) * b_sc
+            k_begin = sp * chunk
+            left = min(k_begin + chunk, k_total) - k_begin - lane
+            cn, cd, ch, cw = _decode(k_begin + lane, o_d, o_h, o_w)
+            acc = DT(0)
+            while left > 0:
+                ka = a_offset(cn, cd, ch, cw, s_d, s_h, s_w, off_d, off_h, off_w, l_d, l_h, l_w, a_base, a_sn, a_sd,
+                              a_sh, a_sw)
+                va = DT(0)
+                if ka >= 0:
+                    va = DT(a1[U64(a_ch + ka)])
+                acc += va * DT(b1[U64(b_ch + cn * b_sn + cd * b_sd + ch * b_sh + cw * b_sw)])
+                left -= S
+                cn, cd, ch, cw = _advance(cn, cd, ch, cw, dn, dd, dh, dw, o_d, o_h, o_w)
+            red[tid] = acc
             cuda.syncthreads()
-            half = NT // 2
+            half = S // 2
             while half > 0:
-                if tid < half:
-                    for i in range(nw):
-                        red[i, tid] += red[i, tid + half]
+                if lane < half:
+                    red[tid] += red[tid + half * NWP]
                 cuda.syncthreads()
                 half //= 2
-            if tid < nw:  # weight (cb_l, ca) = (tid // ca_g, tid % ca_g) of group g
-                part[sp, ((g * cb_g + tid // ca_g) * ca_g + tid % ca_g) * taps + t] = red[tid, 0]
+            if tid < nw:  # lane 0 of weight (cb_l, ca) = (tid // ca_g, tid % ca_g) of group g
+                part[sp, ((g * cb_g + cb) * ca_g + ca) * taps + t] = red[tid]
             cuda.syncthreads()  # red is rewritten by the next item
 
     return kernel
 
 
+def small_lanes(weights: int) -> int:
+    """wgrad_small_kernel's lanes_w for a group of ``weights`` weights per tap (<= SMALL_WEIGHTS)."""
+    lanes = 1
+    while lanes < weights:
+        lanes *= 2
+    return lanes
+
+
 @lru_cache(maxsize=None)
 def bias_kernel(dtype_name: str, threads: int = REDUCE_THREADS):
     """grad_bias partial sums: part[s, c] = the sum of gy[n, c, o] over the k = (n, o) of chunk s;
-    one block per (chunk, channel) (grid x, grid-stride), threads splitting the chunk, a fixed
-    shared-memory tree adding their sums."""
+    one block per (chunk, channel) (grid x, grid-stride), threads splitting the chunk (k carried by
+    ``_advance``), a fixed shared-memory tree adding their sums."""
     NT = threads
     DT = _numba_dtype(dtype_name)
 
@@ -306,16 +444,18 @@ def bias_kernel(dtype_name: str, threads: int = REDUCE_THREADS):
         o_d = gy.shape[2]
         o_h = gy.shape[3]
         o_w = gy.shape[4]
-        o_hw = o_h * o_w
-        o_all = o_d * o_hw
-        k_total = gy.shape[0] * o_all
+        k_total = gy.shape[0] * (o_d * o_h * o_w)
+        dn, dd, dh, dw = _digits(NT, o_d, o_h, o_w)
         for item in range(cuda.blockIdx.x, splits * channels, cuda.gridDim.x):
             c = item % channels
             sp = item // channels
             acc = DT(0)
-            for k in range(sp * chunk + tid, min(sp * chunk + chunk, k_total), NT):
-                nb, od, oh, ow = _unravel_k(k, o_all, o_hw, o_w)
-                acc += DT(gy[nb, c, od, oh, ow])
+            left = min(sp * chunk + chunk, k_total) - sp * chunk - tid
+            cn, cd, ch, cw = _decode(sp * chunk + tid, o_d, o_h, o_w)
+            while left > 0:
+                acc += DT(gy[cn, c, cd, ch, cw])
+                left -= NT
+                cn, cd, ch, cw = _advance(cn, cd, ch, cw, dn, dd, dh, dw, o_d, o_h, o_w)
             red[tid] = acc
             cuda.syncthreads()
             half = NT // 2
@@ -363,4 +503,5 @@ def fill_zero_kernel(dtype_name: str):
 
 
 __all__ = ["WGRAD_TILES", "REDUCE_THREADS", "SMALL_WEIGHTS", "fold_kernel", "wgrad_gemm_kernel", "wgrad_small_kernel",
+           "small_lanes",
            "bias_kernel", "split_sum_kernel", "fill_zero_kernel"]

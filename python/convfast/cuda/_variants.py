@@ -30,9 +30,11 @@ MODES = {"zeros": ZEROS, "reflect": REFLECT, "replicate": REPLICATE, "circular":
 # The FMA-share floors the check enforces (fraction of the hot loop's SASS instructions that are
 # FFMA/DFMA). They guard what the kernels reach now (measured minimum over sm_80 / sm_90a, rounded
 # down); the targets are 60 % (forward GEMM) and 40 % (weight gradient), see docs/gpu.md. The
-# weight-gradient and direct kernels have not been rewritten yet: they are reported, not held to a
-# floor or the register budget.
-FLOORS = {"gemm": 0.29, "gemm_narrow": 0.15, "gemm_mode": 0.14, "wgrad": 0.0, "direct": 0.0, "wgrad_small": 0.0}
+# weight-gradient GEMM's wide tile meets its target in zeros mode (45-49 %); its narrow tile and the
+# small (depthwise) kernel do not yet, and the direct kernel has not been rewritten: they are held
+# to what they reach. Every hot loop is held to no local memory.
+FLOORS = {"gemm": 0.29, "gemm_narrow": 0.15, "gemm_mode": 0.14, "wgrad": 0.40, "wgrad_mode": 0.34,
+          "wgrad_narrow": 0.17, "direct": 0.0, "wgrad_small": 0.0}
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,20 @@ def forward_variants():
 
 def backward_variants():
     out = []
-    geometry = (I64,) * 18
-    for dtype, tile, a_cl, b_cl in itertools.product(DTYPES, _bk.WGRAD_TILES, (False, True), (False, True)):
+    geometry = (I64,) * 36
+    layouts = ((False, False), (False, True), (True, False), (True, True))
+    for dtype, tile, (a_cl, b_cl), mode in itertools.product(DTYPES, _bk.WGRAD_TILES, layouts, MODES):
         dt = DTYPES[dtype]
-        sig = (_a(dt, 5), _a(dt, 5), _a(dt, 2)) + geometry
-        name = f"wgrad/{dtype}/{tile}/{'cl' if a_cl else 'cf'}-{'cl' if b_cl else 'cf'}"
-        out.append(Variant(name, lambda a=(dtype, tile, a_cl, b_cl): _bk.wgrad_gemm_kernel(*a), sig, "tile",
-                           FLOORS["wgrad"], max_regs=255))
-    for dtype in DTYPES:
+        sig = (_a(dt, 1, "C"), _a(dt, 1, "C"), _a(dt, 2)) + geometry + (I64,) * 4
+        name = f"wgrad/{dtype}/{tile}/{'cl' if a_cl else 'cf'}-{'cl' if b_cl else 'cf'}/{mode}"
+        floor = FLOORS["wgrad_narrow"] if tile == "narrow" else FLOORS["wgrad" if mode == "zeros" else "wgrad_mode"]
+        out.append(Variant(name, lambda a=(dtype, tile, a_cl, b_cl, MODES[mode]): _bk.wgrad_gemm_kernel(*a), sig,
+                           "tile", floor))
+    for dtype, lanes, mode in itertools.product(DTYPES, (1, 2, 4, 8, 16), MODES):
         dt = DTYPES[dtype]
-        out.append(Variant(f"wgrad_small/{dtype}", lambda d=dtype: _bk.wgrad_small_kernel(d),
-                           (_a(dt, 5), _a(dt, 5), _a(dt, 2)) + geometry, "inner", FLOORS["wgrad_small"],
-                           local_ok=True))  # its per-thread sums are indexed at run time
+        out.append(Variant(f"wgrad_small/{dtype}/w{lanes}/{mode}",
+                           lambda a=(dtype, _bk.REDUCE_THREADS, MODES[mode], lanes): _bk.wgrad_small_kernel(*a),
+                           (_a(dt, 1, "C"), _a(dt, 1, "C"), _a(dt, 2)) + geometry, "inner", FLOORS["wgrad_small"]))
     for dtype in DTYPES:
         dt = DTYPES[dtype]
         out += [Variant(f"bias/{dtype}", lambda d=dtype: _bk.bias_kernel(d), (_a(dt, 5), _a(dt, 2), I64, I64), None),
@@ -105,15 +109,16 @@ def mixed_dtype_variants():
     f16, f32, f64 = T.float16, T.float32, T.float64
     gemm = (_a(f16, 1, "C"), _a(f32, 1, "C"), _a(f16, 1), _a(f32, 5), _a(I32, 2, "C"), _a(I32, 2, "C"),
             _a(I32, 1, "C")) + (I64,) * 23
-    geometry = (I64,) * 18
+    geometry = (I64,) * 36
     return [Variant("gemm/float32/wide/cf-cf/zeros (float16 x)", lambda: _k.gemm_kernel("float32", "wide", False, False,
                                                                                        ZEROS), gemm, "tile",
                     FLOORS["gemm"]),
             Variant("pack/float32 (float16 w)", lambda: _k.pack_kernel("float32"),
                     (_a(f16, 6), _a(I32, 2, "C"), _a(f32, 3, "C"), _a(I32, 1, "C")), None),
-            Variant("wgrad/float64/narrow/cl-cf (float16 a, b)", lambda: _bk.wgrad_gemm_kernel("float64", "narrow", True,
-                                                                                               False),
-                    (_a(f16, 5), _a(f16, 5), _a(f64, 2)) + geometry, "tile", FLOORS["wgrad"], max_regs=255),
+            Variant("wgrad/float64/narrow/cl-cf/zeros (float16 a, b)",
+                    lambda: _bk.wgrad_gemm_kernel("float64", "narrow", True, False, ZEROS),
+                    (_a(f16, 1, "C"), _a(f16, 1, "C"), _a(f64, 2)) + geometry + (I64,) * 4, "tile",
+                    FLOORS["wgrad_narrow"]),
             Variant("bias/float64 (float16 gy)", lambda: _bk.bias_kernel("float64"), (_a(f16, 5), _a(f64, 2), I64, I64),
                     None)]
 
@@ -126,13 +131,14 @@ def in_ci_set(name: str) -> bool:
     """The subset CI compiles (its time budget): every kernel and tile in both dtypes with the
     default layout and zeros padding, every layout and every padding mode of the float32 wide GEMM,
     the mixed-dtype launches."""
-    if "(" in name or not name.startswith(("gemm/", "wgrad/")):
+    if "(" in name or not name.startswith(("gemm/", "wgrad/", "wgrad_small/")):
         return True
     parts = name.split("/")
-    if parts[0] == "wgrad":
-        return parts[3] == "cf-cf" or parts[1:3] == ["float32", "wide"]
+    if parts[0] == "wgrad_small":  # float32: every lane width in zeros mode, every mode at 16 lanes
+        return parts[3] == "zeros" or parts[2] == "w16" if parts[1] == "float32" else parts[2:] == ["w16", "zeros"]
+    # the GEMMs: every dtype and tile with the default layout and zeros padding; every layout and
+    # every padding mode of the float32 wide tile
     default = parts[3] == "cf-cf" and parts[4] == "zeros"
     return default or parts[1:3] == ["float32", "wide"] and (parts[3] == "cf-cf" or parts[4] == "zeros")
-
 
 __all__ = ["Variant", "FLOORS", "all_variants", "in_ci_set", "mixed_dtype_variants", "forward_variants", "backward_variants"]

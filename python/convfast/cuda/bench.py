@@ -269,6 +269,7 @@ def main(argv=None) -> int:
                    f" {'tf32 ms':>8s} {'TFLOP/s':>7s} {'ratio':>6s}")
     print(header)
     failures = 0
+    ratios = {"torch fp32": [], "torch tf32": []}  # torch ms / convfast ms per timed case
     for case in cases:
         r = run(torch, convfast, case, args.batch, args.repeat, args.rounds, args.check_only)
         line = f"{case.name:40s} {r['n']:3d} {('ok' if r['ok'] else 'FAIL'):>4s} {r['err']:.0e}"
@@ -280,7 +281,13 @@ def main(argv=None) -> int:
             for name in ("convfast", "torch fp32", "torch tf32"):
                 ms, tf = r[name]
                 line += f" {ms:11.3f} {tf:7.2f}" if name == "convfast" else f" {ms:8.3f} {tf:7.2f} {ms / ours_ms:6.2f}"
+                if name in ratios:
+                    ratios[name].append(ms / ours_ms)
         print(line, flush=True)
+    if ratios["torch fp32"]:
+        geo = {name: math.exp(statistics.fmean(math.log(v) for v in vals)) for name, vals in ratios.items()}
+        print(f"geometric mean of the ratios over {len(ratios['torch fp32'])} cases: {geo['torch fp32']:.3f} "
+              f"against cuDNN strict fp32 (TF32 off), {geo['torch tf32']:.3f} against TF32")
     return 1 if failures else 0
 
 
