@@ -9,12 +9,10 @@ compiled plans cache a packed copy), or build a layer around existing ones with 
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from ._layer_params import set_geometry, weight_shape
-from ._spec import as_array, as_int, conv_spec, conv_transpose_spec, normalize_data_format
+from ._layer_params import LayerParams, concrete_layers
+from ._spec import as_array, conv_spec, conv_transpose_spec, normalize_data_format
 from ._interop import output_wrapper, to_numpy
 from .cuda._dispatch import cuda_backend, normalize_device, select_device
 from . import _core
@@ -29,23 +27,20 @@ def _frozen(value, dtype) -> np.ndarray:
     return a
 
 
-class _ConvLayer:
-    _rank = 0
-    _transposed = False
-
+class _ConvLayer(LayerParams):
     def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                padding_mode, output_padding, data_format, dtype, seed):
         name = type(self).__name__
-        set_geometry(self, self._rank, self._transposed, in_channels, out_channels, kernel_size, stride, padding,
-                     dilation, groups, padding_mode, output_padding)
+        self._set_params(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                         output_padding)
         self.data_format = normalize_data_format(name, data_format)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name}: dtype must be float32 or float64, got {self.dtype}")
-        shape = weight_shape(self, self._transposed)
+        shape = self._weight_shape()
         # PyTorch's default initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
         rng = np.random.default_rng(seed)
-        bound = 1.0 / math.sqrt(shape[1] * math.prod(self.kernel_size))
+        bound = self._init_bound(shape)
         self._calls = {}  # input signature -> _core.Call holding a plan with the weights packed
         self._device = None  # None: run where x lives; "cpu" / "cuda" after .to()
         self._gpu = None     # the device copy of weight and bias (convfast.cuda._engine.LayerState)
@@ -121,11 +116,7 @@ class _ConvLayer:
         weight = as_array(cls.__name__, "weight", weight)
         if weight.ndim != cls._rank + 2:
             raise ValueError(f"{cls.__name__}: weight must be {cls._rank + 2}-D, got shape {weight.shape}")
-        groups = params.get("groups", 1)
-        if cls._transposed:
-            cin, cout = weight.shape[0], weight.shape[1] * as_int(cls.__name__, "groups", groups, minimum=1)
-        else:
-            cin, cout = weight.shape[1] * as_int(cls.__name__, "groups", groups, minimum=1), weight.shape[0]
+        cin, cout = cls._channels_of(weight.shape, params.get("groups", 1))
         params.setdefault("dtype", np.float64 if weight.dtype == np.float64 else np.float32)
         layer = cls(cin, cout, weight.shape[2:], bias=bias is not None, **params)
         layer.weight = weight
@@ -204,31 +195,5 @@ class _ConvTranspose(_ConvLayer):
     forward = __call__
 
 
-class Conv1d(_Conv):
-    """1-D convolution layer (torch.nn.Conv1d signature)."""
-    _rank = 1
-
-
-class Conv2d(_Conv):
-    """2-D convolution layer (torch.nn.Conv2d signature)."""
-    _rank = 2
-
-
-class Conv3d(_Conv):
-    """3-D convolution layer (torch.nn.Conv3d signature)."""
-    _rank = 3
-
-
-class ConvTranspose1d(_ConvTranspose):
-    """1-D transposed convolution layer (torch.nn.ConvTranspose1d signature)."""
-    _rank = 1
-
-
-class ConvTranspose2d(_ConvTranspose):
-    """2-D transposed convolution layer (torch.nn.ConvTranspose2d signature)."""
-    _rank = 2
-
-
-class ConvTranspose3d(_ConvTranspose):
-    """3-D transposed convolution layer (torch.nn.ConvTranspose3d signature)."""
-    _rank = 3
+Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d = concrete_layers(
+    __name__, _Conv, _ConvTranspose, "{rank}-D {kind} layer ({torch_name} signature).")

@@ -39,7 +39,7 @@ from torch.nn import init
 
 from . import backward as _backward
 from . import functional as _functional
-from ._layer_params import set_geometry, weight_shape
+from ._layer_params import LayerParams, concrete_layers
 
 __all__ = ["ConvParams", "ConvFunction", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
            "conv_transpose3d", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
@@ -183,20 +183,18 @@ def _padding_attribute(padding):
     return tuple(padding)
 
 
-class _ConvNd(nn.Module):
-    _rank = 0
-    _transposed = False
+class _ConvNd(LayerParams, nn.Module):
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "output_padding", "in_channels",
                      "out_channels", "kernel_size"]
 
     def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                output_padding, device, dtype):
         name = type(self).__name__
-        set_geometry(self, self._rank, self._transposed, in_channels, out_channels, kernel_size, stride, padding,
-                     dilation, groups, padding_mode, output_padding)
+        self._set_params(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                         output_padding)
         self.padding = _padding_attribute(self.padding)
         self.transposed = self._transposed
-        shape = weight_shape(self, self._transposed)
+        shape = self._weight_shape()
         if dtype is not None and dtype not in _DTYPES:
             raise TypeError(f"{name}: dtype must be torch.float32 or torch.float64, got {dtype}")
         factory = {"device": device, "dtype": dtype}
@@ -210,10 +208,11 @@ class _ConvNd(nn.Module):
     def reset_parameters(self) -> None:
         """torch.nn.ConvNd's initialisation, draw for draw (so torch.manual_seed reproduces it)."""
         with torch.no_grad():
+            # kaiming_uniform_ itself, not U(-_init_bound, _init_bound): its bound, computed through the
+            # leaky_relu gain, differs from 1/sqrt(fan_in) in the last bit for 71% of fan_in values
             init.kaiming_uniform_(self.weight, a=math.sqrt(5))
             if self.bias is not None:
-                fan_in, _ = init._calculate_fan_in_and_fan_out(self.weight)
-                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                bound = self._init_bound(self.weight.shape)
                 init.uniform_(self.bias, -bound, bound)
 
     def extra_repr(self) -> str:
@@ -268,31 +267,6 @@ class _ConvTranspose(_ConvNd):
         return _apply(self._params(output_size), input, self.weight, self.bias)
 
 
-class Conv1d(_Conv):
-    """torch.nn.Conv1d computed by convfast (same signature, parameters and initialisation)."""
-    _rank = 1
-
-
-class Conv2d(_Conv):
-    """torch.nn.Conv2d computed by convfast (same signature, parameters and initialisation)."""
-    _rank = 2
-
-
-class Conv3d(_Conv):
-    """torch.nn.Conv3d computed by convfast (same signature, parameters and initialisation)."""
-    _rank = 3
-
-
-class ConvTranspose1d(_ConvTranspose):
-    """torch.nn.ConvTranspose1d computed by convfast (same signature, parameters and initialisation)."""
-    _rank = 1
-
-
-class ConvTranspose2d(_ConvTranspose):
-    """torch.nn.ConvTranspose2d computed by convfast (same signature, parameters and initialisation)."""
-    _rank = 2
-
-
-class ConvTranspose3d(_ConvTranspose):
-    """torch.nn.ConvTranspose3d computed by convfast (same signature, parameters and initialisation)."""
-    _rank = 3
+Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d = concrete_layers(
+    __name__, _Conv, _ConvTranspose, "{torch_name} computed by convfast (same signature, parameters and "
+                                     "initialisation).")
