@@ -102,3 +102,22 @@ def test_torch_module_classes_pickle_and_copy(name):
         for module in (ours, pickle.loads(pickle.dumps(ours)), copy.deepcopy(ours)):
             assert type(module) is cls
             torch.testing.assert_close(module(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["Conv2d", "ConvTranspose3d"])
+def test_numpy_layers_pickle_and_copy_after_calls(name):
+    # A called layer keeps compiled plans (engine objects); its copies rebuild their own and keep
+    # the weights read-only and their own.
+    rank = int(name[-2])
+    layer = getattr(convfast, name)(3, 4, 2, stride=2, seed=3, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((2, 3) + (5, 4, 3)[:rank])
+    first = layer(x)
+    np.testing.assert_allclose(first, _ref(layer, x), rtol=1e-12, atol=1e-12)
+    for twin in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), copy.copy(layer)):
+        assert type(twin) is type(layer) and repr(twin) == repr(layer)
+        assert not twin.weight.flags.writeable and not twin.bias.flags.writeable
+        for _ in range(2):  # the first call plans, the second runs the kept plan
+            np.testing.assert_array_equal(twin(x), first)
+        twin.weight = -twin.weight
+        np.testing.assert_allclose(twin(x), _ref(twin, x), rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(layer(x), first)

@@ -158,6 +158,20 @@ class _ConvLayer(LayerParams):
 
     forward = __call__
 
+    def __getstate__(self):
+        # The kept plans and the device copy hold engine objects, which neither pickle nor deepcopy:
+        # a copy of the layer rebuilds them on its first call.
+        state = self.__dict__.copy()
+        state["_calls"] = {}
+        state["_gpu"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        for a in (self._weight, self._bias):  # unpickled and deep-copied arrays come back writeable
+            if a is not None:
+                a.flags.writeable = False
+
     def __repr__(self):
         extra = f", output_padding={self.output_padding}" if self._transposed else f", padding_mode={self.padding_mode!r}"
         return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
