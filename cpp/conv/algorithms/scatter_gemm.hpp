@@ -5,8 +5,8 @@
 //   y[co][p * stride - crop + tap * dilation] += C[p][(co, tap)]
 //
 // A transposed weight (C_in, C_out/G, k...) is, per input channel, one contiguous row over
-// (output channel, tap). Each work item copies its columns of those rows into NR-wide panels (one
-// sequential read per row, which the hardware prefetchers stream) that stay in L2 while every
+// (output channel, tap) (other strides are gathered). Each work item copies its columns of those
+// rows into NR-wide panels (one sequential read per row, which the hardware prefetchers stream) that stay in L2 while every
 // pixel tile passes, so each weight is read from memory once per call; the small input is packed
 // (MR pixels broadcast, NR columns in the vector lanes). The stride-phase GEMMs (gemm.cpp) instead
 // pack all weights of every phase before the products and gather zeros at the phases' edges: on
@@ -46,16 +46,11 @@ struct Conv {
   std::vector<int64_t> coord[kSpatialRank];    // per pixel: input coordinate along each axis
   std::vector<int64_t> n_offset;               // per n: y offset of (channel, tap) relative to y_base
   std::vector<int64_t> lo[kSpatialRank], hi[kSpatialRank];  // per n: the input coordinates it writes
+  std::vector<int64_t> w_offset;  // per n: its weight's offset in an input channel's row (w_contiguous: n)
+  bool w_contiguous = true;       // each input channel's weights one run over (output channel, tap)
 
-  // Whether each input channel's weights are one contiguous run over (output channel, tap).
   static bool applies(const ConvProblem<T>& p, const UkernelInfo<T>& uk) {
-    if (p.kind != ConvKind::Transposed || uk.fn == nullptr) return false;
-    int64_t run = 1;  // the contiguous run the next-outer index must step over
-    for (int a = kSpatialRank - 1; a >= 0; --a) {
-      if (p.kernel[a] > 1 && p.w_stride[a] != run) return false;
-      run *= p.kernel[a];
-    }
-    return p.cout_per_group == 1 || p.w_stride_co == run;
+    return p.kind == ConvKind::Transposed && uk.fn != nullptr;
   }
 
   // Output coordinate i * stride + c (c = tap * dilation - crop) is in [0, out) for i in [lo, hi).
@@ -96,10 +91,13 @@ struct Conv {
       lo[a].resize(N);
       hi[a].resize(N);
     }
+    w_offset.resize(N);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t co = n / taps, t = n % taps;
       const int64_t tap[kSpatialRank] = {t / (p.kernel[1] * p.kernel[2]), t / p.kernel[2] % p.kernel[1],
                                          t % p.kernel[2]};
+      w_offset[n] = co * p.w_stride_co + tap[0] * p.w_stride[0] + tap[1] * p.w_stride[1] + tap[2] * p.w_stride[2];
+      w_contiguous = w_contiguous && w_offset[n] == n;
       n_offset[n] = co * p.y_stride_c;
       for (int a = 0; a < kSpatialRank; ++a) {
         const int64_t c = tap[a] * p.dilation[a] - p.pad_before[a];
@@ -155,7 +153,10 @@ struct Conv {
         for (int64_t t = 0; t < tiles; ++t) {
           T* dst = B + (t * K + k) * NR;
           const int64_t width = std::min<int64_t>(NR, n_end - n_begin - t * NR);
-          std::memcpy(dst, src + t * NR, sizeof(T) * width);
+          if (w_contiguous)
+            std::memcpy(dst, src + t * NR, sizeof(T) * width);
+          else  // any weight strides (a transposed or sliced view)
+            for (int64_t j = 0; j < width; ++j) dst[j] = wrows[k][w_offset[n_begin + t * NR + j]];
           for (int64_t j = width; j < NR; ++j) dst[j] = T(0);
         }
       }
