@@ -164,11 +164,12 @@ def test_calls_take_only_the_cores_other_calls_leave():
 
 @needs_two_cores
 def test_waiting_calls_are_served_in_arrival_order():
-    """Calls that each want every core, queued while the cores are held, run one after another in
-    the order they came (no caller is overtaken indefinitely), each with every core."""
+    """Calls queued while every core is held are served in the order they came (none is overtaken
+    indefinitely): with one core given back they run one after another, in order, each on it.
+    (Calls of tens of milliseconds, so that a thread slow to record its turn is not overtaken.)"""
     convfast.set_num_threads(CORES)
     _core.set_min_work_per_thread(0)
-    x, w, b = _operands(c=32, size=40, seed=5)
+    x, w, b = _operands(c=64, size=96, dtype=np.float64, seed=5)
     expected = convfast.conv2d(x, w, b, padding=1).tobytes()
     order, lock = [], threading.Lock()
 
@@ -179,20 +180,47 @@ def test_waiting_calls_are_served_in_arrival_order():
         return y.tobytes(), threads
 
     _core.hold_threads(CORES)
-    started = []
+    held, started = CORES, []
     try:
         for i in range(4):
             started.append(_start(call, i))
             time.sleep(0.1)  # queued in this order
         assert all(t.is_alive() for t, _ in started)
+        _core.hold_threads(-1)  # one core: the calls pass it on in turn
+        held -= 1
+        for t, _ in started:
+            t.join(60)
+            assert not t.is_alive()
     finally:
-        _core.hold_threads(-CORES)
-    for t, _ in started:
-        t.join(60)
-        assert not t.is_alive()
+        _core.hold_threads(-held)
     assert order == [0, 1, 2, 3]
     for _, box in started:
-        assert box[0] == (expected, CORES)
+        assert box[0] == (expected, 1)
+    assert _core.threads_in_flight() == 0
+
+
+@needs_two_cores
+def test_waiting_calls_share_the_cores_given_back():
+    """Cores given back while several calls wait go one to each of the first ones (so that calls run
+    side by side rather than one after another on every core), and a call waiting alone gets all."""
+    convfast.set_num_threads(CORES)
+    _core.set_min_work_per_thread(0)
+    x, w, b = _operands(c=32, size=40, seed=5)
+    expected = convfast.conv2d(x, w, b, padding=1).tobytes()
+    for waiting in (1, 2):
+        _core.hold_threads(CORES)
+        try:
+            started = [_start(_conv_and_threads, x, w, b) for _ in range(waiting)]
+            time.sleep(0.2)
+            assert all(t.is_alive() for t, _ in started)
+        finally:
+            _core.hold_threads(-CORES)
+        for t, box in started:
+            t.join(60)
+            assert not t.is_alive()
+            y, threads = box[0]
+            assert y.tobytes() == expected
+            assert threads == (CORES if waiting == 1 else max(1, CORES - 1) if box is started[0][1] else 1)
     assert _core.threads_in_flight() == 0
 
 

@@ -39,7 +39,9 @@ int cores() {
 // cores made 5 threads, whose OpenMP barriers waited on descheduled members. Waiters are served in
 // arrival order, each woken alone with its tokens already handed over (no thundering herd, and no
 // new call can take the tokens first), so none starves: a holder only runs kernels, and gives its
-// tokens back when it returns or throws.
+// tokens back when it returns or throws. Tokens given back while several calls wait are spread one
+// per call: calls side by side on one thread each do more than one after another on all (4 Python
+// threads, 1x64x56x56 3x3: 1.11x the serial throughput against 0.94x, medians of 10 runs).
 struct Waiter {
   int want = 0, threads = 0, tokens = 0;
   std::condition_variable woken;
@@ -50,11 +52,12 @@ struct Tokens {
   int free = cores();            // below 0 only while hold_threads holds more than the cores
   std::deque<Waiter*> queue;     // waiting calls, first come first served
 
-  // Grants w its threads (free > 0, mutex held): what it wants from the free tokens, all of it
-  // when every token is free (an explicit setting above the cores is honoured for a call alone).
-  void grant(Waiter& w) {
-    w.tokens = std::min(w.want, free);
-    w.threads = free >= cores() ? w.want : w.tokens;
+  // Grants w its threads (free > 0, mutex held): what it wants from the free tokens, less one for
+  // each of the `behind` calls still waiting after it (at least one); all it wants when every
+  // token is free and none waits (an explicit setting above the cores is honoured for a call alone).
+  void grant(Waiter& w, int behind) {
+    w.tokens = std::min(w.want, std::max(1, free - behind));
+    w.threads = free >= cores() && behind == 0 ? w.want : w.tokens;
     free -= w.tokens;
   }
 
@@ -63,7 +66,7 @@ struct Tokens {
     while (free > 0 && !queue.empty()) {
       Waiter* w = queue.front();
       queue.pop_front();
-      grant(*w);
+      grant(*w, static_cast<int>(queue.size()));
       w->woken.notify_one();
     }
   }
@@ -74,7 +77,7 @@ struct Tokens {
     self.want = want;
     std::unique_lock<std::mutex> lock(mutex);
     if (queue.empty() && free > 0) {
-      grant(self);
+      grant(self, 0);
     } else {
       queue.push_back(&self);
       self.woken.wait(lock, [&] { return self.tokens > 0; });

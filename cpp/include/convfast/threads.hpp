@@ -8,8 +8,9 @@
 //   - the work: one thread per kMinWorkPerThread multiply-adds (so small layers run on one thread),
 //   - the cores: the cores are tokens; a call takes what it wants of the free ones, and when none is
 //     free it waits (first come, first served) until a call in flight gives some back, so that
-//     Python threads calling at once never run more threads than cores. A call that finds every
-//     token free takes its whole setting, even above the cores. A call from inside an OpenMP
+//     Python threads calling at once never run more threads than cores; tokens given back while
+//     several calls wait go one per call first. A call that finds every token free and no call
+//     waiting takes its whole setting, even above the cores. A call from inside an OpenMP
 //     parallel region takes no token and runs serially, as does every call in a child forked after
 //     threaded calls (libgomp's pool does not survive fork).
 // Guards nest: an entry called from another (run_convolution -> ConvPlan) keeps the outer count and
