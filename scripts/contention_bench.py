@@ -12,11 +12,13 @@ falls on both. "busy" starts `--busy` processes running `while True: pass` for t
 Throughput (`--throughput`): 4 Python threads started together, each making a quarter of the
 calls, against the same calls made one after another on one thread; the two alternate (which one
 goes first alternates too), `--repeats` times, and the median ratio serial time / threaded time is
-reported with its range, for convfast and PyTorch (1.00x: 4 threads do as much as one).
+reported with its range, for convfast and PyTorch (1.00x: 4 threads do as much as one);
+`--throughput-busy` measures it with the `--busy` processes running.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,26 +34,32 @@ CASES = {  # name: (batch, channels, size), 3x3, padding 1
 PYTHON_THREADS = 4
 
 
+@contextlib.contextmanager
+def _busy(n: int):
+    """n processes running `while True: pass` for the duration."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if hogs:
+            time.sleep(0.2)  # let them be scheduled
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
 def _latency(args, fns) -> dict:
     import numpy as np
     times = {(name, phase): [] for name in CASES for phase in ("quiet", "busy")}
     for _ in range(args.rounds):
         for phase in ("quiet", "busy"):
-            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)] \
-                if phase == "busy" else []
-            try:
-                if hogs:
-                    time.sleep(0.2)  # let them be scheduled
+            with _busy(args.busy if phase == "busy" else 0):
                 for name, fn in fns.items():
                     calls = args.calls if name.startswith("small") else max(5, args.calls // 10)
                     for _ in range(calls):
                         t0 = time.perf_counter()
                         fn()
                         times[(name, phase)].append(time.perf_counter() - t0)
-            finally:
-                for h in hogs:
-                    h.kill()
-                    h.wait()
     return {f"{name}|{phase}": [float(np.percentile(t, 50)) * 1e3, float(np.percentile(t, 90)) * 1e3]
             for (name, phase), t in times.items()}
 
@@ -120,9 +128,10 @@ def _worker(args) -> None:
     out = {} if args.throughput_only else _latency(args, fns)
     if args.throughput or args.throughput_only:
         _threaded_seconds(fns["small 1x32x14x14"], 40)  # warm up the callers' own OpenMP pools
-        out["throughput"] = {name.split()[0]: _throughput(fn, args.throughput_calls if name.startswith("small")
-                                                          else max(8, args.throughput_calls // 20), args.repeats)
-                             for name, fn in fns.items()}
+        with _busy(args.busy if args.throughput_busy else 0):
+            out["throughput"] = {name.split()[0]: _throughput(fn, args.throughput_calls if name.startswith("small")
+                                                              else max(8, args.throughput_calls // 20), args.repeats)
+                                 for name, fn in fns.items()}
     print(json.dumps(out))
 
 
@@ -137,6 +146,7 @@ def main() -> None:
     ap.add_argument("--throughput", action="store_true",
                     help=f"also: {PYTHON_THREADS} Python threads calling at once, throughput over serial calls")
     ap.add_argument("--throughput-only", action="store_true", help="only the throughput, no latency phases")
+    ap.add_argument("--throughput-busy", action="store_true", help="measure the throughput with --busy processes")
     ap.add_argument("--throughput-calls", type=int, default=400, help="calls of the small conv (large: a 20th)")
     ap.add_argument("--repeats", type=int, default=7, help="throughput measurements (median reported)")
     ap.add_argument("--worker", choices=["convfast", "torch"], dest="library", help=argparse.SUPPRESS)
@@ -147,6 +157,7 @@ def main() -> None:
               "--calls", str(args.calls), "--throughput-calls", str(args.throughput_calls),
               "--repeats", str(args.repeats)]
     common += ["--throughput"] * args.throughput + ["--throughput-only"] * args.throughput_only
+    common += ["--throughput-busy"] * args.throughput_busy
     env = dict(os.environ)
     for item in args.env:
         key, _, value = item.partition("=")
@@ -170,7 +181,8 @@ def main() -> None:
                       f"{b[1] / q[1]:6.2f}x")
         if "throughput" in res:
             print(f"{lib:>9}: {PYTHON_THREADS} Python threads at once, throughput over serial, median [min-max] of "
-                  f"{args.repeats} (ms per call serial / threaded, medians):")
+                  f"{args.repeats} (ms per call serial / threaded, medians)"
+                  f"{f', {args.busy} busy process(es)' if args.throughput_busy else ''}:")
             for k, v in res["throughput"].items():
                 ratio, serial, threaded = ([r[i] for r in v] for i in range(3))
                 print(f"{'':>11}{k:>6} {statistics.median(ratio):.2f}x [{min(ratio):.2f}-{max(ratio):.2f}] "
