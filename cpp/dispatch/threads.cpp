@@ -139,8 +139,8 @@ CallThreads::CallThreads(double multiply_adds) {
   if (t_call_threads > 0) return;  // an enclosing entry on this thread holds the count (and tokens)
   outermost_ = true;
   if (omp_in_parallel()) {
-    // Inside a user's parallel region: serial, and no tokens (its threads are already on the cores,
-    // and one of them waiting for another's tokens could deadlock the region's barrier).
+    // Inside a user's parallel region: serial, and no tokens (the region's threads already occupy
+    // the cores, and one member waiting would stall the others at the region's next barrier).
     t_call_threads = t_last_call_threads = 1;
     return;
   }
