@@ -410,12 +410,32 @@ def _fork_workload(algo):
     return out
 
 
-def _fork_child(algo, conn):
+def _fork_child(fn, args, conn):
     try:
-        conn.send(_fork_workload(algo))
+        conn.send(fn(*args))
     except BaseException as e:  # noqa: BLE001
         conn.send(repr(e))
     conn.close()
+
+
+def _in_forked_child(fn, *args, held=0):
+    """fn(*args) in a child forked (with `held` tokens held in the parent meanwhile): (its result,
+    or None if it hung; the child's exit code)."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    _core.hold_threads(held)
+    try:
+        child = ctx.Process(target=_fork_child, args=(fn, args, send))
+        child.start()
+    finally:
+        _core.hold_threads(-held)
+    send.close()
+    got = receive.recv() if receive.poll(60) else None
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    return got, child.exitcode
 
 
 @needs_two_cores
@@ -432,33 +452,20 @@ def test_fork_after_threaded_calls_computes_correctly(algo, monkeypatch):
     expected_algo = {"winograd": "winograd", "gemm": "gemm", "direct": "direct", "lanes": "channel_lanes"}.get(algo)
     if expected_algo:
         assert expected_algo in parent["forward"][1], parent["forward"][1]
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_fork_child, args=(algo, send))
-    child.start()
-    send.close()
-    got = receive.recv() if receive.poll(60) else None
-    child.join(10)
-    if child.is_alive():
-        child.kill()
-        child.join()
+    got, exitcode = _in_forked_child(_fork_workload, algo)
     assert got is not None, "the forked child hung"
     assert isinstance(got, dict), got
     assert got["threads"] == (1, True)  # serial in the child
     for name in ("forward", "transposed", "grad_weight", "grad_input"):
         assert got[name][0] == parent[name][0], f"{name} differs in the child"
         assert got[name][1].split(" threads=")[0] == parent[name][1].split(" threads=")[0]
-    assert child.exitcode == 0
+    assert exitcode == 0
 
 
-def _fork_tokens_child(conn):
-    try:
-        before = _core.threads_in_flight()
-        y = convfast.conv2d(*_operands(seed=6), padding=1)
-        conn.send((before, y.tobytes(), _core.threads_in_flight()))
-    except BaseException as e:  # noqa: BLE001
-        conn.send(repr(e))
-    conn.close()
+def _tokens_and_conv():
+    before = _core.threads_in_flight()
+    y = convfast.conv2d(*_operands(seed=6), padding=1)
+    return before, y.tobytes(), _core.threads_in_flight()
 
 
 @needs_two_cores
@@ -468,22 +475,11 @@ def test_fork_while_cores_are_held_starts_with_every_token_free():
     convfast.set_num_threads(2)
     _core.set_min_work_per_thread(0)
     expected = convfast.conv2d(*_operands(seed=6), padding=1).tobytes()
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    _core.hold_threads(CORES)  # as if calls in flight on other threads held every core
-    try:
-        child = ctx.Process(target=_fork_tokens_child, args=(send,))
-        child.start()
-    finally:
-        _core.hold_threads(-CORES)
-    send.close()
-    got = receive.recv() if receive.poll(60) else None
-    child.join(10)
-    if child.is_alive():
-        child.kill()
-        child.join()
+    # as if calls in flight on other threads held every core
+    got, exitcode = _in_forked_child(_tokens_and_conv, held=CORES)
     assert got is not None, "the forked child hung"
     assert got == (0, expected, 0)
+    assert exitcode == 0
     assert _core.threads_in_flight() == 0
 
 
