@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -70,31 +71,175 @@ def test_small_work_runs_on_one_thread_and_large_on_all():
 
 
 # ------------------------------------------------------------------------------------------------
-# other calls in flight
+# other calls in flight: the cores as tokens
 # ------------------------------------------------------------------------------------------------
+def _start(fn, *args):
+    """fn(*args) on a new Python thread; returns the thread and a list that receives the result or
+    the exception."""
+    box = []
+
+    def body():
+        try:
+            box.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - checked by the caller
+            box.append(e)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    return t, box
+
+
+def _conv_and_threads(x, w, b):
+    y = convfast.conv2d(x, w, b, padding=1)
+    return y, _core.last_call_threads()
+
+
 @needs_two_cores
-def test_calls_take_only_the_cores_other_calls_leave():
+def test_call_waits_while_every_core_is_held():
+    """With every token held (as if other calls ran on every core) a call waits, its GIL released,
+    instead of adding a thread; once they are given back it runs with all of them and computes the
+    same bits."""
     convfast.set_num_threads(CORES)
     _core.set_min_work_per_thread(0)
     x, w, b = _operands()
     free = convfast.conv2d(x, w, b, padding=1)
     assert _core.last_call_threads() == CORES
     assert _core.threads_in_flight() == 0
-    _core.hold_threads(CORES)  # as if other calls held every core
+    _core.hold_threads(CORES)
     try:
-        busy = convfast.conv2d(x, w, b, padding=1)
-        assert _core.last_call_threads() == 1
-        assert _core.threads_in_flight() == CORES  # the call gave its thread back
+        t, box = _start(_conv_and_threads, x, w, b)
+        t.join(0.2)
+        assert t.is_alive() and not box, "the call ran while every core was held"
+        # the waiting call holds no token, and this thread keeps running (the GIL is free)
+        assert _core.threads_in_flight() == CORES
     finally:
         _core.hold_threads(-CORES)
+    t.join(60)
+    assert not t.is_alive()
+    y, threads = box[0]
+    assert threads == CORES
+    assert y.tobytes() == free.tobytes()
+    assert_close(y, reference.conv2d(x, w, b, padding=1), dtype=np.float32, reduction_size=16 * 9)
+    assert _core.threads_in_flight() == 0
+
+
+@needs_two_cores
+def test_calls_take_only_the_cores_other_calls_leave():
+    """With some cores held a call runs at once with the rest (it does not wait for more): the
+    forward and transposed convolutions, both gradients and pad, whose entries nest guards (none of
+    the inner ones may wait for the token the outer one holds)."""
+    convfast.set_num_threads(CORES)
+    _core.set_min_work_per_thread(0)
+    x, w, b = _operands(c=16, size=40, seed=1)
+    gy = np.cos(np.arange(x.size, dtype=np.float32)).reshape(x.shape)
+    a = np.random.default_rng(2).standard_normal((40, 60, 50)).astype(np.float32)  # a threaded pad
+
+    def workload():
+        out = {}
+        out["forward"] = convfast.conv2d(x, w, b, padding=1).tobytes()
+        out["transposed"] = convfast.conv_transpose2d(x, w, b, padding=1).tobytes()
+        gx, gw, gb = convfast.conv2d_backward(gy, x, w, b, padding=1)
+        out["backward"] = gx.tobytes() + gw.tobytes() + gb.tobytes()
+        out["pad"] = convfast.pad(a, ((3, 4), (20, 70), (9, 1)), mode="reflect").tobytes()
+        return out, _core.last_call_threads()
+
+    free, threads = workload()
+    assert threads == CORES
     _core.hold_threads(CORES - 1)  # one core left
     try:
-        convfast.conv2d(x, w, b, padding=1)
-        assert _core.last_call_threads() == 1
+        t, box = _start(workload)
+        t.join(60)
+        hung = t.is_alive()
+        in_flight = _core.threads_in_flight()
     finally:
         _core.hold_threads(-(CORES - 1))
-    assert busy.tobytes() == free.tobytes()
+    t.join(60)
+    assert not hung, "a call waited for a token with one free"
+    assert in_flight == CORES - 1  # its token was given back
+    busy, threads = box[0]
+    assert threads == 1
+    assert busy == free
     assert _core.threads_in_flight() == 0
+
+
+@needs_two_cores
+def test_waiting_calls_are_served_in_arrival_order():
+    """Calls queued while every core is held are served in the order they came (none is overtaken
+    indefinitely): with one core given back they run one after another, in order, each on it.
+    (Calls of tens of milliseconds, so that a thread slow to record its turn is not overtaken.)"""
+    convfast.set_num_threads(CORES)
+    _core.set_min_work_per_thread(0)
+    x, w, b = _operands(c=64, size=96, dtype=np.float64, seed=5)
+    expected = convfast.conv2d(x, w, b, padding=1).tobytes()
+    order, lock = [], threading.Lock()
+
+    def call(i):
+        y, threads = _conv_and_threads(x, w, b)
+        with lock:
+            order.append(i)
+        return y.tobytes(), threads
+
+    _core.hold_threads(CORES)
+    held, started = CORES, []
+    try:
+        for i in range(4):
+            started.append(_start(call, i))
+            time.sleep(0.1)  # queued in this order
+        assert all(t.is_alive() for t, _ in started)
+        _core.hold_threads(-1)  # one core: the calls pass it on in turn
+        held -= 1
+        for t, _ in started:
+            t.join(60)
+            assert not t.is_alive()
+    finally:
+        _core.hold_threads(-held)
+    assert order == [0, 1, 2, 3]
+    for _, box in started:
+        assert box[0] == (expected, 1)
+    assert _core.threads_in_flight() == 0
+
+
+@needs_two_cores
+def test_waiting_calls_share_the_cores_given_back():
+    """Cores given back while several calls wait go one to each of the first ones (so that calls run
+    side by side rather than one after another on every core), and a call waiting alone gets all."""
+    convfast.set_num_threads(CORES)
+    _core.set_min_work_per_thread(0)
+    x, w, b = _operands(c=32, size=40, seed=5)
+    expected = convfast.conv2d(x, w, b, padding=1).tobytes()
+    for waiting in (1, 2):
+        _core.hold_threads(CORES)
+        try:
+            started = [_start(_conv_and_threads, x, w, b) for _ in range(waiting)]
+            time.sleep(0.2)
+            assert all(t.is_alive() for t, _ in started)
+        finally:
+            _core.hold_threads(-CORES)
+        for t, box in started:
+            t.join(60)
+            assert not t.is_alive()
+            y, threads = box[0]
+            assert y.tobytes() == expected
+            assert threads == (CORES if waiting == 1 else max(1, CORES - 1) if box is started[0][1] else 1)
+    assert _core.threads_in_flight() == 0
+
+
+@needs_two_cores
+def test_tokens_given_back_when_a_call_raises():
+    """An error raised by the engine while the call holds its tokens gives them back."""
+    convfast.set_num_threads(CORES)
+    _core.set_min_work_per_thread(0)
+    x5 = np.zeros((1, 4, 1, 8, 8), np.float32)
+    w6 = np.zeros((1, 4, 4, 1, 3, 3), np.float32)
+    y5 = np.zeros((1, 4, 1, 6, 6), np.float32)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="stride"):  # checked inside run_convolution's guard
+            _core.conv(x5, w6, None, y5, 0, (1, 0, 1), (1, 1, 1), (0, 0, 0), 0)
+        assert _core.threads_in_flight() == 0
+    x, w, b = _operands()
+    t, box = _start(_conv_and_threads, x, w, b)
+    t.join(60)
+    assert not t.is_alive() and box[0][1] == CORES
 
 
 @needs_two_cores
@@ -102,18 +247,18 @@ def test_calls_take_only_the_cores_other_calls_leave():
                                                  ("gemm", 1, np.float32), ("direct", 1, np.float64),
                                                  ("lanes", 16, np.float32)])
 def test_plan_made_under_contention_executes_with_more_threads(algo, groups, dtype, monkeypatch):
-    """A layer's plan made while every core was held (one thread) and executed with all of them."""
+    """A layer's plan made while all cores but one were held (one thread) and executed with all of them."""
     monkeypatch.setenv("CONVFAST_ALGO", algo)
     convfast.set_num_threads(2)
     _core.set_min_work_per_thread(0)
     x, w, b = _operands(c=16, size=30, groups=groups, dtype=dtype, seed=3)
     layer = convfast.Conv2d.from_weights(w, b, padding=1, groups=groups)
-    _core.hold_threads(CORES)
+    _core.hold_threads(CORES - 1)  # one core left
     try:
         first = layer(x)  # plans (one thread) and executes
         assert _core.last_call_threads() == 1
     finally:
-        _core.hold_threads(-CORES)
+        _core.hold_threads(-(CORES - 1))
     for _ in range(3):
         again = layer(x)
         assert _core.last_call_threads() == 2
@@ -128,9 +273,8 @@ def test_plan_made_under_contention_executes_with_more_threads(algo, groups, dty
 
 @needs_two_cores
 def test_python_threads_share_the_cores():
-    """Four Python threads calling at once: results identical to serial ones, the threads held never
-    exceed what the accounting allows (the first call's count plus one per other call), and all are
-    given back."""
+    """Four Python threads calling at once: results identical to serial ones, the cores held never
+    exceed the cores (a call waits for a free one), and all are given back."""
     convfast.set_num_threads(CORES)
     _core.set_min_work_per_thread(0)
     jobs = [_operands(c=32, size=40, seed=s) for s in range(4)]
@@ -158,7 +302,7 @@ def test_python_threads_share_the_cores():
         stop.set()
         t.join()
     assert all(r == serial[i % 4] for i, r in enumerate(results))
-    assert peak[0] <= CORES + 3
+    assert peak[0] <= CORES
     assert set(counts) <= set(range(1, CORES + 1))
     assert _core.threads_in_flight() == 0
 
@@ -173,9 +317,11 @@ def _gomp():
     return lib
 
 
-def test_call_from_inside_an_openmp_region_runs_serially():
+@pytest.mark.parametrize("held", [0, CORES])
+def test_call_from_inside_an_openmp_region_runs_serially(held):
     """convfast called from each thread of a user's OpenMP parallel region (GOMP_parallel through
-    ctypes, the runtime convfast itself uses) runs on one thread and computes the same bits."""
+    ctypes, the runtime convfast itself uses) runs on one thread and computes the same bits. It
+    takes no token, so it does not wait even when other calls hold every core."""
     lib = _gomp()
     convfast.set_num_threads(2)
     _core.set_min_work_per_thread(0)
@@ -194,7 +340,15 @@ def test_call_from_inside_an_openmp_region_runs_serially():
             seen.append(item)
 
     callback = callback_type(body)
-    lib.GOMP_parallel(callback, None, 2, 0)
+    _core.hold_threads(held)
+    try:
+        t, _ = _start(lib.GOMP_parallel, callback, None, 2, 0)
+        t.join(60)
+        hung = t.is_alive()
+    finally:
+        _core.hold_threads(-held)
+    t.join(60)
+    assert not hung, "a call inside the parallel region waited for a token"
     assert len(seen) == 2, seen
     for item in seen:
         assert not isinstance(item, BaseException), item
@@ -256,12 +410,32 @@ def _fork_workload(algo):
     return out
 
 
-def _fork_child(algo, conn):
+def _fork_child(fn, args, conn):
     try:
-        conn.send(_fork_workload(algo))
+        conn.send(fn(*args))
     except BaseException as e:  # noqa: BLE001
         conn.send(repr(e))
     conn.close()
+
+
+def _in_forked_child(fn, *args, held=0):
+    """fn(*args) in a child forked (with `held` tokens held in the parent meanwhile): (its result,
+    or None if it hung; the child's exit code)."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    _core.hold_threads(held)
+    try:
+        child = ctx.Process(target=_fork_child, args=(fn, args, send))
+        child.start()
+    finally:
+        _core.hold_threads(-held)
+    send.close()
+    got = receive.recv() if receive.poll(60) else None
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    return got, child.exitcode
 
 
 @needs_two_cores
@@ -278,23 +452,35 @@ def test_fork_after_threaded_calls_computes_correctly(algo, monkeypatch):
     expected_algo = {"winograd": "winograd", "gemm": "gemm", "direct": "direct", "lanes": "channel_lanes"}.get(algo)
     if expected_algo:
         assert expected_algo in parent["forward"][1], parent["forward"][1]
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_fork_child, args=(algo, send))
-    child.start()
-    send.close()
-    got = receive.recv() if receive.poll(60) else None
-    child.join(10)
-    if child.is_alive():
-        child.kill()
-        child.join()
+    got, exitcode = _in_forked_child(_fork_workload, algo)
     assert got is not None, "the forked child hung"
     assert isinstance(got, dict), got
     assert got["threads"] == (1, True)  # serial in the child
     for name in ("forward", "transposed", "grad_weight", "grad_input"):
         assert got[name][0] == parent[name][0], f"{name} differs in the child"
         assert got[name][1].split(" threads=")[0] == parent[name][1].split(" threads=")[0]
-    assert child.exitcode == 0
+    assert exitcode == 0
+
+
+def _tokens_and_conv():
+    before = _core.threads_in_flight()
+    y = convfast.conv2d(*_operands(seed=6), padding=1)
+    return before, y.tobytes(), _core.threads_in_flight()
+
+
+@needs_two_cores
+def test_fork_while_cores_are_held_starts_with_every_token_free():
+    """The calls that held cores in the parent are not in a forked child: it starts with every
+    token free, and its calls neither wait nor differ."""
+    convfast.set_num_threads(2)
+    _core.set_min_work_per_thread(0)
+    expected = convfast.conv2d(*_operands(seed=6), padding=1).tobytes()
+    # as if calls in flight on other threads held every core
+    got, exitcode = _in_forked_child(_tokens_and_conv, held=CORES)
+    assert got is not None, "the forked child hung"
+    assert got == (0, expected, 0)
+    assert exitcode == 0
+    assert _core.threads_in_flight() == 0
 
 
 def test_fork_before_any_threaded_call_keeps_threads():

@@ -85,8 +85,10 @@ void run_pad(const PadRequest& r) {
   int64_t rows = 1;
   for (int a = 0; a < nd - 1; ++a) rows *= out_shape[a];
   const int64_t row_bytes = out_shape[nd - 1] * r.itemsize;
-  const CallThreads threads(CallThreads::kAnyWork);  // (the copy's own rule just below)
-  const int nthreads = rows > 1 && rows * row_bytes > (1 << 16) ? get_num_threads() : 1;
+  // The copy's own rule: threads only above 64 KiB (a smaller copy takes one core's token).
+  const bool threaded = rows > 1 && rows * row_bytes > (1 << 16);
+  const CallThreads threads(threaded ? CallThreads::kAnyWork : 0.0);
+  const int nthreads = threaded ? get_num_threads() : 1;
 
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t row = 0; row < rows; ++row) {

@@ -6,10 +6,16 @@
 //   - the setting: convfast.set_num_threads, unless the OpenMP runtime's own setting (omp_set_num_threads,
 //     which threadpoolctl calls) changed after it; else omp_get_max_threads(),
 //   - the work: one thread per kMinWorkPerThread multiply-adds (so small layers run on one thread),
-//   - the cores: other convfast calls in flight (from other Python threads) hold theirs, and a call
-//     takes only the cores left (at least one); a call from inside an OpenMP parallel region, or in
-//     a child forked after threaded calls (libgomp's pool does not survive fork), runs serially.
-// Guards nest: an entry called from another (run_convolution -> ConvPlan) keeps the outer count.
+//   - the cores: the cores are tokens; a call takes what it wants of the free ones, and when none is
+//     free it waits (first come, first served) until a call in flight gives some back, so that
+//     Python threads calling at once never run more threads than cores; tokens given back while
+//     several calls wait go one per call first. A call that finds every token free and no call
+//     waiting takes its whole setting, even above the cores. A call from inside an OpenMP
+//     parallel region takes no token and runs serially, as does every call in a child forked after
+//     threaded calls (libgomp's pool does not survive fork).
+// Guards nest: an entry called from another (run_convolution -> ConvPlan) keeps the outer count and
+// tokens. The guard must be made with the GIL released (module.cpp), since it may wait. Tokens go
+// back when the outermost guard is destroyed, also by an exception.
 // Results never depend on the count (the kernels' sums do not change with the split), and every
 // per-thread scratch array is sized at execute time from the count in force then.
 #pragma once
@@ -23,13 +29,15 @@ namespace convfast {
 class CallThreads {
  public:
   static constexpr double kAnyWork = std::numeric_limits<double>::infinity();
+  // multiply_adds <= 0: one thread.
   explicit CallThreads(double multiply_adds);
   ~CallThreads();
   CallThreads(const CallThreads&) = delete;
   CallThreads& operator=(const CallThreads&) = delete;
 
  private:
-  int granted_ = 0;  // 0: an enclosing guard on this thread decides
+  bool outermost_ = false;  // false: an enclosing guard on this thread decides
+  int tokens_ = 0;          // the cores' tokens this call holds
 };
 
 // The multiply-adds of a forward or transposed convolution (the work CallThreads weighs).
@@ -46,7 +54,8 @@ void set_min_work_per_thread(double multiply_adds);
 double min_work_per_thread();
 // The thread count of the last engine call made on this thread (0 before any).
 int last_call_threads();
-// Threads held by convfast calls in flight, all threads together (tests: hold_threads adds to it).
+// The cores' tokens held by convfast calls in flight, all threads together. hold_threads(n) takes n
+// of them as another call would, without waiting, and hold_threads(-n) gives them back (tests).
 int threads_in_flight();
 void hold_threads(int n);
 // Whether this process is a child forked after threaded calls (every call then runs serially).
