@@ -178,7 +178,7 @@ class Call {
  public:
   Call(const py::array& x5, const py::array& w6, py::array y5, int kind, const Triple& stride,
        const Triple& dilation, const Triple& pad_before, int mode, const py::array& x, const py::array& w,
-       const py::object& bias, const py::array& y, bool planned)
+       const py::object& bias, const py::array& y, bool planned, const std::string& algorithm)
       : dtype_(y.dtype()), f64_(is_f64(x5)), planned_(planned),
         x_(x), w_(w), y_shape_(y.shape(), y.shape() + y.ndim()) {
     require(is_f32(x5) || f64_, "only float32 and float64 are computed natively");
@@ -192,16 +192,19 @@ class Call {
       require(same_dtype(b.dtype(), dtype_), "bias must have the output's dtype");
       bias_.emplace(b);
     }
+    require(algorithm.empty() || planned, "a forced algorithm needs a planned Call");
     if (f64_) {
       f64_problem_ = make_problem<double>(x5, w6, bias, y5, kind, stride, dilation, pad_before, mode);
       if (planned) {
         py::gil_scoped_release release;
+        const AlgorithmOverride forced(algorithm.empty() ? nullptr : algorithm.c_str());
         f64_plan_ = std::make_shared<ConvPlan<double>>(f64_problem_);
       }
     } else {
       f32_problem_ = make_problem<float>(x5, w6, bias, y5, kind, stride, dilation, pad_before, mode);
       if (planned) {
         py::gil_scoped_release release;
+        const AlgorithmOverride forced(algorithm.empty() ? nullptr : algorithm.c_str());
         f32_plan_ = std::make_shared<ConvPlan<float>>(f32_problem_);
       }
     }
@@ -429,10 +432,11 @@ PYBIND11_MODULE(_core, m) {
       .def("describe", &Plan::describe);
   py::class_<Call>(m, "Call")
       .def(py::init<const py::array&, const py::array&, py::array, int, const Triple&, const Triple&, const Triple&,
-                    int, const py::array&, const py::array&, const py::object&, const py::array&, bool>(),
+                    int, const py::array&, const py::array&, const py::object&, const py::array&, bool,
+                    const std::string&>(),
            py::arg("x5"), py::arg("w6"), py::arg("y5"), py::arg("kind"), py::arg("stride"), py::arg("dilation"),
            py::arg("pad_before"), py::arg("mode"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
-           py::arg("planned"))
+           py::arg("planned"), py::arg("algorithm") = std::string())
       .def("run", &Call::run, py::arg("x"), py::arg("w"), py::arg("bias"))
       .def("describe", &Call::describe);
   m.def("weight_grad", &weight_grad_binding, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("groups"),

@@ -30,6 +30,15 @@
 
 namespace convfast {
 
+// The algorithm a plan made on this thread is forced to: AlgorithmOverride's (the layer objects'
+// measured choice, see engine.hpp), else CONVFAST_ALGO; null or empty: the automatic choice.
+thread_local const char* t_forced_algorithm = nullptr;
+AlgorithmOverride::AlgorithmOverride(const char* algorithm) : previous_(t_forced_algorithm) {
+  t_forced_algorithm = algorithm;
+}
+AlgorithmOverride::~AlgorithmOverride() { t_forced_algorithm = previous_; }
+const char* forced_algorithm() { return t_forced_algorithm ? t_forced_algorithm : std::getenv("CONVFAST_ALGO"); }
+
 // allow_winograd = false: the exact-chain paths only (the fallback of a Winograd plan whose
 // output came out non-finite, see execute).
 template <typename T>
@@ -176,7 +185,7 @@ inline bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
 // 1.61x / 1.55x; 16 -> 16 stays on the direct path (2-D 64x64 0.87x, 3-D 32^3 0.91x).
 template <typename T>
 inline bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
-  const char* forced = std::getenv("CONVFAST_ALGO");
+  const char* forced = forced_algorithm();
   const std::string force = forced ? forced : "";
   // (No phases: a transposed convolution whose outputs no tap reaches, all bias.)
   if (force == "gemm" || force == "direct" || p.cin_per_group < 1 || phases.empty()) return false;
@@ -282,7 +291,7 @@ inline bool ConvPlan<T>::Impl::choose_winograd(const ConvProblem<T>& p) {
 // applies, gemm|direct|winograd never take it.
 template <typename T>
 inline bool ConvPlan<T>::Impl::choose_channel_lanes(const ConvProblem<T>& p) {
-  const char* forced = std::getenv("CONVFAST_ALGO");
+  const char* forced = forced_algorithm();
   const std::string force = forced ? forced : "";
   if (!channel_lanes::Conv<T>::applies(p, phases, uk) || (force.empty() ? p.groups < uk.lanes : force != "lanes"))
     return false;
@@ -354,7 +363,7 @@ bool ConvPlan<T>::Impl::weights_finite(const ConvProblem<T>& p) {
 // holding an infinity or NaN take it wherever it applies, whatever is forced (see the constructor).
 template <typename T>
 inline bool ConvPlan<T>::Impl::choose_scatter_gemm(const ConvProblem<T>& p) {
-  const char* forced = std::getenv("CONVFAST_ALGO");
+  const char* forced = forced_algorithm();
   const std::string force = forced ? forced : "";
   if (!scatter_gemm::Conv<T>::applies(p, uk) || (!force.empty() && force != "scatter")) return false;
   if (force.empty()) {
@@ -405,7 +414,7 @@ inline void ConvPlan<T>::Impl::choose_algorithm(const ConvProblem<T>& p) {
     }
     possible = row_buffer_size * (int64_t)sizeof(T) <= (int64_t(8) << 20);
   }
-  const char* forced = std::getenv("CONVFAST_ALGO");
+  const char* forced = forced_algorithm();
   const std::string force = forced ? forced : "";
   if (force == "gemm")
     direct = false;
@@ -518,7 +527,7 @@ inline bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, 
   if (const char* lanes = std::getenv("CONVFAST_PIXEL_LANES")) {
     if (std::string(lanes) == "0") return false;  // no pixel-lanes orientation at all
   }
-  if (const char* algo = std::getenv("CONVFAST_ALGO")) {
+  if (const char* algo = forced_algorithm()) {
     if (*algo) return false;
   }
   const int64_t pixels = checked_mul(p.batch, PhaseShape(phases[0]).num_pixels);

@@ -9,8 +9,8 @@ mode, channels_last, and a NumPy API.
 """
 from . import _config  # noqa: F401  (first: it loads the OpenMP runtime with convfast's wait policy)
 from . import reference  # noqa: F401  (pure NumPy oracle)
-from ._config import (config, get_isa, get_num_threads, set_isa, set_num_threads, show_config,  # noqa: F401
-                      supported_isas, _select_isa_from_environment, _version)
+from ._config import (config, get_benchmark, get_isa, get_num_threads, set_benchmark, set_isa,  # noqa: F401
+                      set_num_threads, show_config, supported_isas, _select_isa_from_environment, _version)
 from .arithmetic import (ReceptiveField, conv_output_shape, conv_transpose_output_shape,  # noqa: F401
                          receptive_field, same_padding)
 from .functional import (conv1d, conv2d, conv3d, conv_transpose1d, conv_transpose2d,  # noqa: F401
@@ -28,6 +28,7 @@ __all__ = [
     "conv_output_shape", "conv_transpose_output_shape", "same_padding", "receptive_field", "ReceptiveField",
     "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
     "set_num_threads", "get_num_threads", "show_config", "config", "set_isa", "get_isa", "supported_isas",
+    "set_benchmark", "get_benchmark",
     "reference", "__version__",
     "conv1d_backward", "conv2d_backward", "conv3d_backward", "conv_transpose1d_backward",
     "conv_transpose2d_backward", "conv_transpose3d_backward", "ConvGrads", "pad_adjoint",

@@ -54,6 +54,27 @@ def get_num_threads() -> int:
     return _core.get_num_threads()
 
 
+_BENCHMARK = False
+
+
+def set_benchmark(enabled: bool) -> None:
+    """Measured algorithm choice for the layer objects (``convfast.Conv2d`` & co.), as cuDNN's
+    benchmark mode: when on, a layer's first call with a new input signature (shape, strides,
+    dtype) times every algorithm that can run it and keeps the fastest for that signature, so later
+    calls get the same algorithm and the same bits. Off by default: the engine's rule-based choice.
+    Which algorithm wins can differ between machines and runs, and algorithms differ in the last
+    bits (Winograd), so results with it on are reproducible per layer object, not across processes.
+    """
+    if type(enabled) is not bool:
+        raise TypeError(f"set_benchmark: enabled must be True or False, got {enabled!r}")
+    global _BENCHMARK
+    _BENCHMARK = enabled
+
+
+def get_benchmark() -> bool:
+    return _BENCHMARK
+
+
 def supported_isas() -> tuple:
     """Micro-kernel variants this CPU can run, best first."""
     return tuple(_core.supported_isas().split(","))

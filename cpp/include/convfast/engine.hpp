@@ -32,6 +32,21 @@ struct NonFiniteWeights : std::domain_error {
   NonFiniteWeights() : std::domain_error("convfast kernel: transposed weights are not all finite") {}
 };
 
+// Forces, while it lives, the algorithm of the plans made on this thread ("gemm", "direct",
+// "winograd", "lanes", "scatter", as CONVFAST_ALGO, which it overrides; "" the automatic choice).
+// Where the forced algorithm cannot run, the plan takes the others as CONVFAST_ALGO would.
+class AlgorithmOverride {
+ public:
+  explicit AlgorithmOverride(const char* algorithm);
+  ~AlgorithmOverride();
+  AlgorithmOverride(const AlgorithmOverride&) = delete;
+  AlgorithmOverride& operator=(const AlgorithmOverride&) = delete;
+
+ private:
+  const char* previous_;
+};
+const char* forced_algorithm();  // the override, else CONVFAST_ALGO (null: none)
+
 // Runs a forward or transposed convolution (plan + execute). Throws std::invalid_argument on an inconsistent
 // problem, NonFiniteWeights (above) and std::bad_alloc when working memory cannot be had (before
 // any output is written).
