@@ -50,6 +50,36 @@ WeightGradProblem<T> fold_one_tap_strides(WeightGradProblem<T> p) {
 }
 
 
+// A one-tap layer at unit stride without padding whose input and output-gradient planes are each
+// one contiguous run is the same problem as one long row per image: the reduction's k = (n, pixel)
+// keeps its order (the same chains, the same bits), and the GEMM's panels are packed from runs of
+// a whole plane through the vector transposes, where rows of a small map (14 wide: under one
+// vector) were packed one element at a time: MobileNetV2's 1x1 192 -> 32 on 8 x 14x14 spent 60 %
+// of its grad_weight there.
+template <typename T>
+WeightGradProblem<T> flatten_one_tap_planes(WeightGradProblem<T> p) {
+  int64_t plane = 1;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (p.kernel[a] != 1 || p.stride[a] != 1 || p.pad_before[a] != 0 || p.a_size[a] != p.b_size[a]) return p;
+    plane *= p.a_size[a];
+  }
+  // Row-major planes with unit steps: a stride only matters along axes longer than one.
+  const auto contiguous = [](const int64_t* size, const int64_t* stride) {
+    int64_t run = 1;
+    for (int a = kSpatialRank - 1; a >= 0; --a) {
+      if (size[a] > 1 && stride[a] != run) return false;
+      run *= size[a];
+    }
+    return true;
+  };
+  if (plane <= 1 || !contiguous(p.a_size, p.a_stride) || !contiguous(p.b_size, p.b_stride)) return p;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    p.a_size[a] = p.b_size[a] = a == 2 ? plane : 1;
+    p.a_stride[a] = p.b_stride[a] = 1;
+  }
+  return p;
+}
+
 }  // namespace wgrad
 
 using namespace wgrad;
@@ -57,7 +87,7 @@ using namespace wgrad;
 template <typename T>
 void weight_grad(const WeightGradProblem<T>& problem) {
   validate(problem);
-  const WeightGradProblem<T> p = fold_one_tap_strides(problem);
+  const WeightGradProblem<T> p = flatten_one_tap_planes(fold_one_tap_strides(problem));
   double multiply_adds = double(p.batch) * double(p.b_channels) * double(p.a_channels / std::max<int64_t>(1, p.groups));
   for (int a = 0; a < kSpatialRank; ++a) multiply_adds *= double(p.kernel[a]) * double(p.b_size[a]);
   const CallThreads threads(multiply_adds);
