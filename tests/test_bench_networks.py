@@ -172,3 +172,32 @@ def test_ort_in_compare_case():
     assert r["speedup_vs_best"] == pytest.approx(min(r["torch_ms"], r["ort_ms"]) / r["convfast_ms"])
     r64 = suite.compare_case(suite.CASES["percall_3x3_1_1_8"], "float64", against=("torch", "ort"), budget_s=0.05)
     assert "ort_ms" not in r64 and "float64" in r64["ort_skipped"]
+
+
+def test_onnxruntime_peer_of_a_network():
+    """The forward modes' onnxruntime peer: the unmodified model exported to ONNX computes the
+    model's output (within float32 rounding), and the report carries its time and the ratio against
+    the faster peer for the forward modes only."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import torch
+    bn = _networks()
+    net = bn.NETWORKS["resnet18"]
+    model, _, x, _ = bn.prepare(net, "forward_b1", "float32", tiny=True)
+    model.eval()
+    run, err = bn.ort_network(model, x, 1)
+    assert run is not None, err
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.allclose(run()[0], expected, rtol=1e-3, atol=1e-4 * float(np.abs(expected).max()))
+    assert err < 1e-4
+    result = bn.run_network(net, "float32", batch=2, budget_s=0.0, min_rounds=1, instrumented_runs=1,
+                            modes=("forward_b1", "train_b8"), peers=("ort",), threads=1)
+    fwd, train = result["modes"]["forward_b1"], result["modes"]["train_b8"]
+    assert fwd["onnxruntime_min_ms"] > 0
+    assert fwd["ratio_best_peer"] == pytest.approx(min(fwd["torch_min_ms"], fwd["onnxruntime_min_ms"]) /
+                                                   fwd["convfast_min_ms"])
+    assert "onnxruntime_min_ms" not in train and "ratio_best_peer" not in train
+    quiet = bn.run_network(net, "float32", batch=2, budget_s=0.0, min_rounds=1, instrumented_runs=1,
+                           modes=("forward_b1",), peers=(), threads=1)
+    assert "onnxruntime_min_ms" not in quiet["modes"]["forward_b1"]

@@ -648,9 +648,48 @@ def prepare(net: Network, mode: str, dtype: str = "float32", batch: int = 8, tin
     return model, cf_model, x, target
 
 
+def ort_network(model, x, threads: int):
+    """(run, relative error against the model) of the unmodified torch model exported to ONNX and
+    run by onnxruntime (CPU, ``threads`` intra-op threads, sequential, all graph optimisations -- it
+    folds batch norms into the convolutions and fuses activations -- and no spinning thread pool,
+    as the layer suite's sessions), or (None, reason) where it cannot run (onnx or onnxruntime
+    missing, export failed)."""
+    import io
+    import warnings
+    import torch
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs it)
+        import onnxruntime as ort
+    except Exception:
+        return None, "needs the onnx and onnxruntime packages (pip install onnx onnxruntime)"
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+    except Exception as exc:  # an exporter limitation, not convfast's
+        return None, f"torch.onnx.export failed: {type(exc).__name__}: {exc}"[:200]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(buffer.getvalue(), sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    out = session.run(None, feed)[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    return (lambda: session.run(None, feed)), _relative_error(torch.from_numpy(out), torch.from_numpy(ref))
+
+
 def run_network(net: Network, dtype: str = "float32", batch: int = 8, budget_s: float = 2.0, min_rounds: int = 3,
-                instrumented_runs: int = 2, modes: Sequence[str] = MODES, progress=None) -> dict:
-    """Checks and times one network in each mode; returns a JSON-serialisable dict."""
+                instrumented_runs: int = 2, modes: Sequence[str] = MODES, progress=None,
+                peers: Sequence[str] = ("ort",), threads: Optional[int] = None) -> dict:
+    """Checks and times one network in each mode; returns a JSON-serialisable dict. ``peers``
+    containing "ort" adds onnxruntime to the forward modes (float32; the training step has no
+    onnxruntime counterpart)."""
     import torch
     from convfast.bench import ContentionMeter
     result = {"network": net.name, "title": net.title, "note": net.note, "dtype": dtype, "modes": {}}
@@ -684,7 +723,17 @@ def run_network(net: Network, dtype: str = "float32", batch: int = 8, budget_s: 
                     for k, (f, b) in one["layers"].items():
                         of, ob = old["layers"][k]
                         old["layers"][k] = [min(of, f), min(ob, b)]
-        timings = time_interleaved({n: r.run for n, r in runners.items()}, budget_s, min_rounds)
+        fns = {n: r.run for n, r in runners.items()}
+        if "ort" in peers and mode != "train_b8" and dtype == "float32":
+            run_ort, err = ort_network(model, x, threads or convfast.get_num_threads())
+            if run_ort is None:
+                entry["onnxruntime_note"] = err
+            elif err > 1e-3:
+                entry["onnxruntime_note"] = f"onnxruntime's output differs from torch's by {err:.2g}: not timed"
+            else:
+                fns["onnxruntime"] = run_ort
+                entry["onnxruntime_error"] = err
+        timings = time_interleaved(fns, budget_s, min_rounds)
         entry["others_cpu_share"] = meter.stop()
         for name, t in timings.items():
             entry[f"{name}_min_ms"] = t["min_ms"]
@@ -693,16 +742,20 @@ def run_network(net: Network, dtype: str = "float32", batch: int = 8, budget_s: 
         entry["rounds"] = timings["torch"]["rounds"]
         entry["ratio"] = entry["torch_min_ms"] / entry["convfast_min_ms"]
         entry["ratio_median"] = entry["torch_median_ms"] / entry["convfast_median_ms"]
+        if "onnxruntime_min_ms" in entry:
+            entry["ratio_best_peer"] = min(entry["torch_min_ms"], entry["onnxruntime_min_ms"]) / entry["convfast_min_ms"]
         entry["breakdown"] = _breakdown(model, cf_model, inst["torch"], inst["convfast"])
         if progress:
-            progress(f"    {mode}: torch {entry['torch_min_ms']:.1f} ms, convfast {entry['convfast_min_ms']:.1f} ms "
-                     f"(min of {entry['rounds']}), ratio {entry['ratio']:.2f}")
+            ort_text = (f", onnxruntime {entry['onnxruntime_min_ms']:.1f} ms" if "onnxruntime_min_ms" in entry else "")
+            progress(f"    {mode}: torch {entry['torch_min_ms']:.1f} ms, convfast {entry['convfast_min_ms']:.1f} ms"
+                     f"{ort_text} (min of {entry['rounds']}), ratio {entry['ratio']:.2f}")
         del runners, model, cf_model
     return result
 
 
 def run_networks(names: Optional[str] = None, dtypes: Sequence[str] = ("float32",), threads: Optional[int] = None,
-                 batch: int = 8, quick: bool = False, budget_s: Optional[float] = None, progress=None) -> dict:
+                 batch: int = 8, quick: bool = False, budget_s: Optional[float] = None, progress=None,
+                 peers: Sequence[str] = ("ort",)) -> dict:
     """The whole benchmark: every network (or those named) and dtype, every mode."""
     import torch
     from convfast import _bench_suite as suite
@@ -727,25 +780,20 @@ def run_networks(names: Optional[str] = None, dtypes: Sequence[str] = ("float32"
                 if progress:
                     progress(f"{net.title} ({dtype}) ... [{time.perf_counter() - t0:.0f} s]")
                 report["results"].append(run_network(net, dtype, batch, budget, min_rounds, inst_runs,
-                                                     progress=progress))
+                                                     progress=progress, peers=peers, threads=threads))
     finally:
         convfast.set_num_threads(previous[0])
         torch.set_num_threads(previous[1])
     report["seconds"] = time.perf_counter() - t0
     report["summary"] = summarise(report["results"])
-    report["notes"].append(onnx_networks_note())
+    report["peers"] = list(peers)
+    if "ort" not in peers:
+        report["notes"].append("onnxruntime not timed (--compare without ort)")
+    else:
+        reasons = sorted({e["onnxruntime_note"] for r in report["results"] for e in r["modes"].values()
+                          if e.get("onnxruntime_note")})
+        report["notes"] += [f"onnxruntime: {why}" for why in reasons]
     return report
-
-
-def onnx_networks_note() -> str:
-    """Why onnxruntime is not a peer for whole networks here (exporting needs the onnx package)."""
-    try:
-        import onnx  # noqa: F401
-        return ("onnxruntime is not timed on whole networks (export and graph optimisations would change "
-                "more than the convolutions); the layer suite compares it per layer (--compare ort)")
-    except Exception:
-        return ("onnxruntime not timed on whole networks: torch.onnx.export needs the onnx package "
-                "(pip install onnx); the layer suite compares it per layer (--compare ort)")
 
 
 def summarise(results: List[dict]) -> dict:
@@ -754,8 +802,10 @@ def summarise(results: List[dict]) -> dict:
         ratios = [e["ratio"] for r in results if r["dtype"] == dtype for e in r["modes"].values() if "ratio" in e]
         per_mode = {m: suite_geomean([r["modes"][m]["ratio"] for r in results
                                       if r["dtype"] == dtype and "ratio" in r["modes"].get(m, {})]) for m in MODES}
+        best = {m: suite_geomean([r["modes"][m]["ratio_best_peer"] for r in results if r["dtype"] == dtype and
+                                  "ratio_best_peer" in r["modes"].get(m, {})]) for m in MODES}
         summary[dtype] = {"geomean": suite_geomean(ratios), "min": min(ratios) if ratios else math.nan,
-                          "count": len(ratios), "geomean_per_mode": per_mode}
+                          "count": len(ratios), "geomean_per_mode": per_mode, "geomean_best_peer_per_mode": best}
     summary["mismatches"] = [f"{r['network']} {m} {r['dtype']}" for r in results for m, e in r["modes"].items()
                              if not e.get("ok", True)]
     return summary
@@ -803,13 +853,15 @@ def format_report(report: dict) -> str:
                 continue
             b = e["breakdown"]
             busy = " *" if (e.get("others_cpu_share") or 0) > busy_limit else ""
+            ort_ms = f"{e['onnxruntime_min_ms']:.1f}" if "onnxruntime_min_ms" in e else "-"
+            best = f"{e['ratio_best_peer']:.2f}x" if "ratio_best_peer" in e else "-"
             rows.append([labels[m] + busy, "x".join(map(str, e["input_shape"])),
                          f"{e['torch_min_ms']:.1f} / {e['torch_median_ms']:.1f}",
                          f"{e['convfast_min_ms']:.1f} / {e['convfast_median_ms']:.1f}",
-                         f"{e['ratio']:.2f}x", f"{b['conv_share_torch']:.0%}", f"{b['conv_share_convfast']:.0%}",
-                         str(e["rounds"])])
-        out += _table(["mode", "input", "torch ms min/med", "convfast ms min/med", "ratio", "conv% torch",
-                       "conv% cf", "rounds"], rows, left=2)
+                         f"{e['ratio']:.2f}x", ort_ms, best, f"{b['conv_share_torch']:.0%}",
+                         f"{b['conv_share_convfast']:.0%}", str(e["rounds"])])
+        out += _table(["mode", "input", "torch ms min/med", "convfast ms min/med", "ratio", "ort ms min",
+                       "vs best", "conv% torch", "conv% cf", "rounds"], rows, left=2)
         timed = [m for m, e in r["modes"].items() if "breakdown" in e]
         if timed:
             kinds: Dict[str, int] = {}
@@ -849,6 +901,20 @@ def format_report(report: dict) -> str:
             continue
         rows.append([f"geometric mean {dtype}"] + [_f(s["geomean_per_mode"][m], ".2f") + "x" for m in MODES])
     out += _table(["network"] + [labels[m] for m in MODES], rows, left=1)
+    forward = [m for m in MODES if m != "train_b8"]
+    if any("ratio_best_peer" in e for r in report["results"] for e in r["modes"].values()):
+        out.append("forward against the faster of PyTorch and onnxruntime (the whole torch model exported to "
+                   "ONNX: batch norms folded, activations fused; convfast runs the convolutions only): "
+                   "faster peer min / convfast min")
+        rows = []
+        for r in report["results"]:
+            rows.append([r["title"]] + [f"{r['modes'][m]['ratio_best_peer']:.2f}x"
+                                        if "ratio_best_peer" in r["modes"].get(m, {}) else "-" for m in forward])
+        for dtype, s in report["summary"].items():
+            if dtype != "mismatches" and any(math.isfinite(v) for v in s["geomean_best_peer_per_mode"].values()):
+                rows.append([f"geometric mean {dtype}"] +
+                            [_f(s["geomean_best_peer_per_mode"][m], ".2f") + "x" for m in forward])
+        out += _table(["network"] + [labels[m] for m in forward], rows, left=1)
     for dtype, s in report["summary"].items():
         if dtype != "mismatches":
             out.append(f"geometric mean over all networks and modes ({dtype}): {_f(s['geomean'], '.2f')}x "
@@ -857,7 +923,8 @@ def format_report(report: dict) -> str:
     out.append(f"machine: {m['cpu']} ({m['cores']} logical cores), ISA {m['isa']}, {report['threads']} threads for "
                f"convfast and torch alike, convfast {m['version']}, torch {m['torch']}; load average at start "
                f"{_f(report.get('load_average_at_start'), '.2f')}; {report['seconds']:.0f} s")
-    out.append(f"timing: one process, torch and convfast alternating per round, after the check and the instrumented "
+    out.append(f"timing: one process, torch, convfast (and onnxruntime) alternating per round, after the check and "
+               f"the instrumented "
                f"runs; at least "
                f"{report['min_rounds']} rounds and {report['budget_s_per_mode']:g} s per mode; conv share and types "
                f"from {report['instrumented_runs']} instrumented run(s) (hooks; forward + backward of each "

@@ -472,8 +472,12 @@ def main_networks(args: argparse.Namespace) -> int:
         return 2
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     budget = None if args.quick else args.budget
+    # onnxruntime joins the forward modes unless --compare leaves it out (PyTorch is always timed:
+    # the networks are torch models).
+    wanted = None if args.compare is None else [c.strip().lower() for c in args.compare.split(",")]
+    peers = ("ort",) if wanted is None or "ort" in wanted or "onnxruntime" in wanted else ()
     report = networks.run_networks(args.networks, dtypes, args.threads, args.batch, args.quick, budget,
-                                   progress=_progress)
+                                   progress=_progress, peers=peers)
     report["openmp_wait"] = spin
     print(networks.format_report(report))
     print(f"openmp wait: {spin or 'libgomp defaults (PyTorch was imported before the benchmark set GOMP_SPINCOUNT)'}")
