@@ -29,7 +29,7 @@ mode). The table's "blocks/SM" column shows what every variant gets.
 
 Usage: python scripts/cuda_sass_check.py [--ci] [--report FILE] [--update-doc docs/gpu.md] [--jobs N]
        [--only SUBSTRING] [--keep DIR]
-(--ci: the subset CI compiles; without it, every variant: about 25 minutes on 2 cores.)
+(--ci: the subset CI compiles; without it, every variant: about 35 minutes on 2 cores.)
 """
 from __future__ import annotations
 

@@ -172,6 +172,58 @@ def test_uncapped_grid(kernel, monkeypatch):
     check("conv_transpose2d", x, w, stride=(2, 1), groups=1 if kernel == "narrow" else 2)
 
 
+@gpu
+def test_split_k_equals_the_reference_and_ignores_the_grid(monkeypatch):
+    """Split-K (grids under two waves on the GPU; the minimum chunk lowered so that these small
+    problems split), float32 (float64 never splits): forward on each tile, transposed (phases of
+    different K, one with none), a padding mode, channels_last; the chunks are added in a fixed
+    order, so capped and uncapped grids give the same bits. A transposed split with a non-finite
+    weight still takes the direct kernel (the finishing kernel is skipped with the GEMM)."""
+    from convfast.cuda import _engine
+    monkeypatch.setattr(_engine, "_SPLIT_MIN_K", 8)
+    plans = []
+    split_k = _engine.split_k
+    monkeypatch.setattr(_engine, "split_k", lambda *a: plans.append(split_k(*a)) or plans[-1])
+    rng = np.random.default_rng(40)
+    cases = [("conv2d", "wide", (2, 5, 6, 5), (7, 5, 3, 3), dict(padding=1, padding_mode="reflect"), np.float32),
+             ("conv2d", "narrow", (1, 6, 5, 4), (3, 6, 2, 3), dict(stride=(2, 1), padding=1), np.float32),
+             ("conv2d", "large", (1, 4, 5, 5), (9, 4, 3, 3), dict(padding="same", data_format="channels_last"),
+              np.float32),
+             ("conv_transpose2d", "wide", (1, 16, 3, 4), (16, 5, 4, 3), dict(stride=(2, 4), padding=1), np.float32)]
+    for name, kernel, xs, ws, kw, dtype in cases:
+        monkeypatch.setenv("CONVFAST_CUDA_KERNEL", kernel)
+        x, w = rand(rng, xs, dtype), rand(rng, ws, dtype)
+        if kw.get("data_format") == "channels_last":
+            x = np.moveaxis(x, 1, -1).copy()
+        b = rand(rng, ws[0] if name == "conv2d" else ws[1], dtype)
+        capped = check(name, x, w, b, **kw).copy_to_host()
+        monkeypatch.delenv("CONVFAST_CUDA_GRID_CAP")
+        uncapped = getattr(convfast, name)(_dev(x), _dev(w), _dev(b), **kw).copy_to_host()
+        monkeypatch.setenv("CONVFAST_CUDA_GRID_CAP", "1")
+        np.testing.assert_array_equal(capped, uncapped)
+    assert len(plans) == 2 * len(cases) and min(s for s, _ in plans) >= 2, plans
+    x, w = rand(rng, (1, 16, 3, 4), np.float32), rand(rng, (16, 5, 4, 3), np.float32)
+    w[2, 1, 0, 1] = np.inf
+    y = convfast.conv_transpose2d(_dev(x), w, stride=(2, 4), padding=1).copy_to_host()
+    ref = R.conv_transpose2d(x, w, stride=(2, 4), padding=1)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    finite = np.isfinite(ref)
+    assert_close(y[finite], ref[finite])
+    assert plans[-1][0] >= 2
+    count = len(plans)
+    check("conv2d", rand(rng, (2, 5, 6, 5)), rand(rng, (7, 5, 3, 3)), padding=1)  # float64: one chunk
+    assert len(plans) == count
+
+
+def test_split_plan_depends_on_the_grid_size_only():
+    from convfast.cuda import _engine
+    assert _engine.split_k(8, 4608, 8, 2) == (18, 256)         # 512 3x3 on 7x7, batch 1: 8 blocks
+    assert _engine.split_k(600, 4608, 8, 2) == (1, 4608)       # two waves already
+    assert _engine.split_k(8, 300, 8, 2) == (1, 300)           # K too short to split
+    splits, chunk = _engine.split_k(3, 10 ** 6, 16, 1)
+    assert splits == 32 and chunk % 16 == 0 and (splits - 1) * chunk < 10 ** 6 <= splits * chunk
+
+
 # ----------------------------------------------------------------------------------------------
 # Transposed convolution
 # ----------------------------------------------------------------------------------------------

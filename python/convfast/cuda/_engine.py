@@ -382,15 +382,30 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
         grid = direct_grid
         _launch(direct, grid, _plan.DIRECT_THREADS, stream, *direct_args, _NEVER)
     else:
-        bm, bn = _plan.TILES[kind][:2]
-        grid = _grid(-(-pixels // bm), -(-cout_g // bn), g * plan.num_phases)
-        kernel = _kernels.gemm_kernel(spec.dtype.name, kind, ci_inner, _inner_channels(y5), mode)
+        bm, bn, bk = _kernels.tile_shape(kind, spec.dtype.name, ci_inner, mode)[:3]
+        blocks = -(-pixels // bm) * -(-cout_g // bn) * g * plan.num_phases
+        # float64: no split (its split "wide" kernel spilled a register inside the K loop at 128)
+        splits, chunk = split_k(blocks, plan.max_k, bk, 1 if kind == "large" else 2) \
+            if spec.dtype == np.float32 else (1, plan.max_k)
+        grid = _grid(-(-pixels // bm), -(-cout_g // bn), g * plan.num_phases * splits)
+        kernel = _kernels.gemm_kernel(spec.dtype.name, kind, ci_inner, _inner_channels(y5), mode, splits > 1)
         x1, x_base, x_strides = flat(x5)
         wp1 = view(wp, lambda a: a.reshape(-1))
         gemm_args = (x1, wp1, bias, y5, ktab_d, phases_d, flag, x_base) + x_strides + tuple(x5.shape[2:]) + \
             tuple(plan.in_step) + tuple(plan.out_step) + (int(has_bias), cin_g, cout_g, wp.shape[1], g,
                                                           plan.num_phases, spec.batch)
-        if not spec.transposed:
+        if splits > 1:
+            # Split-K: each chunk's sums go to a workspace row; split_finish_kernel adds the rows in
+            # order and the bias, under the same skip condition as the GEMM (a transposed pair).
+            part = alloc((splits,) + tuple(y5.shape), spec.dtype)[1]
+            skip = _NEVER if not spec.transposed else 1
+            _launch(kernel, grid, 256, stream, *gemm_args, skip, part, splits, chunk)
+            _launch_1d(_kernels.split_finish_kernel(spec.dtype.name), y5.size, stream, part, bias, y5,
+                       int(has_bias), flag, skip)
+            if spec.transposed:
+                small = tuple(min(n, cap) for n, cap in zip(direct_grid, (16, 16, 1)))
+                _launch(direct, small, _plan.DIRECT_THREADS, stream, *direct_args, 0)
+        elif not spec.transposed:
             _launch(kernel, grid, 256, stream, *gemm_args, _NEVER)
         else:
             # A transposed GEMM multiplies the implicit zeros beyond the input's edges by the weights,
@@ -405,9 +420,33 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
             small = tuple(min(n, cap) for n, cap in zip(direct_grid, (16, 16, 1)))
             _launch(direct, small, _plan.DIRECT_THREADS, stream, *direct_args, 0)
     if _functional._VERBOSE:
-        print(f"convfast: {spec.func} cuda {kind} phases={plan.num_phases} K<={plan.max_k} grid={grid}",
+        split = f" split-K={splits}x{chunk}" if kind != "direct" and splits > 1 else ""
+        print(f"convfast: {spec.func} cuda {kind} phases={plan.num_phases} K<={plan.max_k} grid={grid}{split}",
               file=sys.stderr)
     return kind
+
+
+# Split-K for the forward GEMM: a grid under _SPLIT_WAVES waves of resident blocks on an H100
+# (_SM_COUNT SMs, 2 blocks per SM, 1 for "large") splits K into chunks of at least _SPLIT_MIN_K rows
+# (whole tiles), at most _SPLIT_MAX of them. Fixed constants, never the device's SM count or the
+# launch grid: the partition, and so the rounding, depends on the problem's shape alone. First
+# guesses, not measured on a GPU (docs/gpu.md).
+_SM_COUNT = 132
+_SPLIT_WAVES = 2
+_SPLIT_MIN_K = 256
+_SPLIT_MAX = 32
+
+
+def split_k(blocks: int, k_max: int, bk: int, per_sm: int):
+    """(splits, chunk) for a GEMM grid of ``blocks`` blocks over K <= ``k_max`` rows in tiles of
+    ``bk``: (1, k_max) when the grid fills the GPU or K is too short to split."""
+    want = -(-_SPLIT_WAVES * _SM_COUNT * per_sm // max(blocks, 1))
+    splits = min(want, k_max // _SPLIT_MIN_K, _SPLIT_MAX)
+    if splits <= 1:
+        return 1, k_max
+    chunk = -(-k_max // splits)
+    chunk = -(-chunk // bk) * bk
+    return -(-k_max // chunk), chunk
 
 
 def _check_device_out(spec: ConvSpec, out_d) -> None:

@@ -93,7 +93,7 @@ def _numba_dtype(dtype_name: str):
 _GEMM_SRC = '''
 def kernel(x, wp, bias, y, ktab, phases, flag, x_base, x_sn, x_sc, x_sd, x_sh, x_sw, n_d, n_h, n_w,
            a_d, a_h, a_w, s_d, s_h, s_w, has_bias, cin_g, cout_g, k_total, num_groups, num_phases, batch,
-           skip_on):
+           skip_on{SPLIT_ARGS}):
     if flag[0] == skip_on:  # see _engine.compute: the other kernel of a pair computes y
         return
     As = cuda.shared.array((2, BK, APAD), DT{ALIGN})
@@ -107,14 +107,11 @@ def kernel(x, wp, bias, y, ktab, phases, flag, x_base, x_sn, x_sc, x_sd, x_sh, x
     tm = {TM_EXPR}
     tn = {TN_EXPR}
     zero = DT(0)
-    for z in range(cuda.blockIdx.z, num_groups * num_phases, cuda.gridDim.z):
-        g = z // num_phases
-        p = z - g * num_phases
+{Z_LOOP}
         q_d = I64(phases[p, 0])
         q_h = I64(phases[p, 1])
         q_w = I64(phases[p, 2])
-        kofs = I64(phases[p, 6])
-        klen = I64(phases[p, 7])
+{K_RANGE}
         q_hw = q_h * q_w
         q_all = q_d * q_hw
         m_total = batch * q_all
@@ -179,8 +176,22 @@ def _stage(b, k, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw):
 _FAR = -(1 << 62)
 
 
-def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int) -> str:
-    BM, BN, BK, TM, TN = TILES[tile]
+def tile_shape(tile: str, dtype_name: str, k_fast: bool, mode: int):
+    """(BM, BN, BK, TM, TN) of a GEMM variant: _plan.TILES, with K tiles of 16 rows instead of 8
+    for float32 channels-first inputs (zeros padding only on "narrow"), where ptxas keeps the
+    doubled prefetch within the register budget: FFMA share (sm_80 / sm_90a) "wide" 37 / 31 % ->
+    45 / 39 %, "narrow" 20 / 16 % -> 25 / 23 %, "large" 62 / 56 % -> 67 / 62 %. Channels-last
+    inputs and float64 spilled inside the K loop with 16, the narrow tile's other padding modes
+    lost their unrolling."""
+    bm, bn, bk, tm, tn = TILES[tile]
+    if dtype_name == "float32" and not k_fast and (tile != "narrow" or mode == ZEROS):
+        bk = 16
+    return bm, bn, bk, tm, tn
+
+
+def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int, split: bool = False,
+                 shape=None) -> str:
+    BM, BN, BK, TM, TN = shape or TILES[tile]
     NT = 256
     TXM, TXN = BM // TM, BN // TN
     assert TXM * TXN == NT and NT % BM == 0 and NT % BK == 0
@@ -256,6 +267,11 @@ def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int) -> str:
                 "    qh = rem // q_w", "    qw = rem - qh * q_w",
                 "    od = qd * s_d + phases[p, 3]", "    oh = qh * s_h + phases[p, 4]", "    ow = qw * s_w + phases[p, 5]"]
         for j in range(TN):
+            if split:  # this K chunk's partial sum; split_finish_kernel adds the chunks and the bias
+                epi += [f"    nn = n0 + tn * TN + {j}",
+                        "    if nn < cout_g:",
+                        f"        part[z % splits, nb, g * cout_g + nn, od, oh, ow] = c{i}_{j}"]
+                continue
             epi += [f"    nn = n0 + tn * TN + {j}",
                     "    if nn < cout_g:",
                     "        co = g * cout_g + nn",
@@ -264,7 +280,17 @@ def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int) -> str:
                     "            v += DT(bias[co])",
                     "        y[nb, co, od, oh, ow] = v"]
     tm_expr, tn_expr = ("tid // TXN", "tid % TXN") if y_n_fast else ("tid % TXM", "tid // TXM")
+    if split:  # z covers (group, phase, K chunk); the chunk's rows are a window of the phase's
+        z_loop = ["for z in range(cuda.blockIdx.z, num_groups * num_phases * splits, cuda.gridDim.z):",
+                  "    zg = z // splits", "    g = zg // num_phases", "    p = zg - g * num_phases"]
+        k_range = ["k_begin = (z - zg * splits) * chunk", "kofs = I64(phases[p, 6]) + k_begin",
+                   "klen = min(I64(phases[p, 7]) - k_begin, chunk)"]  # < 0 past the phase's K: no tile
+    else:
+        z_loop = ["for z in range(cuda.blockIdx.z, num_groups * num_phases, cuda.gridDim.z):",
+                  "    g = z // num_phases", "    p = z - g * num_phases"]
+        k_range = ["kofs = I64(phases[p, 6])", "klen = I64(phases[p, 7])"]
     return _GEMM_SRC.format(
+        SPLIT_ARGS=", part, splits, chunk" if split else "", Z_LOOP=ind(4, z_loop), K_RANGE=ind(8, k_range),
         ALIGN="" if SIMULATED else ", alignment=16", TM_EXPR=tm_expr, TN_EXPR=tn_expr, ROWS=ind(12, rows),
         ACC_INIT=ind(16, [f"c{i}_{j} = zero" for i in range(TM) for j in range(TN)]),
         GATHER0=ind(20, gather("0", "0")), STORE0=ind(20, store("0")),
@@ -273,7 +299,7 @@ def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int) -> str:
 
 
 @lru_cache(maxsize=None)
-def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: int = ZEROS):
+def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: int = ZEROS, split: bool = False):
     """Implicit-GEMM convolution: M = output pixels of a phase (batch folded in), N = output
     channels of a group, K = ktab rows of the phase.
 
@@ -291,12 +317,17 @@ def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: 
     k_fast: the input has its channels innermost (channels_last); ktab is then channel-fastest and
     consecutive threads load consecutive k (contiguous channels) instead of consecutive pixels.
     y_n_fast: y has its channels innermost; threads are then fast along N for the stores.
+    split: split-K (for grids too small to fill the GPU): grid z also covers ``splits`` chunks of
+    ``chunk`` K rows, each block writes its chunk's sums to ``part[chunk, n, c, d, h, w]`` (no
+    bias), and ``split_finish_kernel`` adds the chunks in order.
     """
-    BM, BN, BK, TM, TN = TILES[tile]
+    shape = tile_shape(tile, dtype_name, k_fast, mode)
+    BM, BN, BK, TM, TN = shape
     namespace = dict(cuda=cuda, DT=_numba_dtype(dtype_name), I64=I64, U64=U64, BM=BM, BN=BN, BK=BK, TM=TM, TN=TN,
                      TXM=BM // TM, TXN=BN // TN, APAD=BM + (4 if k_fast else 0), MODE=mode,
                      source_index=source_index, stage=_stage)
-    exec(compile(_gemm_source(tile, k_fast, y_n_fast, mode), f"<convfast gemm {tile}>", "exec"), namespace)
+    exec(compile(_gemm_source(tile, k_fast, y_n_fast, mode, split, shape), f"<convfast gemm {tile}>", "exec"),
+         namespace)
     # 2 blocks per SM (<= 128 registers) for 4 x 4 and 8 x 1 blocks; the 8 x 8 block of "large"
     # needs more (at 128 it spilled 1.7 KB, into the K loop): one block per SM.
     return _jit(namespace["kernel"], (256, 1 if TM * TN > 16 else 2))
@@ -410,6 +441,30 @@ def direct_kernel(dtype_name: str):
 
 
 @lru_cache(maxsize=None)
+def split_finish_kernel(dtype_name: str):
+    """y[n, c, d, h, w] = part[0, n, c, d, h, w] + part[1, ...] + ... (in that order) + bias[c]: the
+    split-K GEMM's chunks added in a fixed order, so the result does not depend on the grid. Returns
+    at once when ``flag[0] == skip_on``, like the GEMM it finishes."""
+    DT = _numba_dtype(dtype_name)
+
+    @cuda.jit
+    def kernel(part, bias, y, has_bias, flag, skip_on):
+        if flag[0] == skip_on:
+            return
+        start, step = cuda.grid(1), cuda.gridsize(1)
+        for idx in range(start, y.size, step):
+            i0, i1, i2, i3, i4 = unravel5(idx, y.shape)
+            v = DT(0)
+            for s in range(part.shape[0]):
+                v += part[s, i0, i1, i2, i3, i4]
+            if has_bias:
+                v += DT(bias[i1])
+            y[i0, i1, i2, i3, i4] = v
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
 def pack_kernel(dtype_name: str):
     """wp[g, r, j] = w6[g, j, ci(r), taps(r)] in the compute dtype, for every ktab row r; sets
     flag[0] = 1 if a weight is not finite (the transposed GEMM must then not be used)."""
@@ -461,4 +516,4 @@ def copy_kernel():
     return kernel
 
 
-__all__ = ["gemm_kernel", "direct_kernel", "pack_kernel", "clear_flag_kernel", "copy_kernel", "source_index", "unravel5"]
+__all__ = ["gemm_kernel", "split_finish_kernel", "direct_kernel", "pack_kernel", "clear_flag_kernel", "copy_kernel", "source_index", "unravel5"]

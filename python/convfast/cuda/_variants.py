@@ -55,16 +55,18 @@ def _a(dt, nd, layout="A"):
 
 def forward_variants():
     out = []
-    for dtype, tile, k_fast, y_n_fast, mode in itertools.product(DTYPES, TILES, (False, True), (False, True), MODES):
-        if dtype == "float64" and tile == "large":
-            continue  # never launched: _engine.compute runs float64 "large" as "wide"
+    for dtype, tile, k_fast, y_n_fast, mode, split in itertools.product(DTYPES, TILES, (False, True), (False, True),
+                                                                         MODES, (False, True)):
+        if dtype == "float64" and (tile == "large" or split):
+            continue  # never launched: _engine.compute runs float64 "large" as "wide", and never splits float64
         dt = DTYPES[dtype]
         sig = (_a(dt, 1, "C"), _a(dt, 1, "C"), _a(dt, 1), _a(dt, 5), _a(I32, 2, "C"), _a(I32, 2, "C"),
-               _a(I32, 1, "C")) + (I64,) * 23
-        name = f"gemm/{dtype}/{tile}/{'cl' if k_fast else 'cf'}-{'cl' if y_n_fast else 'cf'}/{mode}"
+               _a(I32, 1, "C")) + (I64,) * 23 + ((_a(dt, 6, "C"), I64, I64) if split else ())
+        name = f"gemm/{dtype}/{tile}/{'cl' if k_fast else 'cf'}-{'cl' if y_n_fast else 'cf'}/{mode}" + \
+            ("/split" if split else "")
         floor = FLOORS["gemm_mode"] if mode != "zeros" else FLOORS["gemm_narrow" if tile == "narrow" else "gemm"]
-        out.append(Variant(name, lambda a=(dtype, tile, k_fast, y_n_fast, MODES[mode]): _k.gemm_kernel(*a), sig,
-                           "tile", floor, max_regs=255 if tile == "large" else 128))
+        out.append(Variant(name, lambda a=(dtype, tile, k_fast, y_n_fast, MODES[mode], split): _k.gemm_kernel(*a),
+                           sig, "tile", floor, max_regs=255 if tile == "large" else 128))
     for dtype in DTYPES:
         dt = DTYPES[dtype]
         sig = (_a(dt, 5), _a(dt, 3, "C"), _a(dt, 1), _a(dt, 5), _a(I32, 2, "C"), _a(I32, 2, "C")) + (I64,) * 14 + \
@@ -74,6 +76,8 @@ def forward_variants():
         out.append(Variant(f"pack/{dtype}", lambda d=dtype: _k.pack_kernel(d),
                            (_a(dt, 6), _a(I32, 2, "C"), _a(dt, 3, "C"), _a(I32, 1, "C")), None))
         out.append(Variant(f"copy/{dtype}", lambda: _k.copy_kernel(), (_a(dt, 5), _a(dt, 5)), None))
+        out.append(Variant(f"split_finish/{dtype}", lambda d=dtype: _k.split_finish_kernel(d),
+                           (_a(dt, 6, "C"), _a(dt, 1), _a(dt, 5), I64, _a(I32, 1, "C"), I64), None))
     out.append(Variant("clear_flag", lambda: _k.clear_flag_kernel(), (_a(I32, 1, "C"),), None))
     return out
 
@@ -129,8 +133,8 @@ def all_variants():
 
 def in_ci_set(name: str) -> bool:
     """The subset CI compiles (its time budget): every kernel and tile in both dtypes with the
-    default layout and zeros padding, every layout and every padding mode of the float32 wide GEMM,
-    the mixed-dtype launches."""
+    default layout and zeros padding (with and without split-K), every layout and every padding
+    mode of the float32 wide GEMM, the mixed-dtype launches."""
     if "(" in name or not name.startswith(("gemm/", "wgrad/", "wgrad_small/")):
         return True
     parts = name.split("/")
@@ -139,6 +143,8 @@ def in_ci_set(name: str) -> bool:
     # the GEMMs: every dtype and tile with the default layout and zeros padding; every layout and
     # every padding mode of the float32 wide tile
     default = parts[3] == "cf-cf" and parts[4] == "zeros"
+    if parts[-1] == "split":  # split-K changes the epilogue only: every tile and dtype, default layout
+        return default
     return default or parts[1:3] == ["float32", "wide"] and (parts[3] == "cf-cf" or parts[4] == "zeros")
 
 __all__ = ["Variant", "FLOORS", "all_variants", "in_ci_set", "mixed_dtype_variants", "forward_variants", "backward_variants"]
