@@ -173,6 +173,59 @@ def test_uncapped_grid(kernel, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular", "symmetric"])
+def test_depthwise_tile_kernel(rank, mode, monkeypatch):
+    """The forward depthwise kernel (shared-memory input tiles): every rank and padding mode, with
+    stride, dilation, a channel multiplier of 2, bias; float32 at rank 2 (the others float64)."""
+    from convfast.cuda import _engine
+    kinds = []
+    compute = _engine.compute
+    monkeypatch.setattr(_engine, "compute", lambda *a, **k: kinds.append(compute(*a, **k)) or kinds[-1])
+    rng = np.random.default_rng(50 + rank)
+    dtype = np.float32 if rank == 2 else np.float64
+    sp = ((19,), (7, 9), (4, 5, 6))[rank - 1]
+    x = rand(rng, (2, 3) + sp, dtype)
+    w = rand(rng, (6, 1) + ((3,), (3, 2), (2, 3, 2))[rank - 1], dtype)
+    kw = dict(groups=3, padding=((2, 1), (1, 1), (0, 1))[:rank], padding_mode=mode,
+              stride=(2, 1, 2)[:rank], dilation=(1, 2, 1)[:rank])
+    check(f"conv{rank}d", x, w, rand(rng, 6, dtype), **kw)
+    assert kinds == ["depthwise"], kinds
+
+
+@gpu
+def test_depthwise_tile_kernel_tiles_layouts_and_fallback(monkeypatch):
+    """Several output tiles (uncapped grid too), channels_last, non-finite weights (0 * inf = NaN
+    at the padded zeros, as the reference); a receptive field beyond the shared tile and a
+    transposed depthwise layer take the direct kernel."""
+    from convfast.cuda import _engine
+    kinds = []
+    compute = _engine.compute
+    monkeypatch.setattr(_engine, "compute", lambda *a, **k: kinds.append(compute(*a, **k)) or kinds[-1])
+    rng = np.random.default_rng(60)
+    x, w = rand(rng, (1, 2, 20, 35), np.float32), rand(rng, (2, 1, 3, 3), np.float32)
+    capped = check("conv2d", x, w, groups=2, padding=1).copy_to_host()
+    monkeypatch.delenv("CONVFAST_CUDA_GRID_CAP")
+    np.testing.assert_array_equal(capped, convfast.conv2d(_dev(x), _dev(w), groups=2, padding=1).copy_to_host())
+    monkeypatch.setenv("CONVFAST_CUDA_GRID_CAP", "1")
+    xl = np.moveaxis(rand(rng, (2, 4, 6, 5)), 1, -1).copy()
+    check("conv2d", xl, rand(rng, (4, 1, 3, 3)), groups=4, padding="same", padding_mode="reflect",
+          data_format="channels_last")
+    wf = rand(rng, (2, 1, 3, 3))
+    wf[1, 0, 0, 0] = np.inf
+    x2 = rand(rng, (1, 2, 5, 5))
+    y = convfast.conv2d(_dev(x2), wf, groups=2, padding=1).copy_to_host()
+    ref = R.conv2d(x2, wf, groups=2, padding=1)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(ref))
+    assert kinds == ["depthwise"] * 4, kinds
+    # receptive field of a 16 x 16 tile: 26 x 216 > 4096 elements
+    check("conv2d", rand(rng, (1, 2, 12, 205)), rand(rng, (2, 1, 3, 3)), groups=2, dilation=(5, 100))
+    check("conv_transpose2d", rand(rng, (1, 2, 3, 3)), rand(rng, (2, 1, 3, 3)), groups=2, stride=2)
+    assert kinds[4:] == ["direct", "direct"], kinds
+
+
+@gpu
 def test_split_k_equals_the_reference_and_ignores_the_grid(monkeypatch):
     """Split-K (grids under two waves on the GPU; the minimum chunk lowered so that these small
     problems split), float32 (float64 never splits): forward on each tile, transposed (phases of
@@ -493,7 +546,7 @@ def test_plan_phases_partition_the_taps():
     taps = {tuple(r[[0, 4, 5, 6]]) for r in plan.ktab}
     assert len(taps) == plan.k_total
     assert sum(int(p[0] * p[1] * p[2]) for p in plan.phases) == 9 * 11
-    assert choose_kernel(1, 1, np.float32, 100) == "direct"
+    assert choose_kernel(1, 1, np.float32, 100) == "depthwise"
     assert choose_kernel(64, 8, np.float32, 100) == "narrow"
     assert choose_kernel(64, 64, np.float64, 10 ** 6) == "wide"
     assert choose_kernel(256, 256, np.float32, 10 ** 6) == "large"

@@ -378,7 +378,17 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
     direct_grid = _grid(-(-pixels // span), spec.out_channels, plan.num_phases)
     direct_args = common + (spec.out_channels, plan.num_phases, spec.batch, int(not spec.transposed), flag)
     direct = _kernels.direct_kernel(spec.dtype.name)
-    if kind == "direct":
+    kernel3 = _functional._padded3(spec.kernel, rank, 1)
+    if kind == "depthwise" and (spec.transposed or cin_g != 1 or cout_g > 4 or not _kernels.depthwise_fits(
+            kernel3[1], kernel3[2], stride3[1], stride3[2], dilation3[1], dilation3[2], math.prod(kernel3))):
+        kind = "direct"  # transposed, not depthwise, or a receptive field beyond the shared tile
+    if kind == "depthwise":
+        o_d, o_h, o_w = y5.shape[2:]
+        tiles = -(-o_h // _kernels.DW_TH) * -(-o_w // _kernels.DW_TW)
+        grid = _grid(tiles, spec.out_channels, spec.batch * o_d)
+        _launch(_kernels.depthwise_kernel(spec.dtype.name, mode), grid, _kernels.DW_THREADS, stream, x5, wp, bias,
+                y5, *kernel3, *stride3, *dilation3, *pad3, int(has_bias), cout_g)
+    elif kind == "direct":
         grid = direct_grid
         _launch(direct, grid, _plan.DIRECT_THREADS, stream, *direct_args, _NEVER)
     else:
@@ -420,7 +430,7 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
             small = tuple(min(n, cap) for n, cap in zip(direct_grid, (16, 16, 1)))
             _launch(direct, small, _plan.DIRECT_THREADS, stream, *direct_args, 0)
     if _functional._VERBOSE:
-        split = f" split-K={splits}x{chunk}" if kind != "direct" and splits > 1 else ""
+        split = f" split-K={splits}x{chunk}" if kind not in ("direct", "depthwise") and splits > 1 else ""
         print(f"convfast: {spec.func} cuda {kind} phases={plan.num_phases} K<={plan.max_k} grid={grid}{split}",
               file=sys.stderr)
     return kind

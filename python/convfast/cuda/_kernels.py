@@ -440,6 +440,98 @@ def direct_kernel(dtype_name: str):
     return kernel
 
 
+# Depthwise tile kernel: output tiles of DW_TH x DW_TW pixels per block, DW_THREADS threads.
+DW_TH, DW_TW = 16, 16
+DW_THREADS = DW_TH * DW_TW
+DW_SMEM = 4096        # input-tile elements (per block, one depth plane at a time)
+DW_MAX_TAPS = 512     # kernel taps staged in shared memory
+
+
+def depthwise_fits(k_h: int, k_w: int, s_h: int, s_w: int, d_h: int, d_w: int, taps: int) -> bool:
+    """Whether depthwise_kernel takes a layer: its input tile (the receptive field of a 16 x 16
+    output tile) and its taps fit the shared arrays."""
+    ih = (DW_TH - 1) * s_h + (k_h - 1) * d_h + 1
+    iw = (DW_TW - 1) * s_w + (k_w - 1) * d_w + 1
+    return ih * iw <= DW_SMEM and taps <= DW_MAX_TAPS
+
+
+@lru_cache(maxsize=None)
+def depthwise_kernel(dtype_name: str, mode: int = ZEROS):
+    """Forward depthwise convolution (C_in/G = 1, C_out/G <= 4) through a shared-memory input tile.
+
+    A block computes a 16 x 16 tile of output pixels (oh, ow) of one (image, output channel, output
+    depth); grid x covers the tiles, y the channels, z the (image, depth) pairs (grid-stride
+    loops). Per kernel depth tap, the block loads the tile's receptive field in the input plane
+    (IH x IW with IH = 15 s_h + (k_h - 1) d_h + 1) into shared memory, the padding mode (a
+    compile-time constant) applied once per element, and each thread then reads its taps from
+    there: every input element is read from global memory once per depth tap, not once per tap
+    of the output pixels that use it. The channel's weights are staged once in shared memory.
+    Padded positions hold zeros that are multiplied (0 * inf = NaN, as the reference).
+    """
+    DT = _numba_dtype(dtype_name)
+    TH, TW, NT = DW_TH, DW_TW, DW_THREADS
+
+    def kernel(x, wp, bias, y, k_d, k_h, k_w, s_d, s_h, s_w, d_d, d_h, d_w, p_d, p_h, p_w, has_bias, cout_g):
+        tile = cuda.shared.array(DW_SMEM, DT)
+        wsm = cuda.shared.array(DW_MAX_TAPS, DT)
+        tid = cuda.threadIdx.x
+        ty = tid // TW
+        tx = tid - ty * TW
+        n_d, n_h, n_w = x.shape[2], x.shape[3], x.shape[4]
+        o_d, o_h, o_w = y.shape[2], y.shape[3], y.shape[4]
+        ih_n = (TH - 1) * s_h + (k_h - 1) * d_h + 1
+        iw_n = (TW - 1) * s_w + (k_w - 1) * d_w + 1
+        tiles_w = (o_w + TW - 1) // TW
+        tiles = ((o_h + TH - 1) // TH) * tiles_w
+        taps = k_d * k_h * k_w
+        hw = k_h * k_w
+        row_step = d_h * iw_n
+        for co in range(cuda.blockIdx.y, y.shape[1], cuda.gridDim.y):
+            g = co // cout_g
+            j = co - g * cout_g
+            cuda.syncthreads()  # wsm of the previous channel is no longer read
+            for t in range(tid, taps, NT):
+                wsm[t] = wp[g, t, j]
+            b = DT(bias[co]) if has_bias else DT(0)
+            for nd in range(cuda.blockIdx.z, y.shape[0] * o_d, cuda.gridDim.z):
+                nb = nd // o_d
+                od = nd - nb * o_d
+                for tt in range(cuda.blockIdx.x, tiles, cuda.gridDim.x):
+                    th0 = (tt // tiles_w) * TH
+                    tw0 = (tt - (tt // tiles_w) * tiles_w) * TW
+                    h0 = th0 * s_h - p_h  # input origin of the tile's receptive field
+                    w0 = tw0 * s_w - p_w
+                    acc = DT(0)
+                    for kd in range(k_d):
+                        sd = source_index(od * s_d + kd * d_d - p_d, n_d, mode)
+                        cuda.syncthreads()  # the previous plane's tile is no longer read
+                        for e in range(tid, ih_n * iw_n, NT):
+                            r = e // iw_n
+                            c = e - r * iw_n
+                            sh = source_index(h0 + r, n_h, mode)
+                            sw = source_index(w0 + c, n_w, mode)
+                            v = DT(0)
+                            if sd >= 0 and sh >= 0 and sw >= 0:
+                                v = DT(x[nb, g, sd, sh, sw])
+                            tile[e] = v
+                        cuda.syncthreads()
+                        wi = kd * hw
+                        row = ty * s_h * iw_n + tx * s_w
+                        for kh in range(k_h):
+                            e = row
+                            for kw in range(k_w):  # unsigned indices: no negative-index wraparound
+                                acc += tile[U64(e)] * wsm[U64(wi)]
+                                e += d_w
+                                wi += 1
+                            row += row_step
+                    oh = th0 + ty
+                    ow = tw0 + tx
+                    if oh < o_h and ow < o_w:
+                        y[nb, co, od, oh, ow] = acc + b
+
+    return _jit(kernel, (NT, 2))  # 2 blocks per SM: <= 128 registers
+
+
 @lru_cache(maxsize=None)
 def split_finish_kernel(dtype_name: str):
     """y[n, c, d, h, w] = part[0, n, c, d, h, w] + part[1, ...] + ... (in that order) + bias[c]: the
@@ -516,4 +608,5 @@ def copy_kernel():
     return kernel
 
 
-__all__ = ["gemm_kernel", "split_finish_kernel", "direct_kernel", "pack_kernel", "clear_flag_kernel", "copy_kernel", "source_index", "unravel5"]
+__all__ = ["gemm_kernel", "tile_shape", "split_finish_kernel", "depthwise_kernel", "depthwise_fits", "direct_kernel",
+           "pack_kernel", "clear_flag_kernel", "copy_kernel", "source_index", "unravel5"]

@@ -39,7 +39,7 @@ TILES = {
     "large": (128, 128, 8, 8, 8),   # float32 layers with many output channels and pixels
     "narrow": (128, 16, 8, 8, 1),   # few output channels per group: a 64-wide N tile would be mostly empty
 }
-KERNELS = ("direct",) + tuple(TILES)
+KERNELS = ("direct", "depthwise") + tuple(TILES)
 
 # The direct (depthwise) kernel: threads per block and outputs per thread.
 DIRECT_THREADS = 128
@@ -132,7 +132,7 @@ def build_plan(transposed: bool, in_spatial: Triple, out_spatial: Triple, kernel
 
 
 def choose_kernel(cin_g: int, cout_g: int, dtype: np.dtype, pixels: int) -> str:
-    """Which kernel computes a problem. CONVFAST_CUDA_KERNEL=direct|wide|large|narrow forces one
+    """Which kernel computes a problem. CONVFAST_CUDA_KERNEL=direct|depthwise|wide|large|narrow forces one
     (tests, comparisons). The thresholds are a first guess, not measured on a GPU yet (see
     docs/gpu.md). Whatever is chosen, a transposed convolution with a non-finite weight is computed
     by the direct kernel (see _engine.compute)."""
@@ -142,7 +142,9 @@ def choose_kernel(cin_g: int, cout_g: int, dtype: np.dtype, pixels: int) -> str:
             raise ValueError(f"CONVFAST_CUDA_KERNEL must be one of {KERNELS}, got {forced!r}")
         return forced
     if cin_g == 1 and cout_g <= 4:
-        return "direct"  # depthwise: K = taps only, a GEMM tile would be mostly padding
+        # depthwise: K = taps only, a GEMM tile would be mostly padding. The engine runs a forward
+        # one on depthwise_kernel (shared-memory input tiles) where its tile fits.
+        return "depthwise"
     if cout_g <= 16:
         return "narrow"
     if np.dtype(dtype) == np.float32 and cout_g >= 128 and pixels >= 128 * 128:

@@ -73,6 +73,10 @@ def forward_variants():
             (_a(I32, 1, "C"), I64)
         out.append(Variant(f"direct/{dtype}", lambda d=dtype: _k.direct_kernel(d), sig, "inner", FLOORS["direct"],
                            128))
+        for mode in MODES:
+            out.append(Variant(f"depthwise/{dtype}/{mode}", lambda a=(dtype, MODES[mode]): _k.depthwise_kernel(*a),
+                               (_a(dt, 5), _a(dt, 3, "C"), _a(dt, 1), _a(dt, 5)) + (I64,) * 14, "inner",
+                               FLOORS["direct"]))
         out.append(Variant(f"pack/{dtype}", lambda d=dtype: _k.pack_kernel(d),
                            (_a(dt, 6), _a(I32, 2, "C"), _a(dt, 3, "C"), _a(I32, 1, "C")), None))
         out.append(Variant(f"copy/{dtype}", lambda: _k.copy_kernel(), (_a(dt, 5), _a(dt, 5)), None))
@@ -135,6 +139,8 @@ def in_ci_set(name: str) -> bool:
     """The subset CI compiles (its time budget): every kernel and tile in both dtypes with the
     default layout and zeros padding (with and without split-K), every layout and every padding
     mode of the float32 wide GEMM, the mixed-dtype launches."""
+    if name.startswith("depthwise/"):  # float32 in every padding mode, float64 zeros
+        return name.split("/")[1] == "float32" or name.endswith("/zeros")
     if "(" in name or not name.startswith(("gemm/", "wgrad/", "wgrad_small/")):
         return True
     parts = name.split("/")
