@@ -34,7 +34,9 @@ MODES = {"zeros": ZEROS, "reflect": REFLECT, "replicate": REPLICATE, "circular":
 # small (depthwise) kernel do not yet, and the direct kernel has not been rewritten: they are held
 # to what they reach. Every hot loop is held to no local memory.
 FLOORS = {"gemm": 0.29, "gemm_narrow": 0.15, "gemm_mode": 0.14, "wgrad": 0.40, "wgrad_mode": 0.34,
-          "wgrad_narrow": 0.17, "direct": 0.0, "wgrad_small": 0.0}
+          "wgrad_narrow": 0.17, "direct": 0.0, "wgrad_small": 0.0,
+          # float32 channels-first inputs, zeros padding (K tiles of 16 rows: convfast.cuda._kernels.tile_shape)
+          "gemm_f32": 0.38, "gemm_f32_large": 0.60, "gemm_f32_narrow": 0.22}
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ def forward_variants():
         name = f"gemm/{dtype}/{tile}/{'cl' if k_fast else 'cf'}-{'cl' if y_n_fast else 'cf'}/{mode}" + \
             ("/split" if split else "")
         floor = FLOORS["gemm_mode"] if mode != "zeros" else FLOORS["gemm_narrow" if tile == "narrow" else "gemm"]
+        if mode == "zeros" and dtype == "float32" and not k_fast:
+            floor = FLOORS[{"wide": "gemm_f32", "large": "gemm_f32_large", "narrow": "gemm_f32_narrow"}[tile]]
         out.append(Variant(name, lambda a=(dtype, tile, k_fast, y_n_fast, MODES[mode], split): _k.gemm_kernel(*a),
                            sig, "tile", floor, max_regs=255 if tile == "large" else 128))
     for dtype in DTYPES:
@@ -120,7 +124,7 @@ def mixed_dtype_variants():
     geometry = (I64,) * 36
     return [Variant("gemm/float32/wide/cf-cf/zeros (float16 x)", lambda: _k.gemm_kernel("float32", "wide", False, False,
                                                                                        ZEROS), gemm, "tile",
-                    FLOORS["gemm"]),
+                    FLOORS["gemm_f32"]),
             Variant("pack/float32 (float16 w)", lambda: _k.pack_kernel("float32"),
                     (_a(f16, 6), _a(I32, 2, "C"), _a(f32, 3, "C"), _a(I32, 1, "C")), None),
             Variant("wgrad/float64/narrow/cl-cf/zeros (float16 a, b)",
