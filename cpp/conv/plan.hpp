@@ -40,14 +40,23 @@ template <typename T>
 ConvProblem<T> batch_as_axis0(const ConvProblem<T>& p);
 
 // The work a call's thread count is weighed by (CallThreads): the multiply-adds, plus 4 per weight,
-// which every algorithm reads (or packs) once per call: layers of few pixels under large weights
-// stream megabytes with few products. DCGAN's 100 -> 512 k4 on 1x1 (0.8 M products, 3.3 MB of
-// float32 weights) took 0.50 ms on 1 thread, 0.36 ms on 2 (scatter GEMM, loaded host).
+// which every algorithm reads (or packs) once per call, and 12 per input and output element, which
+// it reads, copies or writes: layers of few products per byte (depthwise, few pixels under large
+// weights) stream more than their products suggest. 2 threads against 1, float32, min of
+// interleaved runs: DCGAN's 100 -> 512 k4 on 1x1 (0.8 M products, 3.3 MB of weights) 0.50 -> 0.36
+// ms; depthwise 3x3 on 8 x 192 x 14x14 (2.7 M products) 0.35 -> 0.19 ms, 8 x 384 x 7x7 0.21 ->
+// 0.12, 8 x 960 x 4x4 0.21 -> 0.13 (MobileNetV2's last stages at batch 8).
 template <typename T>
 double conv_work(const ConvProblem<T>& p) {
   double weights = double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group);
-  for (int a = 0; a < kSpatialRank; ++a) weights *= double(p.kernel[a]);
-  return conv_multiply_adds(p) + 4.0 * weights;
+  double inputs = double(p.batch) * double(p.groups) * double(p.cin_per_group);
+  double outputs = double(p.batch) * double(p.groups) * double(p.cout_per_group);
+  for (int a = 0; a < kSpatialRank; ++a) {
+    weights *= double(p.kernel[a]);
+    inputs *= double(p.in_size[a]);
+    outputs *= double(p.out_size[a]);
+  }
+  return conv_multiply_adds(p) + 4.0 * weights + 12.0 * (inputs + outputs);
 }
 
 // The last plan's description (plan.cpp), for last_algorithm().

@@ -88,9 +88,15 @@ template <typename T>
 void weight_grad(const WeightGradProblem<T>& problem) {
   validate(problem);
   const WeightGradProblem<T> p = flatten_one_tap_planes(fold_one_tap_strides(problem));
+  // The work (as the forward's conv_work): the multiply-adds plus 12 per element of a and b.
   double multiply_adds = double(p.batch) * double(p.b_channels) * double(p.a_channels / std::max<int64_t>(1, p.groups));
-  for (int a = 0; a < kSpatialRank; ++a) multiply_adds *= double(p.kernel[a]) * double(p.b_size[a]);
-  const CallThreads threads(multiply_adds);
+  double elements_a = double(p.batch) * double(p.a_channels), elements_b = double(p.batch) * double(p.b_channels);
+  for (int a = 0; a < kSpatialRank; ++a) {
+    multiply_adds *= double(p.kernel[a]) * double(p.b_size[a]);
+    elements_a *= double(p.a_size[a]);
+    elements_b *= double(p.b_size[a]);
+  }
+  const CallThreads threads(multiply_adds + 12.0 * (elements_a + elements_b));
   const char* forced = std::getenv("CONVFAST_ALGO");
   const bool lanes_excluded = forced && (std::string(forced) == "gemm" || std::string(forced) == "direct");
   if (p.a_channels == p.groups && p.b_channels == p.groups && !lanes_excluded) {
