@@ -96,25 +96,19 @@ ConvProblem<T> make_problem(const py::array& x, const py::array& w, const py::ob
 bool is_f32(const py::array& a) { return same_dtype(a.dtype(), py::dtype::of<float>()); }
 bool is_f64(const py::array& a) { return same_dtype(a.dtype(), py::dtype::of<double>()); }
 
-// False (nothing written) where the engine refuses non-finite transposed weights (NonFiniteWeights).
-bool conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
+void conv(const py::array& x, const py::array& w, const py::object& bias, py::array y, int kind,
           const Triple& stride, const Triple& dilation, const Triple& pad_before, int mode) {
-  try {
-    if (is_f32(x)) {
-      auto p = make_problem<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
-      py::gil_scoped_release release;
-      run_convolution(p);
-    } else if (is_f64(x)) {
-      auto p = make_problem<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
-      py::gil_scoped_release release;
-      run_convolution(p);
-    } else {
-      throw py::type_error("convfast._core: only float32 and float64 are computed natively");
-    }
-  } catch (const NonFiniteWeights&) {
-    return false;
+  if (is_f32(x)) {
+    auto p = make_problem<float>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+    py::gil_scoped_release release;
+    run_convolution(p);
+  } else if (is_f64(x)) {
+    auto p = make_problem<double>(x, w, bias, y, kind, stride, dilation, pad_before, mode);
+    py::gil_scoped_release release;
+    run_convolution(p);
+  } else {
+    throw py::type_error("convfast._core: only float32 and float64 are computed natively");
   }
-  return true;
 }
 
 // A planned convolution with its weights packed once (used by the layer objects).
@@ -211,8 +205,7 @@ class Call {
   }
 
   // y for these operands, or None where they do not match the signature (the caller then takes
-  // the full path) or where a transposed call's weights are not all finite (the full path's
-  // reference fallback handles those).
+  // the full path).
   py::object run(const py::array& x, const py::array& w, const py::object& bias) const {
     if (!x_.matches(x) || !w_.matches(w)) return py::none();
     const py::array* b = nullptr;
@@ -226,8 +219,10 @@ class Call {
     }
     py::array y = output_array(y_shape_, dtype_);
     if (f64_)
-      return launch<double>(f64_problem_, f64_plan_, x, w, b, y) ? py::object(y) : py::object(py::none());
-    return launch<float>(f32_problem_, f32_plan_, x, w, b, y) ? py::object(y) : py::object(py::none());
+      launch<double>(f64_problem_, f64_plan_, x, w, b, y);
+    else
+      launch<float>(f32_problem_, f32_plan_, x, w, b, y);
+    return std::move(y);
   }
 
   std::string describe() const {
@@ -257,7 +252,7 @@ class Call {
   }
 
   template <typename T>
-  bool launch(const ConvProblem<T>& shape, const std::shared_ptr<ConvPlan<T>>& plan, const py::array& x,
+  void launch(const ConvProblem<T>& shape, const std::shared_ptr<ConvPlan<T>>& plan, const py::array& x,
               const py::array& w, const py::array* b, py::array& y) const {
     ConvProblem<T> p = shape;
     p.x = reinterpret_cast<const T*>(static_cast<const char*>(x.data()) + x_offset_);
@@ -266,15 +261,10 @@ class Call {
     p.bias = b ? static_cast<const T*>(b->data()) : nullptr;
     p.bias_stride = b ? b->strides(0) / static_cast<py::ssize_t>(sizeof(T)) : 0;
     py::gil_scoped_release release;
-    try {
-      if (plan)
-        plan->execute(p);
-      else
-        run_convolution(p);
-    } catch (const NonFiniteWeights&) {
-      return false;
-    }
-    return true;
+    if (plan)
+      plan->execute(p);
+    else
+      run_convolution(p);
   }
 
   py::dtype dtype_;

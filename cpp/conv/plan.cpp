@@ -77,8 +77,7 @@ void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
   const int64_t G = p.groups;
   for (int a = 0; a < kSpatialRank; ++a)
     if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
-  if (nonfinite_weights) throw NonFiniteWeights();
-  if (outputs_uncovered && !scatter) fill_with_bias(p);
+  if (outputs_uncovered || scatter) fill_with_bias(p);  // the scatter GEMM adds into y
   if (!wino.empty()) {
     // Non-finite values: an infinity in a tile spreads through the transforms into Inf - Inf =
     // NaN where the direct sum gives +-Inf, so an output holding any Inf or NaN is recomputed
@@ -96,7 +95,6 @@ void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
     return;
   }
   if (scatter) {
-    fill_with_bias(p);
     scatter->execute(p, get_num_threads());
     t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
     return;

@@ -122,10 +122,7 @@ struct ConvPlan<T>::Impl {
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
   std::vector<std::unique_ptr<winograd::Conv<T>>> wino;  // per phase, when the layer runs Winograd (winograd.hpp)
   std::unique_ptr<channel_lanes::Conv<T>> lanes;         // depthwise layers with channels in the lanes
-  std::unique_ptr<scatter_gemm::Conv<T>> scatter;        // transposed layers of small inputs
-  // Transposed weights with an infinity or NaN that only the scatter GEMM would compute exactly,
-  // where it does not apply: execute() throws NonFiniteWeights.
-  bool nonfinite_weights = false;
+  std::unique_ptr<scatter_gemm::Conv<T>> scatter;        // transposed layers of small inputs (and non-finite weights)
 
   explicit Impl(const ConvProblem<T>& p, bool allow_winograd = true);  // registry.cpp: the choice
   ~Impl();                                                             // plan.cpp

@@ -67,11 +67,9 @@ ConvPlan<T>::Impl::Impl(const ConvProblem<T>& p, bool allow_winograd)
 
   if (choose_scatter_gemm(p)) return;
   if (p.kind == ConvKind::Transposed && !weights_finite(p)) {
-    // The other algorithms multiply the zeros beyond the input's edges by the weights.
-    if (scatter_gemm::Conv<T>::applies(p, uk))
-      scatter.reset(new scatter_gemm::Conv<T>(p, uk));
-    else
-      nonfinite_weights = true;
+    // The other algorithms multiply the zeros beyond the input's edges by the weights (0 * Inf =
+    // NaN); the scatter GEMM forms only the true products, as PyTorch does.
+    scatter.reset(new scatter_gemm::Conv<T>(p, uk));
     return;
   }
   if (allow_winograd && choose_winograd(p)) return;
@@ -158,19 +156,26 @@ ConvPlan<T>::Impl::Impl(const ConvProblem<T>& p, bool allow_winograd)
 // Whether every weight is an integer: such layers keep F(2, 3), whose transform coefficients
 // (0, +-1, 1/2) compute integer data exactly (integer inputs are computed in float64, exactly,
 // as documented), where F(4, 3)'s 1/6 and 1/24 would round.
-template <typename T>
-inline bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
+namespace {
+// Whether ok(w) holds for every weight of p, any strides (the generic walk of the weight checks).
+template <typename T, typename Ok>
+bool every_weight(const ConvProblem<T>& p, Ok ok) {
   for (int64_t g = 0; g < p.groups; ++g)
     for (int64_t co = 0; co < p.cout_per_group; ++co)
       for (int64_t ci = 0; ci < p.cin_per_group; ++ci)
         for (int64_t k0 = 0; k0 < p.kernel[0]; ++k0)
           for (int64_t k1 = 0; k1 < p.kernel[1]; ++k1)
-            for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2) {
-              const T v = p.w[g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci + k0 * p.w_stride[0] +
-                              k1 * p.w_stride[1] + k2 * p.w_stride[2]];
-              if (v != std::nearbyint(v)) return false;
-            }
+            for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2)
+              if (!ok(p.w[g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci + k0 * p.w_stride[0] +
+                          k1 * p.w_stride[1] + k2 * p.w_stride[2]]))
+                return false;
   return true;
+}
+}  // namespace
+
+template <typename T>
+inline bool ConvPlan<T>::Impl::integer_weights(const ConvProblem<T>& p) {
+  return every_weight(p, [](T v) { return v == std::nearbyint(v); });
 }
 
 // Winograd (winograd.hpp) where it applies: every stride phase reads its inputs at unit step
@@ -336,16 +341,7 @@ bool ConvPlan<T>::Impl::weights_finite(const ConvProblem<T>& p) {
     }
     return bad == 0;
   }
-  for (int64_t g = 0; g < p.groups; ++g)
-    for (int64_t co = 0; co < p.cout_per_group; ++co)
-      for (int64_t ci = 0; ci < p.cin_per_group; ++ci)
-        for (int64_t k0 = 0; k0 < p.kernel[0]; ++k0)
-          for (int64_t k1 = 0; k1 < p.kernel[1]; ++k1)
-            for (int64_t k2 = 0; k2 < p.kernel[2]; ++k2)
-              if (!std::isfinite(p.w[g * p.w_stride_g + co * p.w_stride_co + ci * p.w_stride_ci + k0 * p.w_stride[0] +
-                                     k1 * p.w_stride[1] + k2 * p.w_stride[2]]))
-                return false;
-  return true;
+  return every_weight(p, [](T v) { return std::isfinite(v); });
 }
 
 // Transposed layers of small inputs take the scatter GEMM (scatter_gemm.hpp): at most twice as
@@ -365,15 +361,17 @@ template <typename T>
 inline bool ConvPlan<T>::Impl::choose_scatter_gemm(const ConvProblem<T>& p) {
   const char* forced = forced_algorithm();
   const std::string force = forced ? forced : "";
-  if (!scatter_gemm::Conv<T>::applies(p, uk) || (!force.empty() && force != "scatter")) return false;
+  if (!scatter_gemm::Conv<T>::applies(p) || (!force.empty() && force != "scatter")) return false;
   if (force.empty()) {
-    if (const char* knob = std::getenv("CONVFAST_SCATTER")) {
-      if (*knob) return std::string(knob) == "1" && (scatter.reset(new scatter_gemm::Conv<T>(p, uk)), true);
+    const char* knob = std::getenv("CONVFAST_SCATTER");
+    if (knob && *knob) {
+      if (std::string(knob) != "1") return false;
+    } else {
+      const int64_t pixels = p.batch * p.in_size[0] * p.in_size[1] * p.in_size[2];
+      const bool one_phase = phases.size() == 1;
+      if (pixels > (one_phase ? kScatterMaxPixelsOnePhase : kScatterMaxPixels) || 2 * pixels > p.cin_per_group)
+        return false;
     }
-    const int64_t pixels = p.batch * p.in_size[0] * p.in_size[1] * p.in_size[2];
-    const bool one_phase = phases.size() == 1;
-    if (pixels > (one_phase ? kScatterMaxPixelsOnePhase : kScatterMaxPixels) || 2 * pixels > p.cin_per_group)
-      return false;
   }
   scatter.reset(new scatter_gemm::Conv<T>(p, uk));
   return true;

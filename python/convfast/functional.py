@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import _core, reference
+from . import _core
 from ._interop import call_with_grad, needs_grad, output_wrapper, to_numpy
 from .cuda._dispatch import cuda_backend, select_device
 from ._spec import (ConvSpec, PADDING_MODES, as_array, conv_spec, conv_transpose_spec, normalize_padding_mode,
@@ -198,13 +198,7 @@ def run_spec(spec: ConvSpec, x: np.ndarray, weight: np.ndarray, bias: Optional[n
                 return result
     x5, w6, y5 = _kernel_views(spec, x, weight, y)
     b = None if bias is None else _native(bias, spec.dtype)
-    if not _core.conv(x5, w6, b, y5, *_kernel_params(spec)):
-        # Transposed weights holding an infinity or NaN that the engine's exact (scatter) algorithm
-        # cannot take (the others multiply the zeros beyond the input's edges by the weights; the
-        # true transposed convolution, PyTorch's too, only forms products with real inputs): this
-        # rare case takes the scatter form in NumPy.
-        y[...] = reference.conv_transpose_reference(spec, x, weight, bias)
-        return y
+    _core.conv(x5, w6, b, y5, *_kernel_params(spec))
     if _VERBOSE:
         print(f"convfast: {spec.func} {_core.last_algorithm()}", file=sys.stderr)
     return y

@@ -49,9 +49,7 @@ struct Conv {
   std::vector<int64_t> w_offset;  // per n: its weight's offset in an input channel's row (w_contiguous: n)
   bool w_contiguous = true;       // each input channel's weights one run over (output channel, tap)
 
-  static bool applies(const ConvProblem<T>& p, const UkernelInfo<T>& uk) {
-    return p.kind == ConvKind::Transposed && uk.fn != nullptr;
-  }
+  static bool applies(const ConvProblem<T>& p) { return p.kind == ConvKind::Transposed; }
 
   // Output coordinate i * stride + c (c = tap * dilation - crop) is in [0, out) for i in [lo, hi).
   static void input_range(int64_t c, int64_t stride, int64_t out, int64_t in, int64_t& lo, int64_t& hi) {

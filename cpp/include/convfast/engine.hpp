@@ -1,7 +1,6 @@
 #pragma once
 #include <cstdint>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -24,14 +23,6 @@ class ConvPlan {
   std::shared_ptr<const Impl> impl_;
 };
 
-// Thrown by execute (before any output is written) for a transposed convolution whose weights hold
-// an infinity or NaN where no algorithm that forms only the true products applies: the others
-// multiply the zeros beyond the input's edges by the weights (0 * Inf = NaN), which the true
-// transposed convolution (PyTorch's too) never does. The caller computes such calls another way.
-struct NonFiniteWeights : std::domain_error {
-  NonFiniteWeights() : std::domain_error("convfast kernel: transposed weights are not all finite") {}
-};
-
 // Forces, while it lives, the algorithm of the plans made on this thread ("gemm", "direct",
 // "winograd", "lanes", "scatter", as CONVFAST_ALGO, which it overrides; "" the automatic choice).
 // Where the forced algorithm cannot run, the plan takes the others as CONVFAST_ALGO would.
@@ -48,8 +39,7 @@ class AlgorithmOverride {
 const char* forced_algorithm();  // the override, else CONVFAST_ALGO (null: none)
 
 // Runs a forward or transposed convolution (plan + execute). Throws std::invalid_argument on an inconsistent
-// problem, NonFiniteWeights (above) and std::bad_alloc when working memory cannot be had (before
-// any output is written).
+// problem and std::bad_alloc when working memory cannot be had (before any output is written).
 template <typename T>
 void run_convolution(const ConvProblem<T>& p);
 
