@@ -650,16 +650,15 @@ def prepare(net: Network, mode: str, dtype: str = "float32", batch: int = 8, tin
 
 def ort_network(model, x, threads: int):
     """(run, relative error against the model) of the unmodified torch model exported to ONNX and
-    run by onnxruntime (CPU, ``threads`` intra-op threads, sequential, all graph optimisations -- it
-    folds batch norms into the convolutions and fuses activations -- and no spinning thread pool,
-    as the layer suite's sessions), or (None, reason) where it cannot run (onnx or onnxruntime
-    missing, export failed)."""
+    run by onnxruntime in the layer suite's session (_bench_suite.ort_cpu_session: all graph
+    optimisations, which fold batch norms into the convolutions and fuse activations), or (None,
+    reason) where it cannot run (onnx or onnxruntime missing, export failed)."""
     import io
     import warnings
     import torch
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it)
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except Exception:
         return None, "needs the onnx and onnxruntime packages (pip install onnx onnxruntime)"
     buffer = io.BytesIO()
@@ -669,14 +668,8 @@ def ort_network(model, x, threads: int):
             torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
     except Exception as exc:  # an exporter limitation, not convfast's
         return None, f"torch.onnx.export failed: {type(exc).__name__}: {exc}"[:200]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(buffer.getvalue(), sess_options=opts, providers=["CPUExecutionProvider"])
+    from convfast._bench_suite import ort_cpu_session
+    session = ort_cpu_session(buffer.getvalue(), threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
     out = session.run(None, feed)[0]
     with torch.no_grad():

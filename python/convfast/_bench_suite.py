@@ -442,10 +442,10 @@ def ort_available() -> bool:
         return False
 
 
-def ort_session(case: Case, inputs: Inputs, threads: Optional[int] = None):
-    """An onnxruntime InferenceSession (CPU) of the case at ``threads`` intra-op threads (default:
-    convfast's count), sequential, all graph optimisations on, and no spinning of its thread pool
-    after a run (spinning threads would take the cores from the library timed next)."""
+def ort_cpu_session(model: bytes, threads: Optional[int] = None):
+    """An onnxruntime InferenceSession (CPU) of an ONNX model at ``threads`` intra-op threads
+    (default: convfast's count), sequential, all graph optimisations on, and no spinning of its
+    thread pool after a run (spinning threads would take the cores from the library timed next)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or convfast.get_num_threads()
@@ -454,8 +454,12 @@ def ort_session(case: Case, inputs: Inputs, threads: Optional[int] = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    model = onnx_model_bytes(case, inputs.weight, inputs.bias)
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_session(case: Case, inputs: Inputs, threads: Optional[int] = None):
+    """The case's one-node model in ort_cpu_session."""
+    return ort_cpu_session(onnx_model_bytes(case, inputs.weight, inputs.bias), threads)
 
 
 def run_ort(session, inputs: Inputs) -> np.ndarray:
