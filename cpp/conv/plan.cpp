@@ -1,5 +1,6 @@
-// The convolution engine's plan execution. The engine is an implicit ("gather") GEMM and its
-// relatives over strided N-D views (see registry.cpp for the algorithms).
+// The convolution engine's plan execution (the chosen algorithm's execute), and the GEMM and
+// direct paths' shared blocking, weight packing and work split. Those paths are an implicit
+// ("gather") GEMM and its relatives over strided N-D views (registry.cpp lists every algorithm).
 //
 //   M = output pixels, N = output channels of one group, K = taps x input channels of one group.
 //
@@ -29,21 +30,15 @@
 #include <utility>
 #include <vector>
 
-#include "plan.hpp"
-#include "algorithms/channel_lanes.hpp"
-#include "algorithms/scatter_gemm.hpp"
-#include "algorithms/winograd.hpp"
+#include "algorithm.hpp"
 
 namespace convfast {
 
 thread_local std::string t_last_algorithm;
 
-template <typename T>
-ConvPlan<T>::Impl::~Impl() {}  // here, where winograd::Conv and channel_lanes::Conv are complete
-
 // The outputs no phase writes are the bias (or zero). Filled first; the phases then overwrite theirs.
 template <typename T>
-inline void ConvPlan<T>::Impl::fill_with_bias(const ConvProblem<T>& p) const {
+void ConvPlan<T>::Impl::fill_with_bias(const ConvProblem<T>& p) const {
   const int64_t planes = p.batch * p.groups * p.cout_per_group;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), planes)));
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -74,36 +69,80 @@ inline int64_t ConvPlan<T>::Impl::direct_rows_per_item(const ConvProblem<T>& p, 
 
 template <typename T>
 void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
-  const int64_t G = p.groups;
   for (int a = 0; a < kSpatialRank; ++a)
     if (p.out_size[a] == 0) return;  // nothing to write (the Python layer never calls with this)
-  if (outputs_uncovered || scatter) fill_with_bias(p);  // the scatter GEMM adds into y
-  if (!wino.empty()) {
-    // Non-finite values: an infinity in a tile spreads through the transforms into Inf - Inf =
-    // NaN where the direct sum gives +-Inf, so an output holding any Inf or NaN is recomputed
-    // by the exact-chain GEMM / direct plan (built here: this is rare, and costs one plan), whose
-    // IEEE results are those of PyTorch's. Checking the outputs as they are stored costs a
-    // multiply-add per output; checking the input instead would read it twice.
-    bool finite = true;
-    for (const auto& phase : wino) finite = phase->execute(p, get_num_threads()) && finite;
-    if (!finite) {
-      Impl(p, false).execute(p);
-      t_last_algorithm += " (after winograd: non-finite output)";
-      return;
+  if (outputs_uncovered) fill_with_bias(p);
+  algorithm->execute(*this, p);
+}
+
+// The GEMM and direct paths' blocking (tile_m, tile_n, kc_max and mc_max set by their create):
+// the channel tiles, the pixel-lanes and fused phases' pixel blocks, the phase pairs, and the
+// packed weights, one panel set [n_tile][K][tile_n] per (group, phase).
+template <typename T>
+void ConvPlan<T>::Impl::plan_blocks(const ConvProblem<T>& p) {
+  const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
+  n_tiles = ceil_div(cout, tile_n);
+  nt_per_block = direct || pixel_lanes ? n_tiles : std::max<int64_t>(1, 256 / tile_n);
+  ldc = std::min<int64_t>(n_tiles, nt_per_block) * tile_n;
+  if (pixel_lanes) {
+    // C is [channel][pixel] for all channels of the group, its pitch the pixel block. The block
+    // takes a panel of up to 256 KiB (half of L2: as read from x, each channel's run of pixels is
+    // one sequential stream, and longer runs were slightly faster on the 1x1 256->64 layer: 128 px
+    // 15.0 ms, 256 px 14.8 ms, f32, 2 threads; f64 64 px 29.8 ms, 128 px 29.2 ms) and a C of up to
+    // 128 KiB, down to one tile.
+    constexpr int64_t kPanelBytes = 262144, kCBytes = 131072;
+    mc_max = std::max<int64_t>(tile_m, std::min(kPanelBytes / (kc_max * (int64_t)sizeof(T)),
+                                                kCBytes / (ldc * (int64_t)sizeof(T))) / tile_m * tile_m);
+  }
+  fuse_phases = !direct && !pixel_lanes && phases.size() > 1 && (int64_t)phases.size() <= kMaxFusedPhases;
+  for (const Phase& ph : phases)
+    for (int a = 0; a < kSpatialRank; ++a)
+      fuse_phases = fuse_phases && ph[a]->count == phases[0][a]->count && ph[a]->out_step == phases[0][a]->out_step;
+  if (fuse_phases && phases[0][2]->out_step == 2) {
+    std::vector<bool> paired(phases.size(), false);
+    for (size_t a = 0; a < phases.size(); ++a)
+      for (size_t b = 0; b < phases.size(); ++b)
+        if (!paired[a] && !paired[b] && phases[a][0] == phases[b][0] && phases[a][1] == phases[b][1] &&
+            phases[b][2]->out_start == phases[a][2]->out_start + 1) {
+          row_pairs.push_back({(int64_t)a, (int64_t)b});
+          paired[a] = paired[b] = true;
+        }
+    if (row_pairs.size() * 2 != phases.size()) row_pairs.clear();  // all phases paired, or none
+  }
+  phases_share_patches = fuse_phases;
+  for (const Phase& ph : phases)
+    for (int a = 0; a < kSpatialRank; ++a)
+      phases_share_patches = phases_share_patches && ph[a]->in_step == phases[0][a]->in_step &&
+                             ph[a]->tap_offset == phases[0][a]->tap_offset;
+  if (fuse_phases)  // the C blocks of all phases together stay near L2 size
+    mc_max = std::max<int64_t>(
+        tile_m, std::min<int64_t>(mc_max, 262144 / (ldc * (int64_t)phases.size() * (int64_t)sizeof(T)) / tile_m * tile_m));
+
+  if (weights_in_place) return;
+  // Packed weights: one panel set [n_tile][K][tile_n] per (group, phase).
+  wpack_offset.assign(static_cast<size_t>(checked_mul(G, (int64_t)phases.size())) + 1, 0);
+  size_t idx = 0;
+  for (int64_t g = 0; g < G; ++g)
+    for (const Phase& ph : phases) {
+      const int64_t K = checked_mul(PhaseShape(ph).num_taps, cin);
+      wpack_offset[idx + 1] = checked_add(wpack_offset[idx], checked_mul(n_tiles * tile_n, K));
+      ++idx;
     }
-    t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
-    return;
+  wpack.reset(new AlignedBuffer<T>(wpack_offset.back()));
+  const int64_t n_phases = (int64_t)phases.size(), n_panels = G * n_phases * n_tiles;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), n_panels)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t i = 0; i < n_panels; ++i) {
+    const int64_t gp = i / n_tiles, nt = i % n_tiles;
+    const int64_t K = PhaseShape(phases[gp % n_phases]).num_taps * cin;
+    pack_weight_tile(p, phases[gp % n_phases], gp / n_phases, tile_n, nt,
+                     wpack->get() + wpack_offset[gp] + nt * K * tile_n, uk.transpose_block, uk.lanes);
   }
-  if (scatter) {
-    scatter->execute(p, get_num_threads());
-    t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
-    return;
-  }
-  if (lanes) {
-    lanes->execute(p, get_num_threads());
-    t_last_algorithm = describe() + " threads=" + std::to_string(get_num_threads());
-    return;
-  }
+}
+
+template <typename T>
+void ConvPlan<T>::Impl::run_items(const ConvProblem<T>& p) const {
+  const int64_t G = p.groups;
   // Items are ordered block by block with the stride phases of a block adjacent: the phases of a
   // transposed convolution interleave their outputs (stride 2: every other element of every other
   // row), so running a block's phases back to back on one thread writes each output cache line
@@ -175,13 +214,26 @@ void ConvPlan<T>::Impl::execute(const ConvProblem<T>& p) const {
     for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m, max_cache_entries);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
   for (int64_t i = 0; i < (int64_t)items.size(); ++i) run_item(p, items[i], *scratch[omp_get_thread_num()]);
-  t_last_algorithm = describe() + " threads=" + std::to_string(nthreads);
+  record_algorithm<T>(*this, nthreads);
 }
 
+template <typename T>
+std::string ConvPlan<T>::Impl::describe_blocks(const char* name) const {
+  return std::string(name) + " " + isa + " " + std::to_string(tile_m) + "x" + std::to_string(tile_n) +
+         " phases=" + std::to_string(phases.size()) + (fuse_phases ? " fused" : "") +
+         (row_pairs.empty() ? "" : " paired");
+}
+
+template std::string ConvPlan<float>::Impl::describe_blocks(const char*) const;
+template std::string ConvPlan<double>::Impl::describe_blocks(const char*) const;
 template void ConvPlan<float>::Impl::execute(const ConvProblem<float>& p) const;
 template void ConvPlan<double>::Impl::execute(const ConvProblem<double>& p) const;
-template ConvPlan<float>::Impl::~Impl();
-template ConvPlan<double>::Impl::~Impl();
+template void ConvPlan<float>::Impl::plan_blocks(const ConvProblem<float>& p);
+template void ConvPlan<double>::Impl::plan_blocks(const ConvProblem<double>& p);
+template void ConvPlan<float>::Impl::run_items(const ConvProblem<float>& p) const;
+template void ConvPlan<double>::Impl::run_items(const ConvProblem<double>& p) const;
+template void ConvPlan<float>::Impl::fill_with_bias(const ConvProblem<float>& p) const;
+template void ConvPlan<double>::Impl::fill_with_bias(const ConvProblem<double>& p) const;
 template <typename T>
 void ConvPlan<T>::execute(const ConvProblem<T>& given) const {
   validate(given);
@@ -211,29 +263,8 @@ void run_convolution(const ConvProblem<T>& p) {
   ConvPlan<T>(p).execute(p);
 }
 
-template <typename T>
-bool depthwise_lanes_weight_grad(const ConvProblem<T>& p, T* out) {
-  const UkernelInfo<T>& uk = active_ukernel<T>();
-  if (p.kind != ConvKind::Forward || p.groups < uk.lanes) return false;
-  std::vector<AxisPlan> axes[kSpatialRank];
-  for (int a = 0; a < kSpatialRank; ++a) {
-    if (p.out_size[a] < 1) return false;
-    axes[a].push_back(forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
-                                   p.pad_before[a], p.mode));
-  }
-  const std::vector<Phase> phases = {{&axes[0][0], &axes[1][0], &axes[2][0]}};
-  if (!channel_lanes::Conv<T>::applies(p, phases, uk)) return false;
-  bool ok = false;
-  const channel_lanes::Conv<T> conv(p, axes, uk, ok);
-  if (!ok) return false;
-  conv.weight_grad(p, out, get_num_threads());
-  return true;
-}
-
 template class ConvPlan<float>;
 template class ConvPlan<double>;
 template void run_convolution<float>(const ConvProblem<float>&);
 template void run_convolution<double>(const ConvProblem<double>&);
-template bool depthwise_lanes_weight_grad<float>(const ConvProblem<float>&, float*);
-template bool depthwise_lanes_weight_grad<double>(const ConvProblem<double>&, double*);
 }  // namespace convfast

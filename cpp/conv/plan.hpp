@@ -1,14 +1,12 @@
 // The forward engine's plan (internal): ConvPlan<T>::Impl holds what the chosen algorithm needs.
-// Its member functions live in the units of the tree:
-//   registry.cpp             the constructor: the choice of algorithm (choose_winograd,
-//                            choose_channel_lanes, choose_algorithm, choose_plane_mode,
-//                            choose_pixel_lanes), weight packing, describe()
-//   plan.cpp                 execute(): the work split, scratch, threads; the public ConvPlan API
-//   algorithms/gemm.cpp      implicit GEMM (gather, pixel lanes) and the per-item dispatch (run_item)
-//   algorithms/direct.cpp    direct rows and planes (pixels in the vector lanes)
-//   algorithms/winograd.hpp, algorithms/channel_lanes.hpp, algorithms/scatter_gemm.hpp:
-//                            self-contained algorithm classes
-//                            (held by pointer here, created in registry.cpp, run in plan.cpp)
+// The algorithms and the choice among them are listed in algorithm.hpp / registry.cpp; the units:
+//   registry.cpp             the table of algorithms, the choice (one function over the table),
+//                            the constructor (axis plans, stride phases), CONVFAST_VERBOSE
+//   plan.cpp                 the GEMM and direct paths' blocking, weight packing and work split
+//                            (plan_blocks, run_items), execute(); the public ConvPlan API
+//   algorithms/*.cpp         one unit per algorithm: its entry (applies, cost, create, execute,
+//                            describe) and its code; winograd, channel lanes and the scatter GEMM
+//                            keep their own plan (an AlgorithmPlan, held in `own`)
 #pragma once
 #include "common/geometry.hpp"
 #include "common/packing.hpp"
@@ -19,18 +17,13 @@
 
 namespace convfast {
 namespace engine {
-namespace winograd {
+// An algorithm's own part of a plan (Winograd's transformed weights, the channel lanes' and the
+// scatter GEMM's plans), defined in its unit; the Impl holds it without knowing its type.
+struct AlgorithmPlan {
+  virtual ~AlgorithmPlan() = default;
+};
 template <typename T>
-struct Conv;
-}  // namespace winograd
-namespace channel_lanes {
-template <typename T>
-struct Conv;
-}  // namespace channel_lanes
-namespace scatter_gemm {
-template <typename T>
-struct Conv;
-}  // namespace scatter_gemm
+struct Algorithm;  // algorithm.hpp
 }  // namespace engine
 
 using namespace engine;  // internal header: the engine's units share these names
@@ -120,23 +113,13 @@ struct ConvPlan<T>::Impl {
   int64_t row_buffer_size = 0;           // direct path: per-thread row buffers, elements
   int64_t max_cache_entries = 0;         // direct path: row-buffer cache entries per thread
   int64_t n_tiles = 0, kc_max = 0, mc_max = 0, nt_per_block = 0, ldc = 0, max_taps = 0, max_k = 0;
-  std::vector<std::unique_ptr<winograd::Conv<T>>> wino;  // per phase, when the layer runs Winograd (winograd.hpp)
-  std::unique_ptr<channel_lanes::Conv<T>> lanes;         // depthwise layers with channels in the lanes
-  std::unique_ptr<scatter_gemm::Conv<T>> scatter;        // transposed layers of small inputs (and non-finite weights)
+  const Algorithm<T>* algorithm = nullptr;  // the chosen entry of the table (registry.cpp)
+  std::unique_ptr<const AlgorithmPlan> own;  // its own plan, where it keeps one (its unit's type)
 
   explicit Impl(const ConvProblem<T>& p, bool allow_winograd = true);  // registry.cpp: the choice
-  ~Impl();                                                             // plan.cpp
 
-  static bool integer_weights(const ConvProblem<T>& p);
-
-  bool choose_winograd(const ConvProblem<T>& p);
-
-  bool choose_channel_lanes(const ConvProblem<T>& p);
-
-  static constexpr int64_t kScatterMaxPixels = 512, kScatterMaxPixelsOnePhase = 16;
-  bool choose_scatter_gemm(const ConvProblem<T>& p);
-
-  static bool weights_finite(const ConvProblem<T>& p);
+  static bool integer_weights(const ConvProblem<T>& p);  // registry.cpp
+  static bool weights_finite(const ConvProblem<T>& p);   // registry.cpp
 
   // The direct micro-kernel's channel tile (index into kDirectChannelTiles) for C_out/G channels:
   // the smallest that holds them, up to 6. 6-channel tiles have the best loads-per-FMA ratio, but
@@ -152,9 +135,11 @@ struct ConvPlan<T>::Impl {
     return variant == 4 && cout % 4 == 0 && ceil_div(cout, 6) * 6 * 10 > cout * 11 ? 3 : variant;
   }
 
-  void choose_algorithm(const ConvProblem<T>& p);
+  void choose_plane_mode(const ConvProblem<T>& p);  // algorithms/direct.cpp
 
-  void choose_plane_mode(const ConvProblem<T>& p);
+  // The GEMM and direct paths: cache blocking, phase fusion and the packed weights, once tile_m,
+  // tile_n and the orientation are set (plan.cpp).
+  void plan_blocks(const ConvProblem<T>& p);
 
   // Whether gemm_block reads a tile whose pixels' inputs are `step` apart (for every tap) in place,
   // with `row_taps` taps along the row (see below).
@@ -191,8 +176,8 @@ struct ConvPlan<T>::Impl {
   __attribute__((noinline)) static void fill_row_buffer(const RowBufferPlan& rb, int64_t slot, const T* x_row,
                                                         int64_t xs2, T* dst);
 
-  bool choose_pixel_lanes(const ConvProblem<T>& p) const;
-  bool choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const;
+  bool choose_pixel_lanes(const ConvProblem<T>& p) const;                                 // algorithms/gemm.cpp
+  bool choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const;  // algorithms/gemm.cpp
 
   void pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const;
 
@@ -202,9 +187,14 @@ struct ConvPlan<T>::Impl {
 
   int64_t direct_rows_per_item(const ConvProblem<T>& p, int64_t rows, int64_t row_length) const;
 
-  void execute(const ConvProblem<T>& p) const;
+  // The GEMM and direct paths' execution: the work split, scratch and threads (plan.cpp).
+  void run_items(const ConvProblem<T>& p) const;
 
-  std::string describe() const;
+  void execute(const ConvProblem<T>& p) const;  // the chosen algorithm's (plan.cpp)
+
+  std::string describe() const;  // the chosen algorithm's (registry.cpp)
+  // The GEMM and direct paths' description: name, ISA, tile, phases (plan.cpp).
+  std::string describe_blocks(const char* name) const;
 };
 
 }  // namespace convfast

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "../plan.hpp"
+#include "../algorithm.hpp"
 
 namespace convfast {
 
@@ -321,5 +321,167 @@ template void ConvPlan<double>::Impl::direct_planes<true>(const ConvProblem<doub
 template void ConvPlan<double>::Impl::direct_planes<false>(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s) const;
 template void ConvPlan<float>::Impl::fill_row_buffer(const RowBufferPlan& rb, int64_t slot, const float* x_row, int64_t xs2, float* dst);
 template void ConvPlan<double>::Impl::fill_row_buffer(const RowBufferPlan& rb, int64_t slot, const double* x_row, int64_t xs2, double* dst);
+
+
+// ---- The entry -----------------------------------------------------------------------------------
+
+// GEMM (pixels x output channels, output channels in the vector lanes) or direct (output
+// channels broadcast, pixels in the vector lanes, inputs copied row by row, channels-first rows
+// written in place). Measured on the layer suite (AVX2, 2 threads), direct wins when a group has
+// few output channels (depthwise: one; a GEMM would leave most lanes empty), for very few input
+// channels (the 3 -> 64 stem, 3-D 1 -> 32: K too short to amortise packing) and for large
+// channels-first planes at stride 1 (U-Net 128x128, 3-D 32^3: GEMM packing strides across
+// planes of 64 KiB and more); GEMM wins for the usual 2-D layers, strided 3-D layers,
+// transposed layers, channels-last outputs and short rows (7x7 maps), where it tiles across rows.
+// CONVFAST_ALGO=gemm|direct forces one where it can run (tests use it).
+namespace engine {
+namespace direct {
+
+constexpr double kRank = 4.0;  // its place in the table (registry.cpp)
+
+// Where every axis-2 plan has a usable row buffer (the rows are copied into it) and the buffers
+// fit 8 MiB per thread; the row plans are kept for create.
+template <typename T>
+bool applies(Choice<T>& c) {
+  const typename ConvPlan<T>::Impl& plan = c.plan;
+  const UkernelInfo<T>& uk = plan.uk;
+  const int pw = uk.pw[ConvPlan<T>::Impl::direct_variant_for(c.p.cout_per_group)];
+  c.row_plans.clear();
+  c.row_buffer_size = c.max_cache_entries = 0;
+  c.row_fill = 1.0;
+  bool possible = uk.direct[0] != nullptr && plan.max_k <= 16384;
+  for (const AxisPlan& a2 : plan.axes[2]) {
+    if (!possible) break;
+    c.row_plans.emplace_back(a2, pw, int64_t(1) << 22);
+    possible = c.row_plans.back().usable;
+    c.row_fill = std::min(c.row_fill, double(a2.count) / double(ceil_div(std::max<int64_t>(a2.count, 1), pw) * pw));
+  }
+  if (!possible) return false;
+  for (const Phase& ph : plan.phases) {
+    const RowBufferPlan& rb = c.row_plans[ph[2] - plan.axes[2].data()];
+    const int64_t entries = ConvPlan<T>::Impl::cache_entries(ph[0]->taps.size(), ph[1]->taps.size());
+    const int64_t size =
+        checked_mul(checked_mul(entries, c.p.cin_per_group), checked_mul((int64_t)rb.residue.size(), rb.length));
+    c.row_buffer_size = std::max(c.row_buffer_size, size);
+    c.max_cache_entries = std::max(c.max_cache_entries, entries);
+  }
+  return c.row_buffer_size * (int64_t)sizeof(T) <= (int64_t(8) << 20);
+}
+
+template <typename T>
+double cost(Choice<T>& c) {
+  constexpr int64_t kLargePlane = 16384;  // input elements per channel
+  const ConvProblem<T>& p = c.p;
+  const double rank = kRank;
+  if (c.forced_is("gemm")) return c.refuse("gemm forced");
+  if (c.forced_is("direct")) return c.take("forced", rank);
+  const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
+  const int64_t plane = p.in_size[0] * p.in_size[1] * p.in_size[2];
+  const bool unit_stride = p.kind == ConvKind::Forward && p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
+  if (2 * cout <= c.plan.uk.nr) return c.take("few output channels per group", rank);
+  if (p.y_stride[2] == 1 && c.row_fill >= 0.75 && (cin <= 4 || (plane >= kLargePlane && unit_stride)))
+    return c.take(cin <= 4 ? "few input channels" : "large planes at unit stride", rank);
+  return c.refuse("the GEMM tiles it better");
+}
+
+template <typename T>
+bool create(Choice<T>& c) {
+  typename ConvPlan<T>::Impl& plan = c.plan;
+  const ConvProblem<T>& p = c.p;
+  plan.direct = true;
+  plan.direct_variant = ConvPlan<T>::Impl::direct_variant_for(p.cout_per_group);
+  const int pw = plan.uk.pw[plan.direct_variant];
+  plan.row_plans = std::move(c.row_plans);
+  plan.row_buffer_size = c.row_buffer_size;
+  plan.max_cache_entries = c.max_cache_entries;
+  plan.choose_plane_mode(p);
+  int64_t longest = 0;
+  for (const RowBufferPlan& rb : plan.row_plans) longest = std::max(longest, rb.length);
+  plan.zero_row.reset(new AlignedBuffer<T>(longest + pw));
+  std::fill(plan.zero_row->get(), plan.zero_row->get() + longest + pw, T(0));
+  plan.tile_m = pw;
+  if (plan.tile_m > ConvPlan<T>::Impl::kMaxTilePixels) throw std::logic_error("direct tile wider than kMaxTilePixels");
+  plan.tile_n = kDirectChannelTiles[plan.direct_variant];
+  plan.kc_max = std::max<int64_t>(plan.max_k, 1);
+  plan.mc_max = plan.tile_m;
+  plan.plan_blocks(p);
+  return true;
+}
+
+template <typename T>
+void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
+  plan.run_items(p);
+}
+
+template <typename T>
+std::string describe(const typename ConvPlan<T>::Impl& plan) {
+  return plan.describe_blocks(plan.plane_mode ? "direct_planes" : "direct_rows");
+}
+
+}  // namespace direct
+
+template <typename T>
+const Algorithm<T>& direct_algorithm() {
+  static const Algorithm<T> entry = {"direct", direct::kRank,
+      direct::applies<T>, direct::cost<T>,
+      direct::create<T>, direct::execute<T>, direct::describe<T>};
+  return entry;
+}
+template const Algorithm<float>& direct_algorithm<float>();
+template const Algorithm<double>& direct_algorithm<double>();
+}  // namespace engine
+
+// Plane mode pays off for short output rows (under 5 tiles; measured on the layer suite: depthwise
+// 56 and 112 wide, ResNeXt groups at 56, 3-D 32^3 gain 1.3-3x, the 112-wide stem does not), when a
+// useful block of rows of every (axis-0 tap, input channel, slot) fits a per-thread budget of half
+// the L2 size. (Under 4 tiles and 128 KiB left the 3-D 1 -> 32 layer's float64 passes to rows:
+// 4 tiles of 8 in its forward, 32 input channels x 3 taps per buffered row in its grad_input.
+// Planes: forward 8.7 -> 7.8 ms, grad_input 20.6 -> 14.7; the stem's float32 grad_input (its
+// 3-channel tiles are 24 wide) 31.6 -> 28.1; p25, one process.)
+template <typename T>
+void ConvPlan<T>::Impl::choose_plane_mode(const ConvProblem<T>& p) {
+  const int64_t kShortRow = 5 * uk.pw[direct_variant], kBudgetBytes = 256 * 1024, kMinRows = 4;
+  if (const char* forced = std::getenv("CONVFAST_DIRECT")) {
+    if (std::strcmp(forced, "rows") == 0) return;
+  }
+  const int64_t cin = p.cin_per_group;
+  for (const AxisPlan& a2 : axes[2]) {
+    col_plans.emplace_back(a2, 1, int64_t(1) << 22);
+    if (!col_plans.back().usable || a2.count >= kShortRow) return col_plans.clear();
+  }
+  for (const AxisPlan& a1 : axes[1]) {
+    line_plans.emplace_back(a1, 1, int64_t(1) << 22);
+    if (!line_plans.back().usable) return col_plans.clear(), line_plans.clear();
+  }
+  // Per phase: elements of one buffered row across all slabs, the extra rows the axis-1 taps
+  // read, and the pitch.
+  struct SlabShape {
+    int64_t row_elements, span1, pitch;
+  };
+  std::vector<SlabShape> shapes;
+  for (const Phase& ph : phases) {
+    const RowBufferPlan &cp = col_plans[ph[2] - axes[2].data()], &lp = line_plans[ph[1] - axes[1].data()];
+    shapes.push_back({cin * (int64_t)ph[0]->taps.size() * (int64_t)(lp.residue.size() * cp.residue.size()) *
+                          cp.length,
+                      lp.length - ph[1]->count, cp.length});
+  }
+  int64_t rows = INT64_MAX, size = 0;
+  for (size_t i = 0; i < phases.size(); ++i) {
+    const int64_t count1 = phases[i][1]->count;
+    const int64_t fit = kBudgetBytes / (int64_t)sizeof(T) / std::max<int64_t>(shapes[i].row_elements, 1) -
+                        shapes[i].span1;
+    rows = std::min(rows, std::min(fit, count1));
+    if (fit < std::min(kMinRows, count1)) return col_plans.clear(), line_plans.clear();
+  }
+  plane_rows = std::max<int64_t>(rows, 1);
+  for (const SlabShape& sh : shapes)  // the slabs, then the slack read by dropped lanes (direct_planes)
+    size = std::max(size, sh.row_elements * (plane_rows + sh.span1) + sh.pitch + uk.pw[direct_variant]);
+  plane_mode = true;
+  row_buffer_size = size;
+  max_cache_entries = 0;
+}
+
+template void ConvPlan<float>::Impl::choose_plane_mode(const ConvProblem<float>& p);
+template void ConvPlan<double>::Impl::choose_plane_mode(const ConvProblem<double>& p);
 
 }  // namespace convfast

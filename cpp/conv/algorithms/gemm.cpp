@@ -18,7 +18,7 @@
 #include <utility>
 #include <vector>
 
-#include "../plan.hpp"
+#include "../algorithm.hpp"
 
 namespace convfast {
 
@@ -361,5 +361,131 @@ void ConvPlan<T>::Impl::run_item(const ConvProblem<T>& p, const WorkItem& it, Th
 
 template void ConvPlan<float>::Impl::run_item(const ConvProblem<float>& p, const WorkItem& it, ThreadScratch<float>& s) const;
 template void ConvPlan<double>::Impl::run_item(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s) const;
+
+
+// ---- The entry -----------------------------------------------------------------------------------
+
+// The GEMM runs every problem: the choice's last resort. Its orientation (gather, or pixel lanes
+// with the weights packed or read in place) is chosen below.
+namespace engine {
+namespace gemm {
+
+constexpr double kRank = 5.0;  // its place in the table (registry.cpp)
+
+template <typename T>
+bool applies(Choice<T>&) {
+  return true;
+}
+
+template <typename T>
+double cost(Choice<T>& c) {
+  return c.take(c.forced_is("gemm") ? "forced" : "runs everything", kRank);
+}
+
+template <typename T>
+bool create(Choice<T>& c) {
+  typename ConvPlan<T>::Impl& plan = c.plan;
+  const ConvProblem<T>& p = c.p;
+  const UkernelInfo<T>& uk = plan.uk;
+  plan.direct_variant = ConvPlan<T>::Impl::direct_variant_for(p.cout_per_group);
+  plan.pixel_lanes = plan.choose_pixel_lanes(p);
+  plan.weights_in_place = plan.choose_weights_in_place(p, plan.pixel_lanes);
+  plan.pixel_lanes = plan.pixel_lanes || plan.weights_in_place;
+  const int tile_m = plan.tile_m = plan.pixel_lanes ? uk.nr : uk.mr;
+  plan.tile_n = plan.pixel_lanes ? uk.mr : uk.nr;
+  if (tile_m != 4 && tile_m != 6 && tile_m != 8 && tile_m != 12 && tile_m != 16 && tile_m != 32)
+    throw std::logic_error("convfast: no input packing routine for micro-kernel height " + std::to_string(tile_m));
+  // Cache blocking: a KC x NR panel of B stays in L1 (~16 KiB) while MC x KC of A streams from L2.
+  // (Both orientations take the same KC, so that their K blocks and results are identical.)
+  plan.kc_max = std::max<int64_t>(64, std::min<int64_t>(512, 16384 / (uk.nr * (int64_t)sizeof(T))));
+  plan.mc_max = std::max<int64_t>(tile_m, (131072 / (plan.kc_max * (int64_t)sizeof(T))) / tile_m * tile_m);
+  plan.plan_blocks(p);
+  return true;
+}
+
+template <typename T>
+void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
+  plan.run_items(p);
+}
+
+template <typename T>
+std::string describe(const typename ConvPlan<T>::Impl& plan) {
+  return plan.describe_blocks(plan.weights_in_place ? "pixel_lanes_gemm_in_place"
+                              : plan.pixel_lanes    ? "pixel_lanes_gemm"
+                                                    : "gather_gemm");
+}
+
+}  // namespace gemm
+
+template <typename T>
+const Algorithm<T>& gemm_algorithm() {
+  static const Algorithm<T> entry = {"gemm", gemm::kRank,
+      gemm::applies<T>, gemm::cost<T>,
+      gemm::create<T>, gemm::execute<T>, gemm::describe<T>};
+  return entry;
+}
+template const Algorithm<float>& gemm_algorithm<float>();
+template const Algorithm<double>& gemm_algorithm<double>();
+}  // namespace engine
+
+// Pixels in the vector lanes: single-phase layers with channels-first outputs whose every tile
+// gemm_block would pack (one-tap layers, strided layers not read in place). There the
+// usual orientation (pixels broadcast, channels in the lanes) spends its time outside the
+// micro-kernel: packing six pixels per k and transposing C into y's channel-major rows; swapped,
+// a k of the panel is NR pixels (a row's contiguous run, one copy) and C's rows are y's rows.
+// CONVFAST_PIXEL_LANES=0|1 excludes or forces it (tests use it).
+template <typename T>
+bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const {
+  const char* forced = std::getenv("CONVFAST_PIXEL_LANES");
+  if (forced && std::strcmp(forced, "0") == 0) return false;
+  if (forced && std::strcmp(forced, "1") == 0) return true;
+  if (phases.size() != 1 || p.y_stride_c == 1 || p.y_stride[2] * phases[0][2]->out_step != 1) return false;
+  // Where gemm_block reads no tile in place and packs them all anyway: one tap (gemm_block packs
+  // one-tap phases), or a step along the row it does not read in place (stride 3 and more; the
+  // k2s2 convolution, the grad_input of k2s2 up-convolutions: 1.05-1.2x measured).
+  return max_taps == 1 ||
+         !steps_in_place(phases[0][2]->in_step * p.x_stride[2], (int64_t)phases[0][2]->taps.size());
+}
+
+// The weights read in place: one phase (forward or transposed), y channels-first with contiguous
+// rows (the pixel-lanes store), few output pixels (at most kSmallM = 128 over the whole call, the batch
+// included) and large weights, which a call would otherwise pack (read and write) before reading
+// them once more for so few pixels: from 1 MiB where the packed GEMM would take the pixel lanes too
+// (1x1 layers) or the pixels fit one tile, from 8 MiB against the usual orientation, whose tiles
+// suit 49 pixels better. 2 threads, float32, p25 against the packed GEMM (noisy host, several
+// runs): 512 -> 2048 1x1 on 7x7 1.36-1.52x, 320 -> 1280 1.37-1.46x, 512 3x3 on 4x4 0.98-1.8x, on
+// 7x7 0.98-1.22x, DCGAN's 100 -> 512 k4 on 1x1 1.12-1.22x; 256 -> 512 3x3 s2 on 14x14 (4.5 MiB)
+// 0.82-1.06x, 256 3x3 on 7x7 (2.3 MiB) 0.76-0.85x; 1 thread, AVX-512, min of interleaved runs:
+// 8 x 512 3x3 on 4x4 (128 pixels) 1.17x, 6 x 512 on 4x4 (96) 1.13x, 2 x 512 on 7x7 (98) 0.90-0.98x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it
+// can run, =0 never (tests); CONVFAST_PIXEL_LANES=0 or a forced CONVFAST_ALGO keeps the packed GEMM.
+template <typename T>
+bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const {
+  constexpr int64_t kSmallM = 128;
+  if (phases.size() != 1 || p.y_stride_c == 1 || uk.fn_pixels == nullptr ||
+      p.y_stride[2] * phases[0][2]->out_step != 1)
+    return false;
+  if (const char* forced = std::getenv("CONVFAST_WEIGHTS_IN_PLACE")) {
+    if (*forced) return std::strcmp(forced, "1") == 0;
+  }
+  if (const char* lanes = std::getenv("CONVFAST_PIXEL_LANES")) {
+    if (std::strcmp(lanes, "0") == 0) return false;  // no pixel-lanes orientation at all
+  }
+  if (const char* algo = forced_algorithm()) {
+    if (*algo) return false;
+  }
+  const int64_t pixels = checked_mul(p.batch, PhaseShape(phases[0]).num_pixels);
+  const int64_t weight_bytes = checked_mul(checked_mul(p.groups * p.cout_per_group, max_k), (int64_t)sizeof(T));
+  const int64_t large = packed_pixel_lanes || pixels <= uk.nr ? int64_t(1) << 20 : int64_t(8) << 20;
+  // Past 64 pixels only whole-ish pixel tiles (the last at least half full): the in-place kernel's
+  // tiles are NR pixels, and a nearly empty last tile costs a whole pass over the weights.
+  const int64_t tail = pixels % uk.nr;
+  const bool tiles_full = pixels <= 64 || tail == 0 || 2 * tail >= uk.nr;
+  return pixels <= kSmallM && tiles_full && weight_bytes >= large;
+}
+
+template bool ConvPlan<float>::Impl::choose_pixel_lanes(const ConvProblem<float>& p) const;
+template bool ConvPlan<double>::Impl::choose_pixel_lanes(const ConvProblem<double>& p) const;
+template bool ConvPlan<float>::Impl::choose_weights_in_place(const ConvProblem<float>& p, bool) const;
+template bool ConvPlan<double>::Impl::choose_weights_in_place(const ConvProblem<double>& p, bool) const;
 
 }  // namespace convfast

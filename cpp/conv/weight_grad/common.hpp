@@ -228,6 +228,21 @@ const T* channels_last(const T* src, int64_t batch, int64_t C, const int64_t siz
   return base;
 }
 
+// Whether every element of the (batch, C, S0, S1, S2) tensor is an integer (stops at the first
+// that is not: at once for most real data).
+template <typename T>
+bool integer_valued(const T* x, int64_t batch, int64_t C, const int64_t size[kSpatialRank], int64_t sn, int64_t sc,
+                    const int64_t ss[kSpatialRank]) {
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t i0 = 0; i0 < size[0]; ++i0)
+        for (int64_t i1 = 0; i1 < size[1]; ++i1) {
+          const T* row = x + n * sn + c * sc + i0 * ss[0] + i1 * ss[1];
+          for (int64_t i2 = 0; i2 < size[2]; ++i2)
+            if (row[i2 * ss[2]] != std::nearbyint(row[i2 * ss[2]])) return false;
+        }
+  return true;
+}
 
 // The algorithm units (each explicitly instantiated for float and double).
 // depthwise.cpp: Ca/G = 1 and Cb/G <= kMaxMultiplier.
@@ -239,11 +254,12 @@ template <typename T>
 bool rows_weight_grad_applies(const WeightGradProblem<T>& p);
 template <typename T>
 void rows_weight_grad(const WeightGradProblem<T>& p);
-// gemm.cpp: the GEMM, or Winograd F(2, 3) where WeightGrad::choose_winograd takes it. Runs it and
-// returns true, except that a plan which is not Winograd returns false without running when
-// rows_preferred (registry.cpp then runs the rows path).
+// gemm.cpp: the Winograd tile WeightGrad::choose_winograd takes (0: none), and the GEMM, Winograd
+// with tile wino_m (0: the GEMM).
 template <typename T>
-bool gemm_weight_grad(const WeightGradProblem<T>& p, bool rows_preferred);
+int winograd_weight_grad_tile(const WeightGradProblem<T>& p);
+template <typename T>
+void gemm_weight_grad(const WeightGradProblem<T>& p, int wino_m);
 
 }  // namespace wgrad
 }  // namespace convfast

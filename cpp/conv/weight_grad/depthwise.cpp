@@ -18,7 +18,7 @@
 #include "convfast/threads.hpp"
 #include "convfast/weight_grad.hpp"
 
-#include "common.hpp"
+#include "algorithm.hpp"
 
 namespace convfast {
 namespace wgrad {
@@ -111,6 +111,35 @@ void depthwise_weight_grad(const WeightGradProblem<T>& p) {
 
 template void depthwise_weight_grad<float>(const WeightGradProblem<float>&);
 template void depthwise_weight_grad<double>(const WeightGradProblem<double>&);
+
+// ---- The entry: depthwise and channel-multiplier layers (after the channel lanes) ----------------
+namespace depthwise_entry {
+template <typename T>
+bool applies(WgradChoice<T>& c) {
+  return c.p.a_channels == c.p.groups && c.p.b_channels <= kMaxMultiplier * c.p.groups;
+}
+template <typename T>
+double cost(WgradChoice<T>& c) {
+  return c.take("depthwise or channel multiplier", 2.0);
+}
+template <typename T>
+bool run(WgradChoice<T>& c) {
+  set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
+  depthwise_weight_grad(c.p);
+  return true;
+}
+inline const char* describe() { return "depthwise: per output channel, lanes of partial sums per tap"; }
+}  // namespace depthwise_entry
+
+template <typename T>
+const WeightGradAlgorithm<T>& depthwise_weight_grad_algorithm() {
+  static const WeightGradAlgorithm<T> entry = {"depthwise", 2.0,
+      depthwise_entry::applies<T>, depthwise_entry::cost<T>,
+      depthwise_entry::run<T>, depthwise_entry::describe};
+  return entry;
+}
+template const WeightGradAlgorithm<float>& depthwise_weight_grad_algorithm<float>();
+template const WeightGradAlgorithm<double>& depthwise_weight_grad_algorithm<double>();
 
 }  // namespace wgrad
 }  // namespace convfast

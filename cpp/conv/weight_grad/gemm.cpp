@@ -47,7 +47,7 @@
 #include "convfast/threads.hpp"
 #include "convfast/weight_grad.hpp"
 
-#include "common.hpp"
+#include "algorithm.hpp"
 
 namespace convfast {
 namespace wgrad {
@@ -89,7 +89,9 @@ struct WeightGrad {
   bool direct_a = false;
   std::unique_ptr<AlignedBuffer<T>> bpack;  // [g][b-tile][k][bw]
 
-  explicit WeightGrad(const WeightGradProblem<T>& prob) : p(prob), uk(active_ukernel<T>()) {
+  // wino_m: the Winograd tile if already chosen (winograd_weight_grad_tile), else -1.
+  explicit WeightGrad(const WeightGradProblem<T>& prob, int wino_m_chosen = -1)
+      : p(prob), uk(active_ukernel<T>()) {
     mr = uk.mr;
     nr = uk.nr;
     G = p.groups;
@@ -107,7 +109,7 @@ struct WeightGrad {
     auto fill = [](int64_t n, int w) { return n > 0 ? double(n) / double(ceil_div(n, w) * w) : 1.0; };
     const int64_t stack = ca_g > 0 && 2 * ca_g <= mr && taps > 1 ? std::min<int64_t>(mr / ca_g, taps) : 1;
     // Winograd (normal orientation: its chosen channel counts fill either tile alike).
-    wino_m = choose_winograd();
+    wino_m = wino_m_chosen >= 0 ? wino_m_chosen : choose_winograd();
     winograd = wino_m != 0;
     swapped = !winograd && fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
     bw = swapped ? nr : mr;
@@ -204,25 +206,10 @@ struct WeightGrad {
     // M within the working-memory bound, as the forward's transform.
     constexpr double kMaxProductsBytes = double(int64_t(48) << 20);
     if (sizeof(T) == 8 && cost4 * 1.5 < cost2 && winograd_products_bytes(4) <= kMaxProductsBytes &&
-        !(integer_valued(p.a, p.a_channels, p.a_size, p.a_stride_n, p.a_stride_c, p.a_stride) &&
-          integer_valued(p.b, p.b_channels, p.b_size, p.b_stride_n, p.b_stride_c, p.b_stride)))
+        !(integer_valued(p.a, p.batch, p.a_channels, p.a_size, p.a_stride_n, p.a_stride_c, p.a_stride) &&
+          integer_valued(p.b, p.batch, p.b_channels, p.b_size, p.b_stride_n, p.b_stride_c, p.b_stride)))
       return 4;
     return winograd_products_bytes(2) <= kMaxProductsBytes ? 2 : 0;
-  }
-
-  // Whether every element of the (batch, C, S0, S1, S2) tensor is an integer (stops at the first
-  // that is not: at once for most real data).
-  bool integer_valued(const T* x, int64_t C, const int64_t size[kSpatialRank], int64_t sn, int64_t sc,
-                      const int64_t ss[kSpatialRank]) const {
-    for (int64_t n = 0; n < p.batch; ++n)
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i0 = 0; i0 < size[0]; ++i0)
-          for (int64_t i1 = 0; i1 < size[1]; ++i1) {
-            const T* row = x + n * sn + c * sc + i0 * ss[0] + i1 * ss[1];
-            for (int64_t i2 = 0; i2 < size[2]; ++i2)
-              if (row[i2 * ss[2]] != std::nearbyint(row[i2 * ss[2]])) return false;
-          }
-    return true;
   }
 
   // ---- b -> panels [g][tile][k][bw] (zero entries past Cb_g) ----
@@ -763,16 +750,47 @@ struct WeightGrad {
 }  // namespace
 
 template <typename T>
-bool gemm_weight_grad(const WeightGradProblem<T>& p, bool rows_preferred) {
-  WeightGrad<T> gemm(p);
-  if (!gemm.winograd && rows_preferred) return false;
-  gemm.run();
-  return true;
+int winograd_weight_grad_tile(const WeightGradProblem<T>& p) {
+  return WeightGrad<T>(p).wino_m;
 }
 
+template <typename T>
+void gemm_weight_grad(const WeightGradProblem<T>& p, int wino_m) {
+  WeightGrad<T>(p, wino_m).run();
+}
 
-template bool gemm_weight_grad<float>(const WeightGradProblem<float>&, bool);
-template bool gemm_weight_grad<double>(const WeightGradProblem<double>&, bool);
+template int winograd_weight_grad_tile<float>(const WeightGradProblem<float>&);
+template int winograd_weight_grad_tile<double>(const WeightGradProblem<double>&);
+template void gemm_weight_grad<float>(const WeightGradProblem<float>&, int);
+template void gemm_weight_grad<double>(const WeightGradProblem<double>&, int);
+
+// ---- The entry: the GEMM runs every problem (the choice's last resort) ----
+namespace gemm_entry {
+template <typename T>
+bool applies(WgradChoice<T>&) {
+  return true;
+}
+template <typename T>
+double cost(WgradChoice<T>& c) {
+  return c.take("runs everything", 5.0);
+}
+template <typename T>
+bool run(WgradChoice<T>& c) {
+  gemm_weight_grad(c.p, 0);
+  return true;
+}
+inline const char* describe() { return "gemm: one GEMM per tap over batch and output pixels"; }
+}  // namespace gemm_entry
+
+template <typename T>
+const WeightGradAlgorithm<T>& gemm_weight_grad_algorithm() {
+  static const WeightGradAlgorithm<T> entry = {"gemm", 5.0,
+      gemm_entry::applies<T>, gemm_entry::cost<T>,
+      gemm_entry::run<T>, gemm_entry::describe};
+  return entry;
+}
+template const WeightGradAlgorithm<float>& gemm_weight_grad_algorithm<float>();
+template const WeightGradAlgorithm<double>& gemm_weight_grad_algorithm<double>();
 
 }  // namespace wgrad
 }  // namespace convfast

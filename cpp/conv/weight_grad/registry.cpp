@@ -1,14 +1,16 @@
-// The weight gradient (see convfast/weight_grad.hpp and gemm.cpp): the algorithms, in order of
-// preference, and the one choice among them (weight_grad below):
-//   channel lanes  depthwise, the forward's channel-lanes plan (depthwise_lanes_weight_grad, ../plan.cpp)
-//   depthwise      depthwise.cpp: Ca/G = 1, Cb/G <= kMaxMultiplier
-//   winograd       gemm.cpp: F(2, 3) where WeightGrad::choose_winograd takes it (CONVFAST_ALGO=winograd)
-//   rows           rows.cpp: few input channels per group (CONVFAST_WGRAD_GEMM=1 excludes it)
-//   gemm           gemm.cpp: everything else
+// The weight gradient (see convfast/weight_grad.hpp): the table of its algorithms, in order of
+// preference, and the one choice among them (choose, run by weight_grad below):
+//   lanes      lanes.cpp: depthwise, the forward's channel-lanes plan (CONVFAST_ALGO=gemm|direct excludes it)
+//   depthwise  depthwise.cpp: Ca/G = 1, Cb/G <= kMaxMultiplier
+//   winograd   winograd.cpp (code in gemm.cpp): F(2, 3) / F(4, 3) where WeightGrad::choose_winograd takes it (CONVFAST_ALGO=winograd)
+//   rows       rows.cpp: few input channels per group (CONVFAST_WGRAD_GEMM=1 excludes it)
+//   gemm       gemm.cpp: everything else
+// CONVFAST_VERBOSE=1 prints every candidate and the winner of each call to stderr.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -24,7 +26,7 @@
 #include "convfast/threads.hpp"
 #include "convfast/weight_grad.hpp"
 
-#include "common.hpp"
+#include "algorithm.hpp"
 
 namespace convfast {
 namespace wgrad {
@@ -80,6 +82,56 @@ WeightGradProblem<T> flatten_one_tap_planes(WeightGradProblem<T> p) {
   return p;
 }
 
+namespace {
+
+// Every variant, in order of preference (ascending rank).
+constexpr int kNumAlgorithms = 5;
+template <typename T>
+const WeightGradAlgorithm<T>* const* algorithms() {
+  static const WeightGradAlgorithm<T>* const table[kNumAlgorithms] = {
+      &lanes_weight_grad_algorithm<T>(),      // lanes.cpp
+      &depthwise_weight_grad_algorithm<T>(),  // depthwise.cpp
+      &winograd_weight_grad_algorithm<T>(),   // winograd.cpp (its code: gemm.cpp)
+      &rows_weight_grad_algorithm<T>(),       // rows.cpp
+      &gemm_weight_grad_algorithm<T>(),       // gemm.cpp
+  };
+  return table;
+}
+
+// The applicable variant of least cost, the first on ties, as the forward's choice (../registry.cpp).
+template <typename T>
+int choose(WgradChoice<T>& c, unsigned excluded) {
+  int best = -1;
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < kNumAlgorithms; ++i) {
+    const WeightGradAlgorithm<T>& a = *algorithms<T>()[i];
+    if (excluded & (1u << i)) {
+      if (verbose()) std::fprintf(stderr, "convfast:   %-9s cannot run it, excluded\n", a.name);
+      continue;
+    }
+    if (best >= 0 && best_cost <= a.rank && !verbose()) break;
+    c.note = "";
+    bool applies = false;
+    double cost = std::numeric_limits<double>::infinity();
+    try {
+      applies = a.applies(c);
+      if (applies) cost = a.cost(c);
+    } catch (const std::exception& e) {
+      if (best < 0) throw;  // a candidate evaluated only for the report must not change the outcome
+      c.note = e.what();
+    }
+    if (verbose() && !applies) std::fprintf(stderr, "convfast:   %-9s applies=no%s%s\n", a.name, *c.note ? "  " : "", c.note);
+    if (verbose() && applies)
+      std::fprintf(stderr, "convfast:   %-9s applies=yes cost=%g%s%s\n", a.name, cost, *c.note ? "  " : "", c.note);
+    if (applies && cost < best_cost) {
+      best = i;
+      best_cost = cost;
+    }
+  }
+  return best;  // gemm always applies
+}
+
+}  // namespace
 }  // namespace wgrad
 
 using namespace wgrad;
@@ -97,47 +149,26 @@ void weight_grad(const WeightGradProblem<T>& problem) {
     elements_b *= double(p.b_size[a]);
   }
   const CallThreads threads(multiply_adds + 12.0 * (elements_a + elements_b));
-  const char* forced = std::getenv("CONVFAST_ALGO");
-  const bool lanes_excluded = forced && (std::string(forced) == "gemm" || std::string(forced) == "direct");
-  if (p.a_channels == p.groups && p.b_channels == p.groups && !lanes_excluded) {
-    // Depthwise: the channels in the vector lanes (../algorithms/channel_lanes.hpp, through depthwise_lanes_weight_grad), where that applies.
-    ConvProblem<T> fp;
-    fp.batch = p.batch;
-    fp.groups = p.groups;
-    fp.cin_per_group = fp.cout_per_group = 1;
-    fp.mode = p.mode;
-    for (int a = 0; a < kSpatialRank; ++a) {
-      fp.in_size[a] = p.a_size[a];
-      fp.out_size[a] = p.b_size[a];
-      fp.kernel[a] = p.kernel[a];
-      fp.stride[a] = p.stride[a];
-      fp.dilation[a] = p.dilation[a];
-      fp.pad_before[a] = p.pad_before[a];
-      fp.x_stride[a] = p.a_stride[a];
-      fp.y_stride[a] = p.b_stride[a];
-    }
-    fp.x = p.a;
-    fp.x_stride_n = p.a_stride_n;
-    fp.x_stride_c = p.a_stride_c;
-    fp.y = const_cast<T*>(p.b);  // read only: the output gradient
-    fp.y_stride_n = p.b_stride_n;
-    fp.y_stride_c = p.b_stride_c;
-    if (depthwise_lanes_weight_grad(fp, p.out)) {
-      set_last_algorithm("weight_grad channel_lanes threads=" + std::to_string(get_num_threads()));
+  WgradChoice<T> c{p};
+  c.forced = std::getenv("CONVFAST_ALGO");
+  if (c.forced && !*c.forced) c.forced = nullptr;
+  if (verbose())
+    std::fprintf(stderr, "convfast: weight_grad %s N=%lld G=%lld C=%lld->%lld k=%lldx%lldx%lld stride=%lldx%lldx%lld%s%s\n",
+                 sizeof(T) == 4 ? "float32" : "float64", (long long)p.batch, (long long)p.groups,
+                 (long long)p.a_channels, (long long)p.b_channels, (long long)p.kernel[0], (long long)p.kernel[1],
+                 (long long)p.kernel[2], (long long)p.stride[0], (long long)p.stride[1], (long long)p.stride[2],
+                 c.forced ? " forced=" : "", c.forced ? c.forced : "");
+  unsigned excluded = 0;
+  for (;;) {
+    const int i = choose(c, excluded);
+    const WeightGradAlgorithm<T>& a = *algorithms<T>()[i];
+    if (a.run(c)) {
+      if (verbose()) std::fprintf(stderr, "convfast:   winner %s: %s\n", a.name, last_algorithm().c_str());
       return;
     }
+    excluded |= 1u << i;
   }
-  if (p.a_channels == p.groups && p.b_channels <= kMaxMultiplier * p.groups) {
-    set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
-    return depthwise_weight_grad(p);
-  }
-  // Winograd, where chosen (or forced by CONVFAST_ALGO=winograd), comes first; CONVFAST_WGRAD_GEMM=1
-  // takes the GEMM instead of the rows path (tests compare both).
-  const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");
-  const bool rows_preferred = rows_weight_grad_applies(p) && !(force_gemm && std::string(force_gemm) == "1");
-  if (!gemm_weight_grad(p, rows_preferred)) return rows_weight_grad(p);
 }
-
 
 template void weight_grad<float>(const WeightGradProblem<float>&);
 template void weight_grad<double>(const WeightGradProblem<double>&);

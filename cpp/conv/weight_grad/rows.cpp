@@ -18,7 +18,7 @@
 #include "convfast/threads.hpp"
 #include "convfast/weight_grad.hpp"
 
-#include "common.hpp"
+#include "algorithm.hpp"
 
 namespace convfast {
 namespace wgrad {
@@ -167,6 +167,36 @@ template bool rows_weight_grad_applies<float>(const WeightGradProblem<float>&);
 template bool rows_weight_grad_applies<double>(const WeightGradProblem<double>&);
 template void rows_weight_grad<float>(const WeightGradProblem<float>&);
 template void rows_weight_grad<double>(const WeightGradProblem<double>&);
+
+// ---- The entry: few input channels per group; CONVFAST_WGRAD_GEMM=1 excludes it (tests) ---------
+namespace rows_entry {
+template <typename T>
+bool applies(WgradChoice<T>& c) {
+  return rows_weight_grad_applies(c.p);
+}
+template <typename T>
+double cost(WgradChoice<T>& c) {
+  const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");
+  if (force_gemm && std::strcmp(force_gemm, "1") == 0) return c.refuse("CONVFAST_WGRAD_GEMM=1");
+  return c.take("few input channels per group", 4.0);
+}
+template <typename T>
+bool run(WgradChoice<T>& c) {
+  rows_weight_grad(c.p);
+  return true;
+}
+inline const char* describe() { return "rows: gradient rows times tap-shifted input rows, pixels in the lanes"; }
+}  // namespace rows_entry
+
+template <typename T>
+const WeightGradAlgorithm<T>& rows_weight_grad_algorithm() {
+  static const WeightGradAlgorithm<T> entry = {"rows", 4.0,
+      rows_entry::applies<T>, rows_entry::cost<T>,
+      rows_entry::run<T>, rows_entry::describe};
+  return entry;
+}
+template const WeightGradAlgorithm<float>& rows_weight_grad_algorithm<float>();
+template const WeightGradAlgorithm<double>& rows_weight_grad_algorithm<double>();
 
 }  // namespace wgrad
 }  // namespace convfast

@@ -18,8 +18,9 @@ class ConvPlan {
   void execute(const ConvProblem<T>& p) const;  // p must have the plan's sizes
   std::string describe() const;
 
+  struct Impl;  // the plan's internals (cpp/conv/plan.hpp), opaque here
+
  private:
-  struct Impl;
   std::shared_ptr<const Impl> impl_;
 };
 

@@ -19,12 +19,16 @@
 // bitwise identical for any count. The summation order differs from the other algorithms' single
 // chain per output (each tap's sum over input channels is rounded, then added), like Winograd's.
 //
-// Created by registry.cpp (choose_scatter_gemm), run by plan.cpp.
-#pragma once
+// The entry (scatter_gemm_algorithm) is at the end of this unit.
 #include <omp.h>
 
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
+#include <string>
 
+#include "../algorithm.hpp"
 #include "../common/geometry.hpp"
 
 namespace convfast {
@@ -33,7 +37,7 @@ namespace engine {
 namespace scatter_gemm {
 
 template <typename T>
-struct Conv {
+struct Conv final : AlgorithmPlan {
   // Work items: at least kItemColumns (channel, tap) columns of whole channels, a multiple of NR
   // where the channels allow (a constant split: results must not depend on the thread count).
   static constexpr int64_t kItemColumns = 256;
@@ -188,6 +192,81 @@ struct Conv {
   }
 };
 
+// ---- The entry -----------------------------------------------------------------------------------
+
+constexpr double kRank = 1.0;  // its place in the table (registry.cpp)
+
+// Transposed layers of small inputs take the scatter GEMM (scatter_gemm.hpp): at most twice as
+// many pixels (batch included) as input channels per group, i.e. where packing the weights costs
+// as much as a good share of the products, and at most kScatterMaxPixels; single-phase layers
+// (stride 1), whose weights the pixel-lanes GEMM already reads in place, only for a handful of
+// pixels. 1 thread, float32, against the phase GEMMs (Winograd where it applied), one process,
+// minimum of interleaved runs: k4s2 512 -> 256 on 4x4 1.60x (8 images 1.14x), 256 -> 128 on 8x8
+// 1.03x; k2s2 1024 -> 512 on 7x7 1.58x, 512 -> 256 on 14x14 1.06x, 3-D 256 -> 128 on 4^3 1.20x; 1-D
+// k4s2 512 -> 256 on 64 1.20x; DCGAN's k4 100 -> 512 on 1x1 1.8x; outside the rule: 3-D k2s2 on
+// 8^3 (512 pixels, 256 channels) 0.82x, k3s2 256 -> 128 on 14x14 0.87x, k3s1 512 on 7x7 0.95x,
+// 8 x 512 on 7x7 0.73x, 64 on 28x28 0.31x.
+// CONVFAST_ALGO=scatter forces it wherever it applies, the other forced algorithms never take it;
+// CONVFAST_SCATTER=0|1 excludes it or takes it wherever it applies (tests, measurements). Weights
+// holding an infinity or NaN take it wherever it applies, whatever is forced (see the constructor).
+constexpr int64_t kScatterMaxPixels = 512, kScatterMaxPixelsOnePhase = 16;
+
+template <typename T>
+bool applies(Choice<T>& c) {
+  return Conv<T>::applies(c.p);
+}
+
+template <typename T>
+double cost(Choice<T>& c) {
+  const ConvProblem<T>& p = c.p;
+  const double rank = kRank;
+  if (!c.forcing() || c.forced_is("scatter")) {
+    if (c.forcing()) return c.take("forced", rank);
+    const char* knob = std::getenv("CONVFAST_SCATTER");
+    if (knob && *knob) {
+      if (std::strcmp(knob, "1") == 0) return c.take("CONVFAST_SCATTER=1", rank);
+    } else {
+      const int64_t pixels = p.batch * p.in_size[0] * p.in_size[1] * p.in_size[2];
+      const bool one_phase = c.plan.phases.size() == 1;
+      if (pixels <= (one_phase ? kScatterMaxPixelsOnePhase : kScatterMaxPixels) && 2 * pixels <= p.cin_per_group)
+        return c.take("small input under large weights", rank);
+    }
+  }
+  // The other algorithms multiply the zeros beyond the input's edges by the weights (0 * Inf =
+  // NaN); the scatter GEMM forms only the true products, as PyTorch does.
+  if (!ConvPlan<T>::Impl::weights_finite(p)) return c.take("non-finite weights", rank);
+  return c.refuse(c.forcing() ? "another algorithm forced" : "input too large for its weights");
+}
+
+template <typename T>
+bool create(Choice<T>& c) {
+  c.plan.own.reset(new Conv<T>(c.p, c.plan.uk));
+  return true;
+}
+
+template <typename T>
+void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
+  if (!plan.outputs_uncovered) plan.fill_with_bias(p);  // the scatter GEMM adds into y
+  static_cast<const Conv<T>&>(*plan.own).execute(p, get_num_threads());
+  record_algorithm<T>(plan, get_num_threads());
+}
+
+template <typename T>
+std::string describe(const typename ConvPlan<T>::Impl& plan) {
+  return static_cast<const Conv<T>&>(*plan.own).describe(plan.isa);
+}
+
 }  // namespace scatter_gemm
+
+template <typename T>
+const Algorithm<T>& scatter_gemm_algorithm() {
+  static const Algorithm<T> entry = {"scatter", scatter_gemm::kRank,
+      scatter_gemm::applies<T>, scatter_gemm::cost<T>,
+      scatter_gemm::create<T>, scatter_gemm::execute<T>, scatter_gemm::describe<T>};
+  return entry;
+}
+template const Algorithm<float>& scatter_gemm_algorithm<float>();
+template const Algorithm<double>& scatter_gemm_algorithm<double>();
+
 }  // namespace engine
 }  // namespace convfast

@@ -21,10 +21,14 @@
 // starting from zero, the bias added to the finished sum: bitwise the direct path's and the
 // GEMM's results.
 //
-// Created by registry.cpp (choose_channel_lanes), run by plan.cpp; the depthwise weight gradient
-// (depthwise_lanes_weight_grad, plan.cpp) reuses it.
-#pragma once
+// The entry (channel_lanes_algorithm) is at the end of this unit, after the depthwise weight
+// gradient (depthwise_lanes_weight_grad), which reuses the plan.
+#include <omp.h>
 
+#include <algorithm>
+#include <string>
+
+#include "../algorithm.hpp"
 #include "../common/geometry.hpp"
 #include "../common/packing.hpp"
 
@@ -34,7 +38,7 @@ namespace engine {
 namespace channel_lanes {
 
 template <typename T>
-struct Conv {
+struct Conv final : AlgorithmPlan {
   // Input buffer per item, all slices together; an item takes as many output rows as fit.
   static constexpr int64_t kBudgetBytes = 192 * 1024;
   static constexpr int64_t kMaxBufferBytes = int64_t(8) << 20;  // one row's window past this: not taken
@@ -325,7 +329,84 @@ struct Conv {
   }
 };
 
+
+// ---- The entry -----------------------------------------------------------------------------------
+
+constexpr double kRank = 3.0;  // its place in the table (registry.cpp)
+
+// Depthwise layers (one channel in and out per group) with at least a vector's width of groups
+// take the channel lanes; CONVFAST_ALGO=lanes forces them wherever they apply, the other forced
+// algorithms never take them.
+template <typename T>
+bool applies(Choice<T>& c) {
+  return Conv<T>::applies(c.p, c.plan.phases, c.plan.uk);
+}
+
+template <typename T>
+double cost(Choice<T>& c) {
+  const double rank = kRank;
+  if (c.forced_is("lanes")) return c.take("forced", rank);
+  if (c.forcing()) return c.refuse("another algorithm forced");
+  return c.p.groups < c.plan.uk.lanes ? c.refuse("fewer groups than vector lanes") : c.take("depthwise", rank);
+}
+
+// False where the input window of a row is too large for its buffer (the next algorithm runs).
+template <typename T>
+bool create(Choice<T>& c) {
+  bool ok = false;
+  std::unique_ptr<Conv<T>> conv(new Conv<T>(c.p, c.plan.axes, c.plan.uk, ok));
+  if (ok) c.plan.own = std::move(conv);
+  return ok;
+}
+
+template <typename T>
+void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
+  static_cast<const Conv<T>&>(*plan.own).execute(p, get_num_threads());
+  record_algorithm<T>(plan, get_num_threads());
+}
+
+template <typename T>
+std::string describe(const typename ConvPlan<T>::Impl& plan) {
+  const Conv<T>& lanes = static_cast<const Conv<T>&>(*plan.own);
+  return std::string("channel_lanes ") + plan.isa + " " + std::to_string(lanes.L) + " lanes rows=" +
+         std::to_string(lanes.rows[0].rows_per_item) + " phases=" + std::to_string(lanes.phase_plans.size()) +
+         (lanes.pair_store ? " paired" : "");
+}
+
 }  // namespace channel_lanes
 
+template <typename T>
+const Algorithm<T>& channel_lanes_algorithm() {
+  static const Algorithm<T> entry = {"lanes", channel_lanes::kRank,
+      channel_lanes::applies<T>, channel_lanes::cost<T>,
+      channel_lanes::create<T>, channel_lanes::execute<T>, channel_lanes::describe<T>};
+  return entry;
+}
+template const Algorithm<float>& channel_lanes_algorithm<float>();
+template const Algorithm<double>& channel_lanes_algorithm<double>();
+
 }  // namespace engine
+
+template <typename T>
+bool depthwise_lanes_weight_grad(const ConvProblem<T>& p, T* out) {
+  const UkernelInfo<T>& uk = active_ukernel<T>();
+  if (p.kind != ConvKind::Forward || p.groups < uk.lanes) return false;
+  std::vector<AxisPlan> axes[kSpatialRank];
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (p.out_size[a] < 1) return false;
+    axes[a].push_back(forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
+                                   p.pad_before[a], p.mode));
+  }
+  const std::vector<Phase> phases = {{&axes[0][0], &axes[1][0], &axes[2][0]}};
+  if (!channel_lanes::Conv<T>::applies(p, phases, uk)) return false;
+  bool ok = false;
+  const channel_lanes::Conv<T> conv(p, axes, uk, ok);
+  if (!ok) return false;
+  conv.weight_grad(p, out, get_num_threads());
+  return true;
+}
+
+template bool depthwise_lanes_weight_grad<float>(const ConvProblem<float>&, float*);
+template bool depthwise_lanes_weight_grad<double>(const ConvProblem<double>&, double*);
+
 }  // namespace convfast

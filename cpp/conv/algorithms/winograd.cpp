@@ -19,11 +19,18 @@
 // multiple of the direct sum's (measured in the tests); F(4, 3)'s are larger (up to 8, and 1/6,
 // 1/24 in G) and it is used in float64 only.
 //
-// Created by registry.cpp (choose_winograd), run by plan.cpp. The 1-D transforms are in
-// ../winograd_transforms.hpp, which the weight gradient and the micro-kernel units share.
-#pragma once
+// The entry (winograd_algorithm: where it applies, when it is chosen) is at the end of this unit.
+// The 1-D transforms are in ../winograd_transforms.hpp, which the weight gradient and the
+// micro-kernel units share.
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <string>
 #include <type_traits>
 
+#include "../algorithm.hpp"
 
 #include "../common/geometry.hpp"
 #include "../common/packing.hpp"
@@ -537,7 +544,205 @@ struct Conv {
   }
 };
 
+
+// ---- The entry -----------------------------------------------------------------------------------
+
+constexpr double kRank = 2.0;  // its place in the table (registry.cpp)
+
+// Winograd (winograd.hpp) where it applies: every stride phase reads its inputs at unit step
+// along each axis with 3 or 2 equally spaced taps (any dilation, forward or transposed) or 1 tap,
+// at least two axes with more than one (a 1-D tile saves only a third of the products, which the
+// transforms eat). Chosen automatically when each channel count per group is at least 16 and
+// both together at least 48, where the GEMMs of the transform points amortise the transforms,
+// and on enough tiles (below); CONVFAST_ALGO=winograd forces it wherever it applies, gemm|direct
+// never take it. Measured (float32, 1 thread, minimum of interleaved runs, against the algorithm
+// chosen before, AVX-512 / AVX2 kernels): 8 x 32 -> 32 on 64x64 1.68x / 1.70x, 16 -> 32 1.63x /
+// 1.17x, 1 x 24 on 56x56 1.49x / 1.47x, 8 x 48 on 28x28 1.76x / 1.36x, 3-D 8 x 16 -> 32 on 16^3
+// 1.61x / 1.55x; 16 -> 16 stays on the direct path (2-D 64x64 0.87x, 3-D 32^3 0.91x).
+
+// The plan: one Winograd convolution per stride phase.
+template <typename T>
+struct Plan final : AlgorithmPlan {
+  std::vector<std::unique_ptr<Conv<T>>> phases;
+};
+
+// Calls f(phase, axes, winograd_axes, points) with each stride phase's Winograd axes (F(2, *) tiles,
+// taps sorted by offset); false where a phase does not qualify (every phase must: a transposed
+// convolution's stride phases each become one Winograd convolution writing its own outputs; k4
+// s2: four phases of 2 x 2 taps).
+template <typename T, typename F>
+bool for_each_phase(const typename ConvPlan<T>::Impl& plan, F&& f) {
+  for (size_t ph = 0; ph < plan.phases.size(); ++ph) {
+    std::array<Axis, kSpatialRank> planned;
+    int axes_here = 0;
+    double points_here = 1;
+    for (int a = 0; a < kSpatialRank; ++a) {
+      const AxisPlan& ap = *plan.phases[ph][a];
+      Axis& w = planned[a];
+      w.count = ap.count;
+      w.out_start = ap.out_start;
+      w.out_step = ap.out_step;
+      w.in_size = ap.in_size;
+      w.in_step = ap.in_step;
+      w.mode = ap.mode;
+      const int nt = static_cast<int>(ap.taps.size());
+      if (nt == 1) {
+        w.first = ap.tap_offset[0];
+        w.kernel_index[0] = ap.taps[0];
+        continue;
+      }
+      if ((nt != 2 && nt != 3) || ap.in_step != 1) return false;
+      int order[3] = {0, 1, 2};
+      std::sort(order, order + nt, [&](int i, int j) { return ap.tap_offset[i] < ap.tap_offset[j]; });
+      const int64_t spacing = ap.tap_offset[order[1]] - ap.tap_offset[order[0]];
+      if (spacing < 1 || (nt == 3 && ap.tap_offset[order[2]] - ap.tap_offset[order[1]] != spacing)) return false;
+      w.taps = nt;
+      w.first = ap.tap_offset[order[0]];
+      w.spacing = spacing;
+      for (int e = 0; e < nt; ++e) w.kernel_index[e] = ap.taps[order[e]];
+      ++axes_here;
+      points_here *= nt + 1;
+    }
+    if (axes_here < 2) return false;
+    f(ph, planned, points_here);
+  }
+  return true;
+}
+
+// The direct micro-kernel variant of the products. The transforms copy lanes in blocks of
+// kLaneBlock: a 3-channel tile of the baseline float64 kernels (3 vectors of 2) takes the 4-channel
+// tiles instead. -1: none fits.
+template <typename T>
+int lane_variant(const UkernelInfo<T>& uk, int64_t cout) {
+  using Impl = typename ConvPlan<T>::Impl;
+  int variant = Impl::direct_variant_for(cout);
+  if (uk.pw[variant] % kLaneBlock != 0) variant = Impl::direct_variant_for(4);
+  return uk.direct[variant] != nullptr && uk.pw[variant] % kLaneBlock == 0 ? variant : -1;
+}
+
+template <typename T>
+bool applies(Choice<T>& c) {
+  // (No phases: a transposed convolution whose outputs no tap reaches, all bias.)
+  if (!c.allow_winograd || c.p.cin_per_group < 1 || c.plan.phases.empty()) return false;
+  return for_each_phase<T>(c.plan, [](size_t, const std::array<Axis, kSpatialRank>&, double) {}) &&
+         lane_variant(c.plan.uk, c.p.cout_per_group) >= 0;
+}
+
+template <typename T>
+double cost(Choice<T>& c) {
+  const ConvProblem<T>& p = c.p;
+  const double rank = kRank;
+  if (c.forced_is("gemm") || c.forced_is("direct")) return c.refuse("another algorithm forced");
+  const bool forced = c.forced_is("winograd");
+  const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
+  if (!forced && (std::min(cin, cout) < 16 || cin + cout < 48)) return c.refuse("too few channels per group");
+  // Tile size along 3-tap axes: F(2, 3), or in float64 F(4, 3) (36 points for 16 outputs in
+  // 2-D, 4x fewer products than the direct sum against 2.25x; its larger transform coefficients
+  // cost float64 no measurable accuracy, while in float32 they would approach the documented
+  // error bound) where the products it saves beat its coarser tiles' waste at the edges by 20 %
+  // (the model overestimated F(4, 3) by 10-15 % on the layer suite) and its weight transform
+  // (points x C_in/G x C_out/G) is at most 32 MiB: 1-thread-pair A/B, float64, F(4, 3) over
+  // F(2, 3): ResNet 64x56 1.56x, 128x28 1.29x, 256x14 1.47x, U-Net 1.63x, dilation 2 1.13x; VGG
+  // 512x14 (76 MiB) 0.94x, dilation 6 at 32 (equal modelled cost) 0.89x. 2-tap axes (stride
+  // phases of even kernels) take F(2, 2): 3 points for 2 outputs, coefficients 0 and +-1.
+  c.winograd_m = 2;
+  if (sizeof(T) == 8 && c.plan.phases.size() == 1 && !ConvPlan<T>::Impl::integer_weights(p)) {
+    double cost2 = 1, cost4 = 1, points4 = 1;
+    for_each_phase<T>(c.plan, [&](size_t, const std::array<Axis, kSpatialRank>& planned, double) {
+      for (const Axis& w : planned)
+        if (w.taps == 3) {
+          cost2 *= 4.0 * double(w.tiles_for(2));
+          cost4 *= 6.0 * double(w.tiles_for(4));
+          points4 *= 6.0;
+        } else if (w.taps == 2) {
+          points4 *= 3.0;
+        }
+    });
+    const double transform4 = points4 * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T);
+    if (cost4 * 1.2 < cost2 && double(p.groups) * transform4 <= double(32 << 20)) c.winograd_m = 4;
+  }
+  // Enough tiles to amortise the weight transform, which each call redoes: at least 16 (256 for
+  // fewer than 128 channels in and out together: 8 x 32 on 7x7, 128 tiles, 0.93x; 32 on 14x14,
+  // 49 tiles, 0.86x), plus 4 per MiB of transformed weights (they outgrow the caches). 1 thread, float32, against the GEMM:
+  // 512 channels on 4x4 maps (4 tiles) 0.66x, on 7x7 (16 tiles) 0.9x, 8 x 7x7 (128 tiles) 0.96x;
+  // 256 on 14x14 (49 tiles, 4 MiB) 1.43x; 128 on 28x28 1.56x.
+  double tiles = 0;   // of the phase with the fewest
+  double points2 = 0;  // the weight transforms' points, all phases, with F(2, *) tiles
+  for_each_phase<T>(c.plan, [&](size_t ph, std::array<Axis, kSpatialRank>& planned, double points) {
+    double phase_tiles = double(p.batch);
+    for (Axis& w : planned) {
+      if (w.taps == 3) w.m = c.winograd_m;
+      phase_tiles *= double(w.tiles_for(w.m));
+    }
+    tiles = ph == 0 ? phase_tiles : std::min(tiles, phase_tiles);
+    points2 += points;
+  });
+  const double transform_mib =
+      points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) / double(1 << 20);
+  if (!forced && tiles < (cin + cout < 128 ? 256.0 : 16.0) + 4.0 * transform_mib) return c.refuse("too few tiles");
+  // Working memory: the weight transforms are (points / taps) times the packed weights (16/9 in
+  // 2-D, 64/27 in 3-D, more with F(4, 3) above); past 48 MiB (a 3-D 512-channel float64 layer
+  // would need 134 MiB) the GEMM path keeps the documented bound.
+  if (!forced &&
+      points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) > double(48 << 20))
+    return c.refuse("weight transforms over 48 MiB");
+  return c.take(forced ? "forced" : "enough channels and tiles", rank);
+}
+
+template <typename T>
+bool create(Choice<T>& c) {
+  const int variant = lane_variant(c.plan.uk, c.p.cout_per_group);
+  std::unique_ptr<Plan<T>> plan(new Plan<T>);
+  for_each_phase<T>(c.plan, [&](size_t, std::array<Axis, kSpatialRank>& ax, double) {
+    for (Axis& w : ax)
+      if (w.taps == 3) w.m = c.winograd_m;
+    const Axis axes[kSpatialRank] = {ax[0], ax[1], ax[2]};
+    plan->phases.emplace_back(new Conv<T>(c.p, axes, c.plan.uk, variant, get_num_threads()));
+  });
+  c.plan.own = std::move(plan);
+  return true;
+}
+
+// Non-finite values: an infinity in a tile spreads through the transforms into Inf - Inf = NaN
+// where the direct sum gives +-Inf, so an output holding any Inf or NaN is recomputed by the
+// exact-chain GEMM / direct plan (built here: this is rare, and costs one plan), whose IEEE results
+// are those of PyTorch's. Checking the outputs as they are stored costs a multiply-add per output;
+// checking the input instead would read it twice.
+template <typename T>
+void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
+  bool finite = true;
+  for (const auto& phase : static_cast<const Plan<T>&>(*plan.own).phases)
+    finite = phase->execute(p, get_num_threads()) && finite;
+  if (!finite) {
+    typename ConvPlan<T>::Impl(p, false).execute(p);
+    t_last_algorithm += " (after winograd: non-finite output)";
+    return;
+  }
+  record_algorithm<T>(plan, get_num_threads());
+}
+
+// The tile of phase 0's first Winograd axis, e.g. "F(2,3)".
+template <typename T>
+std::string describe(const typename ConvPlan<T>::Impl& plan) {
+  const auto& phases = static_cast<const Plan<T>&>(*plan.own).phases;
+  const Conv<T>& w0 = *phases[0];
+  const Axis& ax = w0.axes[0].winograd() ? w0.axes[0] : w0.axes[1];
+  return std::string("winograd F(") + std::to_string(ax.m) + "," + std::to_string(ax.taps) + ") " + plan.isa + " " +
+         std::to_string(w0.points) + " points " + std::to_string(w0.pw) + "x" + std::to_string(w0.mro) +
+         " phases=" + std::to_string(phases.size());
+}
+
 }  // namespace winograd
+
+template <typename T>
+const Algorithm<T>& winograd_algorithm() {
+  static const Algorithm<T> entry = {"winograd", winograd::kRank,
+      winograd::applies<T>, winograd::cost<T>,
+      winograd::create<T>, winograd::execute<T>, winograd::describe<T>};
+  return entry;
+}
+template const Algorithm<float>& winograd_algorithm<float>();
+template const Algorithm<double>& winograd_algorithm<double>();
 
 }  // namespace engine
 }  // namespace convfast

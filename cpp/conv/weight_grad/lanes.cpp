@@ -1,0 +1,71 @@
+// The depthwise weight gradient with the channels in the vector lanes: the forward channel-lanes
+// plan's weight_grad (../algorithms/channel_lanes.cpp, through depthwise_lanes_weight_grad).
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "algorithm.hpp"
+
+namespace convfast {
+namespace wgrad {
+namespace lanes_entry {
+
+// Depthwise (one channel in and out per group), at least a vector's width of groups;
+// CONVFAST_ALGO=gemm|direct excludes it.
+template <typename T>
+bool applies(WgradChoice<T>& c) {
+  return c.p.a_channels == c.p.groups && c.p.b_channels == c.p.groups && c.p.groups >= active_ukernel<T>().lanes;
+}
+
+template <typename T>
+double cost(WgradChoice<T>& c) {
+  if (c.forced_is("gemm") || c.forced_is("direct")) return c.refuse("gemm or direct forced");
+  return c.take("depthwise", 1.0);
+}
+
+// False where the channel-lanes plan does not apply after all (an empty axis, a window too large).
+template <typename T>
+bool run(WgradChoice<T>& c) {
+  const WeightGradProblem<T>& p = c.p;
+  ConvProblem<T> fp;
+  fp.batch = p.batch;
+  fp.groups = p.groups;
+  fp.cin_per_group = fp.cout_per_group = 1;
+  fp.mode = p.mode;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    fp.in_size[a] = p.a_size[a];
+    fp.out_size[a] = p.b_size[a];
+    fp.kernel[a] = p.kernel[a];
+    fp.stride[a] = p.stride[a];
+    fp.dilation[a] = p.dilation[a];
+    fp.pad_before[a] = p.pad_before[a];
+    fp.x_stride[a] = p.a_stride[a];
+    fp.y_stride[a] = p.b_stride[a];
+  }
+  fp.x = p.a;
+  fp.x_stride_n = p.a_stride_n;
+  fp.x_stride_c = p.a_stride_c;
+  fp.y = const_cast<T*>(p.b);  // read only: the output gradient
+  fp.y_stride_n = p.b_stride_n;
+  fp.y_stride_c = p.b_stride_c;
+  if (!depthwise_lanes_weight_grad(fp, p.out)) return false;
+  set_last_algorithm("weight_grad channel_lanes threads=" + std::to_string(get_num_threads()));
+  return true;
+}
+
+inline const char* describe() { return "lanes: depthwise, the channels in the vector lanes"; }
+
+}  // namespace lanes_entry
+
+template <typename T>
+const WeightGradAlgorithm<T>& lanes_weight_grad_algorithm() {
+  static const WeightGradAlgorithm<T> entry = {"lanes", 1.0, lanes_entry::applies<T>, lanes_entry::cost<T>,
+                                               lanes_entry::run<T>, lanes_entry::describe};
+  return entry;
+}
+template const WeightGradAlgorithm<float>& lanes_weight_grad_algorithm<float>();
+template const WeightGradAlgorithm<double>& lanes_weight_grad_algorithm<double>();
+
+}  // namespace wgrad
+}  // namespace convfast
