@@ -1,4 +1,4 @@
-"""The channel-lanes path for depthwise layers (cpp/conv/algorithms/channel_lanes.hpp): L groups (the vector
+"""The channel-lanes path for depthwise layers (cpp/conv/algorithms/channel_lanes.cpp): L groups (the vector
 width) in the lanes, the input window of a block of output rows buffered as pixels of L channels
 (transposed L x L from channels-first input, copied from channels-last), the padding written in.
 
@@ -162,7 +162,7 @@ def test_input_not_mutated(monkeypatch):
         np.testing.assert_array_equal(a, c)
 
 
-# The weight gradient of depthwise layers with the channels in the lanes (channel_lanes.hpp,
+# The weight gradient of depthwise layers with the channels in the lanes (channel_lanes.cpp,
 # weight_grad): every tap one vector chain per item, the items' sums added in a fixed order. Checked
 # against the definition (conftest.weight_grad_oracle, float64) and against the depthwise kernel it
 # replaces (CONVFAST_ALGO=gemm keeps that one; another summation order, so to rounding).

@@ -1,5 +1,5 @@
 """The scatter GEMM: transposed convolutions of small inputs as one GEMM over the input pixels whose
-products are added into the output (cpp/conv/algorithms/scatter_gemm.hpp).
+products are added into the output (cpp/conv/algorithms/scatter_gemm.cpp).
 
 CONVFAST_ALGO=scatter forces it wherever it applies. Its results are compared with the float64
 reference and PyTorch; its summation order is its own (each tap's sum over input channels, then the

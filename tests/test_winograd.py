@@ -1,5 +1,5 @@
 """Winograd F(2, 3) and F(4, 3), the engine's algorithm for stride-1 layers with 3 taps along two or three axes
-(cpp/conv/algorithms/winograd.hpp), against the float64 NumPy oracle and closed-form identities.
+(cpp/conv/algorithms/winograd.cpp), against the float64 NumPy oracle and closed-form identities.
 
 It is chosen automatically when C_in/G and C_out/G are at least 64 (2-D) or 32 (3-D); CONVFAST_ALGO=winograd forces
 it wherever it applies (small channel counts included, so the sweep below stays small), and

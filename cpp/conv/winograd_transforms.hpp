@@ -1,5 +1,5 @@
-// The 1-D Winograd transforms (see winograd.hpp): the point formulas, shared by the forward
-// engine's line-by-line path (algorithms/winograd.hpp) and the fused tile transforms
+// The 1-D Winograd transforms (see algorithms/winograd.cpp): the point formulas, shared by the forward
+// engine's line-by-line path (algorithms/winograd.cpp) and the fused tile transforms
 // of the micro-kernel units (cpp/ukernels/winograd_ukernel_impl.hpp, which the weight gradient's
 // F(2, 3) also uses). Each includer places it in its own namespace (winograd::).
 #pragma once
@@ -11,7 +11,7 @@ namespace winograd {
 // Tiles along an axis at dilation d: a tile holds outputs o + e * d (e < m), for o = b * m * d + r,
 // r < d (blocks of m * d outputs holding d tiles each, the last block only the r it reaches), so
 // that dilated tiles interleave and every output is in one tile. Shared by the forward's axes
-// (winograd.hpp) and the weight gradient's F(2, 3) (weight_grad/gemm.cpp).
+// (algorithms/winograd.cpp) and the weight gradient's F(2, 3) (weight_grad/gemm.cpp).
 inline int64_t dilated_tile_count(int64_t count, int64_t m, int64_t d) {
   return count / (m * d) * d + (count % (m * d) < d ? count % (m * d) : d);
 }

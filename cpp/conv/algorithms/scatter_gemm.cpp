@@ -196,7 +196,7 @@ struct Conv final : AlgorithmPlan {
 
 constexpr double kRank = 1.0;  // its place in the table (registry.cpp)
 
-// Transposed layers of small inputs take the scatter GEMM (scatter_gemm.hpp): at most twice as
+// Transposed layers of small inputs take the scatter GEMM (this unit): at most twice as
 // many pixels (batch included) as input channels per group, i.e. where packing the weights costs
 // as much as a good share of the products, and at most kScatterMaxPixels; single-phase layers
 // (stride 1), whose weights the pixel-lanes GEMM already reads in place, only for a handful of
@@ -208,7 +208,7 @@ constexpr double kRank = 1.0;  // its place in the table (registry.cpp)
 // 8 x 512 on 7x7 0.73x, 64 on 28x28 0.31x.
 // CONVFAST_ALGO=scatter forces it wherever it applies, the other forced algorithms never take it;
 // CONVFAST_SCATTER=0|1 excludes it or takes it wherever it applies (tests, measurements). Weights
-// holding an infinity or NaN take it wherever it applies, whatever is forced (see the constructor).
+// holding an infinity or NaN take it wherever it applies, whatever is forced (cost below).
 constexpr int64_t kScatterMaxPixels = 512, kScatterMaxPixelsOnePhase = 16;
 
 template <typename T>

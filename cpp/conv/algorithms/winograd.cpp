@@ -549,7 +549,7 @@ struct Conv {
 
 constexpr double kRank = 2.0;  // its place in the table (registry.cpp)
 
-// Winograd (winograd.hpp) where it applies: every stride phase reads its inputs at unit step
+// Winograd (this unit) where it applies: every stride phase reads its inputs at unit step
 // along each axis with 3 or 2 equally spaced taps (any dilation, forward or transposed) or 1 tap,
 // at least two axes with more than one (a 1-D tile saves only a third of the products, which the
 // transforms eat). Chosen automatically when each channel count per group is at least 16 and

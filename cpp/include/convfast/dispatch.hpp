@@ -49,7 +49,7 @@ using TransposeBlock = void (*)(const T* c, int64_t ldc, T* y, int64_t ys);
 
 // out[j * lanes + l] = sum_t w[t * lanes + l] * src[t][j * step + l] for j < n, over the taps t < taps in
 // order (one chain per output, as in the direct kernel): channels in the vector lanes (depthwise
-// layers, see cpp/conv/channel_lanes.hpp); src[t] is tap t's input for output 0 in a buffer of
+// layers, see cpp/conv/algorithms/channel_lanes.cpp); src[t] is tap t's input for output 0 in a buffer of
 // pixels of `lanes` channels each, and consecutive outputs read `step` elements apart.
 template <typename T>
 using ChannelLanesUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* w, T* out);

@@ -45,7 +45,7 @@ template <typename T>
 void run_convolution(const ConvProblem<T>& p);
 
 // The weight gradient of a depthwise layer (one channel in and out per group) with the channels in
-// the vector lanes (cpp/conv/channel_lanes.hpp): p describes the forward layer, p.x its input and
+// the vector lanes (cpp/conv/algorithms/channel_lanes.cpp): p describes the forward layer, p.x its input and
 // p.y its output gradient (read only; p.w unused); out is (C, 1, k...) C-contiguous. Returns false,
 // writing nothing, where that path does not apply (fewer groups than vector lanes, an empty axis,
 // an input window too large for its buffer).
