@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/choice.hpp"
 #include "plan.hpp"
 
 namespace convfast {
@@ -17,29 +18,17 @@ namespace engine {
 // axis plans, stride phases, max_taps and max_k are set; the winner's create fills the rest), the
 // forced algorithm, and what the entries' applies/cost leave for their own create.
 template <typename T>
-struct Choice {
+struct Choice : ChoiceNotes {
   using Impl = typename ConvPlan<T>::Impl;
+  Choice(const ConvProblem<T>& problem, Impl& planned) : p(problem), plan(planned) {}
   const ConvProblem<T>& p;
   Impl& plan;
-  const char* forced = nullptr;  // CONVFAST_ALGO or AlgorithmOverride's name; null: none
-  bool allow_winograd = true;    // false: the exact-chain fallback of a Winograd plan
-  const char* note = "";         // why cost() returned what it did (a literal; CONVFAST_VERBOSE)
+  bool allow_winograd = true;  // false: the exact-chain fallback of a Winograd plan
   // The direct entry's row plans (its applies builds them; its create keeps them).
   std::vector<RowBufferPlan> row_plans;
   int64_t row_buffer_size = 0, max_cache_entries = 0;
   double row_fill = 1.0;
   int winograd_m = 2;  // the Winograd entry's tile along 3-tap axes (its cost decides it)
-
-  double take(const char* why, double rank) {
-    note = why;
-    return rank;
-  }
-  double refuse(const char* why) {
-    note = why;
-    return std::numeric_limits<double>::infinity();
-  }
-  bool forcing() const { return forced != nullptr; }
-  bool forced_is(const char* name) const { return forced != nullptr && std::strcmp(forced, name) == 0; }
 };
 
 // One algorithm. cost() is in units of preference: today the measured rules of each unit (see its
@@ -70,10 +59,9 @@ const Algorithm<T>& direct_algorithm();  // algorithms/direct.cpp
 template <typename T>
 const Algorithm<T>& gemm_algorithm();  // algorithms/gemm.cpp
 
-constexpr double kNotTaken = std::numeric_limits<double>::infinity();  // cost(): the rules do not take it
-
-// CONVFAST_VERBOSE=1 (read once): the choice prints its candidates (registry.cpp).
-bool verbose();
+// The GEMM and direct entries' execute: the plan's work items (plan.cpp).
+template <typename T>
+void execute_items(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p);
 
 // The thread's last call's description (for last_algorithm()): "<describe> threads=<n>".
 template <typename T>

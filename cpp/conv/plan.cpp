@@ -224,6 +224,15 @@ std::string ConvPlan<T>::Impl::describe_blocks(const char* name) const {
          (row_pairs.empty() ? "" : " paired");
 }
 
+namespace engine {
+template <typename T>
+void execute_items(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
+  plan.run_items(p);
+}
+template void execute_items<float>(const ConvPlan<float>::Impl&, const ConvProblem<float>&);
+template void execute_items<double>(const ConvPlan<double>::Impl&, const ConvProblem<double>&);
+}  // namespace engine
+
 template std::string ConvPlan<float>::Impl::describe_blocks(const char*) const;
 template std::string ConvPlan<double>::Impl::describe_blocks(const char*) const;
 template void ConvPlan<float>::Impl::execute(const ConvProblem<float>& p) const;

@@ -7,7 +7,7 @@
 //                                           (rows or planes: CONVFAST_DIRECT=rows)
 //   gemm      algorithms/gemm.cpp           everything else (gather or pixel lanes, weights in
 //                                           place: CONVFAST_PIXEL_LANES, CONVFAST_WEIGHTS_IN_PLACE)
-// choose() takes the applicable entry of least cost; CONVFAST_ALGO=<name> (or AlgorithmOverride)
+// choose_entry (common/choice.hpp) takes the applicable entry of least cost; CONVFAST_ALGO=<name> (or AlgorithmOverride)
 // makes the named one's cost its rank wherever it applies and excludes others as each entry's
 // cost() says. CONVFAST_VERBOSE=1 prints every candidate and the winner of each plan to stderr.
 #include <omp.h>
@@ -81,48 +81,6 @@ void print_problem(const Choice<T>& c) {
                c.allow_winograd ? "" : " (exact-chain fallback)");
 }
 
-// The choice: the applicable entry of least cost, the first on ties (entries not in `excluded`,
-// a bit per table index). Costs are never below their entry's rank, so once an entry is taken no
-// later one can win and, unless CONVFAST_VERBOSE asks for every candidate, the rest are not
-// evaluated (as cheap as a chain of ifs: no allocation, no string).
-template <typename T>
-int choose(Choice<T>& c, unsigned excluded) {
-  int best = -1;
-  double best_cost = kNotTaken;
-  const Algorithm<T>* const* table = algorithms<T>();
-  for (int i = 0; i < kNumAlgorithms; ++i) {
-    const Algorithm<T>& a = *table[i];
-    if (excluded & (1u << i)) {
-      if (verbose()) std::fprintf(stderr, "convfast:   %-9s create failed, excluded\n", a.name);
-      continue;
-    }
-    if (best >= 0 && best_cost <= a.rank && !verbose()) break;
-    c.note = "";
-    bool applies = false;
-    double cost = kNotTaken;
-    if (best < 0) {
-      applies = a.applies(c);
-      if (applies) cost = a.cost(c);
-    } else {  // verbose only: a candidate evaluated for the report must not change the plan's outcome
-      try {
-        applies = a.applies(c);
-        if (applies) cost = a.cost(c);
-      } catch (const std::exception& e) {
-        c.note = e.what();
-      }
-    }
-    if (verbose() && !applies) std::fprintf(stderr, "convfast:   %-9s applies=no%s%s\n", a.name, *c.note ? "  " : "", c.note);
-    if (verbose() && applies)
-      std::fprintf(stderr, "convfast:   %-9s applies=yes cost=%g%s%s\n", a.name, cost, *c.note ? "  " : "", c.note);
-    if (applies && cost < best_cost) {
-      best = i;
-      best_cost = cost;
-    }
-  }
-  if (best < 0) throw std::logic_error("convfast: no algorithm takes the problem");  // gemm always does
-  return best;
-}
-
 }  // namespace
 }  // namespace engine
 
@@ -152,14 +110,15 @@ ConvPlan<T>::Impl::Impl(const ConvProblem<T>& p, bool allow_winograd)
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
   max_k = checked_mul(max_taps, cin);
 
-  Choice<T> c{p, *this};
+  Choice<T> c(p, *this);
   c.forced = forced_algorithm();
   if (c.forced && !*c.forced) c.forced = nullptr;
   c.allow_winograd = allow_winograd;
   if (verbose()) print_problem(c);
   unsigned excluded = 0;
   for (;;) {
-    const int i = choose(c, excluded);
+    const int i = choose_entry(algorithms<T>(), kNumAlgorithms, c, excluded);
+    if (i < 0) throw std::logic_error("convfast: no algorithm takes the problem");  // gemm always does
     if (algorithms<T>()[i]->create(c)) {
       algorithm = algorithms<T>()[i];
       break;

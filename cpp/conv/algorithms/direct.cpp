@@ -409,11 +409,6 @@ bool create(Choice<T>& c) {
 }
 
 template <typename T>
-void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
-  plan.run_items(p);
-}
-
-template <typename T>
 std::string describe(const typename ConvPlan<T>::Impl& plan) {
   return plan.describe_blocks(plan.plane_mode ? "direct_planes" : "direct_rows");
 }
@@ -424,7 +419,7 @@ template <typename T>
 const Algorithm<T>& direct_algorithm() {
   static const Algorithm<T> entry = {"direct", direct::kRank,
       direct::applies<T>, direct::cost<T>,
-      direct::create<T>, direct::execute<T>, direct::describe<T>};
+      direct::create<T>, execute_items<T>, direct::describe<T>};
   return entry;
 }
 template const Algorithm<float>& direct_algorithm<float>();

@@ -404,11 +404,6 @@ bool create(Choice<T>& c) {
 }
 
 template <typename T>
-void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
-  plan.run_items(p);
-}
-
-template <typename T>
 std::string describe(const typename ConvPlan<T>::Impl& plan) {
   return plan.describe_blocks(plan.weights_in_place ? "pixel_lanes_gemm_in_place"
                               : plan.pixel_lanes    ? "pixel_lanes_gemm"
@@ -421,7 +416,7 @@ template <typename T>
 const Algorithm<T>& gemm_algorithm() {
   static const Algorithm<T> entry = {"gemm", gemm::kRank,
       gemm::applies<T>, gemm::cost<T>,
-      gemm::create<T>, gemm::execute<T>, gemm::describe<T>};
+      gemm::create<T>, execute_items<T>, gemm::describe<T>};
   return entry;
 }
 template const Algorithm<float>& gemm_algorithm<float>();

@@ -4,35 +4,20 @@
 // once; it returns false, writing nothing, where the variant cannot run after all (the next one
 // is chosen).
 #pragma once
-#include <cstring>
-#include <limits>
 #include <string>
 
+#include "../common/choice.hpp"
 #include "common.hpp"
 
 namespace convfast {
-namespace engine {
-bool verbose();  // CONVFAST_VERBOSE=1, read once (../registry.cpp)
-}  // namespace engine
 namespace wgrad {
 using engine::verbose;
 
 template <typename T>
-struct WgradChoice {
+struct WgradChoice : engine::ChoiceNotes {
+  explicit WgradChoice(const WeightGradProblem<T>& problem) : p(problem) {}
   const WeightGradProblem<T>& p;
-  const char* forced = nullptr;  // CONVFAST_ALGO; null: none
-  const char* note = "";         // why cost() returned what it did (CONVFAST_VERBOSE)
-  int winograd_m = 0;            // the Winograd entry's tile (its cost decides it; 0: none)
-
-  double take(const char* why, double rank) {
-    note = why;
-    return rank;
-  }
-  double refuse(const char* why) {
-    note = why;
-    return std::numeric_limits<double>::infinity();
-  }
-  bool forced_is(const char* name) const { return forced != nullptr && std::strcmp(forced, name) == 0; }
+  int winograd_m = 0;  // the Winograd entry's tile (its cost decides it; 0: none)
 };
 
 // cost() is the rank where the unit's rule takes the variant and infinity elsewhere, as the forward's.

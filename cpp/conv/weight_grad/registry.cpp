@@ -1,5 +1,5 @@
 // The weight gradient (see convfast/weight_grad.hpp): the table of its algorithms, in order of
-// preference, and the one choice among them (choose, run by weight_grad below):
+// preference, and the one choice among them (engine::choose_entry, run by weight_grad below):
 //   lanes      lanes.cpp: depthwise, the forward's channel-lanes plan (CONVFAST_ALGO=gemm|direct excludes it)
 //   depthwise  depthwise.cpp: Ca/G = 1, Cb/G <= kMaxMultiplier
 //   winograd   winograd.cpp (code in gemm.cpp): F(2, 3) / F(4, 3) where WeightGrad::choose_winograd takes it (CONVFAST_ALGO=winograd)
@@ -98,39 +98,6 @@ const WeightGradAlgorithm<T>* const* algorithms() {
   return table;
 }
 
-// The applicable variant of least cost, the first on ties, as the forward's choice (../registry.cpp).
-template <typename T>
-int choose(WgradChoice<T>& c, unsigned excluded) {
-  int best = -1;
-  double best_cost = std::numeric_limits<double>::infinity();
-  for (int i = 0; i < kNumAlgorithms; ++i) {
-    const WeightGradAlgorithm<T>& a = *algorithms<T>()[i];
-    if (excluded & (1u << i)) {
-      if (verbose()) std::fprintf(stderr, "convfast:   %-9s cannot run it, excluded\n", a.name);
-      continue;
-    }
-    if (best >= 0 && best_cost <= a.rank && !verbose()) break;
-    c.note = "";
-    bool applies = false;
-    double cost = std::numeric_limits<double>::infinity();
-    try {
-      applies = a.applies(c);
-      if (applies) cost = a.cost(c);
-    } catch (const std::exception& e) {
-      if (best < 0) throw;  // a candidate evaluated only for the report must not change the outcome
-      c.note = e.what();
-    }
-    if (verbose() && !applies) std::fprintf(stderr, "convfast:   %-9s applies=no%s%s\n", a.name, *c.note ? "  " : "", c.note);
-    if (verbose() && applies)
-      std::fprintf(stderr, "convfast:   %-9s applies=yes cost=%g%s%s\n", a.name, cost, *c.note ? "  " : "", c.note);
-    if (applies && cost < best_cost) {
-      best = i;
-      best_cost = cost;
-    }
-  }
-  return best;  // gemm always applies
-}
-
 }  // namespace
 }  // namespace wgrad
 
@@ -149,7 +116,7 @@ void weight_grad(const WeightGradProblem<T>& problem) {
     elements_b *= double(p.b_size[a]);
   }
   const CallThreads threads(multiply_adds + 12.0 * (elements_a + elements_b));
-  WgradChoice<T> c{p};
+  WgradChoice<T> c(p);
   c.forced = std::getenv("CONVFAST_ALGO");
   if (c.forced && !*c.forced) c.forced = nullptr;
   if (verbose())
@@ -160,7 +127,7 @@ void weight_grad(const WeightGradProblem<T>& problem) {
                  c.forced ? " forced=" : "", c.forced ? c.forced : "");
   unsigned excluded = 0;
   for (;;) {
-    const int i = choose(c, excluded);
+    const int i = engine::choose_entry(algorithms<T>(), kNumAlgorithms, c, excluded);  // gemm always applies
     const WeightGradAlgorithm<T>& a = *algorithms<T>()[i];
     if (a.run(c)) {
       if (verbose()) std::fprintf(stderr, "convfast:   winner %s: %s\n", a.name, last_algorithm().c_str());
