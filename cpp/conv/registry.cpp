@@ -1,5 +1,5 @@
-// The forward engine's algorithms and the one choice among them. The table (kAlgorithms) lists
-// every algorithm in order of preference, each an entry of its own unit (algorithm.hpp):
+// The forward engine's algorithms and the one choice among them. The table (algorithms() below)
+// lists every algorithm in order of preference, each an entry of its own unit (algorithm.hpp):
 //   scatter   algorithms/scatter_gemm.cpp   transposed layers of small inputs; non-finite weights
 //   winograd  algorithms/winograd.cpp       3x3-like stride phases, enough channels and tiles
 //   lanes     algorithms/channel_lanes.cpp  depthwise, at least a vector's width of groups
@@ -7,9 +7,10 @@
 //                                           (rows or planes: CONVFAST_DIRECT=rows)
 //   gemm      algorithms/gemm.cpp           everything else (gather or pixel lanes, weights in
 //                                           place: CONVFAST_PIXEL_LANES, CONVFAST_WEIGHTS_IN_PLACE)
-// choose_entry (common/choice.hpp) takes the applicable entry of least cost; CONVFAST_ALGO=<name> (or AlgorithmOverride)
-// makes the named one's cost its rank wherever it applies and excludes others as each entry's
-// cost() says. CONVFAST_VERBOSE=1 prints every candidate and the winner of each plan to stderr.
+// choose_entry (common/choice.hpp) takes the applicable entry of least cost; CONVFAST_ALGO=<name>
+// (or AlgorithmOverride) makes the named one's cost its rank wherever it applies and excludes the
+// others as each entry's cost() says. CONVFAST_VERBOSE=1 prints every candidate and the winner of
+// each plan to stderr.
 #include <omp.h>
 
 #include <algorithm>
@@ -107,8 +108,7 @@ ConvPlan<T>::Impl::Impl(const ConvProblem<T>& p, bool allow_winograd)
       for (const AxisPlan& a2 : axes[2])
         if (a0.count > 0 && a1.count > 0 && a2.count > 0) phases.push_back({&a0, &a1, &a2});
   for (const Phase& ph : phases) max_taps = std::max(max_taps, PhaseShape(ph).num_taps);
-  const int64_t cin = p.cin_per_group, cout = p.cout_per_group, G = p.groups;
-  max_k = checked_mul(max_taps, cin);
+  max_k = checked_mul(max_taps, p.cin_per_group);
 
   Choice<T> c(p, *this);
   c.forced = forced_algorithm();

@@ -53,7 +53,8 @@ int choose_entry(const Entry* const* table, int n, Choice& c, unsigned excluded)
       if (best < 0) throw;  // a candidate evaluated only for the report must not change the outcome
       c.note = e.what();
     }
-    if (verbose() && !applies) std::fprintf(stderr, "convfast:   %-9s applies=no%s%s\n", a.name, *c.note ? "  " : "", c.note);
+    if (verbose() && !applies)
+      std::fprintf(stderr, "convfast:   %-9s applies=no%s%s\n", a.name, *c.note ? "  " : "", c.note);
     if (verbose() && applies)
       std::fprintf(stderr, "convfast:   %-9s applies=yes cost=%g%s%s\n", a.name, cost, *c.note ? "  " : "", c.note);
     if (applies && cost < best_cost) {

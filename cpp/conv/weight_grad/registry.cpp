@@ -1,8 +1,10 @@
 // The weight gradient (see convfast/weight_grad.hpp): the table of its algorithms, in order of
 // preference, and the one choice among them (engine::choose_entry, run by weight_grad below):
-//   lanes      lanes.cpp: depthwise, the forward's channel-lanes plan (CONVFAST_ALGO=gemm|direct excludes it)
+//   lanes      lanes.cpp: depthwise, the forward's channel-lanes plan (CONVFAST_ALGO=gemm|direct
+//              excludes it)
 //   depthwise  depthwise.cpp: Ca/G = 1, Cb/G <= kMaxMultiplier
-//   winograd   winograd.cpp (code in gemm.cpp): F(2, 3) / F(4, 3) where WeightGrad::choose_winograd takes it (CONVFAST_ALGO=winograd)
+//   winograd   winograd.cpp (code in gemm.cpp): F(2, 3) / F(4, 3) where WeightGrad::choose_winograd
+//              takes it (CONVFAST_ALGO=winograd forces it)
 //   rows       rows.cpp: few input channels per group (CONVFAST_WGRAD_GEMM=1 excludes it)
 //   gemm       gemm.cpp: everything else
 // CONVFAST_VERBOSE=1 prints every candidate and the winner of each call to stderr.
