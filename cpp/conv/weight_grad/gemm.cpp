@@ -232,6 +232,10 @@ struct WeightGrad {
     const int64_t chunks = ceil_div(K, kChunk), jobs = checked_mul(checked_mul(G, b_tiles), chunks);
     T* dst_all = bpack->get();
     const int w = bw;
+    // Whole tiles of pixel rows contiguous in b move L x L blocks at a time through the vector
+    // transpose (the scalar gather, one strided load per element, was half of a 1x1 layer's
+    // weight gradient: 16 -> 96 on 8 x 56 x 56, 1 thread).
+    const int L = uk.transpose_block && p.b_stride[2] == 1 && w % uk.lanes == 0 ? uk.lanes : 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t job = 0; job < jobs; ++job) {
       const int64_t gt = job / chunks, k0 = (job % chunks) * kChunk, k1 = std::min(K, k0 + kChunk);
@@ -242,7 +246,15 @@ struct WeightGrad {
       for (PixelCursor at(k0, O); at.k < k1;) {
         const T* src = bg + at.n * p.b_stride_n + at.o0 * p.b_stride[0] + at.o1 * p.b_stride[1];
         const int64_t len = std::min(O[2] - at.o2, k1 - at.k);
-        for (int64_t j = 0; j < len; ++j, dst += w) {
+        int64_t j = 0;
+        if (L > 0 && valid % L == 0)
+          for (; j + L <= len; j += L, dst += L * w) {
+            for (int r0 = 0; r0 < valid; r0 += L)
+              uk.transpose_block(src + at.o2 + j + r0 * p.b_stride_c, p.b_stride_c, dst + r0, w);
+            if (valid < w)
+              for (int64_t q = 0; q < L; ++q) std::fill(dst + q * w + valid, dst + (q + 1) * w, T(0));
+          }
+        for (; j < len; ++j, dst += w) {
           const T* s = src + (at.o2 + j) * p.b_stride[2];
           int r = 0;
           for (; r < valid; ++r) dst[r] = s[r * p.b_stride_c];
