@@ -239,6 +239,12 @@ template <typename T>
 bool rows_weight_grad_applies(const WeightGradProblem<T>& p);
 template <typename T>
 void rows_weight_grad(const WeightGradProblem<T>& p);
+// channel_rows.cpp: one-tap layers (1x1, stride 1, unpadded) with contiguous rows and few input
+// channels per group.
+template <typename T>
+bool channel_rows_weight_grad_applies(const WeightGradProblem<T>& p);
+template <typename T>
+void channel_rows_weight_grad(const WeightGradProblem<T>& p);
 // gemm.cpp: the GEMM, or Winograd F(2, 3) where WeightGrad::choose_winograd takes it. Runs it and
 // returns true, except that a plan which is not Winograd returns false without running when
 // rows_preferred (registry.cpp then runs the rows path).

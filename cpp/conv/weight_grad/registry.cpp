@@ -131,10 +131,12 @@ void weight_grad(const WeightGradProblem<T>& problem) {
     set_last_algorithm("weight_grad depthwise threads=" + std::to_string(get_num_threads()));
     return depthwise_weight_grad(p);
   }
-  // Winograd, where chosen (or forced by CONVFAST_ALGO=winograd), comes first; CONVFAST_WGRAD_GEMM=1
-  // takes the GEMM instead of the rows path (tests compare both).
+  // CONVFAST_WGRAD_GEMM=1 takes the GEMM instead of the channel-rows and rows paths (tests compare
+  // them); Winograd, where chosen (or forced by CONVFAST_ALGO=winograd), comes before the rows path.
   const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");
-  const bool rows_preferred = rows_weight_grad_applies(p) && !(force_gemm && std::string(force_gemm) == "1");
+  const bool gemm_forced = force_gemm && std::string(force_gemm) == "1";
+  if (!gemm_forced && channel_rows_weight_grad_applies(p)) return channel_rows_weight_grad(p);
+  const bool rows_preferred = rows_weight_grad_applies(p) && !gemm_forced;
   if (!gemm_weight_grad(p, rows_preferred)) return rows_weight_grad(p);
 }
 
