@@ -125,6 +125,7 @@ def _problems():
             groups=32)
         bwd(f"conv2d_backward_multiplier_{tag}", "conv2d_backward", (2, 8, 10, 10), (16, 1, 3, 3), padding=1,
             groups=8)
+        bwd(f"conv2d_backward_1x1_{tag}", "conv2d_backward", (2, 16, 12, 12), (48, 16, 1, 1))
         bwd(f"conv2d_backward_1x1_s2_{tag}", "conv2d_backward", (2, 16, 10, 10), (32, 16, 1, 1), stride=2)
         bwd(f"conv2d_backward_reflect_{tag}", "conv2d_backward", (1, 6, 9, 9), (6, 6, 3, 3), padding=1,
             padding_mode="reflect", dilation=2)

@@ -222,6 +222,62 @@ def test_channels_last_tensors_and_no_grad():
         assert not m(x).requires_grad
 
 
+@pytest.mark.parametrize("make", [lambda: cft.Conv2d(16, 32, 3, padding=1), lambda: cft.Conv1d(8, 8, 5, groups=8),
+                                  lambda: cft.ConvTranspose2d(16, 8, 4, stride=2, padding=1),
+                                  lambda: cft.Conv3d(4, 16, 3, stride=2)])
+def test_inference_plans_follow_weight_updates(make):
+    """Under no_grad a module keeps a plan with its weights packed; every way the weights can
+    change through the parameters must drop it: optimizer steps, copy_ under no_grad,
+    load_state_dict, a new Parameter, a bias update, a dtype change."""
+    torch.manual_seed(0)
+    m = make()
+    rank = len(m.kernel_size)
+    x = torch.randn((2, m.in_channels) + (9,) * rank)
+    fn = getattr(F, ("conv_transpose" if m.transposed else "conv") + f"{rank}d")
+    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+
+    def check(model_input=x):
+        with torch.no_grad():
+            ref = fn(model_input, m.weight, m.bias, **kw)
+            for _ in range(2):  # the second call runs the kept plan
+                torch.testing.assert_close(m(model_input), ref, rtol=1e-4, atol=1e-4)
+
+    check()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().sum().backward()
+    opt.step()
+    check()
+    with torch.no_grad():
+        m.weight.copy_(torch.randn_like(m.weight))
+    check()
+    m.load_state_dict({"weight": torch.randn_like(m.weight), "bias": torch.randn_like(m.bias)})
+    check()
+    m.weight = torch.nn.Parameter(torch.randn_like(m.weight))
+    check()
+    with torch.no_grad():
+        m.bias.add_(1.0)
+    check()
+    m.double()
+    check(x.double())
+    check(x[:1].double())  # another input shape: its own plan
+
+
+def test_modules_with_kept_plans_copy_and_pickle():
+    import copy
+    import pickle
+    m = cft.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        y = m(x)
+    m(x).sum().backward()  # a kept call for the grad path too
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), y)
+            twin.weight.mul_(2)
+            torch.testing.assert_close(twin(x) - twin.bias[:, None, None], 2 * (y - m.bias[:, None, None]))
+        torch.testing.assert_close(m(x), y)  # the original keeps its own weights
+
+
 # ----------------------------------------------------------------------------------------------
 # convfast's extras
 # ----------------------------------------------------------------------------------------------

@@ -172,7 +172,7 @@ void ConvPlan<T>::Impl::run_items(const ConvProblem<T>& p) const {
   // threads (a 3x3 stride-2 layer's 14x14 output, 196 pixels, was one item, run on one thread
   // at any setting). The pixel blocks then shrink, down to one micro-tile, until every thread
   // has two items (which pixels share a block changes no multiply-add chain).
-  if (!direct && !plane_mode && !pixel_lanes && get_num_threads() > 1) {
+  if (!direct && !plane_mode && !weights_in_place && get_num_threads() > 1) {
     const int64_t units = p.batch * G * ceil_div(n_tiles, nt_per_block) * (fuse_phases ? 1 : n_phases);
     const int64_t want = 2 * (int64_t)get_num_threads();
     if (units * max_blocks < want) {

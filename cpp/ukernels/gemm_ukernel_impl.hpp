@@ -17,9 +17,17 @@
 #include "../conv/winograd_transforms.hpp"
 #include "winograd_ukernel_impl.hpp"
 
-template <typename T, int MR, int VECTOR_BYTES, int NV, typename ARow, typename AIndex>
-inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restrict b, T* __restrict c, int64_t ldc,
-                      int accumulate, const T* __restrict row_bias = nullptr) {
+// Loops over registers are unrolled before GCC's scalar replacement runs (the pragma): left to the
+// later complete unrolling, the accumulator array stayed in memory around the K loop (zeroed on
+// the stack, copied out and back before the stores: 67 stack moves per AVX-512 call).
+#define CONVFAST_UNROLL _Pragma("GCC unroll 64")
+
+// ACCUMULATE and ROW_BIAS are compile-time: with them as run-time branches, GCC kept the 24
+// AVX-512 accumulators on the stack around the loop (zeroed there, copied out and back before the
+// stores), which cost more than the multiply-adds on short K (1x1 16 -> 96 on 56x56, kc = 16).
+template <typename T, int MR, int VECTOR_BYTES, int NV, bool ACCUMULATE, bool ROW_BIAS, typename ARow, typename AIndex>
+inline void gemm_core_body(int64_t kc, ARow a_row, AIndex a_index, const T* __restrict b, T* __restrict c, int64_t ldc,
+                           const T* __restrict row_bias) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   // Unaligned-safe alias for loads/stores of caller memory.
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
@@ -29,23 +37,41 @@ inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restric
   // (bit for bit) as an unsplit one -- and as the direct kernel's, whatever algorithm or blocking
   // a problem gets (chunked computations, e.g. convfast.dask, rely on it).
   vec acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? *reinterpret_cast<const vec_u*>(c + r * ldc + v * L) : vec{};
+  CONVFAST_UNROLL for (int r = 0; r < MR; ++r)
+    CONVFAST_UNROLL for (int v = 0; v < NV; ++v)
+      if constexpr (ACCUMULATE)
+        acc[r][v] = *reinterpret_cast<const vec_u*>(c + r * ldc + v * L);
+      else
+        acc[r][v] = vec{};
   for (int64_t k = 0; k < kc; ++k) {
     vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vec_u*>(b + k * NR + v * L);
+    CONVFAST_UNROLL for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const vec_u*>(b + k * NR + v * L);
     const T* __restrict a = a_row(k);
-    for (int r = 0; r < MR; ++r) {
+    CONVFAST_UNROLL for (int r = 0; r < MR; ++r) {
       const T ar = a[a_index(r)];
-      for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
+      CONVFAST_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] += bv[v] * ar;
     }
   }
-  if (row_bias)  // added to the finished sums (the caller passes it with the last K block)
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] += row_bias[r];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(c + r * ldc + v * L) = acc[r][v];
+  if constexpr (ROW_BIAS)  // added to the finished sums (the caller passes it with the last K block)
+    CONVFAST_UNROLL for (int r = 0; r < MR; ++r)
+      CONVFAST_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] += row_bias[r];
+  CONVFAST_UNROLL for (int r = 0; r < MR; ++r)
+    CONVFAST_UNROLL for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(c + r * ldc + v * L) = acc[r][v];
+}
+
+template <typename T, int MR, int VECTOR_BYTES, int NV, typename ARow, typename AIndex>
+inline void gemm_core(int64_t kc, ARow a_row, AIndex a_index, const T* __restrict b, T* __restrict c, int64_t ldc,
+                      int accumulate, const T* __restrict row_bias = nullptr) {
+  if (row_bias) {
+    if (accumulate)
+      gemm_core_body<T, MR, VECTOR_BYTES, NV, true, true>(kc, a_row, a_index, b, c, ldc, row_bias);
+    else
+      gemm_core_body<T, MR, VECTOR_BYTES, NV, false, true>(kc, a_row, a_index, b, c, ldc, row_bias);
+  } else if (accumulate) {
+    gemm_core_body<T, MR, VECTOR_BYTES, NV, true, false>(kc, a_row, a_index, b, c, ldc, nullptr);
+  } else {
+    gemm_core_body<T, MR, VECTOR_BYTES, NV, false, false>(kc, a_row, a_index, b, c, ldc, nullptr);
+  }
 }
 
 template <typename T, int MR, int VECTOR_BYTES, int NV>
@@ -95,21 +121,21 @@ void direct_ukernel(int64_t kc, const T* const* __restrict src, int64_t offset, 
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
   vec acc[MRO][NV];
-  for (int r = 0; r < MRO; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
+  CONVFAST_UNROLL for (int r = 0; r < MRO; ++r)
+    CONVFAST_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
   for (int64_t k = 0; k < kc; ++k) {
     vec xv[NV];
-    for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k] + offset + v * L);
-    for (int r = 0; r < MRO; ++r) {
+    CONVFAST_UNROLL for (int v = 0; v < NV; ++v) xv[v] = *reinterpret_cast<const vec_u*>(src[k] + offset + v * L);
+    CONVFAST_UNROLL for (int r = 0; r < MRO; ++r) {
       const T wr = w[k * MRO + r];
-      for (int v = 0; v < NV; ++v) acc[r][v] += xv[v] * wr;
+      CONVFAST_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] += xv[v] * wr;
     }
   }
   if (bias)  // added to the finished sum, as the other paths add it
-    for (int r = 0; r < MRO; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] += bias[r];
-  for (int r = 0; r < MRO; ++r)
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(out + r * ldo + v * L) = acc[r][v];
+    CONVFAST_UNROLL for (int r = 0; r < MRO; ++r)
+      CONVFAST_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] += bias[r];
+  CONVFAST_UNROLL for (int r = 0; r < MRO; ++r)
+    CONVFAST_UNROLL for (int v = 0; v < NV; ++v) *reinterpret_cast<vec_u*>(out + r * ldo + v * L) = acc[r][v];
 }
 
 // The weight gradient's row kernel (few input channels, see cpp/conv/weight_grad.cpp):
@@ -123,28 +149,28 @@ void wgrad_rows_ukernel(int64_t rows, int64_t n, const T* const* __restrict gy, 
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
   vec a[MB][TB];
-  for (int m = 0; m < MB; ++m)
-    for (int t = 0; t < TB; ++t) a[m][t] = *reinterpret_cast<const vec_u*>(acc + (m * TB + t) * L);
+  CONVFAST_UNROLL for (int m = 0; m < MB; ++m)
+    CONVFAST_UNROLL for (int t = 0; t < TB; ++t) a[m][t] = *reinterpret_cast<const vec_u*>(acc + (m * TB + t) * L);
   for (int64_t r = 0; r < rows; ++r) {
     const T* g[MB];
     const T* xr[TB];
-    for (int m = 0; m < MB; ++m) g[m] = gy[m] + r * gy_rs;
-    for (int t = 0; t < TB; ++t) xr[t] = x[t] + r * x_rs;
+    CONVFAST_UNROLL for (int m = 0; m < MB; ++m) g[m] = gy[m] + r * gy_rs;
+    CONVFAST_UNROLL for (int t = 0; t < TB; ++t) xr[t] = x[t] + r * x_rs;
     int64_t j = 0;
     for (; j + L <= n; j += L) {
       vec gv[MB];
-      for (int m = 0; m < MB; ++m) gv[m] = *reinterpret_cast<const vec_u*>(g[m] + j);
-      for (int t = 0; t < TB; ++t) {
+      CONVFAST_UNROLL for (int m = 0; m < MB; ++m) gv[m] = *reinterpret_cast<const vec_u*>(g[m] + j);
+      CONVFAST_UNROLL for (int t = 0; t < TB; ++t) {
         const vec xv = *reinterpret_cast<const vec_u*>(xr[t] + j);
-        for (int m = 0; m < MB; ++m) a[m][t] += gv[m] * xv;
+        CONVFAST_UNROLL for (int m = 0; m < MB; ++m) a[m][t] += gv[m] * xv;
       }
     }
     for (; j < n; ++j)
-      for (int m = 0; m < MB; ++m)
-        for (int t = 0; t < TB; ++t) a[m][t][0] += g[m][j] * xr[t][j];
+      CONVFAST_UNROLL for (int m = 0; m < MB; ++m)
+        CONVFAST_UNROLL for (int t = 0; t < TB; ++t) a[m][t][0] += g[m][j] * xr[t][j];
   }
-  for (int m = 0; m < MB; ++m)
-    for (int t = 0; t < TB; ++t) *reinterpret_cast<vec_u*>(acc + (m * TB + t) * L) = a[m][t];
+  CONVFAST_UNROLL for (int m = 0; m < MB; ++m)
+    CONVFAST_UNROLL for (int t = 0; t < TB; ++t) *reinterpret_cast<vec_u*>(acc + (m * TB + t) * L) = a[m][t];
 }
 
 // The transposing store: y[j * ys + i] = c[i * ldc + j] + bias[j] for i, j < L (L = vector lanes).
@@ -212,13 +238,13 @@ inline void channel_lanes_block(int64_t j, int64_t taps, const T* const* __restr
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
   vec acc[NJ];
-  for (int q = 0; q < NJ; ++q) acc[q] = vec{};
+  CONVFAST_UNROLL for (int q = 0; q < NJ; ++q) acc[q] = vec{};
   for (int64_t t = 0; t < taps; ++t) {
     const vec wv = *reinterpret_cast<const vec_u*>(w + t * L);
     const T* s = src[t] + j * step;
-    for (int q = 0; q < NJ; ++q) acc[q] += *reinterpret_cast<const vec_u*>(s + q * step) * wv;
+    CONVFAST_UNROLL for (int q = 0; q < NJ; ++q) acc[q] += *reinterpret_cast<const vec_u*>(s + q * step) * wv;
   }
-  for (int q = 0; q < NJ; ++q) *reinterpret_cast<vec_u*>(out + (j + q) * L) = acc[q];
+  CONVFAST_UNROLL for (int q = 0; q < NJ; ++q) *reinterpret_cast<vec_u*>(out + (j + q) * L) = acc[q];
 }
 
 template <typename T, int VECTOR_BYTES>
@@ -245,12 +271,12 @@ inline void channel_lanes_wgrad_block(int64_t n, const T* const* __restrict src,
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
   vec a[NT];
-  for (int q = 0; q < NT; ++q) a[q] = *reinterpret_cast<const vec_u*>(acc + q * L);
+  CONVFAST_UNROLL for (int q = 0; q < NT; ++q) a[q] = *reinterpret_cast<const vec_u*>(acc + q * L);
   for (int64_t j = 0; j < n; ++j) {
     const vec g = *reinterpret_cast<const vec_u*>(gy + j * L);
-    for (int q = 0; q < NT; ++q) a[q] += *reinterpret_cast<const vec_u*>(src[q] + j * step) * g;
+    CONVFAST_UNROLL for (int q = 0; q < NT; ++q) a[q] += *reinterpret_cast<const vec_u*>(src[q] + j * step) * g;
   }
-  for (int q = 0; q < NT; ++q) *reinterpret_cast<vec_u*>(acc + q * L) = a[q];
+  CONVFAST_UNROLL for (int q = 0; q < NT; ++q) *reinterpret_cast<vec_u*>(acc + q * L) = a[q];
 }
 
 template <typename T, int VECTOR_BYTES>

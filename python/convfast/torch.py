@@ -22,7 +22,10 @@ Imported only when the user imports it (``import convfast`` never imports torch)
 
 CPU tensors are handed to convfast as zero-copy NumPy views; results come back as tensors sharing
 convfast's output buffers. Tensors on another device go to convfast as they are, so they work
-wherever convfast's operators accept them (its GPU backend). float32 and float64 are supported;
+wherever convfast's operators accept them (its GPU backend). Modules called without autograd
+recording (``torch.no_grad()``, ``inference_mode``) keep their weights packed per input shape until a
+parameter changes (another tensor, or an in-place update through it, which bumps its version counter);
+writes through ``.data`` or a NumPy view are not seen, as they are not by autograd. float32 and float64 are supported;
 input, weight and bias must share dtype and device, as torch.nn requires. The backward pass is
 differentiable only once (``once_differentiable``): double backward (e.g. gradient penalties)
 raises.
@@ -40,6 +43,7 @@ from torch.nn import init
 from . import backward as _backward
 from . import functional as _functional
 from ._layer_params import LayerParams, concrete_layers
+from ._spec import conv_spec, conv_transpose_spec
 
 __all__ = ["ConvParams", "ConvFunction", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
            "conv_transpose3d", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
@@ -65,19 +69,40 @@ class ConvParams(NamedTuple):
     def name(self) -> str:
         return f"conv_transpose{self.rank}d" if self.transposed else f"conv{self.rank}d"
 
-    def forward(self, x, weight, bias):
-        fn = getattr(_functional, self.name)
-        cpu = x.device.type == "cpu"
-        if cpu:  # zero-copy NumPy views, so that the call takes convfast's fast path for a seen signature
-            x, weight = x.detach().numpy(), weight.detach().numpy()
-            bias = None if bias is None else bias.detach().numpy()
+    def spec(self, x, weight, bias):
+        """The normalised call (convfast._spec) for NumPy operands; raises as the functional form does."""
         if self.transposed:
-            y = fn(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
-                   output_size=self.output_size)
-        else:
-            y = fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                   padding_mode=self.padding_mode)
-        return torch.from_numpy(y) if cpu else y
+            return conv_transpose_spec(self.name, self.rank, x, weight, bias, self.stride, self.padding,
+                                       self.output_padding, self.groups, self.dilation, self.output_size,
+                                       "channels_first")
+        return conv_spec(self.name, self.rank, x, weight, bias, self.stride, self.padding, self.dilation,
+                         self.groups, self.padding_mode, "channels_first")
+
+    def forward(self, x, weight, bias, calls: Optional[dict] = None, planned: bool = False):
+        """y. ``calls`` (a module's): CPU calls keep a ``_core.Call`` per input shape and parameters
+        there, so that a repeated call skips the normalisation; ``planned`` ones hold the weights
+        packed, valid only while the weights stay as they are (the caller drops them otherwise)."""
+        if x.device.type != "cpu":  # to convfast as they are: its GPU backend takes them
+            return self._functional(x, weight, bias)
+        # zero-copy NumPy views, so that the call takes convfast's fast path for a seen signature
+        x, weight = x.detach().numpy(), weight.detach().numpy()
+        bias = None if bias is None else bias.detach().numpy()
+        if calls is None:
+            return torch.from_numpy(self._functional(x, weight, bias))
+        key = (x.shape, self)
+        call = calls.get(key)
+        y = None if call is None else call.run(x, weight, bias)
+        if y is None:
+            y = _functional.run_spec(self.spec(x, weight, bias), x, weight, bias, None, calls, key, planned)
+        return torch.from_numpy(y)
+
+    def _functional(self, x, weight, bias):
+        fn = getattr(_functional, self.name)
+        if self.transposed:
+            return fn(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation,
+                      output_size=self.output_size)
+        return fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                  padding_mode=self.padding_mode)
 
     def backward(self, grad_output, x, weight, needs):
         fn = getattr(_backward, f"{self.name}_backward")
@@ -115,11 +140,13 @@ def _check_tensors(func: str, x, weight, bias) -> None:
 
 class ConvFunction(torch.autograd.Function):
     """``ConvFunction.apply(input, weight, bias, params)``: y = convfast's convolution with
-    ``params`` (a :class:`ConvParams`); its backward computes only the gradients autograd needs."""
+    ``params`` (a :class:`ConvParams`); its backward computes only the gradients autograd needs.
+    An optional fifth argument, a dict, keeps the forward's ``_core.Call`` per input shape
+    (:meth:`ConvParams.forward`'s ``calls``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, params: ConvParams):
-        y = params.forward(x, weight, bias)
+    def forward(ctx, x, weight, bias, params: ConvParams, calls: Optional[dict] = None):
+        y = params.forward(x, weight, bias, calls)
         ctx.params = params
         ctx.save_for_backward(x, weight)
         return y
@@ -130,15 +157,19 @@ class ConvFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         if not any(needs):
-            return None, None, None, None
+            return None, None, None, None, None
         gx, gw, gb = ctx.params.backward(grad_output, x, weight, needs)
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
+
+
+def _records_graph(x, weight, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                        (bias is not None and bias.requires_grad))
 
 
 def _apply(params: ConvParams, x, weight, bias):
     _check_tensors(params.name, x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
+    if _records_graph(x, weight, bias):
         return ConvFunction.apply(x, weight, bias, params)
     return params.forward(x, weight, bias)  # no graph to record: no autograd.Function around the call
 
@@ -231,6 +262,40 @@ class _ConvNd(LayerParams, nn.Module):
             s += f", padding_mode={self.padding_mode}"
         return s
 
+    # Each module keeps a _core.Call per input shape and parameters: ``_calls`` for calls that
+    # record a graph (the weights change every training step, so they are packed per call), and
+    # ``_plans`` for the others, whose plans hold the weights packed (and Winograd-transformed)
+    # once. The plans are dropped when the weight or bias changes: another tensor, or an in-place
+    # update through the parameter (optimizer steps, load_state_dict, copy_ under no_grad), which
+    # bumps the version counter autograd reads (writes through .data or a NumPy view go unseen,
+    # as by autograd). The kept NumPy views hold the weights' storage, so that no new tensor can
+    # take its address while the plans live.
+    _calls = _plans = _plans_weights = _plans_arrays = None
+
+    def _forward(self, x, output_size=None):
+        weight, bias = self.weight, self.bias
+        params = self._params(output_size)
+        _check_tensors(params.name, x, weight, bias)
+        if self._calls is None:
+            self._calls = {}
+        if _records_graph(x, weight, bias):
+            return ConvFunction.apply(x, weight, bias, params, self._calls)
+        if x.device.type != "cpu" or weight.device.type != "cpu":
+            return params.forward(x, weight, bias)
+        weights_key = (weight._version, weight.data_ptr()) + \
+            (() if bias is None else (bias._version, bias.data_ptr()))
+        if weights_key != self._plans_weights:
+            self._plans, self._plans_weights = {}, weights_key
+            self._plans_arrays = (weight.detach(), bias)
+        return params.forward(x, weight, bias, self._plans, planned=True)
+
+    def __getstate__(self):
+        # kept calls hold engine objects, which neither pickle nor deepcopy: a copy makes its own
+        state = self.__dict__.copy()
+        for name in ("_calls", "_plans", "_plans_weights", "_plans_arrays"):
+            state.pop(name, None)
+        return state
+
     def _params(self, output_size=None) -> ConvParams:
         if self._transposed:
             # As torch.nn: an output_size overrides the layer's output_padding.
@@ -248,7 +313,7 @@ class _Conv(_ConvNd):
                     device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _apply(self._params(), input, self.weight, self.bias)
+        return self._forward(input)
 
 
 class _ConvTranspose(_ConvNd):
@@ -264,7 +329,7 @@ class _ConvTranspose(_ConvNd):
     def forward(self, input: torch.Tensor, output_size: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
         if output_size is not None:
             output_size = tuple(int(v) for v in output_size)
-        return _apply(self._params(output_size), input, self.weight, self.bias)
+        return self._forward(input, output_size)
 
 
 Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d = concrete_layers(

@@ -36,6 +36,8 @@ const WeightGradAlgorithm<T>& lanes_weight_grad_algorithm();      // lanes.cpp
 template <typename T>
 const WeightGradAlgorithm<T>& depthwise_weight_grad_algorithm();  // depthwise.cpp
 template <typename T>
+const WeightGradAlgorithm<T>& channel_rows_weight_grad_algorithm();  // channel_rows.cpp
+template <typename T>
 const WeightGradAlgorithm<T>& winograd_weight_grad_algorithm();   // winograd.cpp
 template <typename T>
 const WeightGradAlgorithm<T>& rows_weight_grad_algorithm();       // rows.cpp

@@ -254,6 +254,12 @@ template <typename T>
 bool rows_weight_grad_applies(const WeightGradProblem<T>& p);
 template <typename T>
 void rows_weight_grad(const WeightGradProblem<T>& p);
+// channel_rows.cpp: one-tap layers (1x1, stride 1, unpadded) with contiguous rows and few input
+// channels per group.
+template <typename T>
+bool channel_rows_weight_grad_applies(const WeightGradProblem<T>& p);
+template <typename T>
+void channel_rows_weight_grad(const WeightGradProblem<T>& p);
 // gemm.cpp: the Winograd tile WeightGrad::choose_winograd takes (0: none), and the GEMM, Winograd
 // with tile wino_m (0: the GEMM).
 template <typename T>

@@ -114,13 +114,14 @@ template void depthwise_weight_grad<double>(const WeightGradProblem<double>&);
 
 // ---- The entry: depthwise and channel-multiplier layers (after the channel lanes) ----------------
 namespace depthwise_entry {
+constexpr double kRank = 2.0;  // its place in the table (registry.cpp)
 template <typename T>
 bool applies(WgradChoice<T>& c) {
   return c.p.a_channels == c.p.groups && c.p.b_channels <= kMaxMultiplier * c.p.groups;
 }
 template <typename T>
 double cost(WgradChoice<T>& c) {
-  return c.take("depthwise or channel multiplier", 2.0);
+  return c.take("depthwise or channel multiplier", kRank);
 }
 template <typename T>
 bool run(WgradChoice<T>& c) {
@@ -133,7 +134,7 @@ inline const char* describe() { return "depthwise: per output channel, lanes of 
 
 template <typename T>
 const WeightGradAlgorithm<T>& depthwise_weight_grad_algorithm() {
-  static const WeightGradAlgorithm<T> entry = {"depthwise", 2.0,
+  static const WeightGradAlgorithm<T> entry = {"depthwise", depthwise_entry::kRank,
       depthwise_entry::applies<T>, depthwise_entry::cost<T>,
       depthwise_entry::run<T>, depthwise_entry::describe};
   return entry;

@@ -10,6 +10,7 @@
 namespace convfast {
 namespace wgrad {
 namespace lanes_entry {
+constexpr double kRank = 1.0;  // its place in the table (registry.cpp)
 
 // Depthwise (one channel in and out per group), at least a vector's width of groups;
 // CONVFAST_ALGO=gemm|direct excludes it.
@@ -21,7 +22,7 @@ bool applies(WgradChoice<T>& c) {
 template <typename T>
 double cost(WgradChoice<T>& c) {
   if (c.forced_is("gemm") || c.forced_is("direct")) return c.refuse("gemm or direct forced");
-  return c.take("depthwise", 1.0);
+  return c.take("depthwise", kRank);
 }
 
 // False where the channel-lanes plan does not apply after all (an empty axis, a window too large).
@@ -60,8 +61,9 @@ inline const char* describe() { return "lanes: depthwise, the channels in the ve
 
 template <typename T>
 const WeightGradAlgorithm<T>& lanes_weight_grad_algorithm() {
-  static const WeightGradAlgorithm<T> entry = {"lanes", 1.0, lanes_entry::applies<T>, lanes_entry::cost<T>,
-                                               lanes_entry::run<T>, lanes_entry::describe};
+  static const WeightGradAlgorithm<T> entry = {"lanes", lanes_entry::kRank,
+      lanes_entry::applies<T>, lanes_entry::cost<T>,
+      lanes_entry::run<T>, lanes_entry::describe};
   return entry;
 }
 template const WeightGradAlgorithm<float>& lanes_weight_grad_algorithm<float>();

@@ -3,6 +3,8 @@
 //   lanes      lanes.cpp: depthwise, the forward's channel-lanes plan (CONVFAST_ALGO=gemm|direct
 //              excludes it)
 //   depthwise  depthwise.cpp: Ca/G = 1, Cb/G <= kMaxMultiplier
+//   channel_rows  channel_rows.cpp: 1x1 stride-1 unpadded layers with few input channels per group
+//              (CONVFAST_WGRAD_GEMM=1 excludes it)
 //   winograd   winograd.cpp (code in gemm.cpp): F(2, 3) / F(4, 3) where WeightGrad::choose_winograd
 //              takes it (CONVFAST_ALGO=winograd forces it)
 //   rows       rows.cpp: few input channels per group (CONVFAST_WGRAD_GEMM=1 excludes it)
@@ -87,12 +89,13 @@ WeightGradProblem<T> flatten_one_tap_planes(WeightGradProblem<T> p) {
 namespace {
 
 // Every variant, in order of preference (ascending rank).
-constexpr int kNumAlgorithms = 5;
+constexpr int kNumAlgorithms = 6;
 template <typename T>
 const WeightGradAlgorithm<T>* const* algorithms() {
   static const WeightGradAlgorithm<T>* const table[kNumAlgorithms] = {
       &lanes_weight_grad_algorithm<T>(),      // lanes.cpp
       &depthwise_weight_grad_algorithm<T>(),  // depthwise.cpp
+      &channel_rows_weight_grad_algorithm<T>(),  // channel_rows.cpp
       &winograd_weight_grad_algorithm<T>(),   // winograd.cpp (its code: gemm.cpp)
       &rows_weight_grad_algorithm<T>(),       // rows.cpp
       &gemm_weight_grad_algorithm<T>(),       // gemm.cpp

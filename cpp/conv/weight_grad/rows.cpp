@@ -170,6 +170,7 @@ template void rows_weight_grad<double>(const WeightGradProblem<double>&);
 
 // ---- The entry: few input channels per group; CONVFAST_WGRAD_GEMM=1 excludes it (tests) ---------
 namespace rows_entry {
+constexpr double kRank = 5.0;  // its place in the table (registry.cpp)
 template <typename T>
 bool applies(WgradChoice<T>& c) {
   return rows_weight_grad_applies(c.p);
@@ -178,7 +179,7 @@ template <typename T>
 double cost(WgradChoice<T>& c) {
   const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");
   if (force_gemm && std::strcmp(force_gemm, "1") == 0) return c.refuse("CONVFAST_WGRAD_GEMM=1");
-  return c.take("few input channels per group", 4.0);
+  return c.take("few input channels per group", kRank);
 }
 template <typename T>
 bool run(WgradChoice<T>& c) {
@@ -190,7 +191,7 @@ inline const char* describe() { return "rows: gradient rows times tap-shifted in
 
 template <typename T>
 const WeightGradAlgorithm<T>& rows_weight_grad_algorithm() {
-  static const WeightGradAlgorithm<T> entry = {"rows", 4.0,
+  static const WeightGradAlgorithm<T> entry = {"rows", rows_entry::kRank,
       rows_entry::applies<T>, rows_entry::cost<T>,
       rows_entry::run<T>, rows_entry::describe};
   return entry;

@@ -10,6 +10,7 @@ namespace convfast {
 namespace wgrad {
 
 namespace winograd_entry {
+constexpr double kRank = 4.0;  // its place in the table (registry.cpp)
 template <typename T>
 bool applies(WgradChoice<T>& c) {  // stride-1 3-tap axes, at least two, and one-tap axes
   int axes = 0;
@@ -23,7 +24,8 @@ bool applies(WgradChoice<T>& c) {  // stride-1 3-tap axes, at least two, and one
 template <typename T>
 double cost(WgradChoice<T>& c) {
   c.winograd_m = winograd_weight_grad_tile(c.p);
-  return c.winograd_m ? c.take(c.winograd_m == 4 ? "F(4,3)" : "F(2,3)", 3.0) : c.refuse("too few channels or forced out");
+  if (c.winograd_m == 0) return c.refuse("too few channels, or gemm|direct forced");
+  return c.take(c.winograd_m == 4 ? "F(4,3)" : "F(2,3)", kRank);
 }
 template <typename T>
 bool run(WgradChoice<T>& c) {
@@ -35,7 +37,7 @@ inline const char* describe() { return "winograd: F(m,3) transforms, one GEMM pe
 
 template <typename T>
 const WeightGradAlgorithm<T>& winograd_weight_grad_algorithm() {
-  static const WeightGradAlgorithm<T> entry = {"winograd", 3.0,
+  static const WeightGradAlgorithm<T> entry = {"winograd", winograd_entry::kRank,
       winograd_entry::applies<T>, winograd_entry::cost<T>,
       winograd_entry::run<T>, winograd_entry::describe};
   return entry;
