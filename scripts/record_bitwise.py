@@ -86,6 +86,8 @@ def _problems():
         fwd(f"conv3d_s2_{tag}", "conv3d", (1, 8, 9, 9, 9), (8, 8, 3, 3, 3), dt, stride=2, padding=1)
         fwd(f"conv3d_winograd_{tag}", "conv3d", (1, 16, 12, 12, 12), (32, 16, 3, 3, 3), dt, padding=1)
         fwd(f"conv_transpose1d_{tag}", "conv_transpose1d", (2, 6, 20), (6, 4, 4), dt, stride=2, padding=1)
+        fwd(f"conv_transpose1d_s1_{tag}", "conv_transpose1d", (1, 32, 50), (32, 32, 3), dt, padding=1)
+        fwd(f"conv1d_s1_{tag}", "conv1d", (1, 32, 50), (32, 32, 3), dt, padding=1)
         fwd(f"conv_transpose2d_{tag}", "conv_transpose2d", (1, 8, 9, 9), (8, 6, 3, 3), dt, stride=2, padding=1,
             output_padding=1)
         fwd(f"conv_transpose2d_k2s2_{tag}", "conv_transpose2d", (1, 16, 12, 12), (16, 8, 2, 2), dt, stride=2)
@@ -139,7 +141,9 @@ def _problems():
             for cls, args, kw, x_shape in (
                     (cf.Conv2d, (16, 32, 3), dict(padding=1), (2, 16, 14, 14)),
                     (cf.Conv2d, (32, 32, 3), dict(padding=1, groups=32), (1, 32, 9, 9)),
-                    (cf.ConvTranspose2d, (16, 8, 4), dict(stride=2, padding=1), (1, 16, 5, 5))):
+                    (cf.ConvTranspose2d, (16, 8, 4), dict(stride=2, padding=1), (1, 16, 5, 5)),
+                    (cf.Conv2d, (512, 512, 3), dict(padding=1), (8, 512, 4, 4)),  # kept: Winograd on few tiles
+                    (cf.Conv2d, (512, 1024, 1), {}, (1, 512, 3, 3))):  # kept: weights packed, not in place
                 m = cls(*args, **kw, dtype=dt, seed=7)
                 x = data(8, x_shape, dt)
                 results += [m(x), m(x)]

@@ -192,6 +192,7 @@ class Call {
       if (planned) {
         py::gil_scoped_release release;
         const AlgorithmOverride forced(algorithm.empty() ? nullptr : algorithm.c_str());
+        const KeptPlanScope kept;
         f64_plan_ = std::make_shared<ConvPlan<double>>(f64_problem_);
       }
     } else {
@@ -199,6 +200,7 @@ class Call {
       if (planned) {
         py::gil_scoped_release release;
         const AlgorithmOverride forced(algorithm.empty() ? nullptr : algorithm.c_str());
+        const KeptPlanScope kept;
         f32_plan_ = std::make_shared<ConvPlan<float>>(f32_problem_);
       }
     }

@@ -121,3 +121,27 @@ def test_numpy_layers_pickle_and_copy_after_calls(name):
         twin.weight = -twin.weight
         np.testing.assert_allclose(twin(x), _ref(twin, x), rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(layer(x), first)
+
+
+@pytest.mark.parametrize("shape, functional_choice, kept_choice", [
+    ((8, 512, 4, 4), "", "winograd"),            # 32 tiles: the weight transform is paid once
+    ((1, 512, 7, 7), "pixel_lanes_gemm_in_place", "gather_gemm"),  # packed once, streamed faster
+])
+def test_kept_plans_choose_for_many_calls(monkeypatch, shape, functional_choice, kept_choice):
+    """A layer keeps its plan, so its choice does not amortise weight packing or the Winograd
+    weight transform over one call as the functional form's does; both agree with the reference."""
+    from conftest import assert_close
+    for var in ("CONVFAST_ALGO", "CONVFAST_WEIGHTS_IN_PLACE", "CONVFAST_PIXEL_LANES", "CONVFAST_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((512, 512, 3, 3)) / 48).astype(np.float32)
+    y_functional = convfast.conv2d(x, w, padding=1)
+    algo = convfast._core.last_algorithm()
+    assert not algo.startswith("winograd") and algo.startswith(functional_choice), algo
+    layer = convfast.Conv2d.from_weights(w, padding=1)
+    y_layer = layer(x)
+    assert layer.algorithm(x).startswith(kept_choice), layer.algorithm(x)
+    expected = reference.conv2d(x.astype(np.float64), w.astype(np.float64), padding=1)
+    assert_close(y_layer, expected, np.float32, 512 * 9)
+    assert_close(y_functional, expected, np.float32, 512 * 9)

@@ -40,6 +40,10 @@ AlgorithmOverride::AlgorithmOverride(const char* algorithm) : previous_(t_forced
 }
 AlgorithmOverride::~AlgorithmOverride() { t_forced_algorithm = previous_; }
 const char* forced_algorithm() { return t_forced_algorithm ? t_forced_algorithm : std::getenv("CONVFAST_ALGO"); }
+thread_local bool t_plan_kept = false;
+KeptPlanScope::KeptPlanScope() : previous_(t_plan_kept) { t_plan_kept = true; }
+KeptPlanScope::~KeptPlanScope() { t_plan_kept = previous_; }
+bool plan_is_kept() { return t_plan_kept; }
 
 namespace engine {
 

@@ -80,8 +80,7 @@ class ConvParams(NamedTuple):
 
     def forward(self, x, weight, bias, calls: Optional[dict] = None, planned: bool = False):
         """y. ``calls`` (a module's): CPU calls keep a ``_core.Call`` per input shape and parameters
-        there, so that a repeated call skips the normalisation; ``planned`` ones hold the weights
-        packed, valid only while the weights stay as they are (the caller drops them otherwise)."""
+        there (see :meth:`run`)."""
         if x.device.type != "cpu":  # to convfast as they are: its GPU backend takes them
             return self._functional(x, weight, bias)
         # zero-copy NumPy views, so that the call takes convfast's fast path for a seen signature
@@ -89,12 +88,18 @@ class ConvParams(NamedTuple):
         bias = None if bias is None else bias.detach().numpy()
         if calls is None:
             return torch.from_numpy(self._functional(x, weight, bias))
+        return torch.from_numpy(self.run(x, weight, bias, calls, planned))
+
+    def run(self, x, weight, bias, calls: dict, planned: bool = False):
+        """y for NumPy operands through the ``_core.Call`` kept in ``calls`` for x's shape and these
+        parameters (made on a miss, after the full validation); ``planned`` ones hold the weights
+        packed, valid only while the weights stay as they are (the caller drops them otherwise)."""
         key = (x.shape, self)
         call = calls.get(key)
         y = None if call is None else call.run(x, weight, bias)
         if y is None:
             y = _functional.run_spec(self.spec(x, weight, bias), x, weight, bias, None, calls, key, planned)
-        return torch.from_numpy(y)
+        return y
 
     def _functional(self, x, weight, bias):
         fn = getattr(_functional, self.name)
@@ -275,19 +280,27 @@ class _ConvNd(LayerParams, nn.Module):
     def _forward(self, x, output_size=None):
         weight, bias = self.weight, self.bias
         params = self._params(output_size)
-        _check_tensors(params.name, x, weight, bias)
         if self._calls is None:
             self._calls = {}
         if _records_graph(x, weight, bias):
+            _check_tensors(params.name, x, weight, bias)
             return ConvFunction.apply(x, weight, bias, params, self._calls)
-        if x.device.type != "cpu" or weight.device.type != "cpu":
-            return params.forward(x, weight, bias)
-        weights_key = (weight._version, weight.data_ptr()) + \
+        if type(x) is not torch.Tensor or x.device.type != "cpu" or weight.device.type != "cpu":
+            return _apply(params, x, weight, bias)
+        weights_key = (weight._version, weight.data_ptr(), weight.stride()) + \
             (() if bias is None else (bias._version, bias.data_ptr()))
         if weights_key != self._plans_weights:
+            _check_tensors(params.name, x, weight, bias)
             self._plans, self._plans_weights = {}, weights_key
-            self._plans_arrays = (weight.detach(), bias)
-        return params.forward(x, weight, bias, self._plans, planned=True)
+            self._plans_arrays = (weight.detach().numpy(), None if bias is None else bias.detach().numpy())
+        xn = x.detach().numpy() if x.requires_grad else x.numpy()
+        w, b = self._plans_arrays
+        call = self._plans.get((xn.shape, params))
+        y = None if call is None else call.run(xn, w, b)
+        if y is None:  # a new shape, or operands that do not match the kept call: the full checks
+            _check_tensors(params.name, x, weight, bias)
+            y = params.run(xn, w, b, self._plans, planned=True)
+        return torch.from_numpy(y)
 
     def __getstate__(self):
         # kept calls hold engine objects, which neither pickle nor deepcopy: a copy makes its own

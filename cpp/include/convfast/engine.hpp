@@ -39,6 +39,21 @@ class AlgorithmOverride {
 };
 const char* forced_algorithm();  // the override, else CONVFAST_ALGO (null: none)
 
+// Marks, while it lives, the plans made on this thread as kept for many calls with the same
+// weights (the layer objects' and modules' planned calls): their weight packing and Winograd
+// weight transform are done once, so the choice need not amortise them per call.
+class KeptPlanScope {
+ public:
+  KeptPlanScope();
+  ~KeptPlanScope();
+  KeptPlanScope(const KeptPlanScope&) = delete;
+  KeptPlanScope& operator=(const KeptPlanScope&) = delete;
+
+ private:
+  bool previous_;
+};
+bool plan_is_kept();  // inside a KeptPlanScope on this thread
+
 // Runs a forward or transposed convolution (plan + execute). Throws std::invalid_argument on an inconsistent
 // problem and std::bad_alloc when working memory cannot be had (before any output is written).
 template <typename T>
