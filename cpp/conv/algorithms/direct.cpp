@@ -380,9 +380,11 @@ double cost(Choice<T>& c) {
   // 1-D layers (one row per plane) at stride 1, forward or transposed, take the direct path too:
   // AVX-512, 1 thread, f32, against the GEMM: 32 -> 32 k3 on 8 x 16000 1.31x (its grad_input 1.32x),
   // k3 dilation 4 at batch 1 1.14x, 64 -> 64 k3 on 8 x 4000 1.12x (grad_input 1.19x), 128 on 2000
-  // 1.10x, 256 on 1000 1.09x, 512 on 128 1.14x, 1x1 32 -> 64 1.30x.
+  // 1.10x, 256 on 1000 1.09x, 512 on 128 1.14x, 1x1 32 -> 64 1.30x. Its items are whole rows, so only
+  // with two rows per thread: at batch 1 on 2 threads the one-row direct call ran on one thread
+  // (1x1 32 -> 64 on 16000: 3.4 ms against the pixel-lanes GEMM's 0.54).
   const bool one_row = p.in_size[0] == 1 && p.in_size[1] == 1 && p.out_size[0] == 1 && p.out_size[1] == 1 &&
-                       p.stride[2] == 1;
+                       p.stride[2] == 1 && p.batch * p.groups >= 2 * (int64_t)get_num_threads();
   const bool unit_stride = p.kind == ConvKind::Forward && p.stride[0] == 1 && p.stride[1] == 1 && p.stride[2] == 1;
   if (2 * cout <= c.plan.uk.nr) return c.take("few output channels per group", rank);
   if (p.y_stride[2] == 1 && c.row_fill >= 0.75 && (cin <= 4 || one_row || (plane >= kLargePlane && unit_stride)))
