@@ -15,18 +15,8 @@ from convfast import _core
 from conftest import assert_close, weight_grad_oracle
 
 
-@pytest.fixture(autouse=True)
-def no_forced_algorithm(monkeypatch):
-    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
-
-
-def _grad_weight(monkeypatch, rank, x, w, gy, gemm=False, **kw):
-    if gemm:
-        monkeypatch.setenv("CONVFAST_WGRAD_GEMM", "1")
-    else:
-        monkeypatch.delenv("CONVFAST_WGRAD_GEMM", raising=False)
-    _, gw, _ = getattr(convfast, f"conv{rank}d_backward")(gy, x, w, needs=(False, True, False), **kw)
-    return gw, _core.last_algorithm()
+# the rows path's helpers: its autouse fixture (no forced algorithm) and the gradient call
+from test_weight_grad_rows import _grad_weight, no_forced_algorithm  # noqa: F401
 
 
 # (rank, batch, C_in, C_out, groups, spatial): channel counts that are not multiples of the 3- and

@@ -4,6 +4,8 @@
 // once; it returns false, writing nothing, where the variant cannot run after all (the next one
 // is chosen).
 #pragma once
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "../common/choice.hpp"
@@ -19,6 +21,12 @@ struct WgradChoice : engine::ChoiceNotes {
   const WeightGradProblem<T>& p;
   int winograd_m = 0;  // the Winograd entry's tile (its cost decides it; 0: none)
 };
+
+// CONVFAST_WGRAD_GEMM=1: the rows and channel-rows entries step aside for the GEMM (tests compare them).
+inline bool wgrad_gemm_forced() {
+  const char* v = std::getenv("CONVFAST_WGRAD_GEMM");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
 
 // cost() is the rank where the unit's rule takes the variant and infinity elsewhere, as the forward's.
 template <typename T>

@@ -177,8 +177,7 @@ bool applies(WgradChoice<T>& c) {
 }
 template <typename T>
 double cost(WgradChoice<T>& c) {
-  const char* force_gemm = std::getenv("CONVFAST_WGRAD_GEMM");
-  if (force_gemm && std::strcmp(force_gemm, "1") == 0) return c.refuse("CONVFAST_WGRAD_GEMM=1");
+  if (wgrad_gemm_forced()) return c.refuse("CONVFAST_WGRAD_GEMM=1");
   return c.take("few input channels per group", kRank);
 }
 template <typename T>
