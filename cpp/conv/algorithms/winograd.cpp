@@ -681,8 +681,8 @@ double cost(Choice<T>& c) {
       points2 * double(p.groups) * double(p.cin_per_group) * double(p.cout_per_group) * sizeof(T) / double(1 << 20);
   // A kept plan transforms its weights once: there, large weights (at least 8 MiB transformed) need
   // only 32 tiles (2 per thread and point block; 16 tiles ran on one thread). Kept plans, f32,
-  // against the GEMM: 512 -> 512 on 8 x 4x4 (32 tiles, 16 MiB) 2.2x on 1 thread, 2.3x on 2; on 7x7
-  // at batch 1 (16 tiles) 1.15x on 1 thread but 0.5x on 2; 256 -> 256 on 7x7 (4 MiB) 0.93x.
+  // against the GEMM: 512 -> 512 on 8 x 4x4 (32 tiles, 16 MiB) 2.2x on 1 thread, 1.1x on 2 (noisy
+  // host); on 7x7 at batch 1 (16 tiles) 1.15x on 1 thread but 0.5x on 2; 256 -> 256 on 7x7 (4 MiB) 0.93x.
   const bool kept_large = plan_is_kept() && transform_mib >= 8.0;
   const double min_tiles = kept_large ? 32.0 : (cin + cout < 128 ? 256.0 : 16.0) + 4.0 * transform_mib;
   if (!forced && tiles < min_tiles) return c.refuse("too few tiles");

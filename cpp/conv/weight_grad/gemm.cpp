@@ -234,13 +234,9 @@ struct WeightGrad {
         const T* src = bg + at.n * p.b_stride_n + at.o0 * p.b_stride[0] + at.o1 * p.b_stride[1];
         const int64_t len = std::min(O[2] - at.o2, k1 - at.k);
         int64_t j = 0;
-        if (L > 0 && valid % L == 0)
-          for (; j + L <= len; j += L, dst += L * w) {
-            for (int r0 = 0; r0 < valid; r0 += L)
-              uk.transpose_block(src + at.o2 + j + r0 * p.b_stride_c, p.b_stride_c, dst + r0, w);
-            if (valid < w)
-              for (int64_t q = 0; q < L; ++q) std::fill(dst + q * w + valid, dst + (q + 1) * w, T(0));
-          }
+        if (L > 0 && valid == w)
+          for (; j + L <= len; j += L, dst += L * w)
+            for (int r0 = 0; r0 < w; r0 += L) uk.transpose_block(src + at.o2 + j + r0 * p.b_stride_c, p.b_stride_c, dst + r0, w);
         for (; j < len; ++j, dst += w) {
           const T* s = src + (at.o2 + j) * p.b_stride[2];
           int r = 0;
