@@ -262,6 +262,41 @@ def test_inference_plans_follow_weight_updates(make):
     check(x[:1].double())  # another input shape: its own plan
 
 
+def test_training_calls_follow_parameter_changes():
+    """Calls that record a graph keep NumPy views of the weight and bias; every way the parameters
+    can change must show in the next result: optimizer steps (in place), a new Parameter, .data set
+    to another tensor, to a view of the same storage, and a dtype change."""
+    torch.manual_seed(0)
+    m = cft.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+
+    def check(model_input=x):
+        for _ in range(2):
+            ref = F.conv2d(model_input.detach(), m.weight.detach(), m.bias.detach(), padding=1)
+            y = m(model_input)
+            assert y.requires_grad
+            torch.testing.assert_close(y.detach(), ref, rtol=1e-4, atol=1e-4)
+
+    check()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m(x).square().sum().backward()
+    opt.step()
+    check()
+    m.weight = torch.nn.Parameter(torch.randn_like(m.weight))
+    check()
+    m.weight.data = torch.randn(6, 4, 3, 3)
+    check()
+    wide = torch.randn(6, 8, 3, 3)
+    m.weight.data = wide[:, :4]  # strided
+    check()
+    m.weight.data = wide[:, 4:]  # the same storage, another offset
+    check()
+    m.bias.data = torch.randn(6)
+    check()
+    m.double()
+    check(x.double())
+
+
 def test_modules_with_kept_plans_copy_and_pickle():
     import copy
     import pickle
