@@ -35,6 +35,11 @@ CASES = [
 ]
 
 
+# The automatic choice for depthwise layers: the channel lanes, or on small unit-stride maps the
+# depthwise planes (tests/test_depthwise_planes.py), which compute the same bits.
+DEPTHWISE_PATHS = ("channel_lanes", "depthwise_planes")
+
+
 def _run(monkeypatch, algo, rank, x, w, b, op="conv", out=None, **kw):
     if algo:
         monkeypatch.setenv("CONVFAST_ALGO", algo)
@@ -64,7 +69,7 @@ def test_lanes_equal_direct_and_reference(case, dtype, layout, monkeypatch):
         kw["data_format"] = layout
     default, algo = _run(monkeypatch, None, rank, x, w, b, **kw)
     if kw["groups"] >= 16:  # at least one vector's worth of groups on every ISA
-        assert algo.startswith("channel_lanes"), algo
+        assert algo.startswith(DEPTHWISE_PATHS), algo
     forced, forced_algo = _run(monkeypatch, "lanes", rank, x, w, b, **kw)
     assert forced_algo.startswith("channel_lanes"), forced_algo
     np.testing.assert_array_equal(forced, default)
@@ -130,7 +135,7 @@ def test_transposed(case, dtype, layout, monkeypatch):
         x = np.moveaxis(x, 1, -1).copy()
         kw["data_format"] = layout
     default, algo = _run(monkeypatch, None, rank, x, w, b, op="conv_transpose", **kw)
-    assert algo.startswith("channel_lanes"), algo
+    assert algo.startswith(DEPTHWISE_PATHS), algo
     if kw.get("stride") == 2 and kernel[-1] > 1:  # two phases along the row
         assert "paired" in algo, algo
     direct, _ = _run(monkeypatch, "direct", rank, x, w, b, op="conv_transpose", **kw)
@@ -191,7 +196,7 @@ def test_weight_grad(case, dtype, layout, monkeypatch):
         results[algo] = backward(gyin, xin, w, None, needs=(False, True, False), **kw).grad_weight
         used = _core.last_algorithm()
         if algo is None and kw["groups"] >= 16:
-            assert used.startswith("weight_grad channel_lanes"), used
+            assert used.startswith(tuple("weight_grad " + p for p in DEPTHWISE_PATHS)), used
         if algo == "gemm":
             assert not used.startswith("weight_grad channel_lanes"), used
     size = x.shape[0] * int(np.prod(spec.out_spatial))

@@ -53,6 +53,8 @@ const Algorithm<T>& scatter_gemm_algorithm();  // algorithms/scatter_gemm.cpp
 template <typename T>
 const Algorithm<T>& winograd_algorithm();  // algorithms/winograd.cpp
 template <typename T>
+const Algorithm<T>& depthwise_planes_algorithm();  // algorithms/depthwise_planes.cpp
+template <typename T>
 const Algorithm<T>& channel_lanes_algorithm();  // algorithms/channel_lanes.cpp
 template <typename T>
 const Algorithm<T>& direct_algorithm();  // algorithms/direct.cpp

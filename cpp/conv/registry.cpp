@@ -2,6 +2,7 @@
 // lists every algorithm in order of preference, each an entry of its own unit (algorithm.hpp):
 //   scatter   algorithms/scatter_gemm.cpp   transposed layers of small inputs; non-finite weights
 //   winograd  algorithms/winograd.cpp       3x3-like stride phases, enough channels and tiles
+//   planes    algorithms/depthwise_planes.cpp  depthwise, unit stride, small channels-first planes
 //   lanes     algorithms/channel_lanes.cpp  depthwise, at least a vector's width of groups
 //   direct    algorithms/direct.cpp         few output channels per group, stems, large planes
 //                                           (rows or planes: CONVFAST_DIRECT=rows)
@@ -58,12 +59,13 @@ bool verbose() {
 namespace {
 
 // Every algorithm, in order of preference (ascending rank).
-constexpr int kNumAlgorithms = 5;
+constexpr int kNumAlgorithms = 6;
 template <typename T>
 const Algorithm<T>* const* algorithms() {
   static const Algorithm<T>* const table[kNumAlgorithms] = {
       &scatter_gemm_algorithm<T>(),  // algorithms/scatter_gemm.cpp
       &winograd_algorithm<T>(),      // algorithms/winograd.cpp
+      &depthwise_planes_algorithm<T>(),  // algorithms/depthwise_planes.cpp
       &channel_lanes_algorithm<T>(), // algorithms/channel_lanes.cpp
       &direct_algorithm<T>(),        // algorithms/direct.cpp
       &gemm_algorithm<T>(),          // algorithms/gemm.cpp

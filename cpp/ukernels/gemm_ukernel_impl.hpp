@@ -256,6 +256,65 @@ void channel_lanes_ukernel(int64_t n, int64_t taps, const T* const* __restrict s
   for (; j < n; ++j) channel_lanes_block<T, VECTOR_BYTES, 1>(j, taps, src, step, w, out);
 }
 
+// The depthwise-planes kernel: NV vectors of consecutive outputs of a plane laid out flat (rows
+// one pitch apart, cpp/conv/algorithms/depthwise_planes.cpp), each one chain over the taps; per
+// tap, one broadcast weight and NV unaligned loads at the tap's offset.
+template <typename T, int VECTOR_BYTES, int NV>
+inline void plane_taps_block(int64_t i, int64_t taps, const T* __restrict src, const int64_t* __restrict off,
+                             const T* __restrict w, T* __restrict out) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec acc[NV];
+  CONVFAST_UNROLL for (int q = 0; q < NV; ++q) acc[q] = vec{};
+  for (int64_t t = 0; t < taps; ++t) {
+    const T wt = w[t];
+    const T* s = src + off[t] + i;
+    CONVFAST_UNROLL for (int q = 0; q < NV; ++q) acc[q] += *reinterpret_cast<const vec_u*>(s + q * L) * wt;
+  }
+  CONVFAST_UNROLL for (int q = 0; q < NV; ++q) *reinterpret_cast<vec_u*>(out + i + q * L) = acc[q];
+}
+
+template <typename T, int VECTOR_BYTES>
+void plane_taps_ukernel(int64_t n, int64_t taps, const T* __restrict src, const int64_t* __restrict off,
+                        const T* __restrict w, T* __restrict out) {
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) plane_taps_block<T, VECTOR_BYTES, 4>(i, taps, src, off, w, out);
+  for (; i < n; i += L) plane_taps_block<T, VECTOR_BYTES, 1>(i, taps, src, off, w, out);
+}
+
+// The depthwise-planes weight gradient: NT taps at a time, their NT chains (one per lane) in
+// registers, one gradient vector serving all of them.
+template <typename T, int VECTOR_BYTES, int NT>
+inline void plane_taps_wgrad_block(int64_t n, const T* __restrict src, const int64_t* __restrict off,
+                                   const T* __restrict gy, T* __restrict acc) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec a[NT];
+  const T* s[NT];
+  CONVFAST_UNROLL for (int q = 0; q < NT; ++q) {
+    a[q] = *reinterpret_cast<const vec_u*>(acc + q * L);
+    s[q] = src + off[q];
+  }
+  for (int64_t j = 0; j < n; j += L) {
+    const vec g = *reinterpret_cast<const vec_u*>(gy + j);
+    CONVFAST_UNROLL for (int q = 0; q < NT; ++q) a[q] += *reinterpret_cast<const vec_u*>(s[q] + j) * g;
+  }
+  CONVFAST_UNROLL for (int q = 0; q < NT; ++q) *reinterpret_cast<vec_u*>(acc + q * L) = a[q];
+}
+
+template <typename T, int VECTOR_BYTES>
+void plane_taps_wgrad_ukernel(int64_t n, int64_t taps, const T* __restrict src, const int64_t* __restrict off,
+                              const T* __restrict gy, T* __restrict acc) {
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  int64_t t = 0;
+  for (; t + 8 <= taps; t += 8) plane_taps_wgrad_block<T, VECTOR_BYTES, 8>(n, src, off + t, gy, acc + t * L);
+  for (; t + 4 <= taps; t += 4) plane_taps_wgrad_block<T, VECTOR_BYTES, 4>(n, src, off + t, gy, acc + t * L);
+  for (; t < taps; ++t) plane_taps_wgrad_block<T, VECTOR_BYTES, 1>(n, src, off + t, gy, acc + t * L);
+}
+
 // The zip mask from compile-time indices (constants, as in Transpose::stage): k -> (k % 2) * L + first + k / 2.
 template <typename Tr, int FIRST, size_t... K>
 inline typename Tr::mask zip_mask(std::index_sequence<K...>) {
@@ -330,7 +389,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            &transpose_store<float, VECTOR_BYTES>, &transpose_pair_store<float, VECTOR_BYTES>, L32,
            {&wgrad_rows_ukernel<float, VECTOR_BYTES, 4, 3>, &wgrad_rows_ukernel<float, VECTOR_BYTES, 3, 4>},
            &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>,
-           &channel_lanes_wgrad_ukernel<float, VECTOR_BYTES>},
+           &channel_lanes_wgrad_ukernel<float, VECTOR_BYTES>,
+           &plane_taps_ukernel<float, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<float, VECTOR_BYTES>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -344,7 +404,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            &transpose_store<double, VECTOR_BYTES>, &transpose_pair_store<double, VECTOR_BYTES>, L64,
            {&wgrad_rows_ukernel<double, VECTOR_BYTES, 4, 3>, &wgrad_rows_ukernel<double, VECTOR_BYTES, 3, 4>},
            &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>,
-           &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>}};
+           &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>,
+           &plane_taps_ukernel<double, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<double, VECTOR_BYTES>}};
   fill_winograd_transforms<float, VECTOR_BYTES>(set.f32);
   fill_winograd_transforms<double, VECTOR_BYTES>(set.f64);
   return set;

@@ -28,6 +28,39 @@ inline bool wgrad_gemm_forced() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
+// The forward depthwise layer whose weight gradient p is (one channel in and out per group): p.a
+// as its input and p.b, the output gradient, as its y (read only), without weights; the depthwise
+// entries (lanes.cpp, planes.cpp) run the forward's plans on it.
+template <typename T>
+ConvProblem<T> depthwise_forward_problem(const WeightGradProblem<T>& p) {
+  ConvProblem<T> fp;
+  fp.batch = p.batch;
+  fp.groups = p.groups;
+  fp.cin_per_group = fp.cout_per_group = 1;
+  fp.mode = p.mode;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    fp.in_size[a] = p.a_size[a];
+    fp.out_size[a] = p.b_size[a];
+    fp.kernel[a] = p.kernel[a];
+    fp.stride[a] = p.stride[a];
+    fp.dilation[a] = p.dilation[a];
+    fp.pad_before[a] = p.pad_before[a];
+    fp.x_stride[a] = p.a_stride[a];
+    fp.y_stride[a] = p.b_stride[a];
+  }
+  fp.x = p.a;
+  fp.x_stride_n = p.a_stride_n;
+  fp.x_stride_c = p.a_stride_c;
+  fp.y = const_cast<T*>(p.b);  // read only: the output gradient
+  fp.y_stride_n = p.b_stride_n;
+  fp.y_stride_c = p.b_stride_c;
+  return fp;
+}
+
+inline bool is_depthwise(int64_t a_channels, int64_t b_channels, int64_t groups) {
+  return a_channels == groups && b_channels == groups;
+}
+
 // cost() is the rank where the unit's rule takes the variant and infinity elsewhere, as the forward's.
 template <typename T>
 struct WeightGradAlgorithm {
@@ -39,6 +72,8 @@ struct WeightGradAlgorithm {
   const char* (*describe)();       // what it is (the call's details go to last_algorithm())
 };
 
+template <typename T>
+const WeightGradAlgorithm<T>& planes_weight_grad_algorithm();     // planes.cpp
 template <typename T>
 const WeightGradAlgorithm<T>& lanes_weight_grad_algorithm();      // lanes.cpp
 template <typename T>

@@ -16,7 +16,7 @@ constexpr double kRank = 1.0;  // its place in the table (registry.cpp)
 // CONVFAST_ALGO=gemm|direct excludes it.
 template <typename T>
 bool applies(WgradChoice<T>& c) {
-  return c.p.a_channels == c.p.groups && c.p.b_channels == c.p.groups && c.p.groups >= active_ukernel<T>().lanes;
+  return is_depthwise(c.p.a_channels, c.p.b_channels, c.p.groups) && c.p.groups >= active_ukernel<T>().lanes;
 }
 
 template <typename T>
@@ -29,27 +29,7 @@ double cost(WgradChoice<T>& c) {
 template <typename T>
 bool run(WgradChoice<T>& c) {
   const WeightGradProblem<T>& p = c.p;
-  ConvProblem<T> fp;
-  fp.batch = p.batch;
-  fp.groups = p.groups;
-  fp.cin_per_group = fp.cout_per_group = 1;
-  fp.mode = p.mode;
-  for (int a = 0; a < kSpatialRank; ++a) {
-    fp.in_size[a] = p.a_size[a];
-    fp.out_size[a] = p.b_size[a];
-    fp.kernel[a] = p.kernel[a];
-    fp.stride[a] = p.stride[a];
-    fp.dilation[a] = p.dilation[a];
-    fp.pad_before[a] = p.pad_before[a];
-    fp.x_stride[a] = p.a_stride[a];
-    fp.y_stride[a] = p.b_stride[a];
-  }
-  fp.x = p.a;
-  fp.x_stride_n = p.a_stride_n;
-  fp.x_stride_c = p.a_stride_c;
-  fp.y = const_cast<T*>(p.b);  // read only: the output gradient
-  fp.y_stride_n = p.b_stride_n;
-  fp.y_stride_c = p.b_stride_c;
+  const ConvProblem<T> fp = depthwise_forward_problem(p);
   if (!depthwise_lanes_weight_grad(fp, p.out)) return false;
   set_last_algorithm("weight_grad channel_lanes threads=" + std::to_string(get_num_threads()));
   return true;

@@ -1,5 +1,7 @@
 // The weight gradient (see convfast/weight_grad.hpp): the table of its algorithms, in order of
 // preference, and the one choice among them (engine::choose_entry, run by weight_grad below):
+//   planes     planes.cpp: depthwise, unit stride, small channels-first planes, the forward's
+//              depthwise-planes plan
 //   lanes      lanes.cpp: depthwise, the forward's channel-lanes plan (CONVFAST_ALGO=gemm|direct
 //              excludes it)
 //   depthwise  depthwise.cpp: Ca/G = 1, Cb/G <= kMaxMultiplier
@@ -89,10 +91,11 @@ WeightGradProblem<T> flatten_one_tap_planes(WeightGradProblem<T> p) {
 namespace {
 
 // Every variant, in order of preference (ascending rank).
-constexpr int kNumAlgorithms = 6;
+constexpr int kNumAlgorithms = 7;
 template <typename T>
 const WeightGradAlgorithm<T>* const* algorithms() {
   static const WeightGradAlgorithm<T>* const table[kNumAlgorithms] = {
+      &planes_weight_grad_algorithm<T>(),     // planes.cpp
       &lanes_weight_grad_algorithm<T>(),      // lanes.cpp
       &depthwise_weight_grad_algorithm<T>(),  // depthwise.cpp
       &channel_rows_weight_grad_algorithm<T>(),  // channel_rows.cpp

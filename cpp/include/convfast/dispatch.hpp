@@ -60,6 +60,19 @@ template <typename T>
 using ChannelLanesWgradUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* gy,
                                           T* acc);
 
+// out[i] = sum_t w[t] * src[i + off[t]] for i < n (a multiple of the vector width), over the taps t <
+// taps in order (one chain per output, from zero): a depthwise plane laid out flat, rows one pitch
+// apart (cpp/conv/algorithms/depthwise_planes.cpp).
+template <typename T>
+using PlaneTapsUkernel = void (*)(int64_t n, int64_t taps, const T* src, const int64_t* off, const T* w, T* out);
+
+// acc[t * lanes + l] += sum_j src[off[t] + j * lanes + l] * gy[j * lanes + l] for t < taps, j < n / lanes
+// (n a multiple of lanes), each lane of each tap one chain over j in order: the depthwise-planes
+// weight gradient.
+template <typename T>
+using PlaneTapsWgradUkernel = void (*)(int64_t n, int64_t taps, const T* src, const int64_t* off, const T* gy,
+                                       T* acc);
+
 // acc[m][t][0..lanes) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] for r < rows, j < n (whole vectors
 // in lanes, the tail in lane 0), m < MB, t < TB: the weight gradient of layers with few input
 // channels (rows of pixels in the vector lanes, no packing). Two shapes of 12 accumulators,
@@ -107,6 +120,8 @@ struct UkernelInfo {
   TransposeBlock<T> transpose_block = nullptr;               // L x L, as store_transposed without a bias
   ChannelLanesUkernel<T> channel_lanes = nullptr;
   ChannelLanesWgradUkernel<T> channel_lanes_wgrad = nullptr;
+  PlaneTapsUkernel<T> plane_taps = nullptr;
+  PlaneTapsWgradUkernel<T> plane_taps_wgrad = nullptr;
   WinogradTransform<T> winograd_input[kWinogradTiles][3] = {};   // [tile][Winograd axes - 1]
   WinogradTransform<T> winograd_output[kWinogradTiles][3] = {};
   WinogradWeightTransform<T> winograd_weight[kWinogradTiles][3] = {};

@@ -67,6 +67,12 @@ void run_convolution(const ConvProblem<T>& p);
 template <typename T>
 bool depthwise_lanes_weight_grad(const ConvProblem<T>& p, T* out);
 
+// The same with the pixels of a channel plane in the lanes (cpp/conv/algorithms/depthwise_planes.cpp):
+// unit stride, zeros padding, channels-first rows, planes whose buffer fits 64 KiB; false, writing
+// nothing, elsewhere.
+template <typename T>
+bool depthwise_planes_weight_grad(const ConvProblem<T>& p, T* out);
+
 // The algorithm the last call on this thread chose (for CONVFAST_VERBOSE / show_config); the weight
 // gradient (weight_grad.hpp) records its own.
 std::string last_algorithm();
