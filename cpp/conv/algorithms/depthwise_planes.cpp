@@ -176,9 +176,20 @@ struct Conv final : AlgorithmPlan {
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, total)));
     std::vector<std::unique_ptr<Scratch>> scratch;
     for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(*this));
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < total; ++i)
-      run_plane(p, i / planes, i % p.groups, (i % planes) / p.groups, p.bias, *scratch[omp_get_thread_num()]);
+    // Each thread a contiguous run of planes (image, axis-0 output, channel), its position carried
+    // from plane to plane (no divisions per plane).
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int64_t t = omp_get_thread_num(), begin = total * t / nthreads, end = total * (t + 1) / nthreads;
+      int64_t n = begin / planes, j0 = (begin % planes) / p.groups, c = begin % p.groups;
+      for (int64_t i = begin; i < end; ++i) {
+        run_plane(p, n, c, j0, p.bias, *scratch[t]);
+        if (++c == p.groups) {
+          c = 0;
+          if (++j0 == a0->count) j0 = 0, ++n;
+        }
+      }
+    }
   }
 
   // The weight gradient of the (forward) layer p, whose y is the output gradient (read only):
@@ -254,11 +265,13 @@ struct Conv final : AlgorithmPlan {
 
 constexpr double kRank = 2.5;  // its place in the table (registry.cpp): before the channel lanes
 
-// Output planes of at most this many pixels take the planes over the channel lanes. Float32, 1
-// thread, minimum of interleaved runs, 3x3 (planes / lanes ms): 8 x 576 x 14x14 0.63 / 0.97,
-// 8 x 144 x 28x28 0.54 / 0.64, 1 x 144 x 28x28 0.080 / 0.088, 8 x 672 x 14x14 5x5 1.57 / 2.06,
-// 8 x 960 x 7x7 0.50 / 0.52; 8 x 96 x 56x56 2.12 / 1.64 (lanes).
-constexpr int64_t kMaxPlanePixels = 1024;
+// Output planes of at most kMaxPlanePixels pixels and rows of at least kMinRow take the planes
+// over the channel lanes. Float32, 3x3, minimum of interleaved runs (planes / lanes ms), 1 thread:
+// 8 x 576 x 14x14 0.63 / 0.97, 8 x 144 x 28x28 0.54 / 0.64, 1 x 144 x 28x28 0.080 / 0.088,
+// 8 x 672 x 14x14 5x5 1.57 / 2.06, 8 x 960 x 7x7 0.50 / 0.52; 8 x 96 x 56x56 2.12 / 1.64 (lanes).
+// 2 threads: 8 x 384 x 7x7 0.111 / 0.118; 8 x 960 x 4x4 0.185 / 0.124 and 1 x 960 x 4x4 0.062 /
+// 0.043 (lanes: a 4x4 plane fills half of two AVX-512 vectors).
+constexpr int64_t kMaxPlanePixels = 1024, kMinRow = 7;
 
 template <typename T>
 bool applies(Choice<T>& c) {
@@ -269,8 +282,8 @@ template <typename T>
 double cost(Choice<T>& c) {
   if (c.forced_is("planes")) return c.take("forced", kRank);
   if (c.forcing()) return c.refuse("another algorithm forced");
-  const int64_t pixels = c.p.out_size[1] * c.p.out_size[2];
-  return pixels > kMaxPlanePixels ? c.refuse("large planes") : c.take("depthwise, small planes", kRank);
+  if (c.p.out_size[1] * c.p.out_size[2] > kMaxPlanePixels) return c.refuse("large planes");
+  return c.p.out_size[2] < kMinRow ? c.refuse("short rows") : c.take("depthwise, small planes", kRank);
 }
 
 // False where a plane's buffer would exceed kMaxBufferBytes (the next algorithm runs).
