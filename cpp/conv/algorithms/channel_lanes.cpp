@@ -390,15 +390,10 @@ template const Algorithm<double>& channel_lanes_algorithm<double>();
 template <typename T>
 bool depthwise_lanes_weight_grad(const ConvProblem<T>& p, T* out) {
   const UkernelInfo<T>& uk = active_ukernel<T>();
-  if (p.kind != ConvKind::Forward || p.groups < uk.lanes) return false;
   std::vector<AxisPlan> axes[kSpatialRank];
-  for (int a = 0; a < kSpatialRank; ++a) {
-    if (p.out_size[a] < 1) return false;
-    axes[a].push_back(forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
-                                   p.pad_before[a], p.mode));
-  }
-  const std::vector<Phase> phases = {{&axes[0][0], &axes[1][0], &axes[2][0]}};
-  if (!channel_lanes::Conv<T>::applies(p, phases, uk)) return false;
+  Phase phase;
+  if (p.groups < uk.lanes || !forward_phase(p, axes, phase)) return false;
+  if (!channel_lanes::Conv<T>::applies(p, {phase}, uk)) return false;
   bool ok = false;
   const channel_lanes::Conv<T> conv(p, axes, uk, ok);
   if (!ok) return false;

@@ -324,17 +324,11 @@ template const Algorithm<double>& depthwise_planes_algorithm<double>();
 template <typename T>
 bool depthwise_planes_weight_grad(const ConvProblem<T>& p, T* out) {
   const UkernelInfo<T>& uk = active_ukernel<T>();
-  if (p.kind != ConvKind::Forward) return false;
   std::vector<AxisPlan> axes[kSpatialRank];
-  for (int a = 0; a < kSpatialRank; ++a) {
-    if (p.out_size[a] < 1) return false;
-    axes[a].push_back(forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
-                                   p.pad_before[a], p.mode));
-  }
-  const std::vector<Phase> phases = {{&axes[0][0], &axes[1][0], &axes[2][0]}};
-  if (!engine::depthwise_planes::Conv<T>::applies(p, phases, uk)) return false;
+  Phase phase;
+  if (!forward_phase(p, axes, phase) || !engine::depthwise_planes::Conv<T>::applies(p, {phase}, uk)) return false;
   bool ok = false;
-  const engine::depthwise_planes::Conv<T> conv(p, phases[0], uk, ok);
+  const engine::depthwise_planes::Conv<T> conv(p, phase, uk, ok);
   if (!ok) return false;
   conv.weight_grad(p, out, get_num_threads());
   return true;

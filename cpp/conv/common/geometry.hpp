@@ -157,6 +157,20 @@ struct RowBufferPlan {
 
 using Phase = std::array<const AxisPlan*, kSpatialRank>;
 
+// The axis plans of a forward problem, one per axis, and its one phase (the depthwise weight
+// gradients run the forward's plans on them); false where an axis has no output.
+template <typename T>
+bool forward_phase(const ConvProblem<T>& p, std::vector<AxisPlan> (&axes)[kSpatialRank], Phase& phase) {
+  if (p.kind != ConvKind::Forward) return false;
+  for (int a = 0; a < kSpatialRank; ++a) {
+    if (p.out_size[a] < 1) return false;
+    axes[a].assign(1, forward_axis(p.in_size[a], p.out_size[a], p.kernel[a], p.stride[a], p.dilation[a],
+                                   p.pad_before[a], p.mode));
+  }
+  phase = {&axes[0][0], &axes[1][0], &axes[2][0]};
+  return true;
+}
+
 struct PhaseShape {
   int64_t taps[kSpatialRank];
   int64_t count[kSpatialRank];
