@@ -125,10 +125,10 @@ class ConvParams(NamedTuple):
 
 def _parameter_views(calls: dict, weight, bias):
     """NumPy views of a module's weight and bias, kept in its ``calls`` between calls (a trivial
-    training-mode call 28.1 -> 26.9 us: making the views costs about 3, checking the key 1.5). A view stays right while the tensor's data
-    pointer, shape and strides are those it was made from: the kept view holds the old storage, so
-    another storage (``.data =``, ``.double()``) cannot take its address; in-place updates
-    (optimizer steps) are seen through it."""
+    training-mode call 28.1 -> 26.9 us: making the views costs about 3, checking the key 1.5). A
+    view stays right while the tensor's data pointer, shape and strides are those it was made from:
+    the kept view holds the old storage, so another storage (``.data =``, ``.double()``) cannot take
+    its address; in-place updates (optimizer steps) are seen through it."""
     key = (weight.data_ptr(), weight.shape, weight.stride()) + \
         (() if bias is None else (bias.data_ptr(), bias.shape, bias.stride()))
     kept = calls.get("parameter views")

@@ -76,8 +76,6 @@ struct Conv final : AlgorithmPlan {
   }
 
   static int64_t taps(const AxisPlan& a) { return static_cast<int64_t>(a.taps.size()); }
-  static int64_t lowest(const AxisPlan& a) { return *std::min_element(a.tap_offset.begin(), a.tap_offset.end()); }
-  static int64_t highest(const AxisPlan& a) { return *std::max_element(a.tap_offset.begin(), a.tap_offset.end()); }
 
   Conv(const ConvProblem<T>& p, const std::vector<AxisPlan> (&axes)[kSpatialRank], const UkernelInfo<T>& ukernel,
        bool& ok)
@@ -90,8 +88,8 @@ struct Conv final : AlgorithmPlan {
     int64_t max2 = INT64_MIN, max_taps0 = 1;
     min2 = INT64_MAX;
     for (const AxisPlan* a2 : plans[2]) {
-      min2 = std::min(min2, lowest(*a2));
-      max2 = std::max(max2, (a2->count - 1) * a2->in_step + highest(*a2));
+      min2 = std::min(min2, a2->lowest_offset());
+      max2 = std::max(max2, (a2->count - 1) * a2->in_step + a2->highest_offset());
       out_size = checked_add(out_size, checked_mul(a2->count, L));
     }
     for (const AxisPlan* a0 : plans[0]) max_taps0 = std::max(max_taps0, taps(*a0));
@@ -99,8 +97,8 @@ struct Conv final : AlgorithmPlan {
     const int64_t slice_elements = checked_mul(cols, L);
     for (const AxisPlan* a1 : plans[1]) {
       RowPlan r;
-      r.min1 = lowest(*a1);
-      r.span1 = highest(*a1) - r.min1 + 1;
+      r.min1 = a1->lowest_offset();
+      r.span1 = a1->highest_offset() - r.min1 + 1;
       if (checked_mul(checked_mul(max_taps0 * r.span1, slice_elements), sizeof(T)) > kMaxBufferBytes) return;
       // Rows per item: the most whose window fits the budget, and at least one.
       const int64_t per_row = checked_mul(max_taps0 * a1->in_step, slice_elements);

@@ -61,14 +61,12 @@ struct Conv final : AlgorithmPlan {
     return p.x_stride[2] == 1 && p.y_stride[2] == 1;
   }
 
-  static int64_t lowest(const AxisPlan& a) { return *std::min_element(a.tap_offset.begin(), a.tap_offset.end()); }
-  static int64_t highest(const AxisPlan& a) { return *std::max_element(a.tap_offset.begin(), a.tap_offset.end()); }
 
   Conv(const ConvProblem<T>& p, const Phase& ph, const UkernelInfo<T>& ukernel, bool& ok)
       : uk(ukernel), a0(ph[0]), a1(ph[1]), a2(ph[2]), L(ukernel.lanes) {
     ok = false;
-    const int64_t H = a1->in_size, W = a2->in_size, lo1 = lowest(*a1), hi1 = highest(*a1);
-    const int64_t lo2 = lowest(*a2), hi2 = highest(*a2);
+    const int64_t H = a1->in_size, W = a2->in_size, lo1 = a1->lowest_offset(), hi1 = a1->highest_offset();
+    const int64_t lo2 = a2->lowest_offset(), hi2 = a2->highest_offset();
     // Output column j reads input column j + offset: below 0 it lands in the previous buffer row's
     // zeros (pitch - W of them), past W - 1 in its own row's.
     const int64_t gap = std::max({int64_t(0), -lo2, a2->count + hi2 - W});
@@ -147,14 +145,19 @@ struct Conv final : AlgorithmPlan {
     for (; r < rows; ++r) ConvPlan<T>::Impl::store_with_bias(out + r * pitch, bias, n, y + r * ys);
   }
 
+  // Output (for the weight gradient: output-gradient) plane (image n, channel c, axis-0 output j0).
+  T* y_plane(const ConvProblem<T>& p, int64_t n, int64_t c, int64_t j0) const {
+    return p.y + n * p.y_stride_n + c * p.y_stride_c + (a0->out_start + j0 * a0->out_step) * p.y_stride[0];
+  }
+
   // Copies input plane (image n, channel c, axis-0 output j0) into the buffer: its rows that any
   // output reads, the rest of the buffer untouched.
   void fill_plane(const ConvProblem<T>& p, int64_t n, int64_t c, int64_t j0, T* buf) const {
     const int64_t i0 = a0->index(j0, 0), W = a2->in_size;
     if (last_row < first_row) return;
     T* dst = buf + base + (first_row + top) * pitch;
-    if (i0 < 0) {
-      for (int64_t h = first_row; h <= last_row; ++h) std::fill(dst + (h - first_row) * pitch, dst + (h - first_row) * pitch + W, T(0));
+    if (i0 < 0) {  // a padding plane (zeros along axis 0)
+      for (int64_t r = 0; r <= last_row - first_row; ++r) std::fill(dst + r * pitch, dst + r * pitch + W, T(0));
       return;
     }
     copy_rows(p.x + n * p.x_stride_n + c * p.x_stride_c + i0 * p.x_stride[0] + first_row * p.x_stride[1], p.x_stride[1],
@@ -167,8 +170,7 @@ struct Conv final : AlgorithmPlan {
     T* out = s.rows.get();
     uk.plane_taps(outputs, taps, s.buffer.get() + base, tap_offset.data(), weights.data() + c * taps, out);
     const T b = bias ? bias[c * p.bias_stride] : T(0);
-    T* y = p.y + n * p.y_stride_n + c * p.y_stride_c + (a0->out_start + j0 * a0->out_step) * p.y_stride[0];
-    store_rows(out, pitch, a1->count, a2->count, b, y, p.y_stride[1]);
+    store_rows(out, pitch, a1->count, a2->count, b, y_plane(p, n, c, j0), p.y_stride[1]);
   }
 
   void execute(const ConvProblem<T>& p, int nthreads_max) const {
@@ -202,7 +204,7 @@ struct Conv final : AlgorithmPlan {
   // an infinity or NaN: a channel whose sums come out non-finite is summed again output by output.
   void weight_grad(const ConvProblem<T>& p, T* out, int nthreads_max) const {
     const int64_t taps = (int64_t)tap_offset.size(), H = a1->in_size;
-    const int64_t overhang = std::max<int64_t>(0, a1->count + highest(*a1) - H);  // rows read past the input
+    const int64_t overhang = std::max<int64_t>(0, a1->count + a1->highest_offset() - H);  // rows read past the input
     const int64_t plane_rows = top + H + std::max<int64_t>(0, overhang - top), stride = plane_rows * pitch;
     const int64_t planes = p.batch * a0->count;
     const int64_t chunk = std::clamp<int64_t>(kChunkBytes / checked_mul(stride, sizeof(T)), 1, planes);
@@ -225,8 +227,7 @@ struct Conv final : AlgorithmPlan {
           for (int64_t k = 0; k < count; ++k) {
             const int64_t n = (first + k) / a0->count, j0 = (first + k) % a0->count;
             fill_plane(p, n, c, j0, xbuf.get() + k * stride);
-            const T* g = p.y + n * p.y_stride_n + c * p.y_stride_c + (a0->out_start + j0 * a0->out_step) * p.y_stride[0];
-            copy_rows(g, p.y_stride[1], a1->count, a2->count, gbuf.get() + k * stride, pitch);
+            copy_rows(y_plane(p, n, c, j0), p.y_stride[1], a1->count, a2->count, gbuf.get() + k * stride, pitch);
           }
           std::fill(gbuf.get() + count * stride, gbuf.get() + n_out, T(0));  // a previous chunk's planes
           uk.plane_taps_wgrad(n_out, taps, xbuf.get() + base, tap_offset.data(), gbuf.get(), acc.data());
@@ -252,7 +253,7 @@ struct Conv final : AlgorithmPlan {
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t j0 = 0; j0 < a0->count; ++j0) {
         fill_plane(p, n, c, j0, buf);
-        const T* g = p.y + n * p.y_stride_n + c * p.y_stride_c + (a0->out_start + j0 * a0->out_step) * p.y_stride[0];
+        const T* g = y_plane(p, n, c, j0);
         for (int64_t t = 0; t < taps; ++t)
           for (int64_t r = 0; r < a1->count; ++r)
             for (int64_t j = 0; j < a2->count; ++j)

@@ -50,6 +50,9 @@ struct AxisPlan {
     const int64_t v = j * in_step + tap_offset[t];
     return v >= 0 && v < in_size ? v : map_padded_index(v, in_size, mode);
   }
+  // The least and greatest tap offsets (taps is never empty).
+  int64_t lowest_offset() const { return *std::min_element(tap_offset.begin(), tap_offset.end()); }
+  int64_t highest_offset() const { return *std::max_element(tap_offset.begin(), tap_offset.end()); }
 };
 
 inline AxisPlan forward_axis(int64_t in, int64_t out, int64_t k, int64_t s, int64_t d, int64_t pb, PadMode mode) {
