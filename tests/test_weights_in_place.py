@@ -15,6 +15,7 @@ RANKS = {1: (convfast.conv1d, convfast.conv_transpose1d), 2: (convfast.conv2d, c
 CASES = [
     # rank, batch, cin, cout, size, kernel, stride, padding, dilation, groups, transposed
     (2, 1, 20, 26, 4, 3, 1, 1, 1, 1, False),    # partial last channel tile
+    (2, 3, 64, 40, 4, 3, 1, 1, 1, 1, False),    # patches packed once per pixel block over 5 K blocks
     (2, 2, 16, 24, 3, 3, 1, 1, 1, 1, False),
     (2, 1, 12, 36, 5, 3, 2, 1, 1, 1, False),    # strided gather
     (2, 1, 8, 30, 6, 3, 1, 2, 2, 1, False),     # dilated

@@ -179,9 +179,21 @@ struct ConvPlan<T>::Impl {
   bool choose_pixel_lanes(const ConvProblem<T>& p) const;                                 // algorithms/gemm.cpp
   bool choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const;  // algorithms/gemm.cpp
 
-  void pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const;
+  // Pixel lanes: an item's block of pixels, its offsets set up in the scratch (pixel_block), and
+  // the B panels of one of its K blocks (pack_pixel_panels).
+  struct PixelBlock {
+    const T* xg = nullptr;         // the item's image and group in x
+    int64_t taps = 0, mcount = 0, p_tiles = 0;
+    int64_t run_tiles = 0;         // leading tiles packed channel by channel from one run of x
+    const T* run_start = nullptr;  // that run
+  };
+  PixelBlock pixel_block(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const;
+  void pack_pixel_panels(const ConvProblem<T>& p, const PixelBlock& b, ThreadScratch<T>& s, int64_t k0, int64_t kc,
+                         T* panel) const;
+  // packed: the item's panels over the whole K, packed beforehand (weights in place), or null.
+  void pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s, const T* packed) const;
 
-  void run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const;
+  void run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s, const T* packed = nullptr) const;
 
   void fill_with_bias(const ConvProblem<T>& p) const;
 

@@ -113,14 +113,71 @@ inline void ConvPlan<T>::Impl::gemm_block(const ConvProblem<T>& p, const PhaseSh
 // copied to y with the bias along the pixels' runs. The copy of every output through C took 11 %
 // of the 1x1 64 -> 256 layer. Each output is the same chain over k, in the same K blocks, as in
 // the usual orientation, and the bias is added to the finished sum in both: bitwise identical.
+//
+// With the weights in place, the items of one pixel block differ only in their channel tiles;
+// run_items packs the block's panels once, for the whole K ([K block][tile][kc][NR]), and passes
+// them as `packed`.
 template <typename T>
-inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
+typename ConvPlan<T>::Impl::PixelBlock ConvPlan<T>::Impl::pixel_block(const ConvProblem<T>& p, const WorkItem& it,
+                                                                      ThreadScratch<T>& s) const {
   const Phase& ph = phases[it.phase];
   const PhaseShape shape(ph);
-  const int64_t cin = p.cin_per_group, cout = p.cout_per_group, T_ = shape.num_taps, K = T_ * cin;
-  const int64_t mcount = it.m1 - it.m0, p_tiles = ceil_div(mcount, (int64_t)tile_m);
+  PixelBlock b;
+  b.taps = shape.num_taps;
+  b.mcount = it.m1 - it.m0;
+  b.p_tiles = ceil_div(b.mcount, (int64_t)tile_m);
+  b.xg = p.x + it.n * p.x_stride_n + it.g * p.cin_per_group * p.x_stride_c;
+  block_offsets(p, ph, shape, it.m0, b.mcount, s.tap_base.data(), s.x_offsets.get(), s.y_offsets.get());
+  // One tap and the block's pixels consecutive in x (a 1x1 stride-1 layer on a contiguous plane):
+  // the whole tiles are packed channel by channel, each channel's run of the block read once,
+  // front to back, into every tile's panel, instead of tile by tile (each tile reading 64 bytes
+  // from every channel plane: more streams than the hardware prefetcher follows). The values
+  // and their places in the panels are the same.
+  const int64_t* xoff = s.x_offsets.get();
+  bool consecutive = b.taps == 1 && b.mcount >= tile_m && xoff[0] != kOutside;
+  for (int64_t m = 1; m < b.mcount && consecutive; ++m) consecutive = xoff[m] == xoff[0] + m;
+  b.run_tiles = consecutive ? b.mcount / tile_m : 0;
+  b.run_start = consecutive ? b.xg + xoff[0] : nullptr;
+  return b;
+}
+
+// The B panels of K block [k0, k0 + kc) of every tile of the block: panel + (tile * kc + kk) * NR.
+template <typename T>
+void ConvPlan<T>::Impl::pack_pixel_panels(const ConvProblem<T>& p, const PixelBlock& b, ThreadScratch<T>& s,
+                                          int64_t k0, int64_t kc, T* panel) const {
+  constexpr int64_t kPrefetchChannels = 8;
+  const int nr = tile_m;
+  if (b.run_tiles > 0)
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const T* __restrict src = b.run_start + (k0 + kk) * p.x_stride_c;
+      if (kk + kPrefetchChannels < kc)
+        for (int64_t e = 0; e < b.run_tiles * nr; e += 64 / (int64_t)sizeof(T))
+          __builtin_prefetch(src + kPrefetchChannels * p.x_stride_c + e);
+      for (int64_t pt = 0; pt < b.run_tiles; ++pt) {
+        T* __restrict dst = panel + (pt * kc + kk) * nr;
+        for (int r = 0; r < nr; ++r) dst[r] = src[pt * nr + r];  // inline: a memcpy call per 64 bytes cost more
+      }
+    }
+  // Several taps: k by k across the tiles (pack_tiles_by_k; the k2s2 grad_inputs 1.07-1.11x in
+  // 2-D, 1.07 / 1.17x in 3-D, float64 / float32, p25, one process alternating). One tap (the 1x1 stride-2 forward) measured
+  // 0.93-0.96x that way, so those keep tile by tile.
+  if (b.taps > 1)
+    pack_patches_by_k(b.xg, p.x_stride_c, s.x_offsets.get(), b.taps, b.mcount, nr, b.run_tiles, b.p_tiles, k0, kc,
+                      s.tap_kind.data(), s.tap_base.data(), s.tap_step.data(), panel);
+  else
+    for (int64_t pt = b.run_tiles; pt < b.p_tiles; ++pt)
+      pack_input_patches(b.xg, p.x_stride_c, s.x_offsets.get(), b.taps, b.mcount, nr, pt, k0, kc, s.tap_kind.data(),
+                         s.tap_base.data(), s.tap_step.data(), panel + pt * nr * kc);
+}
+
+template <typename T>
+inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s,
+                                                const T* packed) const {
+  const Phase& ph = phases[it.phase];
+  const int64_t cin = p.cin_per_group, cout = p.cout_per_group;
+  const PixelBlock blk = pixel_block(p, it, s);
+  const int64_t T_ = blk.taps, K = T_ * cin, mcount = blk.mcount, p_tiles = blk.p_tiles;
   const int nr = tile_m, mr = tile_n;
-  const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
   const T* wp = weights_in_place ? nullptr : wpack->get() + wpack_offset[it.g * (int64_t)phases.size() + it.phase];
   // In place: row k = (ci, tap) of the group's weights, and per channel tile the MR channels'
   // offsets (the last tile's missing channels repeat the last one; their rows are never stored).
@@ -134,10 +191,8 @@ inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const W
     w_rows.resize(static_cast<size_t>(kc_max));
   }
   const T* wg_in_place = p.w + it.g * p.w_stride_g;
-  int64_t* yoff = s.y_offsets.get();
-  block_offsets(p, ph, shape, it.m0, mcount, s.tap_base.data(), s.x_offsets.get(), yoff);
+  const int64_t* yoff = s.y_offsets.get();
   T* C = s.c_block.get();
-  T* panel = s.a_panel.get();
   T* yg = p.y + it.n * p.y_stride_n + it.g * cout * p.y_stride_c;
   const T* bg = p.bias ? p.bias + it.g * cout * p.bias_stride : nullptr;
   // The channel tiles cover n_tiles * mr >= cout rows: the whole ones (all but a partial last)
@@ -157,50 +212,23 @@ inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const W
     for (int64_t r = 1; r < nr && consecutive; ++r) consecutive = yoff[r0 + r] == yoff[r0] + r;
     in_y[pt] = consecutive;
   }
-  // One tap and the block's pixels consecutive in x (a 1x1 stride-1 layer on a contiguous plane):
-  // the whole tiles are packed channel by channel, each channel's run of the block read once,
-  // front to back, into every tile's panel, instead of tile by tile (each tile reading 64 bytes
-  // from every channel plane: more streams than the hardware prefetcher follows). The values
-  // and their places in the panels are the same.
-  const int64_t* xoff = s.x_offsets.get();
-  bool consecutive = T_ == 1 && mcount >= nr && xoff[0] != kOutside;
-  for (int64_t m = 1; m < mcount && consecutive; ++m) consecutive = xoff[m] == xoff[0] + m;
-  const int64_t run_tiles = consecutive ? mcount / nr : 0;
-  constexpr int64_t kPrefetchChannels = 8;
-  const T* const run_start = consecutive ? xg + xoff[0] : nullptr;
   if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(n_tiles * mr * mc_max));
   for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
     const int64_t kc = std::min(kc_max, K - k0);
-    if (run_tiles > 0)
-      for (int64_t kk = 0; kk < kc; ++kk) {
-        const T* __restrict src = run_start + (k0 + kk) * p.x_stride_c;
-        if (kk + kPrefetchChannels < kc)
-          for (int64_t e = 0; e < run_tiles * nr; e += 64 / (int64_t)sizeof(T))
-            __builtin_prefetch(src + kPrefetchChannels * p.x_stride_c + e);
-        for (int64_t pt = 0; pt < run_tiles; ++pt) {
-          T* __restrict dst = panel + (pt * kc + kk) * nr;
-          for (int r = 0; r < nr; ++r) dst[r] = src[pt * nr + r];  // inline: a memcpy call per 64 bytes cost more
-        }
-      }
-    // Several taps: k by k across the tiles (pack_tiles_by_k; the k2s2 grad_inputs 1.07-1.11x in
-    // 2-D, 1.07 / 1.17x in 3-D, float64 / float32, p25, one process alternating). One tap (the 1x1 stride-2 forward) measured
-    // 0.93-0.96x that way, so those keep tile by tile.
-    if (T_ > 1)
-      pack_patches_by_k(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, nr, run_tiles, p_tiles, k0, kc,
-                        s.tap_kind.data(), s.tap_base.data(), s.tap_step.data(), panel);
+    T* panel = s.a_panel.get();
+    if (packed)
+      panel = const_cast<T*>(packed) + k0 * p_tiles * nr;  // (only read)
     else
-      for (int64_t pt = run_tiles; pt < p_tiles; ++pt)
-        pack_input_patches(xg, p.x_stride_c, s.x_offsets.get(), T_, mcount, nr, pt, k0, kc, s.tap_kind.data(),
-                           s.tap_base.data(), s.tap_step.data(), panel + pt * nr * kc);
+      pack_pixel_panels(p, blk, s, k0, kc, panel);
     // While the tiles compute, the next block's channel runs (the same pixels' successors in x,
     // most likely the next item's) are prefetched, a share per tile, so that its packing does not
     // wait on memory.
-    const int64_t next_lines = run_tiles > 0 && it.m1 + mcount <= PhaseShape(ph).num_pixels
+    const int64_t next_lines = !packed && blk.run_tiles > 0 && it.m1 + mcount <= PhaseShape(ph).num_pixels
                                    ? ceil_div(mcount * (int64_t)sizeof(T), 64) : 0;
     const int64_t share = ceil_div(kc * next_lines, p_tiles);
     for (int64_t pt = 0; pt < p_tiles; ++pt) {
       for (int64_t q = pt * share; q < std::min(kc * next_lines, (pt + 1) * share); ++q)
-        __builtin_prefetch(run_start + mcount + (k0 + q / next_lines) * p.x_stride_c + (q % next_lines) * (64 / (int64_t)sizeof(T)), 0, 1);
+        __builtin_prefetch(blk.run_start + mcount + (k0 + q / next_lines) * p.x_stride_c + (q % next_lines) * (64 / (int64_t)sizeof(T)), 0, 1);
       T* c_tile = in_y[pt] ? yg + yoff[pt * nr] : C + pt * nr;
       const int64_t ldc_ = in_y[pt] ? p.y_stride_c : mc_max;
       if (weights_in_place) {  // never in y (y_tiles = 0)
@@ -241,13 +269,14 @@ inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const W
 }
 
 template <typename T>
-void ConvPlan<T>::Impl::run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const {
+void ConvPlan<T>::Impl::run_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s,
+                                 const T* packed) const {
   // Layers with one channel tile never write y directly (see direct_tile), and their loops are
   // compiled without that code: with it, the depthwise layers measured 0.94x in float32 and the
   // grouped 4 -> 4 layer 0.91x in float64.
   if (plane_mode) return n_tiles > 1 ? direct_planes<true>(p, it, s) : direct_planes<false>(p, it, s);
   if (direct) return n_tiles > 1 ? direct_rows<true>(p, it, s) : direct_rows<false>(p, it, s);
-  if (pixel_lanes) return pixel_lanes_item(p, it, s);
+  if (pixel_lanes) return pixel_lanes_item(p, it, s, packed);
   const int64_t cin = p.cin_per_group, cout = p.cout_per_group, mcount = it.m1 - it.m0;
   const T* xg = p.x + it.n * p.x_stride_n + it.g * cin * p.x_stride_c;
   int64_t* yoff = s.y_offsets.get();
@@ -359,8 +388,18 @@ void ConvPlan<T>::Impl::run_item(const ConvProblem<T>& p, const WorkItem& it, Th
   }
 }
 
-template void ConvPlan<float>::Impl::run_item(const ConvProblem<float>& p, const WorkItem& it, ThreadScratch<float>& s) const;
-template void ConvPlan<double>::Impl::run_item(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s) const;
+template void ConvPlan<float>::Impl::run_item(const ConvProblem<float>& p, const WorkItem& it, ThreadScratch<float>& s,
+                                                     const float* packed) const;
+template ConvPlan<float>::Impl::PixelBlock ConvPlan<float>::Impl::pixel_block(const ConvProblem<float>&, const WorkItem&,
+                                                                          ThreadScratch<float>&) const;
+template void ConvPlan<float>::Impl::pack_pixel_panels(const ConvProblem<float>&, const PixelBlock&, ThreadScratch<float>&, int64_t,
+                                                       int64_t, float*) const;
+template void ConvPlan<double>::Impl::run_item(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s,
+                                                     const double* packed) const;
+template ConvPlan<double>::Impl::PixelBlock ConvPlan<double>::Impl::pixel_block(const ConvProblem<double>&, const WorkItem&,
+                                                                          ThreadScratch<double>&) const;
+template void ConvPlan<double>::Impl::pack_pixel_panels(const ConvProblem<double>&, const PixelBlock&, ThreadScratch<double>&, int64_t,
+                                                       int64_t, double*) const;
 
 
 // ---- The entry -----------------------------------------------------------------------------------
