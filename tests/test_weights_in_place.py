@@ -79,7 +79,8 @@ def test_in_place_weights_apply_where_expected(monkeypatch):
     rng = np.random.default_rng(0)
     for shape, cin, cout, k, expect in [((4, 4), 512, 512, 3, True),     # 9.4 MB of weights, 16 pixels
                                         ((7, 7), 512, 2048, 1, True),    # 1x1, 4 MB
-                                        ((7, 7), 256, 256, 3, False),    # 2.4 MB against 49 pixels
+                                        ((7, 7), 256, 256, 3, True),     # 2.4 MB, 49 pixels
+                                        ((7, 7), 128, 128, 3, False),    # 0.6 MB: packed
                                         ((28, 28), 512, 512, 3, False)]:  # many pixels
         x = rng.standard_normal((1, cin) + shape).astype(np.float32)
         w = rng.standard_normal((cout, cin, k, k)).astype(np.float32)

@@ -484,14 +484,13 @@ bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const {
 // The weights read in place: one phase (forward or transposed), y channels-first with contiguous
 // rows (the pixel-lanes store), few output pixels (at most kSmallM = 128 over the whole call, the batch
 // included) and large weights, which a call would otherwise pack (read and write) before reading
-// them once more for so few pixels: from 1 MiB where the packed GEMM would take the pixel lanes too
-// (1x1 layers) or the pixels fit one tile, from 8 MiB against the usual orientation, whose tiles
-// suit 49 pixels better. 2 threads, float32, p25 against the packed GEMM (noisy host, several
-// runs): 512 -> 2048 1x1 on 7x7 1.36-1.52x, 320 -> 1280 1.37-1.46x, 512 3x3 on 4x4 0.98-1.8x, on
-// 7x7 0.98-1.22x, DCGAN's 100 -> 512 k4 on 1x1 1.12-1.22x; 256 -> 512 3x3 s2 on 14x14 (4.5 MiB)
-// 0.82-1.06x, 256 3x3 on 7x7 (2.3 MiB) 0.76-0.85x; 1 thread, AVX-512, min of interleaved runs:
-// 8 x 512 3x3 on 4x4 (128 pixels) 1.17x, 6 x 512 on 4x4 (96) 1.13x, 2 x 512 on 7x7 (98) 0.90-0.98x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it wherever it
-// can run, =0 never (tests); CONVFAST_PIXEL_LANES=0 or a forced CONVFAST_ALGO keeps the packed GEMM.
+// them once more for so few pixels: from 1 MiB (see `large` below). 2 threads, float32, p25 against
+// the packed GEMM (noisy host, several runs): 512 -> 2048 1x1 on 7x7 1.36-1.52x, 320 -> 1280
+// 1.37-1.46x, 512 3x3 on 4x4 0.98-1.8x, on 7x7 0.98-1.22x, DCGAN's 100 -> 512 k4 on 1x1
+// 1.12-1.22x; 1 thread, AVX-512, min of interleaved runs: 8 x 512 3x3 on 4x4 (128 pixels) 1.17x,
+// 6 x 512 on 4x4 (96) 1.13x, 2 x 512 on 7x7 (98) 0.90-0.98x. CONVFAST_WEIGHTS_IN_PLACE=1 takes it
+// wherever it can run, =0 never (tests); CONVFAST_PIXEL_LANES=0 or a forced CONVFAST_ALGO keeps the
+// packed GEMM.
 template <typename T>
 bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const {
   constexpr int64_t kSmallM = 128;
@@ -514,7 +513,11 @@ bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, bool pa
   // thread where the in-place kernel splits the channels (1x1 2048 -> 512 on 4x4, 2 threads: 0.7x).
   if (plan_is_kept() && (!packed_pixel_lanes || pixels > uk.nr)) return false;
   const int64_t weight_bytes = checked_mul(checked_mul(p.groups * p.cout_per_group, max_k), (int64_t)sizeof(T));
-  const int64_t large = packed_pixel_lanes || pixels <= uk.nr ? int64_t(1) << 20 : int64_t(8) << 20;
+  // From 1 MiB in either orientation since the patches are packed once per call (run_items):
+  // against the gather GEMM, 2 threads, float32, min of interleaved runs: 1 x 192 3x3 on 7x7
+  // (1.3 MiB) 1.10x, 1 x 256 on 7x7 1.37x, 4 x 128 -> 256 s2 on 7x7 1.32x, 4 x 256 -> 256 s2 1.34x,
+  // 8 x 256 -> 512 s2 1.15-1.19x, 1 x 384 on 7x7 1.18x.
+  const int64_t large = int64_t(1) << 20;
   // Past 64 pixels only whole-ish pixel tiles (the last at least half full): the in-place kernel's
   // tiles are NR pixels, and a nearly empty last tile costs a whole pass over the weights.
   const int64_t tail = pixels % uk.nr;
