@@ -102,6 +102,8 @@ inline void copy_few(T* __restrict dst, const T* __restrict src, int n) {
     case 6: std::memcpy(dst, src, 6 * sizeof(T)); return;
     case 7: std::memcpy(dst, src, 7 * sizeof(T)); return;
     case 8: std::memcpy(dst, src, 8 * sizeof(T)); return;
+    case 9: std::memcpy(dst, src, 9 * sizeof(T)); return;
+    case 10: std::memcpy(dst, src, 10 * sizeof(T)); return;
     default: copy_lanes(dst, src, n);
   }
 }

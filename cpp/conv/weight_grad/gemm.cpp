@@ -275,12 +275,16 @@ struct WeightGrad {
   // Entries [0, lanes) of the rows of a panel [kc][aw] (dst: row 0's entry 0): tap (t0, t1, t2), input
   // channels [c0, c0 + lanes); entries [lanes, aw) zero too when `tail`. Source positions advance by
   // the stride along each run: no divisions except map_padded_index for positions in the padding.
+  // span > 1 (stacked taps, see run_item; not with `tail`): taps t2 .. t2 + span - 1 too, each
+  // `lanes` entries after the previous, where they lie side by side in a's view (consecutive taps
+  // dilation x cl_s[2] = lanes apart): one copy per position inside the input, instead of one per
+  // tap (the 7x7 stem's weight gradient packs 4 taps of 3 channels per position).
   void pack_panel(const std::vector<Run>& runs, const int64_t tap[kSpatialRank], int64_t c0, int lanes, bool tail,
-                  T* __restrict dst) const {
+                  T* __restrict dst, int span = 1) const {
     int64_t off[kSpatialRank];
     for (int a = 0; a < kSpatialRank; ++a) off[a] = tap[a] * p.dilation[a] - p.pad_before[a];
-    const int64_t s2 = p.stride[2], L2 = L[2], cs2 = cl_s[2];
-    const int w = aw, end = tail ? w : lanes;
+    const int64_t s2 = p.stride[2], L2 = L[2], cs2 = cl_s[2], d2 = p.dilation[2];
+    const int w = aw, end = tail ? w : lanes * span;
     const bool full = lanes == w;
     for (const Run& r : runs) {
       int64_t i0, i1, n0, n1;
@@ -310,6 +314,20 @@ struct WeightGrad {
       for (int64_t j = 0; j < r.len; ++j, i2 += s2, dst += w) {
         if (j < ahead_len && ahead_i2 + j * s2 >= 0 && ahead_i2 + j * s2 < L2)
           __builtin_prefetch(ahead + (ahead_i2 + j * s2) * cs2);
+        if (span > 1) {
+          if (i2 >= 0 && i2 + (span - 1) * d2 < L2) {
+            copy_few(dst, row + i2 * cs2, lanes * span);
+          } else {  // some of the taps in the padding
+            for (int u = 0; u < span; ++u) {
+              const int64_t m = map_padded_index(i2 + u * d2, L2, p.mode);
+              if (m < 0)
+                zero_lanes(dst + u * lanes, lanes);
+              else
+                copy_few(dst + u * lanes, row + m * cs2, lanes);
+            }
+          }
+          continue;
+        }
         const int64_t m = i2 >= 0 && i2 < L2 ? i2 : map_padded_index(i2, L2, p.mode);
         if (m < 0) {
           zero_lanes(dst, end);
@@ -418,6 +436,7 @@ struct WeightGrad {
     T* C = s.c.get();
     T* panels = s.panels.get();
     const T* bpan = bpack->get() + (it.g * b_tiles + it.bt0) * K * bw;
+    const bool taps_side_by_side = p.dilation[2] * cl_s[2] == ca_g;
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
       make_runs(k0, kc, s.runs);
@@ -446,8 +465,13 @@ struct WeightGrad {
           next_tap();
         } else {  // q taps side by side in one panel (one a-tile: Ca_g <= MR / 2)
           const int64_t first = (it.slot0 + sl) * q, here = std::min(q, taps - first);
-          for (int64_t j = 0; j < here; ++j, next_tap())
-            pack_panel(s.runs, tap, it.g * ca_g, static_cast<int>(ca_g), false, panels + j * ca_g);
+          for (int64_t j = 0; j < here;) {
+            int span = 1;  // taps of one row, side by side in a's view
+            while (taps_side_by_side && j + span < here && tap[2] + span < p.kernel[2]) ++span;
+            pack_panel(s.runs, tap, it.g * ca_g, static_cast<int>(ca_g), false, panels + j * ca_g, span);
+            for (int u = 0; u < span; ++u) next_tap();
+            j += span;
+          }
           const int64_t used = here * ca_g;
           if (used < aw)
             for (int64_t k = 0; k < kc; ++k)
