@@ -496,14 +496,15 @@ struct WeightGrad {
     const int64_t ca_begin = it.at0 * aw, ca_end = std::min(it.at1 * aw, ca_g);
     const int64_t cb_step = swapped ? 1 : ldc, ca_step = swapped ? ldc : 1;
     const int64_t tap_begin = it.slot0 * q, tap_end = std::min(taps, it.slot1 * q);
+    // (The channels ca innermost: one division per tap, not per output, and a 1x1 layer's rows are
+    // plain copies; with the taps innermost this loop was 38 % of the 1x1 960 -> 320 layer's weight
+    // gradient on 8 x 4 x 4, float32, 1 thread.)
     for (int64_t cb = cb_begin; cb < cb_end; ++cb)
-      for (int64_t ca = ca_begin; ca < ca_end; ++ca) {
-        T* o = p.out + ((it.g * cb_g + cb) * ca_g + ca) * taps;
-        const T* c = C + (cb - cb_begin) * cb_step + (ca - ca_begin) * ca_step;
-        for (int64_t t = tap_begin; t < tap_end; ++t) {
-          const int64_t sl = t / q - it.slot0, j = t % q;
-          o[t] = c[sl * rows * ldc + j * ca_g * ldc];
-        }
+      for (int64_t t = tap_begin; t < tap_end; ++t) {
+        const int64_t sl = t / q - it.slot0, j = t % q;
+        const T* __restrict c = C + (cb - cb_begin) * cb_step + sl * rows * ldc + j * ca_g * ldc - ca_begin * ca_step;
+        T* __restrict o = p.out + ((it.g * cb_g + cb) * ca_g) * taps + t;
+        for (int64_t ca = ca_begin; ca < ca_end; ++ca) o[ca * taps] = c[ca * ca_step];
       }
   }
 
