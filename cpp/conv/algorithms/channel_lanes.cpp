@@ -320,7 +320,13 @@ struct Conv final : AlgorithmPlan {
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, total)));
     std::vector<std::unique_ptr<Scratch>> scratch;
     for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(buffer_size, out_size, max_taps()));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    // Runs of consecutive items per grab, up to an image's channel block (its items write the same
+    // planes: one item per grab put neighbouring rows, which share cache lines on small maps, on
+    // different threads), at least four grabs per thread. The grad_input of a stride-2 depthwise
+    // layer, 2 threads, float32, min of interleaved runs: 8 x 576 on 7x7 0.304 -> 0.202 ms, 8 x 192
+    // on 14x14 0.292 -> 0.199 (one thread alone: 0.27); forward and unit stride level.
+    const int64_t run = std::max<int64_t>(1, std::min<int64_t>((int64_t)items.size(), total / (4 * (int64_t)nthreads)));
+#pragma omp parallel for schedule(dynamic, run) num_threads(nthreads)
     for (int64_t i = 0; i < total; ++i)
       run_item(p, i / per_image, (i % per_image) / (int64_t)items.size(), items[i % (int64_t)items.size()], bias.data(),
                *scratch[omp_get_thread_num()]);
