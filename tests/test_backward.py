@@ -648,6 +648,10 @@ _WG_CASES = [
     (2, 2, 20, 9, 1, (8, 11), (2, 2), (2, 3), (1, 1), ((0, 1), (1, 0))),       # disjoint taps: a in place
     (3, 2, 24, 13, 1, (6, 4, 6), (2, 1, 2), (2, 1, 3), (1, 1, 1), ((0, 0), (1, 1), (1, 0))),
     (2, 2, 200, 20, 1, (9, 10), (1, 1), (1, 1), (1, 1), ((0, 0), (0, 0))),      # 25 / 13 a tiles: uneven blocks
+    # 16 input channels per group: two taps stacked in 32 lanes (float32 AVX-512), side by side in a's
+    # channels-last view (one group), or not (two groups, dilation along the row)
+    (2, 2, 16, 20, 1, (10, 12), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
+    (2, 2, 32, 24, 2, (9, 11), (3, 3), (1, 1), (1, 2), ((1, 1), (2, 2))),
     # a read in place with two blocks of b tiles (float64: 25 tiles of 6 rows; float32: 50)
     (2, 2, 12, 150, 1, (9, 10), (1, 1), (2, 2), (1, 1), ((0, 0), (1, 1))),
     (2, 2, 10, 300, 1, (8, 8), (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),

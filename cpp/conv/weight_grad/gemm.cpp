@@ -75,7 +75,10 @@ struct WeightGrad {
   int bw, aw;  // packed widths of b and a panels
   // Swapped with Ca_g <= MR / 2: the rows of one a panel hold q = MR / Ca_g consecutive taps
   // (row j * Ca_g + ca = channel ca at tap j of the slot), so that a 3-channel input fills 6 rows,
-  // not 3. Otherwise q = 1. The items, panels and C buffers count tap slots of q taps.
+  // not 3; normal with Ca_g <= NR / 2, likewise its lanes (lane j * Ca_g + ca), so that 16 input
+  // channels fill 32 lanes. Otherwise q = 1. The items, panels and C buffers count tap slots of q
+  // taps. (Lanes stacked, 2 threads, float32, min of interleaved runs, 3-D 3x3x3 weight gradients
+  // against the unstacked GEMM: 8 x 16 -> 16 on 32^3 77.7 -> 36.1 ms, 16 -> 32 on 16^3 level.)
   int64_t q = 1, slots = 1;
   int64_t G, ca_g, cb_g, taps, P, K, b_tiles, a_tiles;
   int64_t O[kSpatialRank], L[kSpatialRank];
@@ -107,16 +110,16 @@ struct WeightGrad {
     }
     K = checked_mul(p.batch, P);
     auto fill = [](int64_t n, int w) { return n > 0 ? double(n) / double(ceil_div(n, w) * w) : 1.0; };
-    const int64_t stack = ca_g > 0 && 2 * ca_g <= mr && taps > 1 ? std::min<int64_t>(mr / ca_g, taps) : 1;
+    auto stack = [&](int width) { return ca_g > 0 && 2 * ca_g <= width && taps > 1 ? std::min<int64_t>(width / ca_g, taps) : 1; };
     // Winograd (normal orientation: its chosen channel counts fill either tile alike).
     wino_m = wino_m_chosen >= 0 ? wino_m_chosen : choose_winograd();
     winograd = wino_m != 0;
-    swapped = !winograd && fill(stack * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
+    swapped = !winograd && fill(stack(mr) * ca_g, mr) * fill(cb_g, nr) > 1.25 * fill(cb_g, mr) * fill(ca_g, nr);
     bw = swapped ? nr : mr;
     aw = swapped ? mr : nr;
     b_tiles = ceil_div(cb_g, bw);
     a_tiles = ceil_div(ca_g, aw);
-    if (swapped) q = stack;
+    if (!winograd) q = stack(aw);
     slots = ceil_div(taps, q);
     int winograd_axes = 0;
     if (winograd)
@@ -203,6 +206,11 @@ struct WeightGrad {
     // 16^3 1.26x; 2-D 8 x 32 -> 32 on 64x64 1.08x, 16 -> 16 1.08x (kept on the GEMM: level).
     const int64_t min_channels = axes == 3 ? 16 : 32;
     if (force != "winograd" && (ca_g < min_channels || cb_g < min_channels)) return 0;
+    // Input channels that stack in the GEMM's lanes (see q) fill its tiles too, and it wins unless
+    // the output channels are many (2 threads, float32, min of interleaved runs, GEMM / Winograd:
+    // 3-D 8 x 16 -> 16 on 32^3 36 / 54 ms, 2 x 16 -> 16 9.2 / 13.1, 8 x 16 -> 32 on 16^3 9.0 / 8.7,
+    // 8 x 16 -> 64 on 8^3 2.48 / 1.98).
+    if (force != "winograd" && 2 * ca_g <= nr && cb_g < 64) return 0;
     // M within the working-memory bound, as the forward's transform.
     constexpr double kMaxProductsBytes = double(int64_t(48) << 20);
     if (sizeof(T) == 8 && cost4 * 1.5 < cost2 && winograd_products_bytes(4) <= kMaxProductsBytes &&
@@ -463,7 +471,7 @@ struct WeightGrad {
               pack_panel(s.runs, tap, it.g * ca_g + at * aw, lanes, true, dst);
           }
           next_tap();
-        } else {  // q taps side by side in one panel (one a-tile: Ca_g <= MR / 2)
+        } else {  // q taps side by side in one panel (one a-tile: Ca_g <= half its width)
           const int64_t first = (it.slot0 + sl) * q, here = std::min(q, taps - first);
           for (int64_t j = 0; j < here;) {
             int span = 1;  // taps of one row, side by side in a's view
@@ -490,11 +498,11 @@ struct WeightGrad {
         }
       }
     }
-    // C[slot][row][lane] -> out[(g * Cb_g + cb) * Ca_g + ca][t]; tap t = slot * q + j sits in row
-    // j * Ca_g + ca (swapped; j = 0 unless stacked) or row cb (normal).
+    // C[slot][row][lane] -> out[(g * Cb_g + cb) * Ca_g + ca][t]; tap t = slot * q + j (j = 0 unless
+    // stacked) sits in row j * Ca_g + ca, lane cb (swapped) or row cb, lane j * Ca_g + ca (normal).
     const int64_t cb_begin = it.bt0 * bw, cb_end = std::min(it.bt1 * bw, cb_g);
     const int64_t ca_begin = it.at0 * aw, ca_end = std::min(it.at1 * aw, ca_g);
-    const int64_t cb_step = swapped ? 1 : ldc, ca_step = swapped ? ldc : 1;
+    const int64_t cb_step = swapped ? 1 : ldc, ca_step = swapped ? ldc : 1, j_step = ca_g * ca_step;
     const int64_t tap_begin = it.slot0 * q, tap_end = std::min(taps, it.slot1 * q);
     // (The channels ca innermost: one division per tap, not per output, and a 1x1 layer's rows are
     // plain copies; with the taps innermost this loop was 38 % of the 1x1 960 -> 320 layer's weight
@@ -502,7 +510,7 @@ struct WeightGrad {
     for (int64_t cb = cb_begin; cb < cb_end; ++cb)
       for (int64_t t = tap_begin; t < tap_end; ++t) {
         const int64_t sl = t / q - it.slot0, j = t % q;
-        const T* __restrict c = C + (cb - cb_begin) * cb_step + sl * rows * ldc + j * ca_g * ldc - ca_begin * ca_step;
+        const T* __restrict c = C + (cb - cb_begin) * cb_step + sl * rows * ldc + j * j_step - ca_begin * ca_step;
         T* __restrict o = p.out + ((it.g * cb_g + cb) * ca_g) * taps + t;
         for (int64_t ca = ca_begin; ca < ca_end; ++ca) o[ca * taps] = c[ca * ca_step];
       }
