@@ -527,7 +527,8 @@ def test_weight_grad_automatic_choice(monkeypatch):
 
     assert algorithm(2, 64, 64, padding=1).startswith("weight_grad winograd F(2,3) 16 points")
     assert algorithm(3, 32, 32, padding=1).startswith("weight_grad winograd F(2,3) 64 points")
-    assert algorithm(2, 32, 32, padding=1).startswith("weight_grad winograd")  # 2-D: from 32 channels
+    assert algorithm(2, 64, 64, padding=1).startswith("weight_grad winograd")  # 2-D: from 64 channels
+    assert algorithm(2, 48, 64, padding=1).startswith("weight_grad gemm")
     assert algorithm(3, 16, 64, padding=1).startswith("weight_grad winograd")  # 3-D: from 16
     # 16 input channels that stack in the GEMM's lanes (two taps per 32-lane tile) keep the GEMM
     # unless the output channels are many.

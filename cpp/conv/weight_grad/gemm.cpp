@@ -156,9 +156,10 @@ struct WeightGrad {
   // coefficients are 0, +-1 and 1/2 (in G^T), so integer-valued data stays exact; F(4, 3)'s reach
   // 8 (in A) and 1/24 (in G^T) and it is taken in float64 only, as the forward's. Applies to
   // stride-1 3-tap axes (any dilation; at least two such axes) and one-tap axes, any padding mode,
-  // groups, normal orientation; chosen when both channel counts per group reach 64 (2-D) or 32
-  // (3-D), as for the forward Winograd; CONVFAST_ALGO=winograd forces it wherever it applies,
-  // gemm|direct exclude it. F(2, 3) measured against the GEMM (2 threads, float32 unless noted):
+  // groups, normal orientation; chosen when both channel counts per group reach 64 (2-D) or 16
+  // (3-D; see choose_winograd); CONVFAST_ALGO=winograd forces it wherever it applies,
+  // gemm|direct exclude it. F(2, 3) measured against the GEMM before the GEMM's copy-out and lane
+  // stacking (2 threads, float32 unless noted):
   // 8 x C x 56 x 56 3x3: 0.95x at 32 channels, 1.07x at 48 (float64 1.20x), 1.13-1.25x at 64;
   // 128 x 28^2 1.35-1.55x, 256 x 14^2 1.65x, 512 x 14^2 1.4-1.6x; 3-D 3x3x3: 0.89x at 16
   // channels, 1.27x at 32 (16^3), 1.17x at 32 -> 64 (32^3). Fusing the F(2, 3) transforms' passes,
@@ -202,9 +203,14 @@ struct WeightGrad {
       }
     }
     if (axes < 2) return 0;
-    // 1 thread, float32, AVX-512, against the GEMM: 3-D 8 x 16 -> 16 on 32^3 1.85x, 16 -> 32 on
-    // 16^3 1.26x; 2-D 8 x 32 -> 32 on 64x64 1.08x, 16 -> 16 1.08x (kept on the GEMM: level).
-    const int64_t min_channels = axes == 3 ? 16 : 32;
+    // 2-D from 64 channels: since the GEMM's results are copied out a tap at a time, it runs 2-D
+    // layers of fewer channels faster (2 threads, float32, min of interleaved runs, GEMM /
+    // Winograd: 8 x 32 -> 32 on 128x128 20.1 / 21.6 ms, 32 -> 64 on 64x64 9.1-10.0 / 10.7-12.6,
+    // 64 -> 32 on 128x128 39.1 / 47.5, 48 -> 48 on 56x56 9.2 / 11.0, 1 x 32 on 112x112 2.0 / 2.5);
+    // from 64 the two are mixed (64 on 56x56 12.7 / 15.3, on 64x64 15.3 / 13.5, on 28x28 3.5 /
+    // 3.3) and Winograd wins from 128. 3-D, 1 thread, AVX-512: 8 x 16 -> 16 on 32^3 1.85x, 16 -> 32
+    // on 16^3 1.26x over the GEMM before its lanes were stacked (see below).
+    const int64_t min_channels = axes == 3 ? 16 : 64;
     if (force != "winograd" && (ca_g < min_channels || cb_g < min_channels)) return 0;
     // Input channels that stack in the GEMM's lanes (see q) fill its tiles too, and it wins unless
     // the output channels are many (2 threads, float32, min of interleaved runs, GEMM / Winograd:
