@@ -108,3 +108,30 @@ def test_padded_channels_last(monkeypatch, dtype):
     gemm, direct = _gemm_and_direct(monkeypatch, convfast.conv2d, x, w, b, padding=1, data_format="channels_last")
     np.testing.assert_array_equal(gemm, direct)
     assert_close(gemm, ref.conv2d(x, w, b, padding=1, data_format="channels_last"), dtype)
+
+
+# Channels-last inputs with at least 16 channels per group are read in place whatever the taps and
+# the step between pixels (there consecutive k are neighbouring channels of one pixel): 1x1 layers,
+# strides, dilation, padding modes, groups, 1-D to 3-D.
+CHANNELS_LAST_CASES = [
+    (2, 2, 32, 20, (9, 11), (1, 1), {}),
+    (2, 1, 16, 40, (12, 13), (3, 3), dict(padding=1)),
+    (2, 2, 24, 17, (15, 17), (3, 3), dict(stride=2, padding=1)),
+    (2, 1, 20, 12, (14, 15), (3, 3), dict(dilation=2, padding=(2, 1), padding_mode="reflect")),
+    (2, 2, 32, 16, (11, 10), (3, 3), dict(groups=2, padding=1)),
+    (1, 2, 48, 30, (41,), (5,), dict(stride=2, padding=2)),
+    (3, 1, 16, 12, (5, 7, 9), (3, 3, 3), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rank,batch,cin,cout,spatial,kernel,kw", CHANNELS_LAST_CASES)
+def test_channels_last_input_read_in_place(monkeypatch, dtype, rank, batch, cin, cout, spatial, kernel, kw):
+    x, w, b = conv_operands(np.random.default_rng(13), batch, cin, cout, spatial, kernel, kw.get("groups", 1), dtype)
+    xl = np.moveaxis(x, 1, -1)
+    fn = getattr(convfast, f"conv{rank}d")
+    gemm, direct = _gemm_and_direct(monkeypatch, fn, xl, w, b, data_format="channels_last", **kw)
+    np.testing.assert_array_equal(gemm, direct)
+    channels_first, _ = _gemm_and_direct(monkeypatch, fn, np.ascontiguousarray(x), w, b, **kw)
+    np.testing.assert_array_equal(np.moveaxis(gemm, -1, 1), channels_first)
+    assert_close(gemm, getattr(ref, f"conv{rank}d")(xl, w, b, data_format="channels_last", **kw), dtype)

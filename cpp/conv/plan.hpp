@@ -144,7 +144,11 @@ struct ConvPlan<T>::Impl {
   // Whether gemm_block reads a tile whose pixels' inputs are `step` apart (for every tap) in place,
   // with `row_taps` taps along the row (see below).
   static bool steps_in_place(int64_t step, int64_t row_taps) { return step == 1 || (step == 2 && row_taps > 2); }
-  static bool reads_in_place(const PhaseShape& shape, int64_t row_step) {
+  // Channels-last inputs (channel stride 1, at least 16 channels per group) are read in place
+  // whatever the taps and steps: there consecutive k are neighbouring channels of one pixel, and
+  // the MR lines a tile reads serve 16 k each.
+  static bool reads_in_place(const PhaseShape& shape, int64_t row_step, int64_t channel_stride, int64_t cin) {
+    if (channel_stride == 1 && cin >= 16) return true;
     return shape.num_taps > 1 && steps_in_place(row_step, shape.taps[2]);
   }
 

@@ -51,7 +51,7 @@ inline void ConvPlan<T>::Impl::gemm_block(const ConvProblem<T>& p, const PhaseSh
   int64_t* step = s.tile_step.data();
   T* A = s.a_panel.get();
   const T** rows = s.a_rows.data();
-  const bool layer_in_place = reads_in_place(shape, row_step);
+  const bool layer_in_place = reads_in_place(shape, row_step, cs, cin);
   if (K == 0) std::memset(C, 0, sizeof(T) * static_cast<size_t>(m_tiles * mr * ldc));
   if (!reuse_patches)
     for (int64_t mt = 0, last = -1; mt < m_tiles; ++mt) {
@@ -296,7 +296,7 @@ void ConvPlan<T>::Impl::run_item(const ConvProblem<T>& p, const WorkItem& it, Th
     // tiles are all read in place. With several phases the order stays row-major: fused phases
     // share C's pixel rows, and for them edges last (over the union of their edges) measured level.
     const int64_t row_step = ph[2]->in_step * p.x_stride[2];
-    const bool edges_last = phases.size() == 1 && reads_in_place(shape, row_step);
+    const bool edges_last = phases.size() == 1 && reads_in_place(shape, row_step, p.x_stride_c, cin);
     if (!reuse)
       block_offsets(p, ph, shape, it.m0, mcount, s.tap_base.data(), s.x_offsets.get(), q == 0 ? yoff : nullptr,
                     edges_last);
