@@ -94,14 +94,28 @@ def test_rows_weight_grad_kernel_shapes(monkeypatch):
     4 x 3 shape's (that one reloads a vector per tap), else 4 x 3; both agree with the oracle."""
     rng = np.random.default_rng(8)
     for cout, k, shape in [(64, 7, "3x4"), (9, 7, "3x4"), (8, 3, "4x3"), (4, 3, "4x3"), (32, 3, "3x4"), (12, 3, "3x4"), (16, 3, "4x3")]:
+        # from 32 output channels only on images of at least 4096 pixels per input channel
+        size = (9, 20) if cout < 32 else (64, 130)
         for dtype in ("float32", "float64"):
-            x = rng.standard_normal((1, 2, 9, 20)).astype(dtype)
+            x = rng.standard_normal((1, 2) + size).astype(dtype)
             w = rng.standard_normal((cout, 2, 3, k)).astype(dtype)
-            gy = rng.standard_normal((1, cout, 9, 20)).astype(dtype)
+            gy = rng.standard_normal((1, cout) + size).astype(dtype)
             gw, algo = _grad_weight(monkeypatch, 2, x, w, gy, padding=(1, k // 2))
             assert algo.startswith(f"weight_grad rows {shape}"), (cout, k, algo)
             expected = weight_grad_oracle(x, gy, (3, k), [(1, 1), (k // 2, k // 2)])
-            assert_close(gw, expected, dtype, 9 * 20)
+            assert_close(gw, expected, dtype, size[0] * size[1])
+
+
+def test_rows_weight_grad_leaves_small_images_to_the_gemm(monkeypatch):
+    """From 32 output channels, images under 4096 pixels per input channel take the GEMM."""
+    rng = np.random.default_rng(9)
+    for size, rows in [((56, 72), False), ((64, 130), True)]:
+        x = rng.standard_normal((1, 2) + size).astype("float32")
+        w = rng.standard_normal((32, 2, 3, 3)).astype("float32")
+        gy = rng.standard_normal((1, 32) + size).astype("float32")
+        gw, algo = _grad_weight(monkeypatch, 2, x, w, gy, padding=1)
+        assert algo.startswith("weight_grad rows") == rows, (size, algo)
+        assert_close(gw, weight_grad_oracle(x, gy, (3, 3), [(1, 1), (1, 1)]), "float32", size[0] * size[1])
 
 
 def test_rows_weight_grad_threads_and_layouts(monkeypatch):

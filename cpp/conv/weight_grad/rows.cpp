@@ -45,7 +45,16 @@ bool rows_weight_grad_applies(const WeightGradProblem<T>& p) {
   // AVX-512, 2 threads, against it: stride 2 (the 7x7 stem, 3x3 s2 first layers) 0.46-0.76x float32,
   // 0.78-0.99x float64; stride 1 (3-D 1 -> 32, 3 -> 16/32 3x3) 1.5-2.8x.
   const bool wide_vectors = uk.lanes * static_cast<int>(sizeof(T)) >= 64;
-  return uk.wgrad_rows[0] && p.a_channels / p.groups <= kMaxRowsInputs && p.b_stride[2] == 1 &&
+  // Its calls are per image, input channel and tap row, each over one image's gradient: from 32
+  // output channels the GEMM wins unless the images are large for their input channels (2 threads,
+  // float32, min of interleaved runs, rows / GEMM ms): 64 x 1 -> 32 on 28x28 1.99 / 1.10, 8 x 8 -> 64
+  // on 56x56 5.89 / 2.50, 8 x 4 -> 64 on 28x28 1.79 / 0.27, 8 x 3 -> 32 on 56x56 1.25 / 0.67, 8 x 8 ->
+  // 32 on 112x112 7.26 / 5.94; rows kept: 8 x 1 -> 32 on 64x64 0.33 / 0.70, on 128x128 1.38 / 3.18,
+  // 8 x 3 -> 32 on 112x112 2.86 / 3.12, 3 -> 64 on 224x224 20.8 / 22.1, 3 -> 16 on 56x56 0.48 /
+  // 0.71, 3-D 1 -> 16 on 32^3 2.2 / 10.8, 1-D 1 -> 32 k7 on 16000 0.14 / 0.22.
+  const int64_t ca_g = p.a_channels / p.groups, pixels = p.b_size[0] * p.b_size[1] * p.b_size[2];
+  const bool large_images = p.b_channels / p.groups < 32 || pixels >= 4096 * ca_g;
+  return uk.wgrad_rows[0] && ca_g <= kMaxRowsInputs && p.b_stride[2] == 1 && large_images &&
          p.b_size[2] >= uk.lanes && p.b_channels / p.groups >= kWgradRowsMax && !(wide_vectors && p.stride[2] > 1);
 }
 
