@@ -237,6 +237,10 @@ struct WeightGrad {
     // transpose (the scalar gather, one strided load per element, was half of a 1x1 layer's
     // weight gradient: 16 -> 96 on 8 x 56 x 56, 1 thread).
     const int L = uk.transpose_block && p.b_stride[2] == 1 && w % uk.lanes == 0 ? uk.lanes : 0;
+    // An image whose pixels are contiguous is one run (the scalar tail once per image, not per row:
+    // per row it was a third of the 64 x 1 -> 32 layer's weight gradient on 28-wide rows).
+    const bool whole_images = p.b_stride[2] == 1 && (O[1] == 1 || p.b_stride[1] == O[2]) &&
+                              (O[0] == 1 || p.b_stride[0] == O[1] * O[2]);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t job = 0; job < jobs; ++job) {
       const int64_t gt = job / chunks, k0 = (job % chunks) * kChunk, k1 = std::min(K, k0 + kChunk);
@@ -246,7 +250,8 @@ struct WeightGrad {
       T* dst = dst_all + (gt * K + k0) * w;
       for (PixelCursor at(k0, O); at.k < k1;) {
         const T* src = bg + at.n * p.b_stride_n + at.o0 * p.b_stride[0] + at.o1 * p.b_stride[1];
-        const int64_t len = std::min(O[2] - at.o2, k1 - at.k);
+        const int64_t len = whole_images ? std::min(P - ((at.o0 * O[1] + at.o1) * O[2] + at.o2), k1 - at.k)
+                                         : std::min(O[2] - at.o2, k1 - at.k);
         int64_t j = 0;
         if (L > 0 && valid == w)
           for (; j + L <= len; j += L, dst += L * w)
@@ -257,7 +262,10 @@ struct WeightGrad {
           for (; r < valid; ++r) dst[r] = s[r * p.b_stride_c];
           for (; r < w; ++r) dst[r] = T(0);
         }
-        at.advance(len, O);
+        if (whole_images)
+          at = PixelCursor(at.k + len, O);
+        else
+          at.advance(len, O);
       }
     }
   }
