@@ -652,6 +652,8 @@ _WG_CASES = [
     # channels-last view (one group), or not (two groups, dilation along the row)
     (2, 2, 16, 20, 1, (10, 12), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
     (2, 2, 32, 24, 2, (9, 11), (3, 3), (1, 1), (1, 2), ((1, 1), (2, 2))),
+    # contiguous images packed as one run each, K = 3 x 930 over two 2048-deep packing chunks
+    (2, 3, 5, 40, 1, (30, 31), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1))),
     # a read in place with two blocks of b tiles (float64: 25 tiles of 6 rows; float32: 50)
     (2, 2, 12, 150, 1, (9, 10), (1, 1), (2, 2), (1, 1), ((0, 0), (1, 1))),
     (2, 2, 10, 300, 1, (8, 8), (2, 2), (2, 2), (1, 1), ((0, 0), (0, 0))),
