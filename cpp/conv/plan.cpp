@@ -212,40 +212,13 @@ void ConvPlan<T>::Impl::run_items(const ConvProblem<T>& p) const {
                                               direct ? 0 : checked_mul(ceil_div(mc_max, tile_m), kc_max)));
   if (direct)
     for (auto& sc : scratch) sc->set_direct_panel(max_k, tile_m, max_cache_entries);
-  // Weights in place: the items of a pixel block (consecutive in the list) differ only in their
-  // channel tiles, and each would pack the block's patches; they are packed once, here, for the
-  // whole K, in parallel over blocks of K: [block][K block][tile][kc][NR], where that is at most
-  // the size of the weights (which this path does not pack). 8 x 512 -> 512 3x3 on 4x4, float32,
-  // four items per block at 2 threads: 3.94 -> 3.40 ms; 1 x 512 on 7x7 2.54 -> 1.67.
-  std::unique_ptr<AlignedBuffer<T>> patches;
-  std::vector<int64_t> block_of(items.size(), 0), block_item;
-  const int64_t K = weights_in_place ? checked_mul(PhaseShape(phases[0]).num_taps, p.cin_per_group) : 0;
-  const int64_t block_size = checked_mul(ceil_div(mc_max, (int64_t)tile_m) * tile_m, K);
-  for (size_t i = 0; i < items.size() && K > 0; ++i) {  // (one phase: see choose_weights_in_place)
-    if (items[i].nt0 == 0) block_item.push_back(static_cast<int64_t>(i));
-    block_of[i] = static_cast<int64_t>(block_item.size()) - 1;
-  }
-  const int64_t blocks = static_cast<int64_t>(block_item.size());
-  if (blocks > 0 && n_tiles > nt_block &&
-      checked_mul(blocks, block_size) <= checked_mul(checked_mul(G, n_tiles * tile_n), K)) {
-    const int64_t k_blocks = ceil_div(K, kc_max);
-    const int64_t parts = std::clamp<int64_t>(ceil_div(2 * (int64_t)nthreads, blocks), 1, k_blocks);
-    patches.reset(new AlignedBuffer<T>(checked_mul(blocks, block_size)));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t job = 0; job < blocks * parts; ++job) {
-      ThreadScratch<T>& s = *scratch[omp_get_thread_num()];
-      const int64_t b = job / parts, part = job % parts;
-      const PixelBlock pixels = pixel_block(p, items[block_item[b]], s);
-      for (int64_t kb = part * k_blocks / parts; kb < (part + 1) * k_blocks / parts; ++kb) {
-        const int64_t k0 = kb * kc_max;
-        pack_pixel_panels(p, pixels, s, k0, std::min(kc_max, K - k0),
-                          patches->get() + b * block_size + k0 * pixels.p_tiles * tile_m);
-      }
-    }
-  }
+  // Weights in place: each pixel block's patches packed once for its items (pixel_lanes_patches).
+  std::vector<int64_t> patch_offset;
+  const std::unique_ptr<AlignedBuffer<T>> patches =
+      weights_in_place ? pixel_lanes_patches(p, items, scratch, nt_block, patch_offset) : nullptr;
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(nthreads)
   for (int64_t i = 0; i < (int64_t)items.size(); ++i)
-    run_item(p, items[i], *scratch[omp_get_thread_num()], patches ? patches->get() + block_of[i] * block_size : nullptr);
+    run_item(p, items[i], *scratch[omp_get_thread_num()], patches ? patches->get() + patch_offset[i] : nullptr);
   record_algorithm<T>(*this, nthreads);
 }
 

@@ -194,6 +194,10 @@ struct ConvPlan<T>::Impl {
   PixelBlock pixel_block(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s) const;
   void pack_pixel_panels(const ConvProblem<T>& p, const PixelBlock& b, ThreadScratch<T>& s, int64_t k0, int64_t kc,
                          T* panel) const;
+  // Weights in place: every pixel block's panels over the whole K, packed once for its items.
+  std::unique_ptr<AlignedBuffer<T>> pixel_lanes_patches(const ConvProblem<T>& p, const std::vector<WorkItem>& items,
+                                                        std::vector<std::unique_ptr<ThreadScratch<T>>>& scratch,
+                                                        int64_t nt_block, std::vector<int64_t>& offset) const;
   // packed: the item's panels over the whole K, packed beforehand (weights in place), or null.
   void pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s, const T* packed) const;
 

@@ -170,6 +170,46 @@ void ConvPlan<T>::Impl::pack_pixel_panels(const ConvProblem<T>& p, const PixelBl
                          s.tap_base.data(), s.tap_step.data(), panel + pt * nr * kc);
 }
 
+// Weights in place: the items of a pixel block (consecutive in the list) differ only in their
+// channel tiles, and each would pack the block's patches; they are packed once per call, in
+// parallel over blocks of K, as [block][K block][tile][kc][NR], where that is at most the size of
+// the weights (which this path does not pack) and a block has several items. Returns the buffer
+// (null where not packed) and each item's offset into it. 8 x 512 -> 512 3x3 on 4x4, float32, four
+// items per block at 2 threads: 3.94 -> 3.40 ms; 1 x 512 on 7x7 2.54 -> 1.67.
+template <typename T>
+std::unique_ptr<AlignedBuffer<T>> ConvPlan<T>::Impl::pixel_lanes_patches(
+    const ConvProblem<T>& p, const std::vector<WorkItem>& items, std::vector<std::unique_ptr<ThreadScratch<T>>>& scratch,
+    int64_t nt_block, std::vector<int64_t>& offset) const {
+  const int64_t K = checked_mul(PhaseShape(phases[0]).num_taps, p.cin_per_group);  // (one phase)
+  const int64_t block_size = checked_mul(ceil_div(mc_max, (int64_t)tile_m) * tile_m, K);
+  std::vector<int64_t> first_item;  // per block
+  offset.assign(items.size(), 0);
+  for (size_t i = 0; i < items.size() && K > 0; ++i) {
+    if (items[i].nt0 == 0) first_item.push_back(static_cast<int64_t>(i));
+    offset[i] = (static_cast<int64_t>(first_item.size()) - 1) * block_size;
+  }
+  const int64_t blocks = static_cast<int64_t>(first_item.size());
+  if (blocks == 0 || n_tiles <= nt_block ||
+      checked_mul(blocks, block_size) > checked_mul(checked_mul(p.groups, n_tiles * tile_n), K))
+    return nullptr;
+  const int nthreads = static_cast<int>(scratch.size());
+  const int64_t k_blocks = ceil_div(K, kc_max);
+  const int64_t parts = std::clamp<int64_t>(ceil_div(2 * (int64_t)nthreads, blocks), 1, k_blocks);
+  std::unique_ptr<AlignedBuffer<T>> patches(new AlignedBuffer<T>(checked_mul(blocks, block_size)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t job = 0; job < blocks * parts; ++job) {
+    ThreadScratch<T>& s = *scratch[omp_get_thread_num()];
+    const int64_t b = job / parts, part = job % parts;
+    const PixelBlock pixels = pixel_block(p, items[first_item[b]], s);
+    for (int64_t kb = part * k_blocks / parts; kb < (part + 1) * k_blocks / parts; ++kb) {
+      const int64_t k0 = kb * kc_max;
+      pack_pixel_panels(p, pixels, s, k0, std::min(kc_max, K - k0),
+                        patches->get() + b * block_size + k0 * pixels.p_tiles * tile_m);
+    }
+  }
+  return patches;
+}
+
 template <typename T>
 inline void ConvPlan<T>::Impl::pixel_lanes_item(const ConvProblem<T>& p, const WorkItem& it, ThreadScratch<T>& s,
                                                 const T* packed) const {
@@ -394,12 +434,18 @@ template ConvPlan<float>::Impl::PixelBlock ConvPlan<float>::Impl::pixel_block(co
                                                                           ThreadScratch<float>&) const;
 template void ConvPlan<float>::Impl::pack_pixel_panels(const ConvProblem<float>&, const PixelBlock&, ThreadScratch<float>&, int64_t,
                                                        int64_t, float*) const;
+template std::unique_ptr<AlignedBuffer<float>> ConvPlan<float>::Impl::pixel_lanes_patches(
+    const ConvProblem<float>&, const std::vector<WorkItem>&, std::vector<std::unique_ptr<ThreadScratch<float>>>&, int64_t,
+    std::vector<int64_t>&) const;
 template void ConvPlan<double>::Impl::run_item(const ConvProblem<double>& p, const WorkItem& it, ThreadScratch<double>& s,
                                                      const double* packed) const;
 template ConvPlan<double>::Impl::PixelBlock ConvPlan<double>::Impl::pixel_block(const ConvProblem<double>&, const WorkItem&,
                                                                           ThreadScratch<double>&) const;
 template void ConvPlan<double>::Impl::pack_pixel_panels(const ConvProblem<double>&, const PixelBlock&, ThreadScratch<double>&, int64_t,
                                                        int64_t, double*) const;
+template std::unique_ptr<AlignedBuffer<double>> ConvPlan<double>::Impl::pixel_lanes_patches(
+    const ConvProblem<double>&, const std::vector<WorkItem>&, std::vector<std::unique_ptr<ThreadScratch<double>>>&, int64_t,
+    std::vector<int64_t>&) const;
 
 
 // ---- The entry -----------------------------------------------------------------------------------
