@@ -115,8 +115,8 @@ inline void ConvPlan<T>::Impl::gemm_block(const ConvProblem<T>& p, const PhaseSh
 // the usual orientation, and the bias is added to the finished sum in both: bitwise identical.
 //
 // With the weights in place, the items of one pixel block differ only in their channel tiles;
-// run_items packs the block's panels once, for the whole K ([K block][tile][kc][NR]), and passes
-// them as `packed`.
+// pixel_lanes_patches packs the block's panels once, for the whole K ([K block][tile][kc][NR]),
+// and run_items passes them as `packed`.
 template <typename T>
 typename ConvPlan<T>::Impl::PixelBlock ConvPlan<T>::Impl::pixel_block(const ConvProblem<T>& p, const WorkItem& it,
                                                                       ThreadScratch<T>& s) const {
@@ -559,10 +559,10 @@ bool ConvPlan<T>::Impl::choose_weights_in_place(const ConvProblem<T>& p, bool pa
   // thread where the in-place kernel splits the channels (1x1 2048 -> 512 on 4x4, 2 threads: 0.7x).
   if (plan_is_kept() && (!packed_pixel_lanes || pixels > uk.nr)) return false;
   const int64_t weight_bytes = checked_mul(checked_mul(p.groups * p.cout_per_group, max_k), (int64_t)sizeof(T));
-  // From 1 MiB in either orientation since the patches are packed once per call (run_items):
-  // against the gather GEMM, 2 threads, float32, min of interleaved runs: 1 x 192 3x3 on 7x7
-  // (1.3 MiB) 1.10x, 1 x 256 on 7x7 1.37x, 4 x 128 -> 256 s2 on 7x7 1.32x, 4 x 256 -> 256 s2 1.34x,
-  // 8 x 256 -> 512 s2 1.15-1.19x, 1 x 384 on 7x7 1.18x.
+  // From 1 MiB in either orientation since the patches are packed once per call
+  // (pixel_lanes_patches): against the gather GEMM, 2 threads, float32, min of interleaved runs:
+  // 1 x 192 3x3 on 7x7 (1.3 MiB) 1.10x, 1 x 256 on 7x7 1.37x, 4 x 128 -> 256 s2 on 7x7 1.32x,
+  // 4 x 256 -> 256 s2 1.34x, 8 x 256 -> 512 s2 1.15-1.19x, 1 x 384 on 7x7 1.18x.
   const int64_t large = int64_t(1) << 20;
   // Past 64 pixels only whole-ish pixel tiles (the last at least half full): the in-place kernel's
   // tiles are NR pixels, and a nearly empty last tile costs a whole pass over the weights.
