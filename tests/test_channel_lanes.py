@@ -31,6 +31,11 @@ CASES = [
     (1, 1, 8, (5,), (3,), dict()),
     (3, 1, 16, (6, 7, 9), (3, 3, 3), dict(padding=1)),
     (3, 2, 20, (5, 8, 8), (3, 2, 3), dict(stride=2, padding=(1, 0, 1), padding_mode="replicate")),
+    # Short rows: an item's rows run as one sequence of outputs, its interior input rows are
+    # transposed as one run of pixels and its outputs stored as one run of y.
+    (2, 2, 40, (7, 7), (7, 7), dict(padding=3)),
+    (2, 1, 32, (14, 14), (5, 5), dict(padding=2, padding_mode="reflect")),
+    (3, 1, 16, (3, 150, 7), (3, 3, 3), dict(padding=1)),  # 150 rows: several items per plane
     (2, 1, 4, (9, 9), (3, 3), dict(padding=1)),  # fewer groups than lanes: CONVFAST_ALGO=lanes only
 ]
 

@@ -152,11 +152,17 @@ struct Conv final : AlgorithmPlan {
   }
 
   struct Scratch {
-    AlignedBuffer<T> buffer, out_rows;
+    AlignedBuffer<T> buffer, out_rows, block;  // block: one L x L transpose of the flat fill
     std::vector<const T*> src;
-    Scratch(int64_t buffer_size, int64_t out_size, int64_t max_taps)
-        : buffer(buffer_size), out_rows(out_size), src(static_cast<size_t>(max_taps)) {}
+    Scratch(int64_t buffer_size, int64_t out_size, int64_t max_taps, int lanes)
+        : buffer(buffer_size), out_rows(out_size), block(int64_t(lanes) * lanes), src(static_cast<size_t>(max_taps)) {}
   };
+
+  int64_t max_rows_per_item() const {
+    int64_t m = 1;
+    for (const RowPlan& r : rows) m = std::max(m, r.rows_per_item);
+    return m;
+  }
 
   int64_t max_taps() const {
     int64_t m = 1;
@@ -164,29 +170,70 @@ struct Conv final : AlgorithmPlan {
     return m;
   }
 
-  // One buffered row: pixels v = min2 + u (u < cols) of the input row x_row (lane l: channel l's
-  // row, lanes past `lanes` zero), mapped by the padding mode of `a2` (the axis's plans share it).
+  // The buffered entries u in [u_begin, u_end) read input pixels v = min2 + u in [0, in_size) of a
+  // row (the interior), the others the padding mode's pixels (a2's: the axis's plans share it).
+  int64_t interior_begin() const { return std::min(cols, std::max<int64_t>(0, -min2)); }
+  int64_t interior_end(const AxisPlan& a2) const { return std::max(interior_begin(), std::min(cols, a2.in_size - min2)); }
+
+  // Input pixel i of the row x_row (lane l: channel l's, lanes past `lanes` zero; zeros for i < 0)
+  // into the buffered pixel d.
+  void copy_pixel(const ConvProblem<T>& p, const T* x_row, int64_t i, int64_t lanes, T* d) const {
+    if (i < 0) {
+      std::fill(d, d + L, T(0));
+      return;
+    }
+    const T* s = x_row + i * p.x_stride[2];
+    for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * p.x_stride_c];
+    for (int64_t l = lanes; l < L; ++l) d[l] = T(0);
+  }
+
+  // The buffered row's entries outside the interior, mapped by the padding mode.
+  void fill_row_padding(const ConvProblem<T>& p, const AxisPlan& a2, const T* x_row, int64_t lanes, T* dst) const {
+    for (int64_t u = 0; u < interior_begin(); ++u)
+      copy_pixel(p, x_row, map_padded_index(min2 + u, a2.in_size, a2.mode), lanes, dst + u * L);
+    for (int64_t u = interior_end(a2); u < cols; ++u)
+      copy_pixel(p, x_row, map_padded_index(min2 + u, a2.in_size, a2.mode), lanes, dst + u * L);
+  }
+
+  // One buffered row: pixels v = min2 + u (u < cols) of the input row x_row.
   void fill_row(const ConvProblem<T>& p, const AxisPlan& a2, const T* x_row, int64_t lanes, T* dst) const {
-    const int64_t xsc = p.x_stride_c, xs2 = p.x_stride[2];
-    // The interior: buffered pixels that read x[v] for v in [0, in_size).
-    const int64_t u_begin = std::min(cols, std::max<int64_t>(0, -min2));
-    const int64_t u_end = std::max(u_begin, std::min(cols, a2.in_size - min2));
-    auto pixel = [&](int64_t u, int64_t i) {  // input pixel i (or zeros for i < 0) into entry u
-      T* d = dst + u * L;
-      if (i < 0) {
-        std::fill(d, d + L, T(0));
-        return;
-      }
-      const T* s = x_row + i * xs2;
-      for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * xsc];
-      for (int64_t l = lanes; l < L; ++l) d[l] = T(0);
-    };
-    for (int64_t u = 0; u < u_begin; ++u) pixel(u, map_padded_index(min2 + u, a2.in_size, a2.mode));
-    int64_t u = u_begin;
-    if (lanes == L && xs2 == 1 && xsc != 1)  // channels-first rows: L x L transposes
+    const int64_t xsc = p.x_stride_c, u_end = interior_end(a2);
+    int64_t u = interior_begin();
+    if (lanes == L && p.x_stride[2] == 1 && xsc != 1)  // channels-first rows: L x L transposes
       for (; u + L <= u_end; u += L) uk.transpose_block(x_row + (min2 + u), xsc, dst + u * L, L);
-    for (; u < u_end; ++u) pixel(u, min2 + u);
-    for (; u < cols; ++u) pixel(u, map_padded_index(min2 + u, a2.in_size, a2.mode));
+    for (; u < u_end; ++u) copy_pixel(p, x_row, min2 + u, lanes, dst + u * L);
+    fill_row_padding(p, a2, x_row, lanes, dst);
+  }
+
+  // Whether consecutive interior rows can be filled as one run of pixels (flat_fill): channels-first
+  // input rows stored one after the other, each buffered whole, all L lanes used.
+  bool fills_flat(const ConvProblem<T>& p, const AxisPlan& a2, int64_t lanes) const {
+    return lanes == L && p.x_stride[2] == 1 && p.x_stride_c != 1 && p.x_stride[1] == a2.in_size &&
+           interior_begin() == -min2 && interior_end(a2) - interior_begin() == a2.in_size;
+  }
+
+  // Rows [0, n_rows) of the buffer from as many consecutive input rows starting at x_row, their
+  // pixels transposed as one run, L at a time: a row shorter than L (7x7 and 14x14 maps) was copied
+  // a scalar at a time per lane.
+  void flat_fill(const ConvProblem<T>& p, const AxisPlan& a2, const T* x_row, int64_t n_rows, T* dst,
+                 Scratch& s) const {
+    const int64_t width = a2.in_size, pixels = n_rows * width, row_elements = cols * L;
+    T* dst_interior = dst + interior_begin() * L;
+    T* block = s.block.get();
+    int64_t q = 0, row = 0, col = 0;
+    for (; q + L <= pixels; q += L) {
+      uk.transpose_block(x_row + q, p.x_stride_c, block, L);
+      for (int64_t k = 0; k < L; ++k) {
+        std::copy(block + k * L, block + (k + 1) * L, dst_interior + row * row_elements + col * L);
+        if (++col == width) col = 0, ++row;
+      }
+    }
+    for (; q < pixels; ++q) {
+      copy_pixel(p, x_row, q, L, dst_interior + row * row_elements + col * L);
+      if (++col == width) col = 0, ++row;
+    }
+    for (int64_t r = 0; r < n_rows; ++r)
+      fill_row_padding(p, a2, x_row + r * p.x_stride[1], L, dst + r * row_elements);
   }
 
   // The item's input window into the scratch buffer: per axis-0 tap, the rows its output rows read.
@@ -197,59 +244,88 @@ struct Conv final : AlgorithmPlan {
     const int64_t rows_in = (it.r1 - it.r0 - 1) * a1.in_step + rp.span1;
     T* buf = s.buffer.get();
     const T* xc = p.x + n * p.x_stride_n + c0 * p.x_stride_c;
+    const AxisPlan& a2 = *plans[2][0];
+    const bool flat = fills_flat(p, a2, lanes);
     for (int64_t t0 = 0; t0 < taps(a0); ++t0) {
       const int64_t i0 = a0.index(it.j0, t0);
-      for (int64_t u1 = 0; u1 < rows_in; ++u1) {
+      for (int64_t u1 = 0; u1 < rows_in;) {
         T* dst = buf + (t0 * rp.pitch + u1) * cols * L;
-        const int64_t i1 = map_padded_index(it.r0 * a1.in_step + rp.min1 + u1, a1.in_size, a1.mode);
+        const int64_t v1 = it.r0 * a1.in_step + rp.min1 + u1;  // the input row, before the padding mode
+        if (flat && i0 >= 0 && v1 >= 0 && v1 < a1.in_size) {  // the interior rows from here, as one run
+          const int64_t n_rows = std::min(rows_in - u1, a1.in_size - v1);
+          flat_fill(p, a2, xc + i0 * p.x_stride[0] + v1 * p.x_stride[1], n_rows, dst, s);
+          u1 += n_rows;
+          continue;
+        }
+        const int64_t i1 = map_padded_index(v1, a1.in_size, a1.mode);
         if (i0 < 0 || i1 < 0)
           std::fill(dst, dst + cols * L, T(0));
         else
-          fill_row(p, *plans[2][0], xc + i0 * p.x_stride[0] + i1 * p.x_stride[1], lanes, dst);
+          fill_row(p, a2, xc + i0 * p.x_stride[0] + i1 * p.x_stride[1], lanes, dst);
+        ++u1;
       }
     }
   }
 
   void run_item(const ConvProblem<T>& p, int64_t n, int64_t cb, const Item& it, const T* bias, Scratch& s) const {
     const AxisPlan &a0 = *plans[0][it.p0], &a1 = *plans[1][it.p1];
-    const int64_t c0 = cb * L, lanes = std::min<int64_t>(L, p.groups - c0);
+    const int64_t c0 = cb * L, lanes = std::min<int64_t>(L, p.groups - c0), n_rows = it.r1 - it.r0;
     fill_window(p, n, cb, it, s);
-    const T* buf = s.buffer.get();
+    // Every phase's outputs of the item's rows, phase after phase: [phase][row][output][L].
+    const size_t first_phase = (it.p0 * plans[1].size() + it.p1) * plans[2].size();
+    T* out = s.out_rows.get();
+    for (size_t p2 = 0; p2 < plans[2].size(); ++p2) {
+      const AxisPlan& a2 = *plans[2][p2];
+      const PhasePlan& ph = phase_plans[first_phase + p2];
+      const int64_t n_taps = (int64_t)ph.tap_offset.size();
+      for (int64_t t = 0; t < n_taps; ++t) s.src[t] = s.buffer.get() + ph.tap_offset[t];
+      uk.channel_lanes(n_rows * a2.count, n_taps, s.src.data(), a2.in_step * L, a2.count, a1.in_step * cols * L,
+                       wpack->get() + ph.wpack_offset + cb * n_taps * L, out);
+      out += n_rows * a2.count * L;
+    }
     const T* bias_block = bias + c0;
     T* yc = p.y + n * p.y_stride_n + c0 * p.y_stride_c + (a0.out_start + it.j0 * a0.out_step) * p.y_stride[0];
+    const AxisPlan& first2 = *plans[2][0];
+    if (plans[2].size() == 1 && first2.out_step == 1 && first2.out_start == 0 &&
+        a1.out_step * p.y_stride[1] == first2.count * p.y_stride[2]) {  // the item's rows are one run of y
+      store(s.out_rows.get(), nullptr, first2, n_rows * first2.count, lanes, bias_block,
+            yc + (a1.out_start + it.r0 * a1.out_step) * p.y_stride[1], p);
+      return;
+    }
+    for (int64_t r = it.r0; r < it.r1; ++r) {
+      T* yr = yc + (a1.out_start + r * a1.out_step) * p.y_stride[1];
+      const T* rows_of_phase = s.out_rows.get();
+      const T* even = rows_of_phase + (r - it.r0) * first2.count * L;  // phase 0's row (the pair store's)
+      for (size_t p2 = 0; p2 < plans[2].size(); ++p2) {
+        const AxisPlan& a2 = *plans[2][p2];
+        // with phase 1's row (the next), stored as pairs of outputs 2j and 2j + 1 below
+        if (!(pair_store && p2 == 0))
+          store(rows_of_phase + (r - it.r0) * a2.count * L, pair_store ? even : nullptr, a2, a2.count, lanes,
+                bias_block, yr, p);
+        rows_of_phase += n_rows * a2.count * L;
+      }
+    }
+  }
+
+  // `count` outputs of the phase a2 (one row, or consecutive rows as one run) into y from yr:
+  // y[out_start + j * out_step (axis 2) + l * ysc] = out[j][l] + bias[l]. With `even` (phase 0's
+  // outputs, this phase being 1 of a pair), outputs 2j from even and 2j + 1 from out.
+  void store(const T* out, const T* even, const AxisPlan& a2, int64_t count, int64_t lanes, const T* bias, T* yr,
+             const ConvProblem<T>& p) const {
     const int64_t ysc = p.y_stride_c;
     // Channels-first rows get L x L transposes (pairs of them for two interleaved phases).
     const bool transpose = lanes == L && ysc != 1 && p.y_stride[2] == 1;
-    const size_t first_phase = (it.p0 * plans[1].size() + it.p1) * plans[2].size();
-    for (int64_t r = it.r0; r < it.r1; ++r) {
-      const int64_t row_offset = (r - it.r0) * a1.in_step * cols * L;
-      T* yr = yc + (a1.out_start + r * a1.out_step) * p.y_stride[1];
-      T* out = s.out_rows.get();
-      for (size_t p2 = 0; p2 < plans[2].size(); ++p2) {
-        const AxisPlan& a2 = *plans[2][p2];
-        const PhasePlan& ph = phase_plans[first_phase + p2];
-        const int64_t n_taps = (int64_t)ph.tap_offset.size();
-        for (int64_t t = 0; t < n_taps; ++t) s.src[t] = buf + row_offset + ph.tap_offset[t];
-        uk.channel_lanes(a2.count, n_taps, s.src.data(), a2.in_step * L, wpack->get() + ph.wpack_offset + cb * n_taps * L,
-                         out);
-        int64_t j = 0;
-        if (transpose && pair_store && p2 == 0) {  // with phase 1's row, computed next: both stored below
-          out += a2.count * L;
-          continue;
-        }
-        if (transpose && pair_store) {  // phase 0's row, then this one's (phase 1): outputs 2j and 2j + 1
-          const T* even = s.out_rows.get();
-          for (; j + L <= a2.count; j += L)
-            uk.store_transposed_pair(even + j * L, out + j * L, L, bias_block, yr + 2 * j, ysc);
-          store_scalar(even, plans[2][0]->count, j, lanes, bias_block, yr, 2, 0, ysc);
-        } else if (transpose && a2.out_step == 1) {
-          for (; j + L <= a2.count; j += L) uk.store_transposed(out + j * L, L, bias_block, yr + a2.out_start + j, ysc);
-        }
-        store_scalar(out, a2.count, j, lanes, bias_block, yr, a2.out_step * p.y_stride[2], a2.out_start * p.y_stride[2],
-                     ysc);
-        out += a2.count * L;
-      }
+    int64_t j = 0;
+    if (even) {
+      const AxisPlan& phase0 = *plans[2][0];
+      if (transpose)
+        for (; j + L <= count; j += L) uk.store_transposed_pair(even + j * L, out + j * L, L, bias, yr + 2 * j, ysc);
+      store_scalar(even, phase0.count, j, lanes, bias, yr, phase0.out_step * p.y_stride[2],
+                   phase0.out_start * p.y_stride[2], ysc);
+    } else if (transpose && a2.out_step == 1) {
+      for (; j + L <= count; j += L) uk.store_transposed(out + j * L, L, bias, yr + a2.out_start + j, ysc);
     }
+    store_scalar(out, count, j, lanes, bias, yr, a2.out_step * p.y_stride[2], a2.out_start * p.y_stride[2], ysc);
   }
 
   // Outputs [j, count) of one phase's row: y[start + j * step + l * ysc] = out[j][l] + bias[l].
@@ -271,7 +347,7 @@ struct Conv final : AlgorithmPlan {
     AlignedBuffer<T> partial(checked_mul(checked_mul(std::max<int64_t>(total, 1), taps), L));
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, total)));
     std::vector<std::unique_ptr<Scratch>> scratch;
-    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(buffer_size, out_size * rows[0].rows_per_item, taps));
+    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(buffer_size, out_size * rows[0].rows_per_item, taps, L));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < total; ++i) {
       const int64_t n = i / per_image, cb = (i % per_image) / (int64_t)items.size();
@@ -324,7 +400,8 @@ struct Conv final : AlgorithmPlan {
     const int64_t per_image = blocks * (int64_t)items.size(), total = p.batch * per_image;
     const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_max, total)));
     std::vector<std::unique_ptr<Scratch>> scratch;
-    for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(buffer_size, out_size, max_taps()));
+    for (int t = 0; t < nthreads; ++t)
+      scratch.emplace_back(new Scratch(buffer_size, out_size * max_rows_per_item(), max_taps(), L));
     // Runs of consecutive items per grab, up to an image's channel block (its items write the same
     // planes: one item per grab put neighbouring rows, which share cache lines on small maps, on
     // different threads), at least four grabs per thread. The grad_input of a stride-2 depthwise

@@ -266,13 +266,14 @@ struct Conv final : AlgorithmPlan {
 
 constexpr double kRank = 2.5;  // its place in the table (registry.cpp): before the channel lanes
 
-// Output planes of at most kMaxPlanePixels pixels and rows of at least kMinRow take the planes
-// over the channel lanes. Float32, 3x3, minimum of interleaved runs (planes / lanes ms), 1 thread:
-// 8 x 576 x 14x14 0.63 / 0.97, 8 x 144 x 28x28 0.54 / 0.64, 1 x 144 x 28x28 0.080 / 0.088,
-// 8 x 672 x 14x14 5x5 1.57 / 2.06, 8 x 960 x 7x7 0.50 / 0.52; 8 x 96 x 56x56 2.12 / 1.64 (lanes).
-// 2 threads: 8 x 384 x 7x7 0.111 / 0.118; 8 x 960 x 4x4 0.185 / 0.124 and 1 x 960 x 4x4 0.062 /
-// 0.043 (lanes: a 4x4 plane fills half of two AVX-512 vectors).
-constexpr int64_t kMaxPlanePixels = 1024, kMinRow = 7;
+// Output planes of at most kMaxPlanePixels pixels, rows of at least kMinRow and kernels of at most
+// kMaxTaps taps take the planes over the channel lanes (whose short rows run as one sequence of
+// outputs). Float32, AVX-512, 2 threads, minimum of interleaved runs, forward (planes / lanes ms):
+// 8 x 672 x 14x14 5x5 0.78 / 0.90, 8 x 240 x 28x28 5x5 0.97 / 1.13, 8 x 576 x 14x14 0.32 / 0.36,
+// 8 x 144 x 28x28 0.26 / 0.35, 8 x 32 x 32x32 0.074 / 0.128; 8 x 128 x 20x20 0.30 / 0.30; lanes:
+// 8 x 256 x 12x12 0.22 / 0.17, 8 x 256 x 10x10 0.23 / 0.18, 8 x 960 x 7x7 0.26 / 0.19,
+// 8 x 384 x 14x14 7x7 0.82 / 0.56, 8 x 96 x 28x28 7x7 0.63 / 0.49.
+constexpr int64_t kMaxPlanePixels = 1024, kMinRow = 14, kMaxTaps = 25;
 
 template <typename T>
 bool applies(Choice<T>& c) {
@@ -284,7 +285,10 @@ double cost(Choice<T>& c) {
   if (c.forced_is("planes")) return c.take("forced", kRank);
   if (c.forcing()) return c.refuse("another algorithm forced");
   if (c.p.out_size[1] * c.p.out_size[2] > kMaxPlanePixels) return c.refuse("large planes");
-  return c.p.out_size[2] < kMinRow ? c.refuse("short rows") : c.take("depthwise, small planes", kRank);
+  if (c.p.out_size[2] < kMinRow) return c.refuse("short rows");
+  const Phase& ph = c.plan.phases[0];
+  if (int64_t(ph[1]->taps.size() * ph[2]->taps.size()) > kMaxTaps) return c.refuse("large kernel");
+  return c.take("depthwise, small planes", kRank);
 }
 
 // False where a plane's buffer would exceed kMaxBufferBytes (the next algorithm runs).

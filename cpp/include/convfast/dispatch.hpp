@@ -47,12 +47,14 @@ using TransposePairStore = void (*)(const T* ca, const T* cb, int64_t ldc, const
 template <typename T>
 using TransposeBlock = void (*)(const T* c, int64_t ldc, T* y, int64_t ys);
 
-// out[j * lanes + l] = sum_t w[t * lanes + l] * src[t][j * step + l] for j < n, over the taps t < taps in
-// order (one chain per output, as in the direct kernel): channels in the vector lanes (depthwise
-// layers, see cpp/conv/algorithms/channel_lanes.cpp); src[t] is tap t's input for output 0 in a buffer of
-// pixels of `lanes` channels each, and consecutive outputs read `step` elements apart.
+// out[j * lanes + l] = sum_t w[t * lanes + l] * src[t][(j / row_len) * row_step + (j % row_len) * step + l]
+// for j < n, over the taps t < taps in order (one chain per output, as in the direct kernel): channels
+// in the vector lanes (depthwise layers, see cpp/conv/algorithms/channel_lanes.cpp); src[t] is tap t's
+// input for output 0 in a buffer of pixels of `lanes` channels each; outputs come as rows of row_len,
+// consecutive ones `step` elements apart and rows `row_step` apart.
 template <typename T>
-using ChannelLanesUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* w, T* out);
+using ChannelLanesUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, int64_t row_len,
+                                     int64_t row_step, const T* w, T* out);
 
 // acc[t * lanes + l] += sum_j src[t][j * step + l] * gy[j * lanes + l] for t < taps, j < n, each tap one
 // chain over j in order: the weight gradient of depthwise layers with the channels in the lanes.
