@@ -144,8 +144,10 @@ def test_thread_count_independent(monkeypatch):
 
 
 def test_automatic_choice(monkeypatch):
-    """Small channels-first depthwise maps take the planes unforced; strided, channels-last, padded
-    by another mode and large maps keep the channel lanes."""
+    """Small channels-first depthwise maps with rows of at least 14 and kernels of at most 25 taps
+    take the planes unforced; strided, channels-last, padded by another mode, large maps, shorter
+    rows and larger kernels keep the channel lanes. The weight gradient takes the planes only with
+    fewer groups than vector lanes."""
     monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((8, 32, 14, 14)).astype(np.float32)
@@ -153,7 +155,15 @@ def test_automatic_choice(monkeypatch):
     convfast.conv2d(x, w, padding=1, groups=32)
     assert _core.last_algorithm().startswith("depthwise_planes")
     convfast.conv2d_backward(x, x, w, None, padding=1, groups=32, needs=(False, True, False))
-    assert "depthwise_planes" in _core.last_algorithm()
+    assert _core.last_algorithm().startswith("weight_grad channel_lanes")
+    few = np.ascontiguousarray(x[:, :3])
+    convfast.conv2d_backward(few, few, w[:3], None, padding=1, groups=3, needs=(False, True, False))
+    assert _core.last_algorithm().startswith("weight_grad depthwise_planes")
+    convfast.conv2d(x[..., :7, :7].copy(), w, padding=1, groups=32)  # rows of 7
+    assert _core.last_algorithm().startswith("channel_lanes")
+    w7 = rng.standard_normal((32, 1, 7, 7)).astype(np.float32)
+    convfast.conv2d(x, w7, padding=3, groups=32)  # 49 taps
+    assert _core.last_algorithm().startswith("channel_lanes")
     for kw in (dict(stride=2), dict(padding_mode="reflect")):
         convfast.conv2d(x, w, padding=1, groups=32, **kw)
         assert _core.last_algorithm().startswith("channel_lanes")

@@ -348,30 +348,45 @@ inline typename Tr::mask zip_mask(std::index_sequence<K...>) {
 }
 
 // The channel-lanes weight gradient: NT taps at a time, their NT chains in registers, one gradient
-// vector per output serving all of them.
+// vector per output serving all of them; the outputs come as rows (see channel_lanes_ukernel).
 template <typename T, int VECTOR_BYTES, int NT>
-inline void channel_lanes_wgrad_block(int64_t n, const T* const* __restrict src, int64_t step, const T* __restrict gy,
-                                      T* __restrict acc) {
+inline void channel_lanes_wgrad_block(int64_t rows, int64_t row_len, const T* const* __restrict src, int64_t step,
+                                      int64_t row_step, const T* __restrict gy, T* __restrict acc) {
   typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
   typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
   constexpr int L = VECTOR_BYTES / sizeof(T);
   vec a[NT];
   CONVFAST_UNROLL for (int q = 0; q < NT; ++q) a[q] = *reinterpret_cast<const vec_u*>(acc + q * L);
-  for (int64_t j = 0; j < n; ++j) {
-    const vec g = *reinterpret_cast<const vec_u*>(gy + j * L);
-    CONVFAST_UNROLL for (int q = 0; q < NT; ++q) a[q] += *reinterpret_cast<const vec_u*>(src[q] + j * step) * g;
+  for (int64_t r = 0; r < rows; ++r, gy += row_len * L) {
+    const int64_t base = r * row_step;
+    for (int64_t j = 0; j < row_len; ++j) {
+      const vec g = *reinterpret_cast<const vec_u*>(gy + j * L);
+      CONVFAST_UNROLL for (int q = 0; q < NT; ++q)
+        a[q] += *reinterpret_cast<const vec_u*>(src[q] + base + j * step) * g;
+    }
   }
   CONVFAST_UNROLL for (int q = 0; q < NT; ++q) *reinterpret_cast<vec_u*>(acc + q * L) = a[q];
 }
 
+// Blocks of 8 taps, the last 9 where that many are left: odd square kernels (9, 25, 49 taps) are
+// one more than a multiple of 8, and a single tap's chain alone is latency-bound.
 template <typename T, int VECTOR_BYTES>
 void channel_lanes_wgrad_ukernel(int64_t n, int64_t taps, const T* const* __restrict src, int64_t step,
-                                 const T* __restrict gy, T* __restrict acc) {
+                                 int64_t row_len, int64_t row_step, const T* __restrict gy, T* __restrict acc) {
   constexpr int L = VECTOR_BYTES / sizeof(T);
+  const int64_t rows = n / row_len;
   int64_t t = 0;
-  for (; t + 8 <= taps; t += 8) channel_lanes_wgrad_block<T, VECTOR_BYTES, 8>(n, src + t, step, gy, acc + t * L);
-  for (; t + 4 <= taps; t += 4) channel_lanes_wgrad_block<T, VECTOR_BYTES, 4>(n, src + t, step, gy, acc + t * L);
-  for (; t < taps; ++t) channel_lanes_wgrad_block<T, VECTOR_BYTES, 1>(n, src + t, step, gy, acc + t * L);
+  for (; t + 8 <= taps; t += 8) {
+    if (taps - t == 9) {
+      channel_lanes_wgrad_block<T, VECTOR_BYTES, 9>(rows, row_len, src + t, step, row_step, gy, acc + t * L);
+      return;
+    }
+    channel_lanes_wgrad_block<T, VECTOR_BYTES, 8>(rows, row_len, src + t, step, row_step, gy, acc + t * L);
+  }
+  for (; t + 4 <= taps; t += 4)
+    channel_lanes_wgrad_block<T, VECTOR_BYTES, 4>(rows, row_len, src + t, step, row_step, gy, acc + t * L);
+  for (; t < taps; ++t)
+    channel_lanes_wgrad_block<T, VECTOR_BYTES, 1>(rows, row_len, src + t, step, row_step, gy, acc + t * L);
 }
 
 // The transposing store of two blocks whose outputs interleave along the row (the residue-0 and

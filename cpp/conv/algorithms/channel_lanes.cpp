@@ -335,6 +335,12 @@ struct Conv final : AlgorithmPlan {
       for (int64_t l = 0; l < lanes; ++l) yr[start + j * step + l * ysc] = out[j * L + l] + bias[l];
   }
 
+  // One pixel of L channels from channels `stride` apart (lanes past `lanes` zero).
+  void copy_gradient_pixel(const T* g, int64_t stride, int64_t lanes, T* d) const {
+    for (int64_t l = 0; l < lanes; ++l) d[l] = g[l * stride];
+    for (int64_t l = lanes; l < L; ++l) d[l] = T(0);
+  }
+
   // The weight gradient of the (forward, one-phase) depthwise layer p: out[c][t] = sum over images
   // and outputs of p.x at tap t of the output times p.y (here the output gradient, read only), as
   // the GEMM path defines it (padding products included). Per item, the input window is buffered as
@@ -359,22 +365,29 @@ struct Conv final : AlgorithmPlan {
       const int64_t gsc = p.y_stride_c, gs2 = p.y_stride[2];
       T* acc = partial.get() + i * taps * L;
       std::fill(acc, acc + taps * L, T(0));
-      T* gy_row = s.out_rows.get();
-      for (int64_t r = it.r0; r < it.r1; ++r) {
-        // The gradient's row as pixels of L channels (lanes past the last group zero).
-        const T* g = p.y + n * p.y_stride_n + c0 * gsc + (a0.out_start + it.j0 * a0.out_step) * p.y_stride[0] +
-                     (a1.out_start + r * a1.out_step) * p.y_stride[1] + a2.out_start * gs2;
+      // The gradient's rows as pixels of L channels (lanes past the last group zero), row after row.
+      T* gy_rows = s.out_rows.get();
+      const int64_t n_rows = it.r1 - it.r0;
+      const T* g_first = p.y + n * p.y_stride_n + c0 * gsc + (a0.out_start + it.j0 * a0.out_step) * p.y_stride[0] +
+                         (a1.out_start + it.r0 * a1.out_step) * p.y_stride[1] + a2.out_start * gs2;
+      const bool transpose = lanes == L && gs2 == 1 && gsc != 1 && a2.out_step == 1;
+      if (transpose && a1.out_step * p.y_stride[1] == count2) {  // the rows are one run of pixels
         int64_t j = 0;
-        if (lanes == L && gs2 == 1 && gsc != 1 && a2.out_step == 1)
-          for (; j + L <= count2; j += L) uk.transpose_block(g + j, gsc, gy_row + j * L, L);
-        for (; j < count2; ++j) {
-          for (int64_t l = 0; l < lanes; ++l) gy_row[j * L + l] = g[j * a2.out_step * gs2 + l * gsc];
-          for (int64_t l = lanes; l < L; ++l) gy_row[j * L + l] = T(0);
+        for (; j + L <= n_rows * count2; j += L) uk.transpose_block(g_first + j, gsc, gy_rows + j * L, L);
+        for (; j < n_rows * count2; ++j) copy_gradient_pixel(g_first + j, gsc, lanes, gy_rows + j * L);
+      } else {
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const T* g = g_first + r * a1.out_step * p.y_stride[1];
+          T* row = gy_rows + r * count2 * L;
+          int64_t j = 0;
+          if (transpose)
+            for (; j + L <= count2; j += L) uk.transpose_block(g + j, gsc, row + j * L, L);
+          for (; j < count2; ++j) copy_gradient_pixel(g + j * a2.out_step * gs2, gsc, lanes, row + j * L);
         }
-        const int64_t row_offset = (r - it.r0) * a1.in_step * cols * L;
-        for (int64_t t = 0; t < taps; ++t) s.src[t] = s.buffer.get() + row_offset + phase_plans[0].tap_offset[t];
-        uk.channel_lanes_wgrad(count2, taps, s.src.data(), a2.in_step * L, gy_row, acc);
       }
+      for (int64_t t = 0; t < taps; ++t) s.src[t] = s.buffer.get() + phase_plans[0].tap_offset[t];
+      uk.channel_lanes_wgrad(n_rows * count2, taps, s.src.data(), a2.in_step * L, count2, a1.in_step * cols * L,
+                             gy_rows, acc);
     }
     // out (C, 1, taps): each channel's sums over the items, in item order (images outer), added
     // item by item (a division per term, with the items innermost, was a quarter of the 8 x 576

@@ -13,9 +13,12 @@ constexpr double kRank = 0.5;  // its place in the table (registry.cpp): before 
 
 // Output-gradient planes of at most this many pixels, at least kMinPlanes of them per channel
 // (its planes are stacked into one micro-kernel call; alone, a plane's accumulators and lane sums
-// cost more than the channel lanes' transposes). Float32, 1 thread, minimum of interleaved runs,
-// 3x3 (planes / lanes ms): 8 x 576 x 14x14 0.85 / 1.18, 8 x 960 x 7x7 0.59 / 0.65; 1 x 960 x 7x7
-// 0.16 / 0.10, 1 x 384 x 14x14 0.13 / 0.11, 8 x 144 x 28x28 0.80 / 0.71 (lanes).
+// cost more), and fewer groups than vector lanes: from a vector's width of groups the channel
+// lanes, which run an item's rows as one sequence (chains across short rows, input and gradient
+// transposed as runs of pixels), are faster on every small map measured. Float32, 1 thread,
+// minimum of interleaved runs (planes / lanes ms): 8 x 576 x 7x7 3x3 0.36 / 0.21, 8 x 960 x 7x7
+// 0.59 / 0.33, 8 x 384 x 14x14 0.54 / 0.42, 8 x 768 x 7x7 7x7 1.51 / 0.76, 8 x 672 x 14x14 5x5
+// 2.21 / 1.52.
 constexpr int64_t kMaxPlanePixels = 256, kMinPlanes = 4;
 
 // Depthwise (one channel in and out per group); the plan's own conditions are checked by run.
@@ -28,6 +31,7 @@ template <typename T>
 double cost(WgradChoice<T>& c) {
   if (c.forced_is("planes")) return c.take("forced", kRank);
   if (c.forcing()) return c.refuse("another algorithm forced");
+  if (c.p.groups >= active_ukernel<T>().lanes) return c.refuse("the channel lanes are faster");
   const int64_t pixels = c.p.b_size[1] * c.p.b_size[2];
   if (pixels > kMaxPlanePixels) return c.refuse("large planes");
   return c.p.batch * c.p.b_size[0] < kMinPlanes ? c.refuse("few planes per channel")

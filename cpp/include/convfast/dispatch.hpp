@@ -56,11 +56,12 @@ template <typename T>
 using ChannelLanesUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, int64_t row_len,
                                      int64_t row_step, const T* w, T* out);
 
-// acc[t * lanes + l] += sum_j src[t][j * step + l] * gy[j * lanes + l] for t < taps, j < n, each tap one
-// chain over j in order: the weight gradient of depthwise layers with the channels in the lanes.
+// acc[t * lanes + l] += sum_j src[t][(j / row_len) * row_step + (j % row_len) * step + l] * gy[j * lanes + l]
+// for t < taps, j < n (a multiple of row_len), each tap one chain over j in order: the weight gradient
+// of depthwise layers with the channels in the lanes (outputs as rows, as in ChannelLanesUkernel).
 template <typename T>
-using ChannelLanesWgradUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step, const T* gy,
-                                          T* acc);
+using ChannelLanesWgradUkernel = void (*)(int64_t n, int64_t taps, const T* const* src, int64_t step,
+                                          int64_t row_len, int64_t row_step, const T* gy, T* acc);
 
 // out[i] = sum_t w[t] * src[i + off[t]] for i < n (a multiple of the vector width), over the taps t <
 // taps in order (one chain per output, from zero): a depthwise plane laid out flat, rows one pitch
