@@ -26,6 +26,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "../algorithm.hpp"
@@ -175,11 +176,26 @@ struct Conv final : AlgorithmPlan {
   int64_t interior_begin() const { return std::min(cols, std::max<int64_t>(0, -min2)); }
   int64_t interior_end(const AxisPlan& a2) const { return std::max(interior_begin(), std::min(cols, a2.in_size - min2)); }
 
+  // One buffered pixel (L elements) copied or zeroed, as a fixed-size copy where L is a vector:
+  // std::copy / std::fill of a run-time L were library calls, 8 % of a 7x7 map's weight gradient.
+  void copy_lanes(const T* s, T* d) const {
+    switch (L * sizeof(T)) {
+      case 64: std::memcpy(d, s, 64); break;
+      case 32: std::memcpy(d, s, 32); break;
+      case 16: std::memcpy(d, s, 16); break;
+      default: std::copy(s, s + L, d);
+    }
+  }
+  void zero_lanes(T* d) const {
+    alignas(64) static const T zeros[64 / sizeof(T)] = {};
+    copy_lanes(zeros, d);
+  }
+
   // Input pixel i of the row x_row (lane l: channel l's, lanes past `lanes` zero; zeros for i < 0)
   // into the buffered pixel d.
   void copy_pixel(const ConvProblem<T>& p, const T* x_row, int64_t i, int64_t lanes, T* d) const {
     if (i < 0) {
-      std::fill(d, d + L, T(0));
+      zero_lanes(d);
       return;
     }
     const T* s = x_row + i * p.x_stride[2];
@@ -224,7 +240,7 @@ struct Conv final : AlgorithmPlan {
     for (; q + L <= pixels; q += L) {
       uk.transpose_block(x_row + q, p.x_stride_c, block, L);
       for (int64_t k = 0; k < L; ++k) {
-        std::copy(block + k * L, block + (k + 1) * L, dst_interior + row * row_elements + col * L);
+        copy_lanes(block + k * L, dst_interior + row * row_elements + col * L);
         if (++col == width) col = 0, ++row;
       }
     }
@@ -390,19 +406,22 @@ struct Conv final : AlgorithmPlan {
                              gy_rows, acc);
     }
     // out (C, 1, taps): each channel's sums over the items, in item order (images outer), added
-    // item by item (a division per term, with the items innermost, was a quarter of the 8 x 576
-    // stride-2 7x7 layer's weight gradient).
-    std::fill(out, out + p.groups * taps, T(0));
+    // item by item as [taps][L] vectors per channel block (a division per term, with the items
+    // innermost, was a quarter of the 8 x 576 stride-2 7x7 layer's weight gradient; scalar adds
+    // into out's [channel][tap] order, a twentieth of a 7x7 map's), then stored per channel.
+    AlignedBuffer<T> sums(checked_mul(checked_mul(blocks, taps), L));
+    std::fill(sums.get(), sums.get() + blocks * taps * L, T(0));
     for (int64_t n = 0; n < p.batch; ++n)
       for (int64_t cb = 0; cb < blocks; ++cb) {
-        const int64_t lanes = std::min<int64_t>(L, p.groups - cb * L);
+        T* __restrict sum = sums.get() + cb * taps * L;
         for (int64_t k = 0; k < (int64_t)items.size(); ++k) {
           const T* __restrict part = partial.get() + (n * per_image + cb * (int64_t)items.size() + k) * taps * L;
-          T* __restrict o = out + cb * L * taps;
-          for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t t = 0; t < taps; ++t) o[l * taps + t] += part[t * L + l];
+          for (int64_t e = 0; e < taps * L; ++e) sum[e] += part[e];
         }
       }
+    for (int64_t cb = 0; cb < blocks; ++cb)
+      for (int64_t l = 0; l < std::min<int64_t>(L, p.groups - cb * L); ++l)
+        for (int64_t t = 0; t < taps; ++t) out[(cb * L + l) * taps + t] = sums.get()[(cb * taps + t) * L + l];
   }
 
   void execute(const ConvProblem<T>& p, int nthreads_max) const {
