@@ -152,11 +152,16 @@ struct Conv final : AlgorithmPlan {
     ok = true;
   }
 
+  // Per thread. out_rows has 2 L pixels of zeros past its end, which a store's last transpose
+  // may read; block takes the transposes of short runs (the flat fill's, a store's last).
   struct Scratch {
-    AlignedBuffer<T> buffer, out_rows, block;  // block: one L x L transpose of the flat fill
+    AlignedBuffer<T> buffer, out_rows, block;
     std::vector<const T*> src;
     Scratch(int64_t buffer_size, int64_t out_size, int64_t max_taps, int lanes)
-        : buffer(buffer_size), out_rows(out_size), block(int64_t(lanes) * lanes), src(static_cast<size_t>(max_taps)) {}
+        : buffer(buffer_size), out_rows(out_size + 2 * lanes * lanes), block(2 * int64_t(lanes) * lanes),
+          src(static_cast<size_t>(max_taps)) {
+      std::fill(out_rows.get() + out_size, out_rows.get() + out_size + 2 * lanes * lanes, T(0));
+    }
   };
 
   int64_t max_rows_per_item() const {
@@ -305,7 +310,7 @@ struct Conv final : AlgorithmPlan {
     if (plans[2].size() == 1 && first2.out_step == 1 && first2.out_start == 0 &&
         a1.out_step * p.y_stride[1] == first2.count * p.y_stride[2]) {  // the item's rows are one run of y
       store(s.out_rows.get(), nullptr, first2, n_rows * first2.count, lanes, bias_block,
-            yc + (a1.out_start + it.r0 * a1.out_step) * p.y_stride[1], p);
+            yc + (a1.out_start + it.r0 * a1.out_step) * p.y_stride[1], p, s.block.get());
       return;
     }
     for (int64_t r = it.r0; r < it.r1; ++r) {
@@ -317,7 +322,7 @@ struct Conv final : AlgorithmPlan {
         // with phase 1's row (the next), stored as pairs of outputs 2j and 2j + 1 below
         if (!(pair_store && p2 == 0))
           store(rows_of_phase + (r - it.r0) * a2.count * L, pair_store ? even : nullptr, a2, a2.count, lanes,
-                bias_block, yr, p);
+                bias_block, yr, p, s.block.get());
         rows_of_phase += n_rows * a2.count * L;
       }
     }
@@ -326,20 +331,43 @@ struct Conv final : AlgorithmPlan {
   // `count` outputs of the phase a2 (one row, or consecutive rows as one run) into y from yr:
   // y[out_start + j * out_step (axis 2) + l * ysc] = out[j][l] + bias[l]. With `even` (phase 0's
   // outputs, this phase being 1 of a pair), outputs 2j from even and 2j + 1 from out.
+  // Channels-first rows get L x L transposes (pairs of them for two interleaved phases); the last
+  // short run goes through `block` and is copied a channel row at a time (stored a scalar at a time,
+  // the 14-output rows of the stride-2 grad_input on 28x28 maps stored no vector).
   void store(const T* out, const T* even, const AxisPlan& a2, int64_t count, int64_t lanes, const T* bias, T* yr,
-             const ConvProblem<T>& p) const {
+             const ConvProblem<T>& p, T* block) const {
     const int64_t ysc = p.y_stride_c;
-    // Channels-first rows get L x L transposes (pairs of them for two interleaved phases).
     const bool transpose = lanes == L && ysc != 1 && p.y_stride[2] == 1;
+    auto copy_channel_rows = [&](T* y, int64_t width, int64_t pitch) {  // in 16-byte pieces: no library call
+      constexpr int64_t piece = 16 / sizeof(T);
+      for (int64_t l = 0; l < L; ++l) {
+        const T* b = block + l * pitch;
+        T* d = y + l * ysc;
+        int64_t k = 0;
+        for (; k + piece <= width; k += piece) std::memcpy(d + k, b + k, 16);
+        for (; k < width; ++k) d[k] = b[k];
+      }
+    };
     int64_t j = 0;
     if (even) {
       const AxisPlan& phase0 = *plans[2][0];
-      if (transpose)
+      if (transpose) {
         for (; j + L <= count; j += L) uk.store_transposed_pair(even + j * L, out + j * L, L, bias, yr + 2 * j, ysc);
+        if (j < phase0.count) {
+          uk.store_transposed_pair(even + j * L, out + j * L, L, bias, block, 2 * L);
+          copy_channel_rows(yr + 2 * j, (phase0.count - j) + (count - j), 2 * L);
+          return;
+        }
+      }
       store_scalar(even, phase0.count, j, lanes, bias, yr, phase0.out_step * p.y_stride[2],
                    phase0.out_start * p.y_stride[2], ysc);
     } else if (transpose && a2.out_step == 1) {
       for (; j + L <= count; j += L) uk.store_transposed(out + j * L, L, bias, yr + a2.out_start + j, ysc);
+      if (j < count) {
+        uk.store_transposed(out + j * L, L, bias, block, L);
+        copy_channel_rows(yr + a2.out_start + j, count - j, L);
+        return;
+      }
     }
     store_scalar(out, count, j, lanes, bias, yr, a2.out_step * p.y_stride[2], a2.out_start * p.y_stride[2], ysc);
   }
