@@ -338,15 +338,8 @@ struct Conv final : AlgorithmPlan {
              const ConvProblem<T>& p, T* block) const {
     const int64_t ysc = p.y_stride_c;
     const bool transpose = lanes == L && ysc != 1 && p.y_stride[2] == 1;
-    auto copy_channel_rows = [&](T* y, int64_t width, int64_t pitch) {  // in 16-byte pieces: no library call
-      constexpr int64_t piece = 16 / sizeof(T);
-      for (int64_t l = 0; l < L; ++l) {
-        const T* b = block + l * pitch;
-        T* d = y + l * ysc;
-        int64_t k = 0;
-        for (; k + piece <= width; k += piece) std::memcpy(d + k, b + k, 16);
-        for (; k < width; ++k) d[k] = b[k];
-      }
+    auto copy_channel_rows = [&](T* y, int64_t width, int64_t pitch) {
+      for (int64_t l = 0; l < L; ++l) copy_short_run(block + l * pitch, y + l * ysc, width);
     };
     int64_t j = 0;
     if (even) {

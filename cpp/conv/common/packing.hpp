@@ -2,6 +2,7 @@
 // k), per-thread scratch, and the per-pixel offsets of a block of outputs.
 #pragma once
 #include <cstdlib>
+#include <cstring>
 
 #include "geometry.hpp"
 #include "convfast/dispatch.hpp"
@@ -79,11 +80,23 @@ std::vector<int64_t> weight_tap_offsets(const ConvProblem<T>& p, const Phase& ph
 // source rows is read along its length; walked in chunks of k so that the chunk of the panel being
 // written stays in L1.
 //
-// Where the tile's NR rows are whole and each row's K weights are contiguous in that order (a
-// C-contiguous forward weight, every tap in the phase) and NR is a multiple of the vector width,
-// the panel is written by L x L transposes of the rows (`transpose`, the micro-kernel table's
-// transpose_block): the element-by-element loop took 2.5 ms of a 1 x 512 x 4 x 4 3x3 layer's 3.8 ms
-// (its 9.4 MB of weights are packed on every call).
+// n elements (a short run, under a few vectors) in 16-byte pieces: std::copy of a run-time length
+// is a library call, which cost more than the copy on runs of 7-28 elements.
+template <typename T>
+inline void copy_short_run(const T* s, T* d, int64_t n) {
+  constexpr int64_t piece = 16 / sizeof(T);
+  int64_t k = 0;
+  for (; k + piece <= n; k += piece) std::memcpy(d + k, s + k, 16);
+  for (; k < n; ++k) d[k] = s[k];
+}
+
+// Where each row's K weights are contiguous in that order (a C-contiguous forward weight, every
+// tap in the phase) and the tile's rows, rounded up to a multiple of the vector width, exist, the
+// panel is written by L x L transposes of the rows (`transpose`, the micro-kernel table's
+// transpose_block); a last group of fewer than L rows (NR = 12 of the pixel-lanes GEMM) is
+// transposed into a block and copied: the element-by-element loop took 2.5 ms of a 1 x 512 x 4 x 4
+// 3x3 layer's 3.8 ms (its 9.4 MB of weights are packed on every call), and a fifth of the ViT
+// patch embedding's (1 x 3 x 224 x 224, 768 16x16 s16 filters).
 template <typename T>
 void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int nr, int64_t nt, T* panel,
                       TransposeBlock<T> transpose, int lanes) {
@@ -92,15 +105,25 @@ void pack_weight_tile(const ConvProblem<T>& p, const Phase& ph, int64_t g, int n
   const int64_t K = shape.num_taps * cin;
   const std::vector<int64_t> tap_offset = weight_tap_offsets(p, ph);
   const T* wg = p.w + g * p.w_stride_g;
-  bool rows_contiguous = transpose != nullptr && lanes > 0 && nr % lanes == 0 && (nt + 1) * nr <= cout &&
+  constexpr int kMaxBlock = 256;  // L x L elements (L <= 16)
+  bool rows_contiguous = transpose != nullptr && lanes > 0 && lanes * lanes <= kMaxBlock &&
+                         nt * nr + ceil_div(nr, lanes) * lanes <= cout &&
                          (cin == 1 || p.w_stride_ci == shape.num_taps);
   for (int64_t t = 0; t < shape.num_taps && rows_contiguous; ++t) rows_contiguous = tap_offset[t] == t;
   int64_t k_start = 0;
   if (rows_contiguous) {
     k_start = K / lanes * lanes;
+    alignas(64) T block[kMaxBlock];
     for (int64_t k0 = 0; k0 < k_start; k0 += lanes)
-      for (int c0 = 0; c0 < nr; c0 += lanes)
-        transpose(wg + (nt * nr + c0) * p.w_stride_co + k0, p.w_stride_co, panel + k0 * nr + c0, nr);
+      for (int c0 = 0; c0 < nr; c0 += lanes) {
+        const T* rows = wg + (nt * nr + c0) * p.w_stride_co + k0;
+        if (c0 + lanes <= nr) {
+          transpose(rows, p.w_stride_co, panel + k0 * nr + c0, nr);
+          continue;
+        }
+        transpose(rows, p.w_stride_co, block, lanes);
+        for (int k = 0; k < lanes; ++k) copy_short_run(block + k * lanes, panel + (k0 + k) * nr + c0, nr - c0);
+      }
   }
   if (!rows_contiguous && std::abs(p.w_stride_ci) > std::abs(p.w_stride_co)) {
     // Input channels outermost in memory (a transposed convolution's (C_in, C_out/G, k...) weight):
