@@ -130,10 +130,11 @@ def test_out_rows_with_gaps(monkeypatch, dtype):
 
 
 def test_chosen_for_channels_first_one_by_one(monkeypatch):
-    # The automatic choice: 1x1 channels-first takes the pixel lanes; channels-last and 3x3 do not.
+    # The automatic choice: 1x1 channels-first takes the pixel lanes (on maps whose tiles both
+    # orientations fill); channels-last and 3x3 do not.
     monkeypatch.delenv("CONVFAST_ALGO")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 32, 20, 20)).astype(np.float32)
+    x = rng.standard_normal((1, 32, 32, 32)).astype(np.float32)
     w1 = rng.standard_normal((48, 32, 1, 1)).astype(np.float32)
     convfast.conv2d(x, w1)
     assert _core.last_algorithm().startswith("pixel_lanes_gemm")
@@ -151,3 +152,25 @@ def test_chosen_for_channels_first_one_by_one(monkeypatch):
     assert _core.last_algorithm().startswith("pixel_lanes_gemm")
     convfast.conv2d(x, rng.standard_normal((48, 32, 3, 3)).astype(np.float32), stride=2, padding=1)
     assert not _core.last_algorithm().startswith("pixel_lanes_gemm")
+
+
+@pytest.mark.parametrize("cin, cout, side", [(96, 160, 7), (192, 32, 28), (128, 64, 20), (64, 24, 14), (32, 192, 28),
+                                             (48, 40, 10), (16, 24, 56)])
+def test_small_maps_take_the_better_filled_tiles(cin, cout, side, monkeypatch):
+    # On maps of at most 32x32, a 1x1 layer takes the usual orientation (MR pixels, NR channels per
+    # tile) where it fills its tiles at least 5 % better than the pixel lanes (NR pixels, MR
+    # channels); both compute the same bits.
+    monkeypatch.delenv("CONVFAST_ALGO")
+    (mr, nr), _ = _core.ukernel_tiles()
+    filled = lambda n, tile: n / (-(-n // tile) * tile)
+    pixels = side * side
+    gather = pixels <= 1024 and filled(pixels, mr) * filled(cout, nr) >= 1.05 * filled(pixels, nr) * filled(cout, mr)
+    rng = np.random.default_rng(cin + cout)
+    x = rng.standard_normal((1, cin, side, side)).astype(np.float32)
+    w = rng.standard_normal((cout, cin, 1, 1)).astype(np.float32)
+    y = convfast.conv2d(x, w)
+    assert _core.last_algorithm().startswith("gather_gemm" if gather else "pixel_lanes_gemm"), _core.last_algorithm()
+    for forced in ("0", "1"):
+        monkeypatch.setenv("CONVFAST_PIXEL_LANES", forced)
+        np.testing.assert_array_equal(convfast.conv2d(x, w), y)
+    assert_close(y, ref.conv2d(x, w), np.float32, cin)

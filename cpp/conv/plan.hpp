@@ -181,6 +181,7 @@ struct ConvPlan<T>::Impl {
                                                         int64_t xs2, T* dst);
 
   bool choose_pixel_lanes(const ConvProblem<T>& p) const;                                 // algorithms/gemm.cpp
+  bool gather_tiles_fit_better(const ConvProblem<T>& p) const;                           // algorithms/gemm.cpp
   bool choose_weights_in_place(const ConvProblem<T>& p, bool packed_pixel_lanes) const;  // algorithms/gemm.cpp
 
   // Pixel lanes: an item's block of pixels, its offsets set up in the scratch (pixel_block), and

@@ -523,8 +523,26 @@ bool ConvPlan<T>::Impl::choose_pixel_lanes(const ConvProblem<T>& p) const {
   // Where gemm_block reads no tile in place and packs them all anyway: one tap (gemm_block packs
   // one-tap phases), or a step along the row it does not read in place (stride 3 and more; the
   // k2s2 convolution, the grad_input of k2s2 up-convolutions: 1.05-1.2x measured).
-  return max_taps == 1 ||
-         !steps_in_place(phases[0][2]->in_step * p.x_stride[2], (int64_t)phases[0][2]->taps.size());
+  if (max_taps == 1) return !gather_tiles_fit_better(p);
+  return !steps_in_place(phases[0][2]->in_step * p.x_stride[2], (int64_t)phases[0][2]->taps.size());
+}
+
+// One-tap layers on small maps whose tiles the usual orientation (MR pixels, NR channels) fills
+// better than the pixel lanes (NR pixels, MR channels) by at least 5 %: there the tiles' waste
+// outweighs the transposes of C. Float32, AVX-512 (MR 12, NR 32), 1 thread, kept plans, min of
+// interleaved runs, gather / pixel lanes: 1 x 960 -> 160 on 7x7 0.85, 2 x 960 -> 160 0.78, 8 x
+// 960 -> 160 0.86, 1 x 576 -> 96 on 14x14 0.91, 1 x 1024 -> 256 on 14x14 0.88, 1 x 2048 -> 512 on
+// 7x7 0.93, 1 x 384 -> 64 on 28x28 0.91, 8 x 192 -> 32 on 28x28 0.89; kept pixel lanes: 1 x 32 ->
+// 192 on 28x28 (gather 1.14), 8 x 256 -> 64 on 56x56 (1.13, a large map), 1 x 144 -> 24 on 56x56
+// (1.17), 8 x 576 -> 96 on 14x14 and 8 x 1024 -> 256 (1.0, equal fill). The tiles' fill counts
+// the pixels of the phase, where the images of a 1x1 layer on small maps fold in (8 x 28x28).
+template <typename T>
+bool ConvPlan<T>::Impl::gather_tiles_fit_better(const ConvProblem<T>& p) const {
+  constexpr int64_t kSmallMap = 1024;  // output pixels per plane (a 32x32 map)
+  if (p.out_size[1] * p.out_size[2] > kSmallMap) return false;
+  const int64_t pixels = PhaseShape(phases[0]).num_pixels, cout = p.cout_per_group;
+  auto filled = [](int64_t n, int64_t tile) { return double(n) / double(ceil_div(n, tile) * tile); };
+  return filled(pixels, uk.mr) * filled(cout, uk.nr) >= 1.05 * filled(pixels, uk.nr) * filled(cout, uk.mr);
 }
 
 // The weights read in place: one phase (forward or transposed), y channels-first with contiguous
