@@ -57,6 +57,8 @@ const Algorithm<T>& depthwise_planes_algorithm();  // algorithms/depthwise_plane
 template <typename T>
 const Algorithm<T>& channel_lanes_algorithm();  // algorithms/channel_lanes.cpp
 template <typename T>
+const Algorithm<T>& gemv_algorithm();  // algorithms/gemv.cpp
+template <typename T>
 const Algorithm<T>& direct_algorithm();  // algorithms/direct.cpp
 template <typename T>
 const Algorithm<T>& gemm_algorithm();  // algorithms/gemm.cpp

@@ -4,6 +4,7 @@
 //   winograd  algorithms/winograd.cpp       3x3-like stride phases, enough channels and tiles
 //   planes    algorithms/depthwise_planes.cpp  depthwise, unit stride, small channels-first planes
 //   lanes     algorithms/channel_lanes.cpp  depthwise, at least a vector's width of groups
+//   gemv      algorithms/gemv.cpp           one-tap layers with at most 4 output pixels
 //   direct    algorithms/direct.cpp         few output channels per group, stems, large planes
 //                                           (rows or planes: CONVFAST_DIRECT=rows)
 //   gemm      algorithms/gemm.cpp           everything else (gather or pixel lanes, weights in
@@ -59,7 +60,7 @@ bool verbose() {
 namespace {
 
 // Every algorithm, in order of preference (ascending rank).
-constexpr int kNumAlgorithms = 6;
+constexpr int kNumAlgorithms = 7;
 template <typename T>
 const Algorithm<T>* const* algorithms() {
   static const Algorithm<T>* const table[kNumAlgorithms] = {
@@ -67,6 +68,7 @@ const Algorithm<T>* const* algorithms() {
       &winograd_algorithm<T>(),      // algorithms/winograd.cpp
       &depthwise_planes_algorithm<T>(),  // algorithms/depthwise_planes.cpp
       &channel_lanes_algorithm<T>(), // algorithms/channel_lanes.cpp
+      &gemv_algorithm<T>(),          // algorithms/gemv.cpp
       &direct_algorithm<T>(),        // algorithms/direct.cpp
       &gemm_algorithm<T>(),          // algorithms/gemm.cpp
   };

@@ -341,6 +341,25 @@ void plane_taps_wgrad_ukernel(int64_t n, int64_t taps, const T* __restrict src, 
   for (; t < taps; ++t) plane_taps_wgrad_block<T, VECTOR_BYTES, 1>(n, src, off + t, gy, acc + t * L);
 }
 
+// A dot product (DotUkernel): four vector chains, then one, then the lanes and the tail in order.
+template <typename T, int VECTOR_BYTES>
+T dot_ukernel(const T* __restrict a, const T* __restrict b, int64_t n) {
+  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
+  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
+  constexpr int L = VECTOR_BYTES / sizeof(T);
+  vec acc[4] = {vec{}, vec{}, vec{}, vec{}};
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L)
+    CONVFAST_UNROLL for (int q = 0; q < 4; ++q)
+      acc[q] += *reinterpret_cast<const vec_u*>(a + i + q * L) * *reinterpret_cast<const vec_u*>(b + i + q * L);
+  for (; i + L <= n; i += L) acc[0] += *reinterpret_cast<const vec_u*>(a + i) * *reinterpret_cast<const vec_u*>(b + i);
+  const vec sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  T r = T(0);
+  for (int l = 0; l < L; ++l) r += sum[l];
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
 // The zip mask from compile-time indices (constants, as in Transpose::stage): k -> (k % 2) * L + first + k / 2.
 template <typename Tr, int FIRST, size_t... K>
 inline typename Tr::mask zip_mask(std::index_sequence<K...>) {
@@ -431,7 +450,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            {&wgrad_rows_ukernel<float, VECTOR_BYTES, 4, 3>, &wgrad_rows_ukernel<float, VECTOR_BYTES, 3, 4>},
            &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<float, VECTOR_BYTES>,
-           &plane_taps_ukernel<float, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<float, VECTOR_BYTES>},
+           &plane_taps_ukernel<float, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<float, VECTOR_BYTES>,
+           &dot_ukernel<float, VECTOR_BYTES>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -446,7 +466,8 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            {&wgrad_rows_ukernel<double, VECTOR_BYTES, 4, 3>, &wgrad_rows_ukernel<double, VECTOR_BYTES, 3, 4>},
            &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>,
-           &plane_taps_ukernel<double, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<double, VECTOR_BYTES>}};
+           &plane_taps_ukernel<double, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<double, VECTOR_BYTES>,
+           &dot_ukernel<double, VECTOR_BYTES>}};
   fill_winograd_transforms<float, VECTOR_BYTES>(set.f32);
   fill_winograd_transforms<double, VECTOR_BYTES>(set.f64);
   return set;

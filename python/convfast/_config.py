@@ -120,7 +120,7 @@ def config() -> dict:
                       "channels per group (>= 48 in and out together), depthwise layers with the channels in the "
                       "vector lanes, else gather (implicit) GEMM or direct rows over strided views; transposed "
                       "convolution by stride-phase split, or for small inputs one GEMM scattered into the output "
-                      "(CONVFAST_ALGO=winograd|gemm|direct|lanes|scatter forces one)"),
+                      "(CONVFAST_ALGO=winograd|gemm|gemv|direct|planes|lanes|scatter forces one)"),
     }
 
 
