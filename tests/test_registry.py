@@ -8,7 +8,7 @@ import sys
 
 import convfast
 
-FORWARD = ["scatter", "winograd", "planes", "lanes", "direct", "gemm"]
+FORWARD = ["scatter", "winograd", "planes", "lanes", "gemv", "direct", "gemm"]
 WEIGHT_GRAD = ["planes", "lanes", "depthwise", "channel_rows", "winograd", "rows", "gemm"]
 
 SCRIPT = r"""
@@ -20,17 +20,18 @@ from convfast import _core
 rng = np.random.default_rng(0)
 layers = [
     (cf.Conv2d(32, 32, 3, padding=1), (2, 32, 24, 24)),            # winograd
-    (cf.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 12, 12)),  # depthwise planes
+    (cf.Conv2d(32, 32, 3, padding=1, groups=32), (1, 32, 14, 14)),  # depthwise planes
     (cf.Conv2d(32, 32, 3, stride=2, padding=1, groups=32), (1, 32, 12, 12)),  # channel lanes
     (cf.Conv2d(3, 16, 3, padding=1), (1, 3, 20, 20)),               # direct
     (cf.Conv2d(16, 24, 3, stride=2, padding=1), (8, 16, 7, 7)),     # gemm
+    (cf.Conv2d(64, 32, 1), (1, 64, 1, 1)),                          # gemv
     (cf.ConvTranspose2d(64, 32, 4, stride=2, padding=1), (1, 64, 2, 2)),  # scatter
 ]
 for layer, shape in layers:
     x = rng.standard_normal(shape).astype(np.float32)
     layer(x)
     print("LAYER " + layer.algorithm(x), file=sys.stderr, flush=True)
-for x_shape, w_shape, groups, pad in (((8, 32, 10, 10), (32, 1, 3, 3), 32, 1), ((2, 32, 10, 10), (32, 1, 3, 3), 32, 1),
+for x_shape, w_shape, groups, pad in (((8, 3, 10, 10), (3, 1, 3, 3), 3, 1), ((2, 32, 10, 10), (32, 1, 3, 3), 32, 1),
                                       ((2, 8, 10, 10), (16, 1, 3, 3), 8, 1),
                                       ((2, 16, 12, 12), (48, 16, 1, 1), 1, 0), ((2, 64, 12, 12), (64, 64, 3, 3), 1, 1),
                                       ((2, 3, 20, 20), (16, 3, 3, 3), 1, 1), ((2, 16, 10, 10), (24, 16, 3, 3), 1, 1)):
@@ -70,7 +71,7 @@ def _blocks(lines):
 def test_verbose_lists_every_candidate_and_the_winner_that_ran():
     blocks = _blocks(_run({"CONVFAST_VERBOSE": "1"}))
     markers = [i for i, b in enumerate(blocks) if b["kind"] == "marker"]
-    assert len(markers) == 13
+    assert len(markers) == 14
     winners = set()
     for i in markers:
         plans = [b for b in blocks[:i] if b["kind"] != "marker"]

@@ -160,7 +160,7 @@ class _ConvLayer(LayerParams):
             y = call.run(x, self._weight, self._bias)  # this call too gets the kept algorithm's bits
         return wrap(y)
 
-    _BENCHMARK_ALGORITHMS = ("", "gemm", "direct", "winograd", "lanes", "scatter")
+    _BENCHMARK_ALGORITHMS = ("", "gemm", "gemv", "direct", "winograd", "planes", "lanes", "scatter")
 
     def _fastest_call(self, spec, x, y):
         """set_benchmark(True): a planned Call per algorithm that can run this signature (forced ones
