@@ -24,13 +24,17 @@ namespace gemv {
 
 constexpr double kRank = 3.5;  // its place in the table (registry.cpp): before the direct path
 constexpr int64_t kMaxPixels = 4;
+// Input channels per group past which it does not apply (a thread's copy of a strided pixel, and
+// the GEMM's packing, which raises MemoryError cleanly, take broadcast giants of 2**40 channels).
+constexpr int64_t kMaxChannels = int64_t(1) << 24;
 
 // Runs of output channels per work item, so that a large layer still splits over the threads.
 constexpr int64_t kChannelRun = 64;
 
 template <typename T>
 bool applies(Choice<T>& c) {
-  return c.plan.phases.size() == 1 && c.plan.max_taps == 1 && c.plan.uk.dot != nullptr;
+  return c.plan.phases.size() == 1 && c.plan.max_taps == 1 && c.plan.uk.dot != nullptr &&
+         c.p.cin_per_group <= kMaxChannels;
 }
 
 template <typename T>
@@ -56,9 +60,17 @@ void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
   const int64_t items = p.batch * per_image;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), items)));
   const bool w_rows = p.w_stride_ci == 1;  // each output channel's weights contiguous
+  // Per thread, contiguous copies of a strided pixel's channels and weight row (allocated here:
+  // an allocation failure raises, where inside the parallel region it would terminate).
+  std::vector<std::vector<T>> x_copies(nthreads), w_copies(nthreads);
+  for (int t = 0; t < nthreads; ++t) {
+    x_copies[t].resize(p.x_stride_c == 1 ? 0 : static_cast<size_t>(cin));
+    w_copies[t].resize(w_rows ? 0 : static_cast<size_t>(cin));
+  }
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<T> xv(static_cast<size_t>(cin)), wv(w_rows ? 0 : static_cast<size_t>(cin));
+    std::vector<T>& xv = x_copies[omp_get_thread_num()];
+    std::vector<T>& wv = w_copies[omp_get_thread_num()];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t n = i / per_image, g = (i % per_image) / (shape.num_pixels * runs);
