@@ -1,8 +1,9 @@
-"""One-tap layers with at most 4 output pixels in the call (cpp/conv/algorithms/gemv.cpp): each
-output one dot product of its weight row with the input pixel's channels, the weights read in
-place. Checked against the NumPy reference for groups, strides, padding modes (a 1x1 tap reading
-the padding), both layouts, strided views of x, w and out, bias, float64, transposed layers (forced)
-and the thread count; and the automatic choice (at most 4 pixels, one tap, one phase)."""
+"""One-tap layers with one output pixel in the call (cpp/conv/algorithms/gemv.cpp): the weight rows
+read in place, each output one multiply-add chain over the input channels as in the GEMM, so the
+same bits as the GEMM (CONVFAST_ALGO=gemm). Checked bitwise against the GEMM and against the NumPy
+reference for groups, strides, padding modes (a 1x1 tap reading the padding), both layouts,
+strided views of x, w and out, bias, float64, transposed layers and the thread count (forced where
+the layer has more pixels); and the automatic choice (one pixel, one tap, one phase)."""
 import numpy as np
 import pytest
 
@@ -11,22 +12,24 @@ from convfast import _core
 from convfast import reference as ref
 from conftest import assert_close
 
-# (batch, cin, cout, spatial, kwargs): the automatic choice takes each (<= 4 output pixels).
+# (batch, cin, cout, spatial, kwargs, taken by default): one output pixel in the call, or forced.
 CASES = [
-    (1, 1152, 48, (1, 1), {}),                    # EfficientNet's squeeze-and-excitation, batch 1
-    (2, 48, 1152, (1, 1), {}),
-    (1, 37, 11, (2, 2), {}),                      # 4 pixels, channels not a multiple of any vector
-    (1, 64, 96, (3, 3), dict(stride=2)),          # a strided 1x1: 2x2 outputs
-    (4, 24, 40, (1,), {}),                        # 1-D, 4 images
-    (1, 30, 20, (1, 1, 1), {}),                   # 3-D
-    (1, 64, 64, (2, 2), dict(groups=4)),
-    (1, 16, 8, (2, 1), dict(padding=(1, 0), padding_mode="reflect", stride=(3, 1))),  # reads the padding
-    (1, 16, 8, (2, 2), dict(padding=1, stride=3)),  # zero padding: outputs of the bias alone
+    (1, 1152, 48, (1, 1), {}, True),                    # EfficientNet's squeeze-and-excitation, batch 1
+    (1, 48, 1152, (1, 1), {}, True),
+    (1, 37, 11, (1, 1), {}, True),                      # channels not a multiple of 8 (the chains)
+    (1, 64, 96, (2, 2), dict(stride=2), True),          # a strided 1x1: one output
+    (1, 24, 40, (1,), {}, True),                        # 1-D
+    (1, 30, 20, (1, 1, 1), {}, True),                   # 3-D
+    (1, 64, 64, (1, 1), dict(groups=4), True),
+    (2, 48, 100, (1, 1), {}, False),                    # two images
+    (1, 37, 11, (2, 2), {}, False),                     # four pixels
+    (1, 16, 8, (2, 1), dict(padding=(1, 0), padding_mode="reflect", stride=(3, 1)), False),  # reads the padding
+    (1, 16, 8, (2, 2), dict(padding=1, stride=3), False),  # zero padding: outputs of the bias alone
 ]
 
 
 def _operands(case, dtype):
-    n, cin, cout, spatial, kw = CASES[case]
+    n, cin, cout, spatial, kw, _ = CASES[case]
     rng = np.random.default_rng(case)
     x = rng.standard_normal((n, cin) + spatial).astype(dtype)
     w = rng.standard_normal((cout, cin // kw.get("groups", 1)) + (1,) * len(spatial)).astype(dtype)
@@ -36,15 +39,20 @@ def _operands(case, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_chosen_and_equal_to_reference(case, dtype, monkeypatch):
-    monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+def test_equal_to_gemm_and_reference(case, dtype, monkeypatch):
     x, w, b, kw = _operands(case, dtype)
-    rank = x.ndim - 2
-    y = getattr(convfast, f"conv{rank}d")(x, w, b, **kw)
-    assert _core.last_algorithm().startswith("gemv"), _core.last_algorithm()
-    assert_close(y, getattr(ref, f"conv{rank}d")(x, w, b, **kw), dtype, w.shape[1])
-    y0 = getattr(convfast, f"conv{rank}d")(x, w, None, **kw)
-    assert_close(y0, getattr(ref, f"conv{rank}d")(x, w, None, **kw), dtype, w.shape[1])
+    op = getattr(convfast, f"conv{x.ndim - 2}d")
+    if CASES[case][5]:
+        monkeypatch.delenv("CONVFAST_ALGO", raising=False)
+    else:
+        monkeypatch.setenv("CONVFAST_ALGO", "gemv")
+    for bias in (b, None):
+        y = op(x, w, bias, **kw)
+        assert _core.last_algorithm().startswith("gemv"), _core.last_algorithm()
+        assert_close(y, getattr(ref, f"conv{x.ndim - 2}d")(x, w, bias, **kw), dtype, w.shape[1])
+        monkeypatch.setenv("CONVFAST_ALGO", "gemm")
+        np.testing.assert_array_equal(y, op(x, w, bias, **kw))
+        monkeypatch.setenv("CONVFAST_ALGO", "gemv")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -53,12 +61,12 @@ def test_views_layouts_and_out(dtype, monkeypatch):
     # contiguous, and an out= view with gaps: nothing outside it written.
     monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(3)
-    base = rng.standard_normal((2, 80, 1, 1)).astype(dtype)
+    base = rng.standard_normal((1, 80, 1, 1)).astype(dtype)
     x = base[:, ::-2]  # 40 channels, read backwards
     w = rng.standard_normal((40, 24)).astype(dtype).T[:, :, None, None]  # (24, 40, 1, 1), input channels 24 apart
     b = rng.standard_normal(24).astype(dtype)
     expected = ref.conv2d(np.ascontiguousarray(x), np.ascontiguousarray(w), b)
-    big = np.full((2, 48, 1, 3), np.nan, dtype)
+    big = np.full((1, 48, 1, 3), np.nan, dtype)
     out = big[:, ::2, :, 1:2]
     y = convfast.conv2d(x, w, b, out=out)
     assert y is out and _core.last_algorithm().startswith("gemv")
@@ -74,7 +82,7 @@ def test_transposed_one_by_one(monkeypatch):
     # (the automatic choice takes the scatter GEMM for transposed layers of small inputs)
     monkeypatch.setenv("CONVFAST_ALGO", "gemv")
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((1, 48, 2, 2))
+    x = rng.standard_normal((1, 48, 1, 1))
     w = rng.standard_normal((48, 20, 1, 1))
     b = rng.standard_normal(20)
     y = convfast.conv_transpose2d(x, w, b)
@@ -82,11 +90,11 @@ def test_transposed_one_by_one(monkeypatch):
     assert_close(y, ref.conv_transpose2d(x, w, b), np.float64, 48)
 
 
-def test_not_chosen_past_four_pixels_or_one_tap(monkeypatch):
+def test_not_chosen_past_one_pixel_or_one_tap(monkeypatch):
     monkeypatch.delenv("CONVFAST_ALGO", raising=False)
     rng = np.random.default_rng(6)
     w = rng.standard_normal((32, 64, 1, 1)).astype(np.float32)
-    convfast.conv2d(rng.standard_normal((5, 64, 1, 1)).astype(np.float32), w)
+    convfast.conv2d(rng.standard_normal((2, 64, 1, 1)).astype(np.float32), w)
     assert not _core.last_algorithm().startswith("gemv")
     convfast.conv2d(rng.standard_normal((1, 64, 3, 3)).astype(np.float32), w)
     assert not _core.last_algorithm().startswith("gemv")

@@ -341,23 +341,26 @@ void plane_taps_wgrad_ukernel(int64_t n, int64_t taps, const T* __restrict src, 
   for (; t < taps; ++t) plane_taps_wgrad_block<T, VECTOR_BYTES, 1>(n, src, off + t, gy, acc + t * L);
 }
 
-// A dot product (DotUkernel): four vector chains, then one, then the lanes and the tail in order.
-template <typename T, int VECTOR_BYTES>
-T dot_ukernel(const T* __restrict a, const T* __restrict b, int64_t n) {
-  typedef T vec __attribute__((vector_size(VECTOR_BYTES)));
-  typedef T vec_u __attribute__((vector_size(VECTOR_BYTES), aligned(sizeof(T)), may_alias));
-  constexpr int L = VECTOR_BYTES / sizeof(T);
-  vec acc[4] = {vec{}, vec{}, vec{}, vec{}};
-  int64_t i = 0;
-  for (; i + 4 * L <= n; i += 4 * L)
-    CONVFAST_UNROLL for (int q = 0; q < 4; ++q)
-      acc[q] += *reinterpret_cast<const vec_u*>(a + i + q * L) * *reinterpret_cast<const vec_u*>(b + i + q * L);
-  for (; i + L <= n; i += L) acc[0] += *reinterpret_cast<const vec_u*>(a + i) * *reinterpret_cast<const vec_u*>(b + i);
-  const vec sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-  T r = T(0);
-  for (int l = 0; l < L; ++l) r += sum[l];
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
+// count (<= kGemvChains) outputs out[q] = sum over k < n, in order, of w[q * ldw + k] * x[k]: each
+// one chain from zero, as the GEMM's micro-kernel computes an output (the same contraction into
+// FMA in this ISA's unit), so bitwise its result; the chains run side by side (GemvChainsUkernel).
+// Not auto-vectorised: GCC 12 turned the k loop into vector partial sums, another summation order.
+template <typename T>
+__attribute__((optimize("no-tree-vectorize"))) void gemv_chains_ukernel(int64_t n, const T* __restrict w, int64_t ldw, const T* __restrict x, int count,
+                         T* __restrict out) {
+  T acc[convfast::kGemvChains] = {};
+  if (count == convfast::kGemvChains) {
+    for (int64_t k = 0; k < n; ++k) {
+      const T xk = x[k];
+      CONVFAST_UNROLL for (int q = 0; q < convfast::kGemvChains; ++q) acc[q] += w[q * ldw + k] * xk;
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const T xk = x[k];
+      for (int q = 0; q < count; ++q) acc[q] += w[q * ldw + k] * xk;
+    }
+  }
+  for (int q = 0; q < count; ++q) out[q] = acc[q];
 }
 
 // The zip mask from compile-time indices (constants, as in Transpose::stage): k -> (k % 2) * L + first + k / 2.
@@ -451,7 +454,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            &transpose_block<float, VECTOR_BYTES>, &channel_lanes_ukernel<float, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<float, VECTOR_BYTES>,
            &plane_taps_ukernel<float, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<float, VECTOR_BYTES>,
-           &dot_ukernel<float, VECTOR_BYTES>},
+           &gemv_chains_ukernel<float>},
           {&gemm_ukernel<double, MR, VECTOR_BYTES, 2>,
            {&gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 1>, &gemm_rows_ukernel<double, MR, VECTOR_BYTES, 2, 2>},
            &gemm_pixels_ukernel<double, MR, VECTOR_BYTES, 2>,
@@ -467,7 +470,7 @@ convfast::UkernelSet make_ukernel_set(const char* isa) {
            &transpose_block<double, VECTOR_BYTES>, &channel_lanes_ukernel<double, VECTOR_BYTES>,
            &channel_lanes_wgrad_ukernel<double, VECTOR_BYTES>,
            &plane_taps_ukernel<double, VECTOR_BYTES>, &plane_taps_wgrad_ukernel<double, VECTOR_BYTES>,
-           &dot_ukernel<double, VECTOR_BYTES>}};
+           &gemv_chains_ukernel<double>}};
   fill_winograd_transforms<float, VECTOR_BYTES>(set.f32);
   fill_winograd_transforms<double, VECTOR_BYTES>(set.f64);
   return set;

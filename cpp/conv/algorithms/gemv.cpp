@@ -1,12 +1,13 @@
-// One-tap layers (1x1, one stride phase) with at most kMaxPixels output pixels in the call, the
-// batch included: the squeeze-and-excitation convolutions of EfficientNet and MobileNetV3 on 1x1
-// maps at batch 1. The GEMM's tiles hold 12 or 32 pixels, of which one is used there, and its
-// weights are packed per call or kept packed; here every output is one dot product of its weight
-// row with the input pixel's channels, along the channels in the vector lanes (the micro-kernel
-// table's dot: L partial sums, added in a fixed order), the weights read once, in place.
-//
-// The summation order is not the GEMM's single chain: results agree to rounding. Each output is
-// computed by one thread in a fixed order, so they do not depend on the thread count.
+// One-tap layers (1x1, one stride phase) with one output pixel in the call, the batch included:
+// the squeeze-and-excitation convolutions of EfficientNet and MobileNetV3 on 1x1 maps at batch 1,
+// 1x1 classifiers. 2 threads, kept plans, min of interleaved runs, gemv / GEMM ms: 1152 -> 48
+// 0.021 / 0.033, 2048 -> 1000 0.26 / 0.38; from 4 pixels the GEMM's tiles win (4 x 1152 -> 48
+// 0.049 / 0.037). The GEMM's tiles hold 12 or 32 pixels, of which one is used
+// there, and its weights are packed per call (or kept packed); here the weight rows are read in
+// place, 8 output channels side by side (the micro-kernel table's gemv_chains), each output one
+// multiply-add chain over the input channels in order from zero, as in the GEMM micro-kernel: the
+// same bits as the GEMM, whatever the batch (an unbatched call takes this path where its batched
+// form takes the GEMM). Each output is computed by one thread, so nothing depends on the threads.
 #include <omp.h>
 
 #include <algorithm>
@@ -23,7 +24,7 @@ namespace engine {
 namespace gemv {
 
 constexpr double kRank = 3.5;  // its place in the table (registry.cpp): before the direct path
-constexpr int64_t kMaxPixels = 4;
+constexpr int64_t kMaxPixels = 1;
 // Input channels per group past which it does not apply (a thread's copy of a strided pixel, and
 // the GEMM's packing, which raises MemoryError cleanly, take broadcast giants of 2**40 channels).
 constexpr int64_t kMaxChannels = int64_t(1) << 24;
@@ -33,7 +34,7 @@ constexpr int64_t kChannelRun = 64;
 
 template <typename T>
 bool applies(Choice<T>& c) {
-  return c.plan.phases.size() == 1 && c.plan.max_taps == 1 && c.plan.uk.dot != nullptr &&
+  return c.plan.phases.size() == 1 && c.plan.max_taps == 1 && c.plan.uk.gemv_chains != nullptr &&
          c.p.cin_per_group <= kMaxChannels;
 }
 
@@ -42,7 +43,7 @@ double cost(Choice<T>& c) {
   if (c.forced_is("gemv")) return c.take("forced", kRank);
   if (c.forcing()) return c.refuse("another algorithm forced");
   const int64_t pixels = checked_mul(c.p.batch, PhaseShape(c.plan.phases[0]).num_pixels);
-  return pixels > kMaxPixels ? c.refuse("more than 4 output pixels") : c.take("one tap, few output pixels", kRank);
+  return pixels > kMaxPixels ? c.refuse("more than one output pixel") : c.take("one tap, one output pixel", kRank);
 }
 
 template <typename T>
@@ -60,17 +61,19 @@ void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
   const int64_t items = p.batch * per_image;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), items)));
   const bool w_rows = p.w_stride_ci == 1;  // each output channel's weights contiguous
-  // Per thread, contiguous copies of a strided pixel's channels and weight row (allocated here:
-  // an allocation failure raises, where inside the parallel region it would terminate).
+  // Per thread, contiguous copies of a strided pixel's channels and of kGemvChains weight rows
+  // (allocated here: an allocation failure raises, where inside the parallel region it would
+  // terminate).
   std::vector<std::vector<T>> x_copies(nthreads), w_copies(nthreads);
   for (int t = 0; t < nthreads; ++t) {
     x_copies[t].resize(p.x_stride_c == 1 ? 0 : static_cast<size_t>(cin));
-    w_copies[t].resize(w_rows ? 0 : static_cast<size_t>(cin));
+    w_copies[t].resize(w_rows ? 0 : static_cast<size_t>(checked_mul(cin, kGemvChains)));
   }
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<T>& xv = x_copies[omp_get_thread_num()];
     std::vector<T>& wv = w_copies[omp_get_thread_num()];
+    T sums[kGemvChains];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t n = i / per_image, g = (i % per_image) / (shape.num_pixels * runs);
@@ -78,7 +81,7 @@ void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
       const int64_t j2 = m % shape.count[2], j1 = (m / shape.count[2]) % shape.count[1];
       const int64_t j0 = m / (shape.count[2] * shape.count[1]);
       const int64_t i0 = ph[0]->index(j0, 0), i1 = ph[1]->index(j1, 0), i2 = ph[2]->index(j2, 0);
-      // The input pixel's channels of the group, contiguous (zeros where the tap reads padding).
+      // The input pixel's channels of the group, contiguous (none where the tap reads a zero pad).
       const T* x = nullptr;
       if (i0 >= 0 && i1 >= 0 && i2 >= 0) {
         x = p.x + n * p.x_stride_n + g * cin * p.x_stride_c + i0 * p.x_stride[0] + i1 * p.x_stride[1] +
@@ -91,17 +94,23 @@ void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
       T* y = p.y + n * p.y_stride_n + g * cout * p.y_stride_c + (ph[0]->out_start + j0 * ph[0]->out_step) * p.y_stride[0] +
              (ph[1]->out_start + j1 * ph[1]->out_step) * p.y_stride[1] +
              (ph[2]->out_start + j2 * ph[2]->out_step) * p.y_stride[2];
-      for (int64_t co = run * kChannelRun; co < std::min(cout, (run + 1) * kChannelRun); ++co) {
-        T sum = T(0);
+      const int64_t co_end = std::min(cout, (run + 1) * kChannelRun);
+      for (int64_t co = run * kChannelRun; co < co_end; co += kGemvChains) {
+        const int count = static_cast<int>(std::min<int64_t>(kGemvChains, co_end - co));
+        std::fill(sums, sums + kGemvChains, T(0));
         if (x) {
           const T* w = p.w + g * p.w_stride_g + co * p.w_stride_co + w_tap;
+          int64_t ldw = p.w_stride_co;
           if (!w_rows) {
-            for (int64_t ci = 0; ci < cin; ++ci) wv[ci] = w[ci * p.w_stride_ci];
+            for (int q = 0; q < count; ++q)
+              for (int64_t ci = 0; ci < cin; ++ci) wv[q * cin + ci] = w[q * p.w_stride_co + ci * p.w_stride_ci];
             w = wv.data();
+            ldw = cin;
           }
-          sum = plan.uk.dot(w, x, cin);
+          plan.uk.gemv_chains(cin, w, ldw, x, count, sums);
         }
-        y[co * p.y_stride_c] = sum + (p.bias ? p.bias[(g * cout + co) * p.bias_stride] : T(0));
+        for (int q = 0; q < count; ++q)
+          y[(co + q) * p.y_stride_c] = sums[q] + (p.bias ? p.bias[(g * cout + co + q) * p.bias_stride] : T(0));
       }
     }
   }

@@ -76,10 +76,12 @@ template <typename T>
 using PlaneTapsWgradUkernel = void (*)(int64_t n, int64_t taps, const T* src, const int64_t* off, const T* gy,
                                        T* acc);
 
-// sum_i a[i] * b[i] for i < n, as L partial sums (four vectors, then one) added in a fixed order,
-// then the tail: one-tap layers with few output pixels (cpp/conv/algorithms/gemv.cpp).
+// out[q] = sum over k < n, in order, of w[q * ldw + k] * x[k] for q < count <= kGemvChains, each
+// one multiply-add chain from zero as in the GEMM micro-kernel (bitwise its result): one-tap
+// layers with few output pixels (cpp/conv/algorithms/gemv.cpp).
+constexpr int kGemvChains = 8;
 template <typename T>
-using DotUkernel = T (*)(const T* a, const T* b, int64_t n);
+using GemvChainsUkernel = void (*)(int64_t n, const T* w, int64_t ldw, const T* x, int count, T* out);
 
 // acc[m][t][0..lanes) += gy[m][r * gy_rs + j] * x[t][r * x_rs + j] for r < rows, j < n (whole vectors
 // in lanes, the tail in lane 0), m < MB, t < TB: the weight gradient of layers with few input
@@ -130,7 +132,7 @@ struct UkernelInfo {
   ChannelLanesWgradUkernel<T> channel_lanes_wgrad = nullptr;
   PlaneTapsUkernel<T> plane_taps = nullptr;
   PlaneTapsWgradUkernel<T> plane_taps_wgrad = nullptr;
-  DotUkernel<T> dot = nullptr;
+  GemvChainsUkernel<T> gemv_chains = nullptr;
   WinogradTransform<T> winograd_input[kWinogradTiles][3] = {};   // [tile][Winograd axes - 1]
   WinogradTransform<T> winograd_output[kWinogradTiles][3] = {};
   WinogradWeightTransform<T> winograd_weight[kWinogradTiles][3] = {};
