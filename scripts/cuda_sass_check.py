@@ -13,7 +13,8 @@ its launch signature) the report gives registers per thread, static shared memor
 with a reduction loop the instruction mix of the *hot loop* in the SASS:
 
 * "tile" kernels (the GEMMs): the innermost loop (backward branch) that contains both a barrier
-  (BAR.SYNC) and fused multiply-adds: one K tile;
+  (BAR.SYNC) and fused multiply-adds: one K tile (two for the forward GEMM, whose K loop is
+  unrolled by two tiles);
 * "inner" kernels: the innermost loop holding the most FMAs.
 
 Counts are static (each instruction of the loop once): a loop nested inside the hot loop is

@@ -268,6 +268,41 @@ def test_split_k_equals_the_reference_and_ignores_the_grid(monkeypatch):
     assert len(plans) == count
 
 
+@gpu
+def test_int64_offset_gemm_matches_the_int32_one_bitwise(monkeypatch):
+    """The forward GEMM gathers with 32-bit element offsets when x and the packed weights span fewer
+    than 2**31 elements, with 64-bit ones otherwise (_engine._INT32_SPAN, lowered here so that the
+    64-bit variant runs): every tile, both dtypes, padding modes, channels_last, transposed and
+    split-K give the same bits on both, equal to the reference."""
+    from convfast.cuda import _engine, _kernels
+    monkeypatch.setattr(_engine, "_SPLIT_MIN_K", 8)
+    widths = []
+    gemm_kernel = _kernels.gemm_kernel
+    monkeypatch.setattr(_kernels, "gemm_kernel", lambda *a: widths.append(a[-1]) or gemm_kernel(*a))
+    rng = np.random.default_rng(41)
+    cases = [("conv2d", "wide", (2, 5, 6, 5), (7, 5, 3, 3), dict(padding=1), np.float32),
+             ("conv2d", "narrow", (1, 6, 5, 4), (3, 6, 2, 3), dict(stride=(2, 1), padding=1,
+                                                                   padding_mode="circular"), np.float32),
+             ("conv2d", "large", (1, 4, 5, 5), (9, 4, 3, 3), dict(padding="same", data_format="channels_last"),
+              np.float32),
+             ("conv3d", "wide", (1, 3, 3, 4, 3), (5, 3, 2, 3, 2), dict(padding=1, padding_mode="reflect"),
+              np.float64),
+             ("conv1d", "narrow", (2, 4, 9), (5, 4, 3), dict(padding=2, dilation=2), np.float64),
+             ("conv_transpose2d", "wide", (1, 6, 3, 4), (6, 5, 4, 3), dict(stride=(2, 3), padding=1), np.float32)]
+    for name, kernel, xs, ws, kw, dtype in cases:
+        monkeypatch.setenv("CONVFAST_CUDA_KERNEL", kernel)
+        x, w = rand(rng, xs, dtype), rand(rng, ws, dtype)
+        if kw.get("data_format") == "channels_last":
+            x = np.moveaxis(x, 1, -1).copy()
+        b = rand(rng, ws[0] if not name.startswith("conv_transpose") else ws[1], dtype)
+        narrow = check(name, x, w, b, **kw).copy_to_host()
+        monkeypatch.setattr(_engine, "_INT32_SPAN", 0)
+        wide = check(name, x, w, b, **kw).copy_to_host()
+        monkeypatch.setattr(_engine, "_INT32_SPAN", 2 ** 31)
+        np.testing.assert_array_equal(narrow, wide)
+        assert widths[-2:] == [True, False], widths  # the 32-bit variant, then the 64-bit one
+
+
 def test_split_plan_depends_on_the_grid_size_only():
     from convfast.cuda import _engine
     assert _engine.split_k(8, 4608, 8, 2) == (18, 256)         # 512 3x3 on 7x7, batch 1: 8 blocks
@@ -412,6 +447,21 @@ def test_strided_device_input():
     w = rand(rng, (2, 3, 2, 2))
     y = convfast.conv2d(view, w, padding=1, padding_mode="reflect")
     assert_close(y.copy_to_host(), R.conv2d(big[:, ::2, 1::2, ::-1], w, padding=1, padding_mode="reflect"))
+
+
+@gpu
+@pytest.mark.parametrize("kernel", ["wide", "narrow"])
+def test_negative_channel_stride_with_a_padding_mode(kernel, monkeypatch):
+    """Channels read backwards (a negative channel stride) with a padding mode other than zeros:
+    the GEMM's staged channel offsets are negative, and still read (rows beyond K are marked by
+    their tap offset, not by the sign of the channel offset)."""
+    _kernel(monkeypatch, kernel)
+    rng = np.random.default_rng(22)
+    big = rand(rng, (2, 6, 5, 4))
+    w = rand(rng, (3, 3, 2, 3))
+    for mode in ("reflect", "circular"):
+        y = convfast.conv2d(cuda.to_device(big)[:, ::-2], w, padding=1, padding_mode=mode)
+        assert_close(y.copy_to_host(), R.conv2d(big[:, ::-2], w, padding=1, padding_mode=mode))
 
 
 @gpu

@@ -392,15 +392,20 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
         grid = direct_grid
         _launch(direct, grid, _plan.DIRECT_THREADS, stream, *direct_args, _NEVER)
     else:
-        bm, bn, bk = _kernels.tile_shape(kind, spec.dtype.name, ci_inner, mode)[:3]
-        blocks = -(-pixels // bm) * -(-cout_g // bn) * g * plan.num_phases
+        # the split-K plan depends on the shape only, not on the kernel's tile (_kernels.split_granule)
+        sbm, sbn, granule = _kernels.split_granule(kind, spec.dtype.name, ci_inner, mode)
+        blocks = -(-pixels // sbm) * -(-cout_g // sbn) * g * plan.num_phases
         # float64: no split (its split "wide" kernel spilled a register inside the K loop at 128)
-        splits, chunk = split_k(blocks, plan.max_k, bk, 1 if kind == "large" else 2) \
+        splits, chunk = split_k(blocks, plan.max_k, granule, 1 if kind == "large" else 2) \
             if spec.dtype == np.float32 else (1, plan.max_k)
-        grid = _grid(-(-pixels // bm), -(-cout_g // bn), g * plan.num_phases * splits)
-        kernel = _kernels.gemm_kernel(spec.dtype.name, kind, ci_inner, _inner_channels(y5), mode, splits > 1)
         x1, x_base, x_strides = flat(x5)
         wp1 = view(wp, lambda a: a.reshape(-1))
+        # 32-bit element offsets where x (the memory its view spans) and the packed weights are
+        # shorter than _INT32_SPAN elements; the 64-bit variant otherwise (same results)
+        idx32 = x1.shape[0] < _INT32_SPAN and wp1.shape[0] < _INT32_SPAN
+        bm, bn = _kernels.tile_shape(kind, spec.dtype.name, ci_inner, mode, idx32)[:2]
+        grid = _grid(-(-pixels // bm), -(-cout_g // bn), g * plan.num_phases * splits)
+        kernel = _kernels.gemm_kernel(spec.dtype.name, kind, ci_inner, _inner_channels(y5), mode, splits > 1, idx32)
         gemm_args = (x1, wp1, bias, y5, ktab_d, phases_d, flag, x_base) + x_strides + tuple(x5.shape[2:]) + \
             tuple(plan.in_step) + tuple(plan.out_step) + (int(has_bias), cin_g, cout_g, wp.shape[1], g,
                                                           plan.num_phases, spec.batch)
@@ -431,9 +436,16 @@ def compute(spec: ConvSpec, xd, wd, bd, yd, stream, packed_cache: Optional[dict]
             _launch(direct, small, _plan.DIRECT_THREADS, stream, *direct_args, 0)
     if _functional._VERBOSE:
         split = f" split-K={splits}x{chunk}" if kind not in ("direct", "depthwise") and splits > 1 else ""
+        if kind not in ("direct", "depthwise") and not idx32:
+            split += " offsets=int64"
         print(f"convfast: {spec.func} cuda {kind} phases={plan.num_phases} K<={plan.max_k} grid={grid}{split}",
               file=sys.stderr)
     return kind
+
+
+# The forward GEMM gathers with 32-bit element offsets when x and the packed weights span fewer
+# elements than this (tests lower it to run the 64-bit variant).
+_INT32_SPAN = 2 ** 31
 
 
 # Split-K for the forward GEMM: a grid under _SPLIT_WAVES waves of resident blocks on an H100

@@ -12,6 +12,7 @@ in turn caches one compiled kernel per argument type signature: a repeated call 
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import numpy as np
@@ -20,6 +21,8 @@ from numba import cuda
 from ._plan import DIRECT_CHUNK, DIRECT_PER_THREAD, DIRECT_THREADS, TILES
 
 ZEROS, REFLECT, REPLICATE, CIRCULAR, SYMMETRIC = 0, 1, 2, 3, 4  # _spec.PADDING_MODES
+I32 = np.int32
+U32 = np.uint32
 I64 = np.int64
 U64 = np.uint64
 # The simulator runs kernels as Python: it knows neither launch bounds nor shared-array alignment.
@@ -89,6 +92,14 @@ def _numba_dtype(dtype_name: str):
 # tile, the TM x TN register block, the loads per thread) is written out: the accumulators and the
 # prefetch registers are scalars (registers, never local memory), and the TM (TN) consecutive
 # shared-memory words a thread reads per step are adjacent, which ptxas turns into LDS.64/.128.
+#
+# Index arithmetic. Coordinates (pixel positions, tap offsets, K rows) always fit in 32 bits
+# (_plan.GpuPlan.fits_int32; the engine refuses other geometries), so they are int32 in every
+# variant. Element offsets into x and into the packed weights are int32 in the ``idx32`` variant
+# (the engine takes it when both arrays span fewer than 2**31 elements) and int64 otherwise.
+# Numba types int32 arithmetic as int64; every int32 quantity is therefore cast back with I32 / U32,
+# which lets LLVM narrow the operations to 32 bits. In the idx32 variant, offsets are computed
+# modulo 2**32: a loaded element's offset is below 2**31, so its wrapped sum is exact.
 
 _GEMM_SRC = '''
 def kernel(x, wp, bias, y, ktab, phases, flag, x_base, x_sn, x_sc, x_sd, x_sh, x_sw, n_d, n_h, n_w,
@@ -98,111 +109,113 @@ def kernel(x, wp, bias, y, ktab, phases, flag, x_base, x_sn, x_sc, x_sd, x_sh, x
         return
     As = cuda.shared.array((2, BK, APAD), DT{ALIGN})
     Bs = cuda.shared.array((2, BK, BN), DT{ALIGN})
-    KO = cuda.shared.array((2, BK), I64)   # per K row: element offset of (channel, tap) (zeros mode)
-    KC = cuda.shared.array((2, BK), I64)   # channel offset (-1: beyond the phase's K)
-    KD = cuda.shared.array((2, BK), I64)   # tap offsets per axis
-    KH = cuda.shared.array((2, BK), I64)
-    KW = cuda.shared.array((2, BK), I64)
+    # per K row of the two staged tiles: [offset, tap offset along D, H, W]; offset = the element
+    # offset of (channel, taps) in zeros mode, of the channel otherwise (it may be negative: a
+    # negative channel stride); a row beyond the phase's K has the tap offset _FAR along D
+    KT = cuda.shared.array((2, BK, 4), I32{ALIGN})
+{KO_DECL}
     tid = cuda.threadIdx.x
+    ts = U64(tid)  # the row this thread stages (tid < BK)
+    # (shared-memory indices are unsigned, so that Numba emits no negative-index wraparound)
     tm = {TM_EXPR}
     tn = {TN_EXPR}
     zero = DT(0)
+    nd = U32(n_d)
+    nh = U32(n_h)
+    nw = U32(n_w)
+    xs_c = IX(x_sc)
+    xs_d = IX(x_sd)
+    xs_h = IX(x_sh)
+    xs_w = IX(x_sw)
 {Z_LOOP}
         q_d = I64(phases[p, 0])
         q_h = I64(phases[p, 1])
         q_w = I64(phases[p, 2])
 {K_RANGE}
+        kofs32 = I32(kofs)
+        klen32 = I32(klen)
         q_hw = q_h * q_w
         q_all = q_d * q_hw
         m_total = batch * q_all
-        k_tiles = (klen + BK - 1) // BK
         x_group = x_base + g * cin_g * x_sc
         for m0 in range(cuda.blockIdx.x * BM, m_total, cuda.gridDim.x * BM):
 {ROWS}
             for n0 in range(cuda.blockIdx.y * BN, cout_g, cuda.gridDim.y * BN):
-                nb_ok = n0 + b_n < cout_g
-                w_at = (g * k_total + kofs) * cout_g + n0 + b_n
+                # the packed weights this thread loads: row tid // BN of each tile, column n0 + tid % BN;
+                # blim: a row k of the tile starting at k0 is loaded while k0 + (k - k0) < blim
+                w_row = IX((g * k_total + kofs + b_row) * cout_g + n0 + b_n)
+                w_tile = IX(BK * cout_g)
+                w_step = IX(B_STEP * cout_g)
+                blim = I32(klen - b_row) if b_ok and n0 + b_n < cout_g else I32(0)
 {ACC_INIT}
-                if tid < BK:
-                    stage(0, tid, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw)
+{STAGE0}
                 cuda.syncthreads()
-                if k_tiles > 0:
+                if klen32 > 0:
 {GATHER0}
 {STORE0}
-                if tid < BK:
-                    stage(1, BK + tid, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw)
+{STAGE1}
                 cuda.syncthreads()
-                for kt in range(k_tiles):
-                    buf = kt & 1
-                    nxt = 1 - buf
-                    more = kt + 1 < k_tiles
-                    if more:
-                        k1 = (kt + 1) * BK
-{GATHER1}
-{COMPUTE}
-                    if more:
-{STORE1}
-                    if tid < BK:
-                        stage(buf, (kt + 2) * BK + tid, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh,
-                              x_sw)
-                    cuda.syncthreads()
+                k0 = I32(0)  # first row of the current tile
+                w_next = IX(w_row + w_tile)  # this thread's first weight of the next tile
+{KLOOP}
 {EPILOGUE}
 '''
 
-
-@cuda.jit(device=True, inline="always")
-def _stage(b, k, klen, kofs, ktab, KO, KC, KD, KH, KW, x_sc, x_sd, x_sh, x_sw):
-    """Row k of a phase's K into slot (b, k mod BK) of the staged offsets (a sentinel beyond K)."""
-    s = k % KD.shape[1]
-    if k < klen:
-        r = kofs + k
-        c = I64(ktab[r, 0]) * x_sc
-        kd = I64(ktab[r, 1])
-        kh = I64(ktab[r, 2])
-        kw = I64(ktab[r, 3])
-        KC[b, s] = c
-        KD[b, s] = kd
-        KH[b, s] = kh
-        KW[b, s] = kw
-        KO[b, s] = c + kd * x_sd + kh * x_sh + kw * x_sw
-    else:
-        KC[b, s] = -1
-        KD[b, s] = _FAR  # no pixel reaches it: the zeros path's bounds check rejects the row
-        KH[b, s] = 0
-        KW[b, s] = 0
-        KO[b, s] = 0
+_FAR = -(1 << 31)  # the D tap offset of rows beyond K: no pixel reaches it (zeros mode), tested otherwise
 
 
-_FAR = -(1 << 62)
+def tile_shape(tile: str, dtype_name: str, k_fast: bool, mode: int, idx32: bool = True):
+    """(BM, BN, BK, TM, TN) of a GEMM variant: _plan.TILES, with
 
+    * K tiles of 16 rows instead of 8 where ptxas keeps the doubled prefetch within the register
+      budget without local memory in the K loop: the 32-bit-offset variants in float32 and in
+      float64 channels-first "wide"; the 64-bit ones in float32 channels-first only (the others
+      spilled inside the K loop). The narrow tile only with channels-first inputs and zeros
+      padding (channels-last spilled inside the K loop; the per-axis index mapping of the other
+      padding modes, on twice the elements, lost the unrolling);
+    * float32 "narrow" with channels-first inputs and zeros padding: 8 x 2 register blocks, so
+      256 x 16 tiles (twice the FMAs per gathered element and per shared-memory read). float64,
+      channels-last inputs and the other padding modes keep 8 x 1 (128 x 16): 8 x 2 spilled there,
+      or lost the unrolling.
 
-def tile_shape(tile: str, dtype_name: str, k_fast: bool, mode: int):
-    """(BM, BN, BK, TM, TN) of a GEMM variant: _plan.TILES, with K tiles of 16 rows instead of 8
-    for float32 channels-first inputs (zeros padding only on "narrow"), where ptxas keeps the
-    doubled prefetch within the register budget: FFMA share (sm_80 / sm_90a) "wide" 37 / 31 % ->
-    45 / 39 %, "narrow" 20 / 16 % -> 25 / 23 %, "large" 62 / 56 % -> 67 / 62 %. Channels-last
-    inputs and float64 spilled inside the K loop with 16, the narrow tile's other padding modes
-    lost their unrolling."""
+    The split-K partition does not depend on these (split_granule)."""
     bm, bn, bk, tm, tn = TILES[tile]
-    if dtype_name == "float32" and not k_fast and (tile != "narrow" or mode == ZEROS):
-        bk = 16
+    plain = not k_fast and mode == ZEROS
+    if tile == "narrow" and dtype_name == "float32" and plain:
+        bm, tn = 256, 2
+    if tile != "narrow" or plain:
+        if dtype_name == "float32" and (idx32 or not k_fast) or idx32 and tile == "wide" and not k_fast:
+            bk = 16
     return bm, bn, bk, tm, tn
 
 
+def split_granule(tile: str, dtype_name: str, k_fast: bool, mode: int):
+    """(BM, BN, K granule) from which _engine.compute plans split-K: the block count of a grid of
+    BM x BN tiles, and chunks of whole multiples of the granule. Fixed per kernel kind, dtype,
+    layout and mode (the tiles the split-K plan was first defined with), not taken from
+    tile_shape: the partition, and so the rounding, stays the same when a tile is retuned, and is
+    the same for the 32- and 64-bit-offset variants."""
+    bm, bn, bk, _, _ = TILES[tile]
+    if dtype_name == "float32" and not k_fast and (tile != "narrow" or mode == ZEROS):
+        bk = 16
+    return bm, bn, bk
+
+
 def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int, split: bool = False,
-                 shape=None) -> str:
+                 shape=None, idx32: bool = True) -> str:
     BM, BN, BK, TM, TN = shape or TILES[tile]
     NT = 256
     TXM, TXN = BM // TM, BN // TN
     assert TXM * TXN == NT and NT % BM == 0 and NT % BK == 0
     a_loads = BM * BK // NT
     b_loads = max(1, BN * BK // NT)
+    UX = "U32" if idx32 else "U64"
     ind = lambda n, lines: "\n".join(" " * n + line for line in lines)  # noqa: E731
     # A: the pixel(s) this thread gathers for, and the K row within a tile of each load
     if k_fast:
-        a_rows = [(f"tid // BK + {i * (NT // BK)}", "tid % BK") for i in range(a_loads)]
+        a_rows = [(f"U64(tid // BK + {i * (NT // BK)})", "U64(tid % BK)") for i in range(a_loads)]
     else:
-        a_rows = [("tid % BM", f"tid // BM + {i * (NT // BM)}") for i in range(a_loads)]
+        a_rows = [("U64(tid % BM)", f"U64(tid // BM + {i * (NT // BM)})") for i in range(a_loads)]
     pixels = sorted(set(r for r, _ in a_rows), key=[r for r, _ in a_rows].index)
     rows = []
     for pi, expr in enumerate(pixels):
@@ -211,38 +224,48 @@ def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int, split: bool
                  f"mm = min(mm, m_total - 1)",
                  f"nb = mm // q_all", "rem = mm - nb * q_all", "qd = rem // q_hw", "rem -= qd * q_hw",
                  "qh = rem // q_w", "qw = rem - qh * q_w",
-                 f"rd{pi} = qd * a_d", f"rh{pi} = qh * a_h", f"rw{pi} = qw * a_w"]
+                 f"rd{pi} = I32(qd * a_d)", f"rh{pi} = I32(qh * a_h)", f"rw{pi} = I32(qw * a_w)"]
         if mode == ZEROS:
-            rows.append(f"base{pi} = x_group + nb * x_sn + rd{pi} * x_sd + rh{pi} * x_sh + rw{pi} * x_sw")
+            rows.append(f"base{pi} = IX(x_group + nb * x_sn + qd * a_d * x_sd + qh * a_h * x_sh + qw * a_w * x_sw)")
         else:
-            rows.append(f"base{pi} = x_group + nb * x_sn")
-    b_n = "tid % BN"
-    rows.append(f"b_n = {b_n}")
-    rows.append(f"b_ok = tid < {BN * BK}")
+            rows.append(f"base{pi} = IX(x_group + nb * x_sn)")
+    rows += ["b_n = tid % BN", "b_row = tid // BN", f"b_ok = tid < {BN * BK}"]
 
-    def gather(k_expr, slot_expr):
+    def offset(slot, s):  # the staged offset of a row
+        return f"KT[{slot}, {s}, 0]" if idx32 else f"KO[{slot}, {s}]"
+
+    def stage(slot, k_expr):  # BK threads stage the offsets of row k_expr (of the phase's K) in slot
+        o = offset(slot, "ts")
+        inside = ["r = U32(kofs32 + k)", "c = I32(ktab[r, 0])", "kd = I32(ktab[r, 1])", "kh = I32(ktab[r, 2])",
+                  "kw = I32(ktab[r, 3])"]
+        if mode == ZEROS:
+            inside.append(f"{o} = IX(c * xs_c + kd * xs_d + kh * xs_h + kw * xs_w)")
+        else:
+            inside.append(f"{o} = IX(c * xs_c)")
+        inside += [f"KT[{slot}, ts, 1] = kd", f"KT[{slot}, ts, 2] = kh", f"KT[{slot}, ts, 3] = kw"]
+        beyond = [f"{o} = IX(0)", f"KT[{slot}, ts, 1] = I32({_FAR})",
+                  f"KT[{slot}, ts, 2] = I32(0)", f"KT[{slot}, ts, 3] = I32(0)"]
+        return (["if tid < BK:", f"    k = I32({k_expr})", "    if k < klen32:"] + ["        " + s for s in inside] +
+                ["    else:"] + ["        " + s for s in beyond])
+
+    def gather(k_expr, slot, w_expr):
         out = []
         for i, (pexpr, kk) in enumerate(a_rows):
             pi = pixels.index(pexpr)
-            out.append(f"s = {kk}")
+            out += [f"s = {kk}", f"o = {offset(slot, 's')}", f"kd = KT[{slot}, s, 1]", f"kh = KT[{slot}, s, 2]",
+                    f"kw = KT[{slot}, s, 3]", f"a{i} = zero"]
             if mode == ZEROS:
-                out += [f"d = rd{pi} + KD[{slot_expr}, s]", f"h = rh{pi} + KH[{slot_expr}, s]",
-                        f"w = rw{pi} + KW[{slot_expr}, s]",
-                        f"a{i} = zero",
-                        f"if ok{pi} and U64(d) < U64(n_d) and U64(h) < U64(n_h) and U64(w) < U64(n_w):",
-                        f"    a{i} = DT(x[U64(base{pi} + KO[{slot_expr}, s])])"]
+                out += [f"if ok{pi} & (U32(rd{pi} + kd) < nd) & (U32(rh{pi} + kh) < nh) & (U32(rw{pi} + kw) < nw):",
+                        f"    a{i} = DT(x[{UX}(base{pi} + o)])"]
             else:
-                out += [f"c = KC[{slot_expr}, s]",
-                        f"sd = source_index(rd{pi} + KD[{slot_expr}, s], n_d, MODE)",
-                        f"sh = source_index(rh{pi} + KH[{slot_expr}, s], n_h, MODE)",
-                        f"sw = source_index(rw{pi} + KW[{slot_expr}, s], n_w, MODE)",
-                        f"a{i} = zero",
-                        f"if ok{pi} and c >= 0 and sd >= 0 and sh >= 0 and sw >= 0:",
-                        f"    a{i} = DT(x[U64(base{pi} + c + sd * x_sd + sh * x_sh + sw * x_sw)])"]
+                out += [f"sd = I32(source_index(I32(rd{pi} + kd), n_d, MODE))",
+                        f"sh = I32(source_index(I32(rh{pi} + kh), n_h, MODE))",
+                        f"sw = I32(source_index(I32(rw{pi} + kw), n_w, MODE))",
+                        f"if ok{pi} & (kd != I32({_FAR})) & (sd >= 0) & (sh >= 0) & (sw >= 0):",
+                        f"    a{i} = DT(x[{UX}(base{pi} + o + sd * xs_d + sh * xs_h + sw * xs_w)])"]
         for i in range(b_loads):
-            kk = f"tid // BN + {i * (NT // BN)}" if BN * BK >= NT else "tid // BN"
-            out += [f"k = {k_expr} + {kk}", f"b{i} = zero",
-                    f"if b_ok and nb_ok and k < klen:", f"    b{i} = DT(wp[U64(w_at + k * cout_g)])"]
+            out += [f"b{i} = zero", f"if I32({k_expr} + {i * (NT // BN)}) < blim:",
+                    f"    b{i} = DT(wp[{UX}({w_expr}{f' + {i} * w_step' if i else ''})])"]
         return out
 
     def store(buf):
@@ -250,15 +273,26 @@ def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int, split: bool
         for i, (pexpr, kk) in enumerate(a_rows):
             out.append(f"As[{buf}, {kk}, {pexpr}] = a{i}")
         for i in range(b_loads):
-            kk = f"tid // BN + {i * (NT // BN)}" if BN * BK >= NT else "tid // BN"
-            out += ["if b_ok:", f"    Bs[{buf}, {kk}, tid % BN] = b{i}"]
+            out += ["if b_ok:", f"    Bs[{buf}, U64(b_row + {i * (NT // BN)}), U64(b_n)] = b{i}"]
         return out
 
-    compute = []
-    for kk in range(BK):
-        compute += [f"ra{i} = As[buf, {kk}, tm * TM + {i}]" for i in range(TM)]
-        compute += [f"rb{j} = Bs[buf, {kk}, tn * TN + {j}]" for j in range(TN)]
-        compute += [f"c{i}_{j} += ra{i} * rb{j}" for i in range(TM) for j in range(TN)]
+    def compute(buf):
+        out = []
+        for kk in range(BK):
+            out += [f"ra{i} = As[{buf}, {kk}, tm * TM + {i}]" for i in range(TM)]
+            out += [f"rb{j} = Bs[{buf}, {kk}, tn * TN + {j}]" for j in range(TN)]
+            out += [f"c{i}_{j} += ra{i} * rb{j}" for i in range(TM) for j in range(TN)]
+        return out
+
+    def tile_step(buf, nxt):  # the FMAs of the tile in buffer buf, rows k0...; tile k0 + BK goes to nxt
+        return (["k1 = I32(k0 + BK)", "more = k1 < klen32", "if more:"] +
+                ind(4, gather("k1", nxt, "w_next")).split("\n") + compute(buf) + ["if more:"] +
+                ind(4, store(nxt)).split("\n") + stage(buf, "k0 + 2 * BK + tid") +
+                ["cuda.syncthreads()", "k0 = k1", "w_next = IX(w_next + w_tile)"])
+
+    # Two tiles per iteration, so that the buffers' shared-memory addresses are constants
+    kloop = (["while k0 < klen32:"] + ["    " + line for line in tile_step("0", "1")] +
+             ["    if k0 < klen32:"] + ["        " + line for line in tile_step("1", "0")])
     epi = []
     for i in range(TM):
         epi += [f"mm = m0 + tm * TM + {i}",
@@ -292,27 +326,30 @@ def _gemm_source(tile: str, k_fast: bool, y_n_fast: bool, mode: int, split: bool
     return _GEMM_SRC.format(
         SPLIT_ARGS=", part, splits, chunk" if split else "", Z_LOOP=ind(4, z_loop), K_RANGE=ind(8, k_range),
         ALIGN="" if SIMULATED else ", alignment=16", TM_EXPR=tm_expr, TN_EXPR=tn_expr, ROWS=ind(12, rows),
+        KO_DECL="" if idx32 else "    KO = cuda.shared.array((2, BK), I64)  # the offsets, 64-bit",
         ACC_INIT=ind(16, [f"c{i}_{j} = zero" for i in range(TM) for j in range(TN)]),
-        GATHER0=ind(20, gather("0", "0")), STORE0=ind(20, store("0")),
-        GATHER1=ind(24, gather("k1", "nxt")), COMPUTE=ind(20, compute), STORE1=ind(24, store("nxt")),
+        STAGE0=ind(16, stage("0", "tid")), STAGE1=ind(16, stage("1", "BK + tid")),
+        GATHER0=ind(20, gather("0", "0", "w_row")), STORE0=ind(20, store("0")), KLOOP=ind(16, kloop),
         EPILOGUE=ind(16, epi))
 
 
 @lru_cache(maxsize=None)
-def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: int = ZEROS, split: bool = False):
+def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: int = ZEROS, split: bool = False,
+                idx32: bool = True):
     """Implicit-GEMM convolution: M = output pixels of a phase (batch folded in), N = output
     channels of a group, K = ktab rows of the phase.
 
     A block computes a BM x BN tile of y; each of its 256 threads a TM x TN register block of
     adjacent rows and columns (its shared-memory reads per K step are TM and TN adjacent words:
     vector loads). Per K tile (BK rows) the block gathers a BK x BM tile of input patches straight
-    from the unpadded strided input (x as a flat array: one 64-bit add per element in zeros mode,
-    the padding mode applied per axis otherwise, ``mode`` being a compile-time constant) and a
-    BK x BN tile of packed weights into shared memory. The tiles are double-buffered: the global
-    loads of tile kt+1 go to registers before the FMAs of tile kt, then to the other buffer; one
-    barrier per tile. The gather offsets of a tile's K rows (from ``ktab``) are staged once per
-    tile in shared memory by BK threads, so the gathering threads do no table lookups or
-    divisions.
+    from the unpadded strided input (x as a flat array: in zeros mode one offset add and one
+    bounds check per element, the padding mode applied per axis otherwise, ``mode`` being a
+    compile-time constant) and a BK x BN tile of packed weights into shared memory. The tiles are
+    double-buffered: the global loads of tile kt+1 go to registers before the FMAs of tile kt, then
+    to the other buffer; one barrier per tile; the K loop is unrolled by two tiles (one per buffer),
+    so that the buffers' shared-memory addresses are constants. The gather offsets of a tile's K rows (from ``ktab``)
+    are staged once per tile in shared memory by BK threads, as one 16-byte row per K row, so the
+    gathering threads do no table lookups or divisions.
 
     k_fast: the input has its channels innermost (channels_last); ktab is then channel-fastest and
     consecutive threads load consecutive k (contiguous channels) instead of consecutive pixels.
@@ -320,17 +357,23 @@ def gemm_kernel(dtype_name: str, tile: str, k_fast: bool, y_n_fast: bool, mode: 
     split: split-K (for grids too small to fill the GPU): grid z also covers ``splits`` chunks of
     ``chunk`` K rows, each block writes its chunk's sums to ``part[chunk, n, c, d, h, w]`` (no
     bias), and ``split_finish_kernel`` adds the chunks in order.
+    idx32: element offsets into x and the packed weights in 32 bits (both must span fewer than
+    2**31 elements: _engine.compute checks); 64 bits otherwise. The results are the same.
     """
-    shape = tile_shape(tile, dtype_name, k_fast, mode)
+    shape = tile_shape(tile, dtype_name, k_fast, mode, idx32)
     BM, BN, BK, TM, TN = shape
-    namespace = dict(cuda=cuda, DT=_numba_dtype(dtype_name), I64=I64, U64=U64, BM=BM, BN=BN, BK=BK, TM=TM, TN=TN,
+    namespace = dict(cuda=cuda, DT=_numba_dtype(dtype_name), I32=I32, U32=U32, I64=I64, U64=U64,
+                     IX=I32 if idx32 else I64, BM=BM, BN=BN, BK=BK, TM=TM, TN=TN,
                      TXM=BM // TM, TXN=BN // TN, APAD=BM + (4 if k_fast else 0), MODE=mode,
-                     source_index=source_index, stage=_stage)
-    exec(compile(_gemm_source(tile, k_fast, y_n_fast, mode, split, shape), f"<convfast gemm {tile}>", "exec"),
-         namespace)
+                     B_STEP=NT_GEMM // BN, source_index=source_index)
+    source = _gemm_source(tile, k_fast, y_n_fast, mode, split, shape, idx32)
+    exec(compile(source, f"<convfast gemm {tile}>", "exec"), namespace)
     # 2 blocks per SM (<= 128 registers) for 4 x 4 and 8 x 1 blocks; the 8 x 8 block of "large"
     # needs more (at 128 it spilled 1.7 KB, into the K loop): one block per SM.
     return _jit(namespace["kernel"], (256, 1 if TM * TN > 16 else 2))
+
+
+NT_GEMM = 256  # threads per GEMM block
 
 
 @lru_cache(maxsize=None)
@@ -608,5 +651,5 @@ def copy_kernel():
     return kernel
 
 
-__all__ = ["gemm_kernel", "tile_shape", "split_finish_kernel", "depthwise_kernel", "depthwise_fits", "direct_kernel",
+__all__ = ["gemm_kernel", "tile_shape", "split_granule", "split_finish_kernel", "depthwise_kernel", "depthwise_fits", "direct_kernel",
            "pack_kernel", "clear_flag_kernel", "copy_kernel", "source_index", "unravel5"]

@@ -30,13 +30,28 @@ MODES = {"zeros": ZEROS, "reflect": REFLECT, "replicate": REPLICATE, "circular":
 # The FMA-share floors the check enforces (fraction of the hot loop's SASS instructions that are
 # FFMA/DFMA). They guard what the kernels reach now (measured minimum over sm_80 / sm_90a, rounded
 # down); the targets are 60 % (forward GEMM) and 40 % (weight gradient), see docs/gpu.md. The
-# weight-gradient GEMM's wide tile meets its target in zeros mode (45-49 %); its narrow tile and the
-# small (depthwise) kernel do not yet, and the direct kernel has not been rewritten: they are held
-# to what they reach. Every hot loop is held to no local memory.
-FLOORS = {"gemm": 0.29, "gemm_narrow": 0.15, "gemm_mode": 0.14, "wgrad": 0.40, "wgrad_mode": 0.34,
-          "wgrad_narrow": 0.17, "direct": 0.0, "wgrad_small": 0.0,
-          # float32 channels-first inputs, zeros padding (K tiles of 16 rows: convfast.cuda._kernels.tile_shape)
-          "gemm_f32": 0.38, "gemm_f32_large": 0.60, "gemm_f32_narrow": 0.22}
+# forward GEMM's keys: "gemm_f32*" float32 channels-first with zeros padding per tile, "gemm" and
+# "gemm_narrow" the other layouts and float64 with zeros padding, "gemm_mode" / "gemm_narrow_mode"
+# the other padding modes; "_i64" the 64-bit-offset variants (inputs of 2**31 elements or more).
+# The weight-gradient GEMM's wide tile meets its target in zeros mode (45-49 %); its narrow tile and
+# the small (depthwise) kernel do not yet, and the direct kernel has not been rewritten: they are
+# held to what they reach. Every hot loop is held to no local memory.
+FLOORS = {"gemm_f32": 0.61, "gemm_f32_large": 0.78, "gemm_f32_narrow": 0.45, "gemm": 0.53, "gemm_narrow": 0.28,
+          "gemm_mode": 0.18, "gemm_narrow_mode": 0.06,
+          "gemm_f32_i64": 0.52, "gemm_f32_large_i64": 0.73, "gemm_f32_narrow_i64": 0.39, "gemm_i64": 0.29,
+          "gemm_narrow_i64": 0.24, "gemm_mode_i64": 0.14, "gemm_narrow_mode_i64": 0.06,
+          "wgrad": 0.40, "wgrad_mode": 0.34, "wgrad_narrow": 0.17, "direct": 0.0, "wgrad_small": 0.0}
+
+
+def gemm_floor(dtype: str, tile: str, k_fast: bool, mode: str, idx32: bool = True) -> float:
+    """The FMA-share floor of a forward GEMM variant."""
+    if mode != "zeros":
+        key = "gemm_narrow_mode" if tile == "narrow" else "gemm_mode"
+    elif dtype == "float32" and not k_fast:
+        key = {"wide": "gemm_f32", "large": "gemm_f32_large", "narrow": "gemm_f32_narrow"}[tile]
+    else:
+        key = "gemm_narrow" if tile == "narrow" else "gemm"
+    return FLOORS[key if idx32 else key + "_i64"]
 
 
 @dataclass(frozen=True)
@@ -57,20 +72,19 @@ def _a(dt, nd, layout="A"):
 
 def forward_variants():
     out = []
-    for dtype, tile, k_fast, y_n_fast, mode, split in itertools.product(DTYPES, TILES, (False, True), (False, True),
-                                                                         MODES, (False, True)):
+    for dtype, tile, k_fast, y_n_fast, mode, split, idx32 in itertools.product(
+            DTYPES, TILES, (False, True), (False, True), MODES, (False, True), (True, False)):
         if dtype == "float64" and (tile == "large" or split):
             continue  # never launched: _engine.compute runs float64 "large" as "wide", and never splits float64
         dt = DTYPES[dtype]
         sig = (_a(dt, 1, "C"), _a(dt, 1, "C"), _a(dt, 1), _a(dt, 5), _a(I32, 2, "C"), _a(I32, 2, "C"),
                _a(I32, 1, "C")) + (I64,) * 23 + ((_a(dt, 6, "C"), I64, I64) if split else ())
+        # "/i64": the 64-bit-offset variant, for inputs or packed weights of 2**31 elements or more
         name = f"gemm/{dtype}/{tile}/{'cl' if k_fast else 'cf'}-{'cl' if y_n_fast else 'cf'}/{mode}" + \
-            ("/split" if split else "")
-        floor = FLOORS["gemm_mode"] if mode != "zeros" else FLOORS["gemm_narrow" if tile == "narrow" else "gemm"]
-        if mode == "zeros" and dtype == "float32" and not k_fast:
-            floor = FLOORS[{"wide": "gemm_f32", "large": "gemm_f32_large", "narrow": "gemm_f32_narrow"}[tile]]
-        out.append(Variant(name, lambda a=(dtype, tile, k_fast, y_n_fast, MODES[mode], split): _k.gemm_kernel(*a),
-                           sig, "tile", floor, max_regs=255 if tile == "large" else 128))
+            ("/split" if split else "") + ("" if idx32 else "/i64")
+        floor = gemm_floor(dtype, tile, k_fast, mode, idx32)
+        out.append(Variant(name, lambda a=(dtype, tile, k_fast, y_n_fast, MODES[mode], split, idx32):
+                           _k.gemm_kernel(*a), sig, "tile", floor, max_regs=255 if tile == "large" else 128))
     for dtype in DTYPES:
         dt = DTYPES[dtype]
         sig = (_a(dt, 5), _a(dt, 3, "C"), _a(dt, 1), _a(dt, 5), _a(I32, 2, "C"), _a(I32, 2, "C")) + (I64,) * 14 + \
@@ -148,6 +162,8 @@ def in_ci_set(name: str) -> bool:
     if "(" in name or not name.startswith(("gemm/", "wgrad/", "wgrad_small/")):
         return True
     parts = name.split("/")
+    if parts[-1] == "i64":  # the 64-bit-offset GEMMs: every dtype and tile, default layout, zeros padding
+        return parts[3:] == ["cf-cf", "zeros", "i64"]
     if parts[0] == "wgrad_small":  # float32: every lane width in zeros mode, every mode at 16 lanes
         return parts[3] == "zeros" or parts[2] == "w16" if parts[1] == "float32" else parts[2:] == ["w16", "zeros"]
     # the GEMMs: every dtype and tile with the default layout and zeros padding; every layout and
@@ -157,4 +173,4 @@ def in_ci_set(name: str) -> bool:
         return default
     return default or parts[1:3] == ["float32", "wide"] and (parts[3] == "cf-cf" or parts[4] == "zeros")
 
-__all__ = ["Variant", "FLOORS", "all_variants", "in_ci_set", "mixed_dtype_variants", "forward_variants", "backward_variants"]
+__all__ = ["Variant", "FLOORS", "gemm_floor", "all_variants", "in_ci_set", "mixed_dtype_variants", "forward_variants", "backward_variants"]
