@@ -199,12 +199,16 @@ struct Conv final : AlgorithmPlan {
   // Input pixel i of the row x_row (lane l: channel l's, lanes past `lanes` zero; zeros for i < 0)
   // into the buffered pixel d.
   void copy_pixel(const ConvProblem<T>& p, const T* x_row, int64_t i, int64_t lanes, T* d) const {
-    if (i < 0) {
+    if (i < 0)
       zero_lanes(d);
-      return;
-    }
-    const T* s = x_row + i * p.x_stride[2];
-    for (int64_t l = 0; l < lanes; ++l) d[l] = s[l * p.x_stride_c];
+    else
+      copy_channels(x_row + i * p.x_stride[2], p.x_stride_c, lanes, d);
+  }
+
+  // One pixel of L channels from channels `stride` apart (lanes past `lanes` zero): the input's
+  // (copy_pixel) and the output gradient's.
+  void copy_channels(const T* src, int64_t stride, int64_t lanes, T* d) const {
+    for (int64_t l = 0; l < lanes; ++l) d[l] = src[l * stride];
     for (int64_t l = lanes; l < L; ++l) d[l] = T(0);
   }
 
@@ -372,12 +376,6 @@ struct Conv final : AlgorithmPlan {
       for (int64_t l = 0; l < lanes; ++l) yr[start + j * step + l * ysc] = out[j * L + l] + bias[l];
   }
 
-  // One pixel of L channels from channels `stride` apart (lanes past `lanes` zero).
-  void copy_gradient_pixel(const T* g, int64_t stride, int64_t lanes, T* d) const {
-    for (int64_t l = 0; l < lanes; ++l) d[l] = g[l * stride];
-    for (int64_t l = lanes; l < L; ++l) d[l] = T(0);
-  }
-
   // The weight gradient of the (forward, one-phase) depthwise layer p: out[c][t] = sum over images
   // and outputs of p.x at tap t of the output times p.y (here the output gradient, read only), as
   // the GEMM path defines it (padding products included). Per item, the input window is buffered as
@@ -411,7 +409,7 @@ struct Conv final : AlgorithmPlan {
       if (transpose && a1.out_step * p.y_stride[1] == count2) {  // the rows are one run of pixels
         int64_t j = 0;
         for (; j + L <= n_rows * count2; j += L) uk.transpose_block(g_first + j, gsc, gy_rows + j * L, L);
-        for (; j < n_rows * count2; ++j) copy_gradient_pixel(g_first + j, gsc, lanes, gy_rows + j * L);
+        for (; j < n_rows * count2; ++j) copy_channels(g_first + j, gsc, lanes, gy_rows + j * L);
       } else {
         for (int64_t r = 0; r < n_rows; ++r) {
           const T* g = g_first + r * a1.out_step * p.y_stride[1];
@@ -419,7 +417,7 @@ struct Conv final : AlgorithmPlan {
           int64_t j = 0;
           if (transpose)
             for (; j + L <= count2; j += L) uk.transpose_block(g + j, gsc, row + j * L, L);
-          for (; j < count2; ++j) copy_gradient_pixel(g + j * a2.out_step * gs2, gsc, lanes, row + j * L);
+          for (; j < count2; ++j) copy_channels(g + j * a2.out_step * gs2, gsc, lanes, row + j * L);
         }
       }
       for (int64_t t = 0; t < taps; ++t) s.src[t] = s.buffer.get() + phase_plans[0].tap_offset[t];

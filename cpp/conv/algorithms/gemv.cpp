@@ -1,13 +1,13 @@
 // One-tap layers (1x1, one stride phase) with one output pixel in the call, the batch included:
 // the squeeze-and-excitation convolutions of EfficientNet and MobileNetV3 on 1x1 maps at batch 1,
-// 1x1 classifiers. 2 threads, kept plans, min of interleaved runs, gemv / GEMM ms: 1152 -> 48
-// 0.021 / 0.033, 2048 -> 1000 0.26 / 0.38; from 4 pixels the GEMM's tiles win (4 x 1152 -> 48
-// 0.049 / 0.037). The GEMM's tiles hold 12 or 32 pixels, of which one is used
-// there, and its weights are packed per call (or kept packed); here the weight rows are read in
-// place, 8 output channels side by side (the micro-kernel table's gemv_chains), each output one
-// multiply-add chain over the input channels in order from zero, as in the GEMM micro-kernel: the
-// same bits as the GEMM, whatever the batch (an unbatched call takes this path where its batched
-// form takes the GEMM). Each output is computed by one thread, so nothing depends on the threads.
+// 1x1 classifiers. The GEMM's tiles hold 12 or 32 pixels, of which one is used there, and its
+// weights are packed per call (or kept packed); here the weight rows are read in place, 8 output
+// channels side by side (the micro-kernel table's gemv_chains), each output one multiply-add chain
+// over the input channels in order from zero, as in the GEMM micro-kernel: the same bits as the
+// GEMM, whatever the batch (an unbatched call takes this path where its batched form takes the
+// GEMM). Each output is computed by one thread, so nothing depends on the threads.
+// 2 threads, kept plans, min of interleaved runs, gemv / GEMM ms: 1152 -> 48 0.021 / 0.033,
+// 2048 -> 1000 0.26 / 0.38; from 4 pixels the GEMM's tiles win (4 x 1152 -> 48 0.049 / 0.037).
 #include <omp.h>
 
 #include <algorithm>
@@ -97,8 +97,9 @@ void execute(const typename ConvPlan<T>::Impl& plan, const ConvProblem<T>& p) {
       const int64_t co_end = std::min(cout, (run + 1) * kChannelRun);
       for (int64_t co = run * kChannelRun; co < co_end; co += kGemvChains) {
         const int count = static_cast<int>(std::min<int64_t>(kGemvChains, co_end - co));
-        std::fill(sums, sums + kGemvChains, T(0));
-        if (x) {
+        if (!x) {  // the tap reads a zero pad: the bias alone
+          std::fill(sums, sums + count, T(0));
+        } else {
           const T* w = p.w + g * p.w_stride_g + co * p.w_stride_co + w_tap;
           int64_t ldw = p.w_stride_co;
           if (!w_rows) {

@@ -78,7 +78,7 @@ using PlaneTapsWgradUkernel = void (*)(int64_t n, int64_t taps, const T* src, co
 
 // out[q] = sum over k < n, in order, of w[q * ldw + k] * x[k] for q < count <= kGemvChains, each
 // one multiply-add chain from zero as in the GEMM micro-kernel (bitwise its result): one-tap
-// layers with few output pixels (cpp/conv/algorithms/gemv.cpp).
+// layers with one output pixel (cpp/conv/algorithms/gemv.cpp).
 constexpr int kGemvChains = 8;
 template <typename T>
 using GemvChainsUkernel = void (*)(int64_t n, const T* w, int64_t ldw, const T* x, int count, T* out);
